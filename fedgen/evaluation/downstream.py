@@ -1,0 +1,160 @@
+"""Train on synthetic, test on real: the utility measure of a private generator.
+
+A classifier is trained on the synthetic dataset only; the model is selected (best epoch) on a held-out
+split *of the synthetic data*, never on the real test set, which is used exactly once, at the end
+(the selection protocol recommended by DPImageBench, 2025). Accuracy is computed with torchmetrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torchmetrics.classification import MulticlassAccuracy
+
+from fedgen.errors import ConfigError
+from fedgen.evaluation.classifiers import classifiers
+from fedgen.mechanisms import DPSGD, stop_at_budget
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(L.LightningModule):
+    """A classifier trained with cross-entropy and Adam, optionally under DP-SGD.
+
+    Args:
+        net: the network (images -> logits).
+        num_classes: number of classes.
+        lr: Adam learning rate.
+        mechanism: a :class:`~fedgen.mechanisms.DPSGD` to train privately (then ``private_loader`` is required).
+        private_loader: the Poisson loader from ``mechanism.data_loader(...)`` that drives private training.
+        epochs: planned epochs, for DP-SGD's noise calibration.
+    """
+
+    def __init__(self, *, net: nn.Module, num_classes: int, lr: float = 1e-3, mechanism: DPSGD | None = None,
+                 private_loader: DataLoader | None = None, epochs: int | None = None) -> None:
+        super().__init__()
+        if mechanism is not None:
+            mechanism.validate(net, field="evaluation.classifier")
+            if private_loader is None or epochs is None:
+                raise ConfigError("private_loader", "DP-SGD training needs its Poisson loader and planned epochs",
+                                  "pass private_loader=mechanism.data_loader(...) and epochs")
+        self.net = net
+        self.lr = lr
+        self.mechanism = mechanism
+        self._private_loader = private_loader
+        self._epochs = epochs
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return stop_at_budget(self, self.mechanism)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc.update(self.net(x), y)
+        self.log("val/accuracy", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc.update(self.net(x), y)
+        self.log("test/accuracy", self.test_acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        if self.mechanism is not None:
+            _, optimizer = self.mechanism.make_private(self.net, optimizer, data_loader=self._private_loader,
+                                                       epochs=self._epochs)
+        return optimizer
+
+
+class _KeepBest(L.Callback):
+    """Keeps, in memory, the weights of the epoch with the best validation accuracy."""
+
+    def __init__(self) -> None:
+        self.best: float = -1.0
+        self.best_epoch: int = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        acc = float(trainer.callback_metrics["val/accuracy"])
+        if acc > self.best:
+            self.best, self.best_epoch = acc, trainer.current_epoch
+            self.state = copy.deepcopy(pl_module.net.state_dict())
+
+
+class TrainOnSynthetic:
+    """Train a downstream classifier on synthetic data and report its accuracy on real test data.
+
+    Args:
+        classifier: ``"convnet"`` (3 x [conv 128, GroupNorm, ReLU, avg-pool]) or ``"mlp"``.
+        epochs: training epochs.
+        batch_size: training batch size.
+        lr: Adam learning rate.
+        val_fraction: share of the synthetic data held out for model selection.
+        accelerator: Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``).
+        progress_bar: show progress bars.
+    """
+
+    def __init__(self, *, classifier: Literal["convnet", "mlp"] = "convnet", epochs: int = 10,
+                 batch_size: int = 256, lr: float = 1e-3, val_fraction: float = 0.1,
+                 accelerator: str = "auto", progress_bar: bool = True) -> None:
+        classifiers.get(classifier)
+        if epochs < 1:
+            raise ConfigError("evaluation.epochs", f"must be >= 1, got {epochs}", "train for at least one epoch")
+        if batch_size < 1:
+            raise ConfigError("evaluation.batch_size", f"must be >= 1, got {batch_size}", "use e.g. 256")
+        if not 0 < val_fraction < 1:
+            raise ConfigError("evaluation.val_fraction", f"must be in (0, 1), got {val_fraction}", "use e.g. 0.1")
+        self.classifier = classifier
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.val_fraction = val_fraction
+        self.accelerator = accelerator
+        self.progress_bar = progress_bar
+
+    def build_net(self, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        return classifiers.get(self.classifier)(image_shape=tuple(image_shape), num_classes=num_classes)
+
+    def run(self, synthetic: TensorDataset, real_test: Dataset, *, num_classes: int,
+            image_shape: tuple[int, int, int]) -> dict[str, float]:
+        """Train on ``synthetic``, select on its validation split, test once on ``real_test``."""
+        n_val = max(1, int(len(synthetic) * self.val_fraction))
+        if len(synthetic) - n_val < 1:
+            raise ConfigError("num_synthetic", f"{len(synthetic)} synthetic examples leave none for training",
+                              "synthesize more examples")
+        train, val = random_split(synthetic, [len(synthetic) - n_val, n_val],
+                                  generator=torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
+        model = Classifier(net=self.build_net(image_shape, num_classes), num_classes=num_classes, lr=self.lr)
+        keep_best = _KeepBest()
+        trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=self.progress_bar,
+                            enable_model_summary=False, callbacks=[keep_best], num_sanity_val_steps=0)
+        trainer.fit(model, DataLoader(train, batch_size=self.batch_size, shuffle=True),
+                    DataLoader(val, batch_size=1000))
+        model.net.load_state_dict(keep_best.state)
+        result = trainer.test(model, DataLoader(real_test, batch_size=1000), verbose=False)[0]
+        return {
+            "test_accuracy": float(result["test/accuracy"]),
+            "synthetic_val_accuracy": keep_best.best,
+            "selected_epoch": keep_best.best_epoch,
+            "classifier": self.classifier,
+        }

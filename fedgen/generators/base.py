@@ -1,0 +1,129 @@
+"""The generator base class: a LightningModule composed with a privacy mechanism.
+
+A generator knows where the private data touches its parameters and hands exactly that to its mechanism;
+it never adds noise itself. The training run attaches the private dataset with
+:meth:`Generator.attach_private_data`, which returns the loader that drives training steps (a Poisson
+sampler for DP-SGD generators, or a loader of generator-only steps once a statistic has been released).
+
+Checkpoints carry the mechanism's state (the privacy ledger and the noise generator), so a resumed run
+continues the same budget; it never starts from zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from fedgen.errors import ConfigError
+from fedgen.mechanisms import Mechanism
+from fedgen.registry import Registry
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "fedgen_privacy"
+
+
+class Generator(L.LightningModule):
+    """Base class of private class-conditional image generators.
+
+    Subclasses implement :meth:`attach_private_data`, :meth:`training_step` and :meth:`sample`, and may
+    override :meth:`label_distribution`. ``class Mine(Generator, name="mine")`` registers a subclass.
+
+    Args:
+        mechanism: the privacy mechanism every private release goes through.
+        num_classes: number of classes of the private data.
+        image_shape: (channels, height, width) of the images, pixel values in [0, 1].
+    """
+
+    registry: Registry[Generator] = Registry("generator")
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.registry.register(name, cls)
+            cls.name = name
+
+    def __init__(self, *, mechanism: Mechanism, num_classes: int, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        if not isinstance(mechanism, Mechanism):
+            raise ConfigError("model.mechanism", f"expected a fedgen Mechanism, got {type(mechanism).__name__}",
+                              "give a mechanism by class_path, e.g. fedgen.mechanisms.GaussianMechanism")
+        if num_classes < 1:
+            raise ConfigError("model.num_classes", f"must be >= 1, got {num_classes}", "set the number of classes")
+        if len(image_shape) != 3 or min(image_shape) < 1:
+            raise ConfigError("model.image_shape", f"must be (channels, height, width), got {image_shape}",
+                              "e.g. [1, 28, 28] for MNIST")
+        self.mechanism = mechanism
+        self.num_classes = int(num_classes)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self._private_data: Dataset | None = None
+
+    # ------------------------------------------------------------------------------- private data
+    def check_private_data(self, dataset: Dataset) -> None:
+        """Check that ``dataset`` matches the generator's shape and class count, and its size fits delta."""
+        image, _ = dataset[0]
+        if tuple(image.shape) != self.image_shape:
+            raise ConfigError("model.image_shape", f"is {list(self.image_shape)} but the data's images are "
+                              f"{list(image.shape)}", f"set model.init_args.image_shape: {list(image.shape)}")
+        if isinstance(dataset, TensorDataset):
+            top = int(dataset.tensors[1].max())
+            if top >= self.num_classes:
+                raise ConfigError("model.num_classes", f"is {self.num_classes} but the data has label {top}",
+                                  f"set model.init_args.num_classes: {top + 1}")
+        self.mechanism.check_dataset_size(len(dataset))
+
+    def attach_private_data(self, dataset: Dataset) -> torch.utils.data.DataLoader:
+        """Give the generator the private training set; returns the loader that drives training steps."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------- sampling
+    def label_distribution(self) -> torch.Tensor:
+        """Class proportions to synthesize (uniform unless the generator released them privately)."""
+        return torch.full((self.num_classes,), 1.0 / self.num_classes)
+
+    def sample(self, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` images in [0, 1] of shape ``(n, *image_shape)``, of the given ``labels`` (drawn if None)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def synthesize(self, n: int, *, batch_size: int = 1000) -> TensorDataset:
+        """A labelled synthetic dataset of ``n`` images, labels in the proportions of :meth:`label_distribution`.
+
+        Pure post-processing of the trained generator: it costs no privacy.
+        """
+        if n < self.num_classes:
+            raise ConfigError("num_synthetic", f"{n} is fewer than one image per class", "raise num_synthetic")
+        labels = stratified_labels(self.label_distribution(), n)
+        labels = labels[torch.randperm(n)]
+        was_training = self.training
+        self.eval()
+        images = torch.cat([self.sample(len(chunk), chunk.to(self.device)).cpu()
+                            for chunk in labels.split(batch_size)])
+        self.train(was_training)
+        return TensorDataset(images.clamp(0, 1), labels)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.mechanism.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if CHECKPOINT_KEY not in checkpoint:
+            raise ConfigError("ckpt_path", "the checkpoint carries no privacy ledger",
+                              "resume only from checkpoints written by fedgen")
+        self.mechanism.load_state_dict(checkpoint[CHECKPOINT_KEY])
+
+
+def stratified_labels(proportions: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` labels, class ``c`` appearing round(n * p_c) times (largest remainders), sorted by class."""
+    p = proportions.clamp(min=0).double()
+    p = p / p.sum()
+    raw = p * n
+    counts = raw.floor().long()
+    short = n - int(counts.sum())
+    if short > 0:
+        counts[torch.argsort(raw - counts, descending=True)[:short]] += 1
+    return torch.repeat_interleave(torch.arange(len(p)), counts)

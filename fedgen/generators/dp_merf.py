@@ -1,0 +1,223 @@
+"""DP-Merf: differentially private mean embeddings with random features (Harder et al., AISTATS 2021).
+
+Random Fourier features ``phi(x) = sqrt(2/D) [cos(W^T x), sin(W^T x)]`` with ``W ~ N(0, I / l^2)``
+(``D/2`` frequencies) approximate the Gaussian kernel of length scale ``l``, and ``||phi(x)|| = 1``
+exactly. Each private example ``(x, y)`` contributes
+
+    e(x, y) = [ a phi(x) (x) onehot(y) ,  b onehot(y) ],   a^2 + b^2 = 1,
+
+a vector of norm exactly 1 (``b = count_weight`` carries the class counts in the same release). The
+sum over the data is released *once* through the :class:`~fedgen.mechanisms.GaussianMechanism`
+(sensitivity 1 under add/remove-one-example). The generator is then trained, with no further access to
+the private data, to minimise the squared distance between its own class-conditional mean embedding and
+the released one (an MMD with the random-feature kernel). Everything after the release is
+post-processing. The dataset size ``n`` used for normalisation is treated as public, as in Opacus.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedgen.errors import ConfigError
+from fedgen.generators.base import Generator
+from fedgen.mechanisms import GaussianMechanism
+
+log = logging.getLogger(__name__)
+
+
+class ConditionalConvGenerator(nn.Module):
+    """A small conditional generator: [z, onehot(y)] -> 2 dense layers -> 2 x (upsample, conv) -> sigmoid.
+
+    The shape follows DP-Merf's conditional conv generator (code size 5, hidden 200, channels 16, 8,
+    kernel 5). It never sees private data, so BatchNorm is allowed here.
+    """
+
+    def __init__(self, *, latent_dim: int, num_classes: int, image_shape: tuple[int, int, int],
+                 hidden: int = 200, channels: tuple[int, int] = (16, 8), kernel_size: int = 5) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        if h % 4 or w % 4:
+            raise ConfigError("model.image_shape", f"height and width must be multiples of 4, got {h}x{w}",
+                              "pad or resize the images to a multiple of 4 (28 and 32 work)")
+        self.base = (channels[0], h // 4, w // 4)
+        self.dense = nn.Sequential(
+            nn.Linear(latent_dim + num_classes, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, math.prod(self.base)), nn.BatchNorm1d(math.prod(self.base)), nn.ReLU(),
+        )
+        pad = kernel_size // 2
+        self.conv = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.Conv2d(channels[0], channels[1], kernel_size, padding=pad), nn.ReLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(channels[1], c, kernel_size, padding=pad),
+        )
+        self.num_classes = num_classes
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.dense(torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], dim=1))
+        return torch.sigmoid(self.conv(h.view(-1, *self.base)))
+
+
+class _StepIndices(Dataset):
+    """Indices 0..n-1: drives generator-only training steps (DP-Merf touches no private data while training)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class DPMerf(Generator, name="dp_merf"):
+    """Class-conditional DP-Merf generator (Harder et al., AISTATS 2021).
+
+    Args:
+        mechanism: the Gaussian mechanism for the single release of the mean embedding.
+        num_classes: number of classes.
+        image_shape: (channels, height, width).
+        num_features: number of random Fourier features ``D`` (``D/2`` frequencies).
+        length_scale: Gaussian kernel length scale ``l`` on pixels in [0, 1].
+        count_weight: weight ``b`` of the class-count part of each contribution (0 < b < 1).
+        latent_dim: generator code size.
+        batch_size: generated images per training step.
+        steps_per_epoch: generator steps per epoch (default: private dataset size / batch_size, as in the paper).
+        lr: Adam learning rate.
+        lr_decay: multiplicative learning-rate decay per epoch.
+        embedding_batch_size: private examples embedded at a time when computing the release.
+        feature_seed: seed of the random frequencies (data-independent; stored in checkpoints).
+    """
+
+    def __init__(self, *, mechanism: GaussianMechanism, num_classes: int = 10,
+                 image_shape: tuple[int, int, int] = (1, 28, 28), num_features: int = 10000,
+                 length_scale: float = 10.0, count_weight: float = 0.1, latent_dim: int = 5,
+                 batch_size: int = 100, steps_per_epoch: int | None = None, lr: float = 0.01,
+                 lr_decay: float = 0.9, embedding_batch_size: int = 2000, feature_seed: int = 0) -> None:
+        super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
+        if not isinstance(mechanism, GaussianMechanism):
+            raise ConfigError("model.mechanism", f"DP-Merf releases a sum once and needs a GaussianMechanism, "
+                              f"got {type(mechanism).__name__}",
+                              "use class_path: fedgen.mechanisms.GaussianMechanism")
+        if num_features < 2 or num_features % 2:
+            raise ConfigError("model.num_features", f"must be an even number >= 2, got {num_features}",
+                              "use e.g. 10000")
+        if not length_scale > 0:
+            raise ConfigError("model.length_scale", f"must be > 0, got {length_scale}", "use e.g. 10.0")
+        if not 0 < count_weight < 1:
+            raise ConfigError("model.count_weight", f"must be in (0, 1), got {count_weight}", "use e.g. 0.1")
+        if batch_size < 1:
+            raise ConfigError("model.batch_size", f"must be >= 1, got {batch_size}", "use e.g. 100")
+        self.save_hyperparameters(ignore=["mechanism"])
+        self.generator = ConditionalConvGenerator(latent_dim=latent_dim, num_classes=num_classes,
+                                                  image_shape=self.image_shape)
+        dim = math.prod(self.image_shape)
+        freq_gen = torch.Generator().manual_seed(feature_seed)
+        self.register_buffer("frequencies", torch.randn(dim, num_features // 2, generator=freq_gen) / length_scale)
+        # The single private release and whether it happened (restored from checkpoints on resume).
+        self.register_buffer("noisy_sum", torch.zeros(num_classes * num_features + num_classes))
+        self.register_buffer("num_private", torch.zeros((), dtype=torch.long))
+        self.register_buffer("released", torch.zeros((), dtype=torch.bool))
+
+    # ------------------------------------------------------------------------------ embedding
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Random Fourier features of unit norm, shape (batch, D)."""
+        proj = images.flatten(1) @ self.frequencies
+        return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / self.hparams.num_features)
+
+    def contributions(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each example's unit-norm contribution ``[a phi(x) (x) e_y, b e_y]``, shape (batch, C*D + C)."""
+        b = self.hparams.count_weight
+        a = math.sqrt(1.0 - b * b)
+        onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
+        kron = (a * onehot.unsqueeze(2) * self.features(images).unsqueeze(1)).flatten(1)
+        return torch.cat([kron, b * onehot], dim=1)
+
+    def clipped_contribution_sum(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``sum_i clip(e(x_i, y_i))`` to the mechanism's ``clip_norm``, without materialising the (batch, C*D)
+        contributions: ``||e(x, y)||^2 = a^2 ||phi(x)||^2 + b^2``, so each row's clip factor is known from phi."""
+        b = self.hparams.count_weight
+        a = math.sqrt(1.0 - b * b)
+        phi = self.features(images)
+        norms = torch.sqrt(a * a * phi.pow(2).sum(1) + b * b)
+        scale = (self.mechanism.clip_norm / norms).clamp(max=1.0)
+        onehot = F.one_hot(labels, self.num_classes).to(phi.dtype) * scale.unsqueeze(1)
+        return torch.cat([(a * onehot.T @ phi).flatten(), b * onehot.sum(0)])
+
+    @torch.no_grad()
+    def release_embedding(self, dataset: Dataset) -> None:
+        """Sum every private example's contribution and release the sum once through the mechanism."""
+        loader = DataLoader(dataset, batch_size=self.hparams.embedding_batch_size, shuffle=False)
+        total = torch.zeros_like(self.noisy_sum)
+        for images, labels in loader:
+            total += self.clipped_contribution_sum(images.to(self.device), labels.to(self.device))
+        self.noisy_sum.copy_(self.mechanism.release(total))
+        self.num_private.fill_(len(dataset))
+        self.released.fill_(True)
+        log.info("DP-Merf released its mean embedding once: %s", self.mechanism.ledger.summary(self.mechanism.delta))
+
+    def released_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The released class-conditional mean embedding (C, D), weighted by class proportion, and the
+        noisy class proportions (C,), both post-processed from the single release."""
+        b = self.hparams.count_weight
+        a = math.sqrt(1.0 - b * b)
+        c, d = self.num_classes, self.hparams.num_features
+        n = self.num_private.clamp(min=1).to(self.noisy_sum.dtype)
+        mean = self.noisy_sum[: c * d].view(c, d) / (a * n)
+        counts = (self.noisy_sum[c * d:] / b).clamp(min=0)
+        proportions = counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1.0 / c)
+        return mean, proportions
+
+    # -------------------------------------------------------------------------------- training
+    def attach_private_data(self, dataset: Dataset) -> DataLoader:
+        self.check_private_data(dataset)
+        self._private_data = dataset
+        steps = self.hparams.steps_per_epoch or max(1, len(dataset) // self.hparams.batch_size)
+        # Training batches are only step counters: the generator never reads private data after the release.
+        return DataLoader(_StepIndices(steps), batch_size=1)
+
+    def on_fit_start(self) -> None:
+        if bool(self.released):
+            log.info("DP-Merf: embedding already released (resumed run); no new release.")
+            return
+        if self._private_data is None:
+            raise RuntimeError("call attach_private_data(dataset) before fitting DP-Merf")
+        self.release_embedding(self._private_data)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        target, proportions = self.released_embedding()
+        n = self.hparams.batch_size
+        labels = torch.multinomial(proportions, n, replacement=True)
+        images = self.generator(torch.randn(n, self.hparams.latent_dim, device=self.device), labels)
+        onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
+        generated = onehot.T @ self.features(images) / n  # (C, D): class-weighted mean embedding
+        loss = (target - generated).pow(2).sum()
+        self.log("train/mmd2", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.hparams.lr_decay)
+        return [optimizer], [{"scheduler": scheduler, "interval": "epoch"}]
+
+    # -------------------------------------------------------------------------------- sampling
+    def label_distribution(self) -> torch.Tensor:
+        if not bool(self.released):
+            return super().label_distribution()
+        return self.released_embedding()[1].cpu()
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            labels = torch.multinomial(self.label_distribution(), n, replacement=True)
+        labels = labels.to(self.device)
+        was_training = self.generator.training
+        self.generator.eval()
+        images = self.generator(torch.randn(n, self.hparams.latent_dim, device=self.device), labels)
+        self.generator.train(was_training)
+        return images

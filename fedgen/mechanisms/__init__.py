@@ -1,0 +1,25 @@
+"""Privacy mechanisms and the privacy ledger."""
+
+from fedgen.mechanisms.base import Mechanism
+from fedgen.mechanisms.dp_sgd import DPSGD, stop_at_budget
+from fedgen.mechanisms.gaussian import GaussianMechanism, clip_rows
+from fedgen.mechanisms.ledger import (
+    PrivacyLedger,
+    SubsampledGaussianEvent,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+)
+from fedgen.mechanisms.noise import NoiseSource
+
+__all__ = [
+    "DPSGD",
+    "GaussianMechanism",
+    "Mechanism",
+    "NoiseSource",
+    "PrivacyLedger",
+    "SubsampledGaussianEvent",
+    "calibrate_noise_multiplier",
+    "clip_rows",
+    "compute_epsilon",
+    "stop_at_budget",
+]

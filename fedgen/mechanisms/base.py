@@ -1,0 +1,96 @@
+"""The mechanism base class: a budget, a ledger and a noise source; subclasses say how to privatize.
+
+A mechanism releases privatized statistics and records every release in its
+:class:`~fedgen.mechanisms.ledger.PrivacyLedger` *before* the release leaves the mechanism. Given a
+``target_epsilon``, it refuses (``PrivacyBudgetExceeded``) any release that would push the ledger's
+epsilon at ``delta`` past it.
+
+Subclass it to add a mechanism; ``class Mine(Mechanism, name="mine")`` registers the class so that
+``Mechanism.registry.get("mine")`` finds it (YAML files name it by ``class_path``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedgen.errors import ConfigError, PrivacyBudgetExceeded
+from fedgen.mechanisms.ledger import (
+    AccountantName,
+    PrivacyLedger,
+    SubsampledGaussianEvent,
+    check_delta,
+    check_target_epsilon,
+)
+from fedgen.mechanisms.noise import NoiseSource
+from fedgen.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Mechanism:
+    """Base class of privacy mechanisms.
+
+    Args:
+        target_epsilon: the privacy budget; no release may push epsilon at ``delta`` past it.
+            ``None`` means no budget (the noise must then be given explicitly).
+        delta: the delta at which epsilon is computed and the budget enforced.
+        accountant: ``"auto"`` (tighter of RDP and PRV), ``"rdp"`` or ``"prv"``.
+        seed: seed of the noise generator (drawn from torch's global generator when ``None``).
+        secure_noise: draw noise from the OS's cryptographically secure generator instead.
+    """
+
+    registry: Registry[Mechanism] = Registry("mechanism")
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.registry.register(name, cls)
+            cls.name = name
+
+    def __init__(self, *, target_epsilon: float | None = None, delta: float = 1e-5,
+                 accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False) -> None:
+        check_target_epsilon(target_epsilon)
+        check_delta(delta)
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.ledger = PrivacyLedger(accountant=accountant)
+        self.noise = NoiseSource(seed=seed, secure=secure_noise)
+
+    def use_ledger(self, ledger: PrivacyLedger) -> None:
+        """Share ``ledger`` with other mechanisms spending the same data's budget."""
+        self.ledger = ledger
+
+    def check_dataset_size(self, num_units: int) -> None:
+        """Refuse a delta that allows releasing a record outright: delta must be < 1 / n."""
+        if num_units <= 0:
+            raise ConfigError("data", "the private dataset is empty", "check the dataset and its subset options")
+        if self.delta >= 1.0 / num_units:
+            raise ConfigError("delta", f"delta={self.delta:g} >= 1/n = {1.0 / num_units:.3g} for n={num_units}",
+                              f"use delta < 1/n, e.g. {10 ** -(len(str(num_units)) + 1):g}")
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far (at this mechanism's delta), from the ledger."""
+        return self.ledger.epsilon(self.delta)
+
+    def charge(self, event: SubsampledGaussianEvent) -> None:
+        """Record ``event`` in the ledger, or raise if it would exceed the budget (nothing is recorded then)."""
+        if self.target_epsilon is not None:
+            eps = self.ledger.epsilon_with(event, self.delta)
+            if eps > self.target_epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"{type(self).__name__}: this release would spend epsilon={eps:.4g} > "
+                    f"target_epsilon={self.target_epsilon:g} at delta={self.delta:g}; it was refused. "
+                    "Raise target_epsilon, add noise, or release less.")
+        self.ledger.record(event)
+
+    def state_dict(self) -> dict:
+        return {"ledger": self.ledger.state_dict(), "noise": self.noise.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self.noise.load_state_dict(state["noise"])
+
+    def describe(self) -> str:
+        """One line with the privacy parameters, for logs."""
+        budget = f"target_epsilon={self.target_epsilon:g}" if self.target_epsilon is not None else "no budget"
+        return f"{type(self).__name__}({budget}, delta={self.delta:g}, accountant={self.ledger.accountant})"

@@ -1,0 +1,212 @@
+"""DP-SGD (Abadi et al., CCS 2016) on Opacus: per-example clipping, Gaussian noise, Poisson sampling.
+
+Each step draws a Poisson sample of the data (each example included with probability ``q``), computes
+per-example gradients with Opacus' ``GradSampleModule``, clips each to L2 norm ``C``, sums them, adds
+N(0, (sigma C)^2 I) and divides by the expected batch size ``q N``. Under add/remove-one-example
+neighbouring every step is one Poisson-subsampled Gaussian release; the ledger composes them.
+
+Usage from a LightningModule (see :class:`fedgen.evaluation.Classifier`)::
+
+    loader = mechanism.data_loader(dataset, batch_size=256)        # Poisson sampling
+    net, optimizer = mechanism.make_private(net, optimizer, data_loader=loader, epochs=10)
+
+and in ``on_train_batch_start``: ``return stop_at_budget(self, mechanism)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedgen.errors import ConfigError, PrivacyBudgetExceeded
+from fedgen.mechanisms.base import Mechanism
+from fedgen.mechanisms.ledger import AccountantName, SubsampledGaussianEvent, calibrate_noise_multiplier
+from fedgen.mechanisms.noise import NoiseSource
+
+log = logging.getLogger(__name__)
+
+
+class _LedgerDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer whose noise comes from fedgen's noise source and is charged to the ledger first."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, mechanism: DPSGD, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)
+        self._mechanism = mechanism
+
+    def add_noise(self) -> None:
+        self._mechanism.charge_step()
+        noise_source: NoiseSource = self._mechanism.noise
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            summed = p.summed_grad
+            p.grad = (summed + noise_source.normal(summed.shape, std=std, device=summed.device,
+                                                   dtype=summed.dtype)).view_as(p)
+
+
+class DPSGD(Mechanism, name="dp_sgd"):
+    """Differentially private SGD with per-example clipping and Poisson sampling, on Opacus.
+
+    Give ``noise_multiplier``, or ``target_epsilon`` (the noise is then calibrated for the planned
+    number of steps), or both (the given noise, training stops when the budget is spent).
+
+    Args:
+        noise_multiplier: noise standard deviation in units of ``max_grad_norm``.
+        target_epsilon: privacy budget at ``delta``.
+        delta: the delta of the guarantee; must be < 1/N for N training examples.
+        max_grad_norm: per-example gradient clipping norm ``C``.
+        accountant: ``"auto"``, ``"rdp"`` or ``"prv"``.
+        seed: seed of the noise generator and of the Poisson sampler.
+        secure_noise: draw noise from the OS's cryptographically secure generator.
+    """
+
+    def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 delta: float = 1e-5, max_grad_norm: float = 1.0, accountant: AccountantName = "auto",
+                 seed: int | None = None, secure_noise: bool = False) -> None:
+        super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
+                         secure_noise=secure_noise)
+        if noise_multiplier is None and target_epsilon is None:
+            raise ConfigError("mechanism.noise_multiplier", "neither noise_multiplier nor target_epsilon is set",
+                              "set target_epsilon (the noise is then calibrated) or noise_multiplier")
+        if noise_multiplier is not None and not noise_multiplier > 0:
+            raise ConfigError("mechanism.noise_multiplier", f"must be > 0, got {noise_multiplier}",
+                              "use a positive noise multiplier; without noise there is no privacy")
+        if not max_grad_norm > 0:
+            raise ConfigError("mechanism.max_grad_norm", f"must be > 0, got {max_grad_norm}",
+                              "use a positive clipping norm, e.g. 1.0")
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = float(max_grad_norm)
+        self.sample_rate: float | None = None
+        self.max_steps: int | None = None
+        self.steps_taken = 0
+
+    # ----------------------------------------------------------------------------------------- checks
+    @staticmethod
+    def validate(module: nn.Module, field: str = "model") -> None:
+        """Refuse layers that mix examples or that Opacus cannot compute per-example gradients for."""
+        problems = []
+        for name, sub in module.named_modules():
+            validator = ModuleValidator.VALIDATORS.get(type(sub))
+            if validator is None:
+                continue
+            for err in validator(sub):
+                problems.append(f"{name or '<root>'} ({type(sub).__name__}): {err}")
+        if problems:
+            raise ConfigError(field, "layers unsupported under DP-SGD: " + "; ".join(problems),
+                              "replace BatchNorm with GroupNorm (DPSGD.fix(model) does it) and use layers "
+                              "Opacus supports")
+
+    @staticmethod
+    def fix(module: nn.Module) -> nn.Module:
+        """Replace unsupported layers by DP-compatible ones (BatchNorm -> GroupNorm), via Opacus."""
+        return ModuleValidator.fix(module)
+
+    # --------------------------------------------------------------------------------------- planning
+    def plan(self, *, sample_rate: float, steps: int) -> None:
+        """Fix the sampling rate, calibrate the noise if needed, and compute how many steps the budget allows."""
+        if not 0 < sample_rate <= 1:
+            raise ConfigError("batch_size", f"sample rate {sample_rate} is outside (0, 1]",
+                              "use a batch size between 1 and the dataset size")
+        if steps < 1:
+            raise ConfigError("epochs", f"planned {steps} steps", "train for at least one step")
+        self.sample_rate = float(sample_rate)
+        if self.noise_multiplier is None:
+            self.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=sample_rate, steps=steps,
+                accountant=self.ledger.accountant, prior=self.ledger)
+        event = SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate)
+        if self.target_epsilon is not None:
+            self.max_steps = self.steps_taken + self.ledger.max_count(event, self.target_epsilon, self.delta)
+        log.info("DP-SGD plan: %s; %d steps at sample rate %.4g%s", self.describe(), steps, sample_rate,
+                 f"; the budget allows {self.max_steps - self.steps_taken} more" if self.max_steps is not None else "")
+
+    def can_step(self) -> bool:
+        """Whether one more step fits in the budget."""
+        return self.max_steps is None or self.steps_taken < self.max_steps
+
+    def charge_step(self) -> None:
+        """Record one noisy step in the ledger (refused past the budget). Called by the optimizer."""
+        if self.sample_rate is None:
+            raise RuntimeError("DPSGD.plan (or make_private) must run before the first step")
+        if not self.can_step():
+            raise PrivacyBudgetExceeded(
+                f"DPSGD: step {self.steps_taken + 1} would exceed target_epsilon={self.target_epsilon:g} at "
+                f"delta={self.delta:g} (the budget allows {self.max_steps} steps); it was refused.")
+        # max_steps came from the ledger's own accountant, so recording without recomputing is exact.
+        self.ledger.record(SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate))
+        self.steps_taken += 1
+
+    # ------------------------------------------------------------------------------------------ wiring
+    def data_loader(self, dataset: Dataset, *, batch_size: int, **kwargs: object) -> DataLoader:
+        """A Poisson-sampling loader over ``dataset`` with expected batch size ``batch_size``."""
+        if not 1 <= batch_size <= len(dataset):
+            raise ConfigError("batch_size", f"{batch_size} for a dataset of {len(dataset)} examples",
+                              "use a batch size between 1 and the dataset size")
+        self.check_dataset_size(len(dataset))
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        return DPDataLoader.from_data_loader(DataLoader(dataset, batch_size=batch_size, **kwargs),
+                                             generator=generator)
+
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader: DataLoader,
+                     epochs: int | None = None, steps: int | None = None) -> tuple[GradSampleModule, DPOptimizer]:
+        """Wrap ``module`` for per-example gradients and ``optimizer`` for clipping + noise + ledger.
+
+        ``data_loader`` must come from :meth:`data_loader` (Poisson sampling; its rate is the sample rate).
+        Plan the run by ``epochs`` or ``steps``. Every optimizer parameter must belong to ``module``.
+        """
+        if not isinstance(data_loader, DPDataLoader):
+            raise ConfigError("data_loader", "DP-SGD needs Poisson sampling for its accounting",
+                              "build the loader with DPSGD.data_loader(dataset, batch_size=...)")
+        self.validate(module)
+        sample_rate = data_loader.sample_rate
+        if (epochs is None) == (steps is None):
+            raise ConfigError("epochs", "give exactly one of epochs or steps", "plan the run by epochs or by steps")
+        if steps is None:
+            steps = max(1, math.ceil(epochs / sample_rate))
+        self.plan(sample_rate=sample_rate, steps=steps)
+        module_params = {id(p) for p in module.parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in module_params:
+                    raise ConfigError("optimizer", "the optimizer holds parameters outside the private module",
+                                      "build the optimizer from the private module's parameters only")
+        grad_sample_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+        expected_batch_size = max(1, round(sample_rate * len(data_loader.dataset)))
+        dp_optimizer = _LedgerDPOptimizer(optimizer, mechanism=self, noise_multiplier=self.noise_multiplier,
+                                          max_grad_norm=self.max_grad_norm, expected_batch_size=expected_batch_size,
+                                          loss_reduction="mean")
+        return grad_sample_module, dp_optimizer
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.steps_taken = state["steps_taken"]
+        self.noise_multiplier = state["noise_multiplier"]
+
+    def describe(self) -> str:
+        sigma = "calibrated at plan time" if self.noise_multiplier is None else f"{self.noise_multiplier:.4g}"
+        return f"{super().describe()[:-1]}, noise_multiplier={sigma}, max_grad_norm={self.max_grad_norm:g})"
+
+
+def stop_at_budget(module: "object", mechanism: DPSGD | None) -> int | None:
+    """For a LightningModule's ``on_train_batch_start``: stop training cleanly once the budget is spent.
+
+    Returns -1 (Lightning's signal to end the epoch) and sets ``trainer.should_stop`` when no further step
+    fits in the budget; the caller's checkpoint callback then saves the state with its ledger.
+    """
+    if mechanism is None or mechanism.can_step():
+        return None
+    trainer = module.trainer
+    log.warning("Privacy budget reached after %d DP-SGD steps: %s. Training stops here.",
+                mechanism.steps_taken, mechanism.ledger.summary(mechanism.delta))
+    trainer.should_stop = True
+    return -1

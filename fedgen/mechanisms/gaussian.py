@@ -1,0 +1,102 @@
+"""The Gaussian mechanism on a sum of clipped contributions.
+
+Each unit (example or user) contributes a vector ``x_i``; the mechanism clips it to L2 norm at most ``C``
+and releases ``sum_i clip(x_i) + N(0, (sigma C)^2 I)``. Under add/remove-one neighbouring the sum's L2
+sensitivity is ``C``, so one release is the Gaussian mechanism with noise multiplier ``sigma``
+(Dwork and Roth 2014, Thm. A.1; accounted tightly by the ledger's PRV / RDP accountants).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fedgen.errors import ConfigError
+from fedgen.mechanisms.base import Mechanism
+from fedgen.mechanisms.ledger import AccountantName, SubsampledGaussianEvent, calibrate_noise_multiplier
+
+log = logging.getLogger(__name__)
+
+
+def clip_rows(contributions: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Scale each row (first dimension indexes units) to L2 norm at most ``clip_norm``."""
+    flat = contributions.reshape(contributions.shape[0], -1)
+    norms = flat.norm(dim=1, keepdim=True)
+    scale = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
+    return (flat * scale).reshape(contributions.shape)
+
+
+class GaussianMechanism(Mechanism, name="gaussian"):
+    """Sum of per-unit contributions clipped to ``clip_norm``, plus N(0, (noise_multiplier * clip_norm)^2).
+
+    Give either ``noise_multiplier`` or ``target_epsilon`` (then the noise is calibrated so that
+    ``num_releases`` releases spend exactly the budget), or both (the given noise, with the budget enforced).
+
+    Args:
+        noise_multiplier: noise standard deviation in units of ``clip_norm``.
+        target_epsilon: privacy budget at ``delta``.
+        delta: the delta of the guarantee.
+        clip_norm: the L2 bound ``C`` on each unit's contribution (the sum's sensitivity).
+        num_releases: planned number of releases, used to calibrate the noise from ``target_epsilon``.
+        accountant: ``"auto"``, ``"rdp"`` or ``"prv"``.
+        seed: seed of the noise generator.
+        secure_noise: draw noise from the OS's cryptographically secure generator.
+    """
+
+    def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 delta: float = 1e-5, clip_norm: float = 1.0, num_releases: int = 1,
+                 accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False) -> None:
+        super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
+                         secure_noise=secure_noise)
+        if noise_multiplier is None and target_epsilon is None:
+            raise ConfigError("mechanism.noise_multiplier", "neither noise_multiplier nor target_epsilon is set",
+                              "set target_epsilon (the noise is then calibrated) or noise_multiplier")
+        if noise_multiplier is not None and not noise_multiplier > 0:
+            raise ConfigError("mechanism.noise_multiplier", f"must be > 0, got {noise_multiplier}",
+                              "use a positive noise multiplier; without noise there is no privacy")
+        if not clip_norm > 0:
+            raise ConfigError("mechanism.clip_norm", f"must be > 0, got {clip_norm}", "use a positive clip norm")
+        if num_releases < 1:
+            raise ConfigError("mechanism.num_releases", f"must be >= 1, got {num_releases}", "plan at least one release")
+        self.clip_norm = float(clip_norm)
+        self.num_releases = num_releases
+        self._noise_multiplier = noise_multiplier
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The noise multiplier, calibrated from ``target_epsilon`` on first use if it was not given."""
+        if self._noise_multiplier is None:
+            self._noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=self.target_epsilon, delta=self.delta, steps=self.num_releases,
+                accountant=self.ledger.accountant, prior=self.ledger)
+            log.info("Calibrated noise_multiplier=%.4f for target_epsilon=%g at delta=%g over %d release(s)",
+                     self._noise_multiplier, self.target_epsilon, self.delta, self.num_releases)
+        return self._noise_multiplier
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip_norm
+
+    def clip(self, contributions: torch.Tensor) -> torch.Tensor:
+        """Clip each row of ``contributions`` (one row per unit) to L2 norm ``clip_norm``."""
+        return clip_rows(contributions, self.clip_norm)
+
+    def release(self, clipped_sum: torch.Tensor) -> torch.Tensor:
+        """Charge the ledger, then return ``clipped_sum`` plus calibrated Gaussian noise.
+
+        ``clipped_sum`` must be a sum of contributions each clipped with :meth:`clip` (or known to have
+        norm <= ``clip_norm``); use :meth:`release_sum` to clip and sum in one call.
+        """
+        self.charge(SubsampledGaussianEvent(self.noise_multiplier, 1.0, 1))
+        noise = self.noise.normal(clipped_sum.shape, std=self.noise_std, device=clipped_sum.device,
+                                  dtype=clipped_sum.dtype)
+        return clipped_sum + noise
+
+    def release_sum(self, contributions: torch.Tensor) -> torch.Tensor:
+        """Clip each row of ``contributions``, sum over rows, and release the sum with noise."""
+        return self.release(self.clip(contributions).sum(dim=0))
+
+    def describe(self) -> str:
+        return (f"{super().describe()[:-1]}, noise_multiplier={self.noise_multiplier:.4g}, "
+                f"clip_norm={self.clip_norm:g}, releases={self.num_releases})")

@@ -1,0 +1,70 @@
+"""Where privacy noise comes from.
+
+Privacy noise is drawn from its own generator, separate from the randomness of training, so that
+seeding a run (reproducibility) and protecting the noise are separate decisions:
+
+- seeded (default): a ``torch.Generator`` seeded from the mechanism's ``seed``; if no seed is given, it is
+  drawn from torch's global generator, so ``seed_everything`` makes a whole run reproducible.
+- ``secure=True``: every draw uses the operating system's cryptographically secure generator
+  (``os.urandom``); standard normals come from uniforms by the Box-Muller transform in float64.
+  Runs are then not reproducible, which is the point.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+
+class NoiseSource:
+    """Draws Gaussian privacy noise, seeded or cryptographically secure."""
+
+    def __init__(self, *, seed: int | None = None, secure: bool = False) -> None:
+        self.secure = secure
+        if seed is None and not secure:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[device] = gen
+        return self._generators[device]
+
+    def normal(self, shape: tuple[int, ...] | torch.Size, *, std: float, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor of i.i.d. N(0, std^2) draws."""
+        device = torch.device(device)
+        if self.secure:
+            return std * _secure_standard_normal(tuple(shape)).to(device=device, dtype=dtype)
+        return torch.normal(0.0, std, size=tuple(shape), generator=self._generator(device), device=device, dtype=dtype)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "secure": self.secure,
+                "states": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.secure = state["seed"], state["secure"]
+        self._generators = {}
+        for name, rng_state in state.get("states", {}).items():
+            device = torch.device(name)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                continue
+            self._generator(device).set_state(rng_state)
+
+
+def _secure_standard_normal(shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    # 53 random bits -> uniform in (0, 1]; never 0, so the log is finite.
+    u = ((raw >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53
+    radius = np.sqrt(-2.0 * np.log(u[0]))
+    angle = 2.0 * np.pi * u[1]
+    z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+    return torch.from_numpy(z).reshape(shape)
