@@ -80,6 +80,18 @@ def resolve_run_dir(config: Any) -> Path:
     return run_dir
 
 
+def _config_error(err: BaseException) -> ConfigError:
+    """The ConfigError that jsonargparse wrapped while instantiating, or one carrying its message."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConfigError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return ConfigError("config", str(err).strip(), "correct the value named above")
+
+
 def save_samples(generator: Generator, path: Path, per_class: int = 10) -> None:
     """A PNG grid: one row per class, ``per_class`` samples each."""
     labels = torch.arange(generator.num_classes).repeat_interleave(per_class)
@@ -89,11 +101,16 @@ def save_samples(generator: Generator, path: Path, per_class: int = 10) -> None:
 
 def fit(args: list[str]) -> dict[str, Any]:
     """``fedgen fit``: the whole pipeline; returns the metrics written to ``metrics.json``."""
-    cli = FedgenCLI(Generator, VisionDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    run=False, args=args, save_config_callback=None, seed_everything_default=0,
-                    trainer_defaults={"logger": False, "max_epochs": 5,
-                                      "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)]},
-                    parser_kwargs={"prog": "fedgen fit"})
+    # fedgen passes its own argument list to LightningCLI on purpose.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    try:
+        cli = FedgenCLI(Generator, VisionDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        run=False, args=args, save_config_callback=None, seed_everything_default=0,
+                        trainer_defaults={"logger": False, "max_epochs": 5,
+                                          "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)]},
+                        parser_kwargs={"prog": "fedgen fit"})
+    except ValueError as err:  # building the configured objects failed: report the config error inside
+        raise _config_error(err) from err
     config, generator, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     run_dir = Path(config.run_dir)
     evaluation: TrainOnSynthetic = cli.config_init.evaluation
@@ -164,8 +181,6 @@ def _configure_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-    # fedgen passes its own argument list to LightningCLI on purpose.
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
 
 
 def main(argv: list[str] | None = None) -> None:

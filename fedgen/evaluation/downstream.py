@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
@@ -20,12 +20,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fedgen.errors import ConfigError
 from fedgen.evaluation.classifiers import classifiers
-from fedgen.mechanisms import DPSGD, stop_at_budget
+from fedgen.mechanisms import DPSGD, PrivateModule
 
 log = logging.getLogger(__name__)
 
 
-class Classifier(L.LightningModule):
+class Classifier(PrivateModule):
     """A classifier trained with cross-entropy and Adam, optionally under DP-SGD.
 
     Args:
@@ -55,9 +55,6 @@ class Classifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        return stop_at_budget(self, self.mechanism)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -12,22 +12,17 @@ continues the same budget; it never starts from zero.
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-import lightning as L
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.errors import ConfigError
-from fedgen.mechanisms import Mechanism
+from fedgen.mechanisms import Mechanism, PrivateModule
 from fedgen.registry import Registry
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "fedgen_privacy"
 
-
-class Generator(L.LightningModule):
+class Generator(PrivateModule):
     """Base class of private class-conditional image generators.
 
     Subclasses implement :meth:`attach_private_data`, :meth:`training_step` and :meth:`sample`, and may
@@ -105,16 +100,6 @@ class Generator(L.LightningModule):
                             for chunk in labels.split(batch_size)])
         self.train(was_training)
         return TensorDataset(images.clamp(0, 1), labels)
-
-    # ------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.mechanism.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if CHECKPOINT_KEY not in checkpoint:
-            raise ConfigError("ckpt_path", "the checkpoint carries no privacy ledger",
-                              "resume only from checkpoints written by fedgen")
-        self.mechanism.load_state_dict(checkpoint[CHECKPOINT_KEY])
 
 
 def stratified_labels(proportions: torch.Tensor, n: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedgen.errors import ConfigError
 from fedgen.generators.base import Generator

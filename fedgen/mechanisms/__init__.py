@@ -1,7 +1,7 @@
 """Privacy mechanisms and the privacy ledger."""
 
 from fedgen.mechanisms.base import Mechanism
-from fedgen.mechanisms.dp_sgd import DPSGD, stop_at_budget
+from fedgen.mechanisms.dp_sgd import DPSGD
 from fedgen.mechanisms.gaussian import GaussianMechanism, clip_rows
 from fedgen.mechanisms.ledger import (
     PrivacyLedger,
@@ -9,6 +9,7 @@ from fedgen.mechanisms.ledger import (
     calibrate_noise_multiplier,
     compute_epsilon,
 )
+from fedgen.mechanisms.lightning import PrivateModule
 from fedgen.mechanisms.noise import NoiseSource
 
 __all__ = [
@@ -17,9 +18,9 @@ __all__ = [
     "Mechanism",
     "NoiseSource",
     "PrivacyLedger",
+    "PrivateModule",
     "SubsampledGaussianEvent",
     "calibrate_noise_multiplier",
     "clip_rows",
     "compute_epsilon",
-    "stop_at_budget",
 ]

@@ -72,6 +72,10 @@ class Mechanism:
         """Epsilon spent so far (at this mechanism's delta), from the ledger."""
         return self.ledger.epsilon(self.delta)
 
+    def exhausted(self) -> bool:
+        """Whether the budget allows no further release of this mechanism's planned kind."""
+        return False
+
     def charge(self, event: SubsampledGaussianEvent) -> None:
         """Record ``event`` in the ledger, or raise if it would exceed the budget (nothing is recorded then)."""
         if self.target_epsilon is not None:

@@ -10,7 +10,8 @@ Usage from a LightningModule (see :class:`fedgen.evaluation.Classifier`)::
     loader = mechanism.data_loader(dataset, batch_size=256)        # Poisson sampling
     net, optimizer = mechanism.make_private(net, optimizer, data_loader=loader, epochs=10)
 
-and in ``on_train_batch_start``: ``return stop_at_budget(self, mechanism)``.
+with the LightningModule deriving from :class:`~fedgen.mechanisms.lightning.PrivateModule`, which stops
+training cleanly when the budget is spent and keeps the ledger in checkpoints.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
         self.sample_rate: float | None = None
         self.max_steps: int | None = None
         self.steps_taken = 0
+        self._budget_key_seen: tuple | None = None
 
     # ----------------------------------------------------------------------------------------- checks
     @staticmethod
@@ -121,15 +123,30 @@ class DPSGD(Mechanism, name="dp_sgd"):
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=sample_rate, steps=steps,
                 accountant=self.ledger.accountant, prior=self.ledger)
-        event = SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate)
         if self.target_epsilon is not None:
-            self.max_steps = self.steps_taken + self.ledger.max_count(event, self.target_epsilon, self.delta)
+            self._count_max_steps()
         log.info("DP-SGD plan: %s; %d steps at sample rate %.4g%s", self.describe(), steps, sample_rate,
                  f"; the budget allows {self.max_steps - self.steps_taken} more" if self.max_steps is not None else "")
 
+    def _budget_key(self) -> tuple:
+        return (id(self.ledger), self.ledger.accountant, self.ledger.events, self.noise_multiplier, self.sample_rate,
+                self.steps_taken)
+
+    def _count_max_steps(self) -> None:
+        event = SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate)
+        self.max_steps = self.steps_taken + self.ledger.max_count(event, self.target_epsilon, self.delta)
+        self._budget_key_seen = self._budget_key()
+
     def can_step(self) -> bool:
         """Whether one more step fits in the budget."""
+        if self.max_steps is not None and self._budget_key() != self._budget_key_seen:
+            # The ledger changed other than by this mechanism's own steps since max_steps was counted: another
+            # mechanism sharing it spent budget, or a state was loaded. Count again from what it holds now.
+            self._count_max_steps()
         return self.max_steps is None or self.steps_taken < self.max_steps
+
+    def exhausted(self) -> bool:
+        return not self.can_step()
 
     def charge_step(self) -> None:
         """Record one noisy step in the ledger (refused past the budget). Called by the optimizer."""
@@ -139,20 +156,31 @@ class DPSGD(Mechanism, name="dp_sgd"):
             raise PrivacyBudgetExceeded(
                 f"DPSGD: step {self.steps_taken + 1} would exceed target_epsilon={self.target_epsilon:g} at "
                 f"delta={self.delta:g} (the budget allows {self.max_steps} steps); it was refused.")
-        # max_steps came from the ledger's own accountant, so recording without recomputing is exact.
+        # max_steps came from the ledger's own accountant (and is recounted whenever the ledger changed
+        # otherwise), so recording without recomputing epsilon is exact.
         self.ledger.record(SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate))
         self.steps_taken += 1
+        self._budget_key_seen = self._budget_key()
 
     # ------------------------------------------------------------------------------------------ wiring
     def data_loader(self, dataset: Dataset, *, batch_size: int, **kwargs: object) -> DataLoader:
-        """A Poisson-sampling loader over ``dataset`` with expected batch size ``batch_size``."""
+        """A Poisson-sampling loader over ``dataset`` with expected batch size ``batch_size``.
+
+        Each batch includes each example independently with probability ``batch_size / len(dataset)``.
+        (Opacus' ``DPDataLoader.from_data_loader`` would use ``1 / ceil(len(dataset) / batch_size)``
+        instead, a smaller rate and expected batch size whenever ``batch_size`` does not divide the dataset.)
+        """
         if not 1 <= batch_size <= len(dataset):
             raise ConfigError("batch_size", f"{batch_size} for a dataset of {len(dataset)} examples",
                               "use a batch size between 1 and the dataset size")
         self.check_dataset_size(len(dataset))
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        return DPDataLoader.from_data_loader(DataLoader(dataset, batch_size=batch_size, **kwargs),
-                                             generator=generator)
+        generator = torch.Generator().manual_seed(self.noise.sampling_seed())
+        base = DataLoader(dataset, batch_size=batch_size, **kwargs)  # validates the DataLoader options
+        return DPDataLoader(dataset, sample_rate=batch_size / len(dataset), generator=generator,
+                            num_workers=base.num_workers, collate_fn=base.collate_fn, pin_memory=base.pin_memory,
+                            drop_last=base.drop_last, timeout=base.timeout, worker_init_fn=base.worker_init_fn,
+                            multiprocessing_context=base.multiprocessing_context,
+                            prefetch_factor=base.prefetch_factor, persistent_workers=base.persistent_workers)
 
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader: DataLoader,
                      epochs: int | None = None, steps: int | None = None) -> tuple[GradSampleModule, DPOptimizer]:
@@ -195,18 +223,3 @@ class DPSGD(Mechanism, name="dp_sgd"):
     def describe(self) -> str:
         sigma = "calibrated at plan time" if self.noise_multiplier is None else f"{self.noise_multiplier:.4g}"
         return f"{super().describe()[:-1]}, noise_multiplier={sigma}, max_grad_norm={self.max_grad_norm:g})"
-
-
-def stop_at_budget(module: "object", mechanism: DPSGD | None) -> int | None:
-    """For a LightningModule's ``on_train_batch_start``: stop training cleanly once the budget is spent.
-
-    Returns -1 (Lightning's signal to end the epoch) and sets ``trainer.should_stop`` when no further step
-    fits in the budget; the caller's checkpoint callback then saves the state with its ledger.
-    """
-    if mechanism is None or mechanism.can_step():
-        return None
-    trainer = module.trainer
-    log.warning("Privacy budget reached after %d DP-SGD steps: %s. Training stops here.",
-                mechanism.steps_taken, mechanism.ledger.summary(mechanism.delta))
-    trainer.should_stop = True
-    return -1

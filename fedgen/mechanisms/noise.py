@@ -44,6 +44,13 @@ class NoiseSource:
             return std * _secure_standard_normal(tuple(shape)).to(device=device, dtype=dtype)
         return torch.normal(0.0, std, size=tuple(shape), generator=self._generator(device), device=device, dtype=dtype)
 
+    def sampling_seed(self) -> int:
+        """A seed for a data sampler (e.g. Poisson sampling), derived from this source's seed; from the OS's
+        secure generator when ``secure``. The sampler itself is torch's generator, not a cryptographic one."""
+        if self.secure:
+            return int.from_bytes(os.urandom(8), "little") >> 1
+        return (self.seed * 0x9E3779B97F4A7C15 + 1) % 2**63
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "secure": self.secure,
                 "states": {str(d): g.get_state() for d, g in self._generators.items()}}

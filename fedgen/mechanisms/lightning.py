@@ -1,0 +1,47 @@
+"""Lightning glue shared by every module trained under a mechanism (generators, DP classifiers)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+
+from fedgen.errors import ConfigError
+from fedgen.mechanisms.base import Mechanism
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "fedgen_privacy"
+
+
+class PrivateModule(L.LightningModule):
+    """A LightningModule trained under ``self.mechanism`` (or none).
+
+    - Checkpoints carry the mechanism's state (privacy ledger, noise generator, steps taken), and loading
+      one restores it: a resumed run continues the same budget, never a fresh one.
+    - Training stops cleanly before the first step the budget does not allow: ``trainer.should_stop`` is
+      set and the epoch ends, so checkpoint callbacks save the final state with its ledger.
+    """
+
+    mechanism: Mechanism | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.mechanism is not None:
+            checkpoint[CHECKPOINT_KEY] = self.mechanism.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.mechanism is None:
+            return
+        if CHECKPOINT_KEY not in checkpoint:
+            raise ConfigError("ckpt_path", "the checkpoint carries no privacy ledger",
+                              "resume only from checkpoints written by fedgen under a mechanism")
+        self.mechanism.load_state_dict(checkpoint[CHECKPOINT_KEY])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if self.mechanism is None or not self.mechanism.exhausted():
+            return None
+        log.warning("Privacy budget reached: %s. Training stops here; the checkpoint keeps the ledger.",
+                    self.mechanism.ledger.summary(self.mechanism.delta))
+        self.trainer.should_stop = True
+        return -1

@@ -1,0 +1,75 @@
+"""Train on synthetic, test on real: the architecture, model selection off the test set, DP-SGD noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from fedgen.errors import ConfigError
+from fedgen.evaluation import MLP, ConvNet, TrainOnSynthetic, classifiers
+
+
+def separable(n: int, seed: int, shuffle_labels: bool = False) -> TensorDataset:
+    """Images whose class c has a bright row 2c + 4 (easy to learn), plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    images = torch.rand(n, 1, 28, 28, generator=gen) * 0.3
+    images[torch.arange(n), 0, 2 * labels + 4, :] = 1.0
+    if shuffle_labels:
+        labels = labels[torch.randperm(n, generator=gen)]
+    return TensorDataset(images, labels)
+
+
+class CountingDataset(Dataset):
+    """Counts how often each example is read."""
+
+    def __init__(self, inner: TensorDataset) -> None:
+        self.inner = inner
+        self.reads = torch.zeros(len(inner), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        self.reads[i] += 1
+        return self.inner[i]
+
+
+def test_convnet_is_three_blocks_of_conv128_groupnorm_relu_avgpool():
+    net = ConvNet(image_shape=(1, 28, 28), num_classes=10)
+    blocks = list(net.features)
+    assert [type(m) for m in blocks] == [nn.Conv2d, nn.GroupNorm, nn.ReLU, nn.AvgPool2d] * 3
+    convs = [m for m in blocks if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [128] * 3 and all(c.kernel_size == (3, 3) for c in convs)
+    assert all(g.num_groups == g.num_channels == 128 for g in blocks if isinstance(g, nn.GroupNorm))
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert net.classifier.in_features == 128 * 3 * 3
+    assert ConvNet(image_shape=(3, 32, 32), num_classes=10)(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert MLP(image_shape=(1, 28, 28), num_classes=10)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert classifiers.names() == ["convnet", "mlp"]
+
+
+def test_learns_separable_data_and_reads_the_real_test_set_exactly_once():
+    real_test = CountingDataset(separable(300, seed=1))
+    result = TrainOnSynthetic(classifier="mlp", epochs=4, progress_bar=False, accelerator="cpu").run(
+        separable(1000, seed=0), real_test, num_classes=10, image_shape=(1, 28, 28))
+    assert result["test_accuracy"] > 0.9
+    assert torch.equal(real_test.reads, torch.ones(300, dtype=torch.long))  # tested once, never used to select
+    assert 0 <= result["selected_epoch"] < 4 and result["synthetic_val_accuracy"] > 0.9
+
+
+def test_labels_unrelated_to_images_give_chance_accuracy():
+    result = TrainOnSynthetic(classifier="mlp", epochs=2, progress_bar=False, accelerator="cpu").run(
+        separable(1000, seed=0, shuffle_labels=True), separable(500, seed=1), num_classes=10, image_shape=(1, 28, 28))
+    assert result["test_accuracy"] < 0.25
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"classifier": "resnet9000"}, "classifier"), ({"epochs": 0}, "evaluation.epochs"),
+    ({"val_fraction": 1.0}, "evaluation.val_fraction"), ({"batch_size": 0}, "evaluation.batch_size"),
+])
+def test_bad_evaluation_settings_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainOnSynthetic(**kwargs)

@@ -1,0 +1,412 @@
+"""Tests of DP-SGD: per-example gradients, flat clipping, noise, Poisson sampling, the budget (also with a
+shared or restored ledger), layer validation, and a Lightning run that stops cleanly when the budget is spent."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedgen.errors import ConfigError, PrivacyBudgetExceeded
+from fedgen.mechanisms import DPSGD, GaussianMechanism, NoiseSource, PrivateModule, SubsampledGaussianEvent
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.AvgPool2d(2))
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(tokens).mean(dim=1)))
+
+
+def _conv_data(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 2, 6, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _token_data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    # repeated tokens within an example exercise the embedding's gradient accumulation
+    return torch.randint(0, 20, (n, 5), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Ground truth: one backward pass per example, of that example's own loss. Returns [B, *p.shape] per param."""
+    per_param: list[list[torch.Tensor]] = [[] for _ in model.parameters()]
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for slot, p in zip(per_param, model.parameters()):
+            slot.append(p.grad.detach().clone())
+    return [torch.stack(slot) for slot in per_param]
+
+
+def _clipped_mean(grads: list[torch.Tensor], clip: float, expected_batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """sum_i g_i * min(1, C / ||g_i||) / expected_batch_size, with ||g_i|| over all parameters (flat clipping)."""
+    norms = torch.cat([g.flatten(1) for g in grads], dim=1).norm(dim=1)
+    factor = (clip / norms).clamp(max=1.0)
+    return [torch.einsum("i,i...->...", factor, g) / expected_batch_size for g in grads], norms
+
+
+def _make_private(model: nn.Module, mechanism: DPSGD, n: int, batch_size: int, lr: float = 0.0):
+    dataset = TensorDataset(torch.zeros(n, 1))
+    loader = mechanism.data_loader(dataset, batch_size=batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return (*mechanism.make_private(model, optimizer, data_loader=loader, steps=10), loader)
+
+
+# ------------------------------------------------------------------------------------ per-example grads
+@pytest.mark.parametrize("kind", ["conv", "tokens"])
+def test_per_sample_gradients_match_microbatches(kind: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if kind == "conv":
+        model = ConvNet().double()
+        x, y = _conv_data(8, gen)
+    else:
+        model = TokenNet().double()
+        x, y = _token_data(8, gen)
+        x[0, :] = 3  # an example made of one repeated token
+    reference = copy.deepcopy(model)
+    mechanism = DPSGD(noise_multiplier=1.0, seed=0)
+    wrapped, _, _ = _make_private(model, mechanism, n=64, batch_size=8)
+
+    F.cross_entropy(wrapped(x), y).backward()  # the mean loss of the batch, as loss_reduction="mean" expects
+    expected = _per_example_grads(reference, x, y)
+    params = list(wrapped.parameters())
+    assert len(params) == len(expected) and len(params) >= 5
+    for (name, p), truth in zip(wrapped.named_parameters(), expected):
+        assert p.grad_sample.shape == truth.shape, name
+        torch.testing.assert_close(p.grad_sample, truth, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+    assert max(float(t.abs().max()) for t in expected) > 1e-2  # non-trivial gradients
+
+
+# ----------------------------------------------------------------------------------- clipping and noise
+def test_clipped_and_summed_over_expected_batch_size() -> None:
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = ConvNet().double()
+    x, y = _conv_data(12, gen)  # actual batch 12, expected batch 8: the sum is divided by 8
+    expected_grads = _per_example_grads(copy.deepcopy(model), x, y)
+    norms = torch.cat([g.flatten(1) for g in expected_grads], dim=1).norm(dim=1)
+    clip = float(norms.median())
+    before = [p.detach().clone() for p in model.parameters()]
+    mechanism = DPSGD(noise_multiplier=1e-12, max_grad_norm=clip, seed=0)
+    wrapped, optimizer, _ = _make_private(model, mechanism, n=40, batch_size=8, lr=0.5)
+
+    optimizer.zero_grad()
+    F.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+
+    expected, norms = _clipped_mean(expected_grads, clip, expected_batch_size=8)
+    assert 3 <= int((norms > clip).sum()) <= 9  # some examples are clipped, some are not
+    # (Opacus divides by ||g|| + 1e-6, hence the tolerance)
+    for p, old, truth in zip(wrapped.parameters(), before, expected):
+        torch.testing.assert_close(p.grad, truth, atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(p.detach(), old - 0.5 * truth, atol=1e-7, rtol=1e-4)  # the step used it
+    # not per-layer clipping, not the actual batch size:
+    per_layer = [torch.einsum("i,i...->...", (clip / g.flatten(1).norm(dim=1)).clamp(max=1.0), g) / 8
+                 for g in expected_grads]
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(per_layer, expected))
+    assert mechanism.steps_taken == 1 and len(mechanism.ledger) == 1
+    event = mechanism.ledger.events[0]
+    assert (event.noise_multiplier, event.sample_rate) == (1e-12, 8 / 40)
+
+
+def test_noise_is_added_with_the_right_std() -> None:
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 3)).double()
+    x, y = torch.randn(12, 100, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
+    sigma, clip, expected_batch = 1.0, 0.5, 8
+    noiseless, _ = _clipped_mean(_per_example_grads(copy.deepcopy(model), x, y), clip, expected_batch)
+    mechanism = DPSGD(noise_multiplier=sigma, max_grad_norm=clip, seed=123)
+    wrapped, optimizer, _ = _make_private(model, mechanism, n=80, batch_size=expected_batch)
+    F.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+
+    diff = torch.cat([(p.grad - g).flatten() for p, g in zip(wrapped.parameters(), noiseless)])
+    std = sigma * clip / expected_batch
+    assert diff.numel() > 10_000
+    # loose statistical check: with 10^4 draws the sample std is within ~1% of the truth
+    assert abs(float(diff.std()) / std - 1) < 0.05
+    assert abs(float(diff.mean())) < 5 * std / math.sqrt(diff.numel())
+    # and the noise is exactly the mechanism's seeded draw, N(0, (sigma C)^2) per parameter, scaled by 1/B
+    source = NoiseSource(seed=123)
+    for p, g in zip(wrapped.parameters(), noiseless):
+        drawn = source.normal(p.shape, std=sigma * clip, dtype=p.dtype)
+        torch.testing.assert_close(p.grad, g + drawn / expected_batch, atol=1e-7, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- Poisson sampling
+def test_poisson_loader() -> None:
+    torch.manual_seed(3)
+    mechanism = DPSGD(noise_multiplier=1.0, delta=1e-4)
+    dataset = TensorDataset(torch.arange(200.0))
+    loader = mechanism.data_loader(dataset, batch_size=64)  # 64 does not divide 200
+    assert isinstance(loader, DPDataLoader)
+    assert loader.sample_rate == pytest.approx(64 / 200, rel=1e-12)
+    sizes = [len(batch[0]) for _ in range(40) for batch in loader]
+    assert len(set(sizes)) > 5  # Poisson: the batch size varies
+    # mean batch size 64 (sd of one batch ~6.6; 5 standard errors of the mean)
+    assert abs(sum(sizes) / len(sizes) - 64) < 5 * math.sqrt(200 * 0.32 * 0.68 / len(sizes))
+    with pytest.raises(ConfigError) as err:
+        mechanism.data_loader(dataset, batch_size=201)
+    assert err.value.field == "batch_size"
+    with pytest.raises(ConfigError) as err:
+        DPSGD(noise_multiplier=1.0, delta=1e-2).data_loader(dataset, batch_size=10)
+    assert err.value.field == "delta"
+
+
+def test_make_private_uses_loader_sample_rate() -> None:
+    mechanism = DPSGD(noise_multiplier=1.0)
+    _, optimizer, loader = _make_private(nn.Linear(3, 2), mechanism, n=90, batch_size=20)
+    assert mechanism.sample_rate == pytest.approx(20 / 90)
+    assert optimizer.expected_batch_size == 20
+
+
+def test_make_private_refuses_bad_wiring() -> None:
+    mechanism = DPSGD(noise_multiplier=1.0)
+    model = nn.Linear(3, 2)
+    dataset = TensorDataset(torch.zeros(50, 3))
+    with pytest.raises(ConfigError) as err:
+        mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               data_loader=DataLoader(dataset, batch_size=5), epochs=1)
+    assert err.value.field == "data_loader"
+    loader = mechanism.data_loader(dataset, batch_size=5)
+    with pytest.raises(ConfigError) as err:
+        mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+                               epochs=1, steps=10)
+    assert err.value.field == "epochs"
+    other = nn.Linear(3, 2)
+    with pytest.raises(ConfigError) as err:
+        mechanism.make_private(model, torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1),
+                               data_loader=loader, epochs=1)
+    assert err.value.field == "optimizer"
+
+
+# ----------------------------------------------------------------------------------------------- budget
+def _train_until_refused(mechanism: DPSGD, wrapped: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                         x_all: torch.Tensor, y_all: torch.Tensor, limit: int) -> int:
+    """Run DP-SGD steps on Poisson batches until the mechanism refuses one; return the steps that went through."""
+    done = 0
+    while done < limit:
+        for (idx,) in loader:
+            idx = idx.long()
+            optimizer.zero_grad()
+            F.cross_entropy(wrapped(x_all[idx]), y_all[idx]).backward()
+            try:
+                optimizer.step()
+            except PrivacyBudgetExceeded:
+                return done
+            done += 1
+    raise AssertionError(f"{limit} steps went through without the budget stopping them")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "auto"])
+def test_budget_calibrates_and_stops(accountant: str) -> None:
+    torch.manual_seed(4)
+    n, batch, planned, target = 100, 10, 20, 2.0
+    x_all, y_all = torch.randn(n, 5), torch.randint(0, 2, (n,))
+    mechanism = DPSGD(target_epsilon=target, delta=1e-3, max_grad_norm=1.0, accountant=accountant, seed=0)
+    model = nn.Linear(5, 2)
+    loader = mechanism.data_loader(TensorDataset(torch.arange(float(n))), batch_size=batch)
+    wrapped, optimizer = mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                data_loader=loader, steps=planned)
+    assert mechanism.noise_multiplier is not None and mechanism.noise_multiplier > 0.5
+    assert planned <= mechanism.max_steps <= planned + 2  # the calibration is tight
+
+    # exactly the planned steps: epsilon close to, but not above, the target
+    while mechanism.steps_taken < planned:
+        for (idx,) in loader:
+            if mechanism.steps_taken == planned:
+                break
+            optimizer.zero_grad()
+            F.cross_entropy(wrapped(x_all[idx.long()]), y_all[idx.long()]).backward()
+            optimizer.step()
+    eps = mechanism.epsilon()
+    assert 0.9 * target < eps <= target
+
+    # then on until refused: exactly max_steps go through, the refused step is not recorded
+    more = _train_until_refused(mechanism, wrapped, optimizer, loader, x_all, y_all, limit=100)
+    assert mechanism.steps_taken == planned + more == mechanism.max_steps
+    assert len(mechanism.ledger) == mechanism.max_steps
+    assert not mechanism.can_step()
+    assert mechanism.epsilon() <= target
+    with pytest.raises(PrivacyBudgetExceeded):
+        mechanism.charge_step()
+    assert len(mechanism.ledger) == mechanism.max_steps
+
+
+def test_state_dict_round_trip() -> None:
+    mechanism = DPSGD(noise_multiplier=1.3, accountant="rdp", seed=0)
+    mechanism.plan(sample_rate=0.1, steps=10)
+    for _ in range(4):
+        mechanism.charge_step()
+    other = DPSGD(noise_multiplier=9.0, accountant="rdp", seed=1)
+    other.load_state_dict(mechanism.state_dict())
+    assert other.steps_taken == 4 and other.noise_multiplier == 1.3
+    assert other.epsilon() == mechanism.epsilon() > 0
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ConfigError) as err:
+        DPSGD()
+    assert "noise_multiplier" in err.value.field
+    with pytest.raises(ConfigError) as err:
+        DPSGD(noise_multiplier=1.0, max_grad_norm=0.0)
+    assert "max_grad_norm" in err.value.field
+    with pytest.raises(ConfigError) as err:
+        DPSGD(target_epsilon=float("inf"))
+    assert err.value.field == "target_epsilon"
+
+
+# ------------------------------------------------------------------------------------------- validation
+class BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def test_batchnorm_is_refused_and_fixed() -> None:
+    model = BatchNormNet()
+    with pytest.raises(ConfigError) as err:
+        DPSGD.validate(model)
+    message = str(err.value)
+    assert err.value.field == "model"
+    assert "features.1" in message and "BatchNorm2d" in message and "GroupNorm" in message
+
+    mechanism = DPSGD(noise_multiplier=1.0)
+    loader = mechanism.data_loader(TensorDataset(torch.zeros(20, 1)), batch_size=5)
+    with pytest.raises(ConfigError) as err:
+        mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader, epochs=1)
+    assert "features.1" in str(err.value)
+    assert mechanism.sample_rate is None  # refused before planning
+
+    fixed = DPSGD.fix(model)
+    assert isinstance(fixed.features[1], nn.GroupNorm)
+    DPSGD.validate(fixed)
+    wrapped, optimizer = mechanism.make_private(fixed, torch.optim.SGD(fixed.parameters(), lr=0.1),
+                                                data_loader=loader, epochs=1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = _conv_data(5, gen, dtype=torch.float32)
+    F.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+    assert mechanism.steps_taken == 1
+
+
+# -------------------------------------------------------------------------------------------- Lightning
+class _TinyPrivateModule(PrivateModule):
+    """PrivateModule's on_train_batch_start ends training once ``mechanism.exhausted()``."""
+
+    def __init__(self, mechanism: DPSGD, loader: DataLoader, epochs: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.mechanism = mechanism
+        self.loader = loader
+        self.epochs = epochs
+        self.batches_trained = 0
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self.batches_trained += 1
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(self.net.parameters(), lr=0.05)
+        self.net, optimizer = self.mechanism.make_private(self.net, optimizer, data_loader=self.loader,
+                                                          epochs=self.epochs)
+        return optimizer
+
+
+def test_lightning_stops_cleanly_at_budget() -> None:
+    torch.manual_seed(5)
+    n, batch, epochs, target = 200, 20, 10, 3.0
+    dataset = TensorDataset(torch.randn(n, 6), torch.randint(0, 2, (n,)))
+    mechanism = DPSGD(noise_multiplier=1.0, target_epsilon=target, delta=1e-3, accountant="rdp", seed=0)
+    loader = mechanism.data_loader(dataset, batch_size=batch)
+    module = _TinyPrivateModule(mechanism, loader, epochs)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)  # must not raise PrivacyBudgetExceeded
+
+    assert trainer.state.finished
+    assert mechanism.exhausted()
+
+    assert mechanism.max_steps is not None
+    assert 5 < mechanism.max_steps < epochs * n // batch  # the budget, not max_epochs, ends training
+    assert mechanism.steps_taken == mechanism.max_steps == len(mechanism.ledger)
+    assert module.batches_trained == mechanism.max_steps
+    assert trainer.global_step == mechanism.max_steps
+    assert trainer.current_epoch < epochs - 1
+    assert mechanism.epsilon() <= target
+    assert mechanism.ledger.epsilon_with(
+        type(mechanism.ledger.events[0])(1.0, mechanism.sample_rate), mechanism.delta) > target
+
+
+# ------------------------------------------------------------------------------------------ shared ledger
+def test_shared_ledger_spending_is_respected() -> None:
+    """Another mechanism spending from a shared ledger after planning must shorten DP-SGD's remaining budget."""
+    target, delta = 3.0, 1e-5
+    dpsgd = DPSGD(noise_multiplier=1.0, target_epsilon=target, delta=delta, accountant="rdp", seed=0)
+    dpsgd.plan(sample_rate=0.05, steps=1000)
+    planned_max = dpsgd.max_steps
+    assert 20 < planned_max < 1000
+    gaussian = GaussianMechanism(noise_multiplier=3.0, target_epsilon=target, delta=delta, accountant="rdp", seed=0)
+    gaussian.use_ledger(dpsgd.ledger)
+    for _ in range(planned_max // 2):
+        dpsgd.charge_step()
+    gaussian.release(torch.zeros(3))  # spends from the same data's budget
+    steps = planned_max // 2
+    while True:
+        try:
+            dpsgd.charge_step()
+        except PrivacyBudgetExceeded:
+            break
+        steps += 1
+        assert steps <= planned_max
+    assert steps < planned_max
+    assert dpsgd.ledger.epsilon(delta) <= target
+    assert not dpsgd.can_step()
+
+
+def test_resumed_mechanism_respects_restored_ledger() -> None:
+    """Planning before loading a checkpoint (as Lightning does) must not leave a stale step allowance."""
+    target, delta = 3.0, 1e-5
+    first = DPSGD(noise_multiplier=1.0, target_epsilon=target, delta=delta, accountant="rdp", seed=0)
+    first.ledger.record(SubsampledGaussianEvent(2.0, 1.0, 1))  # an earlier release from the same data
+    first.plan(sample_rate=0.05, steps=100)
+    for _ in range(10):
+        first.charge_step()
+    resumed = DPSGD(noise_multiplier=1.0, target_epsilon=target, delta=delta, accountant="rdp", seed=0)
+    resumed.plan(sample_rate=0.05, steps=100)  # plans against an empty ledger
+    resumed.load_state_dict(first.state_dict())
+    while resumed.can_step():
+        resumed.charge_step()
+    assert resumed.steps_taken == first.max_steps
+    assert resumed.epsilon() <= target

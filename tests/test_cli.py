@@ -1,0 +1,101 @@
+"""`fedgen fit` end to end on tiny data, resume, and bad configurations that fail early and name the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fedgen.cli import fit, main
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_dp_merf.yaml"
+
+
+def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(EXAMPLE), f"--data.init_args.root={root}", "--data.init_args.train_subset=600",
+        "--data.init_args.test_subset=200", "--model.init_args.num_features=200",
+        "--model.init_args.steps_per_epoch=3", "--model.init_args.mechanism.init_args.delta=1e-4",
+        "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        "--num_synthetic=100", "--evaluation.classifier=mlp", "--evaluation.epochs=1",
+        "--evaluation.progress_bar=false", f"--run_dir={run_dir}", *extra,
+    ]
+
+
+def test_fit_writes_the_run_folder(real_data_root, tmp_path):
+    run = tmp_path / "run"
+    metrics = fit(tiny_args(real_data_root, run))
+    assert {"config.yaml", "metrics.json", "samples.png", "synthetic.pt", "generator.ckpt", "checkpoints"} <= {
+        p.name for p in run.iterdir()}
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["test_accuracy"] == metrics["test_accuracy"] and 0 <= saved["test_accuracy"] <= 1
+    assert 0.99 < saved["epsilon"] <= 1.0 and saved["delta"] == 1e-4 and saved["num_synthetic"] == 100
+    synthetic = torch.load(run / "synthetic.pt")
+    assert synthetic["images"].shape == (100, 1, 28, 28) and synthetic["images"].dtype == torch.uint8
+    assert synthetic["labels"].shape == (100,)
+    assert Image.open(run / "samples.png").size[1] > 10 * 28  # ten rows, one per class
+    for ckpt in (run / "generator.ckpt", run / "checkpoints" / "last.ckpt"):
+        ledger = torch.load(ckpt, weights_only=False)["fedgen_privacy"]["ledger"]
+        assert [e["count"] for e in ledger["events"]] == [1]
+    assert "target_epsilon: 1.0" in (run / "config.yaml").read_text()
+
+
+def test_resume_continues_the_same_ledger(real_data_root, tmp_path):
+    run = tmp_path / "run"
+    first = fit(tiny_args(real_data_root, run))
+    (run / "metrics.json").unlink()  # pretend the run was interrupted after the generator's first epoch
+    resumed = fit(tiny_args(real_data_root, run, "--trainer.max_epochs=2",
+                            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    assert resumed["epsilon"] == pytest.approx(first["epsilon"])
+    assert [e["count"] for e in resumed["privacy_ledger"]["events"]] == [1]  # no second release
+    assert (run / "config.yaml").exists() and list(run.glob("config-resumed-*.yaml"))
+
+
+BAD_CONFIGS = [
+    (["--model.init_args.mechanism.init_args.target_epsilon=0"], "target_epsilon"),
+    (["--model.init_args.mechanism.init_args.target_epsilon=-1"], "target_epsilon"),
+    (["--model.init_args.mechanism.init_args.delta=1.5"], "delta"),
+    (["--model.init_args.mechanism.init_args.delta=0.01"], "delta"),  # >= 1/n for n = 600
+    (["--model.init_args.mechanism.class_path=fedgen.mechanisms.NoSuchMechanism"], "NoSuchMechanism"),
+    (["--model.init_args.mechanism=fedgen.mechanisms.DPSGD"], "not correspond to a subclass of GaussianMechanism"),
+    (["--data.init_args.root=/nonexistent/fedgen-data"], "/nonexistent/fedgen-data/MNIST/raw"),
+    (["--data.class_path=fedgen.data.VisionDataModule", "--data.init_args.dataset=NoSuchDataset"], "dataset"),
+    (["--model.init_args.image_shape=[3, 32, 32]"], "image_shape"),
+    (["--model.init_args.num_classes=5"], "num_classes"),
+    (["--model.init_args.num_features=101"], "num_features"),
+    (["--num_synthetic=3"], "num_synthetic"),
+    (["--evaluation.classifier=resnet9000"], "classifier"),
+]
+
+
+@pytest.mark.parametrize(("extra", "field"), BAD_CONFIGS, ids=[f"{i}-{f[:20]}" for i, (_, f) in enumerate(BAD_CONFIGS)])
+def test_bad_config_fails_before_training_and_names_the_field(real_data_root, tmp_path, capsys, extra, field):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny_args(real_data_root, run, *extra)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert field in err, err
+    assert not (run / "checkpoints").exists()  # nothing was trained
+
+
+def test_a_finished_run_folder_is_never_overwritten(real_data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"epsilon": 1.0}')
+    with pytest.raises(SystemExit):
+        main(["fit", *tiny_args(real_data_root, run)])
+    assert "run_dir" in capsys.readouterr().err
+    assert (run / "metrics.json").read_text() == '{"epsilon": 1.0}'
+
+
+def test_unknown_command_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2 and "unknown command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "fit" in capsys.readouterr().out
