@@ -62,21 +62,24 @@ class FedgenCLI(LightningCLI):
 
 
 def resolve_run_dir(config: Any) -> Path:
-    """The run folder; a folder holding a finished run is never overwritten."""
-    if config.run_dir is None and config.ckpt_path is not None:
+    """The run folder: ``run_dir``, else the folder of the checkpoint being resumed, else a new timestamped one.
+
+    A folder that holds a finished run (its ``metrics.json``) is never written into again.
+    """
+    if config.run_dir is not None:
+        run_dir = Path(config.run_dir)
+    elif config.ckpt_path is not None:
         run_dir = Path(config.ckpt_path).resolve().parent
         if run_dir.name == "checkpoints":
             run_dir = run_dir.parent
-        return run_dir
-    if config.run_dir is None:
+    else:
         generator = config.model.class_path.rsplit(".", 1)[-1].lower()
         dataset = config.data.init_args.get("dataset") or config.data.class_path.rsplit(".", 1)[-1]
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{generator}-{str(dataset).replace('DataModule', '').lower()}-{stamp}"
-    run_dir = Path(config.run_dir)
-    if (run_dir / "metrics.json").exists() and config.ckpt_path is None:
+        run_dir = Path("runs") / f"{generator}-{str(dataset).replace('DataModule', '').lower()}-{stamp}"
+    if (run_dir / "metrics.json").exists():
         raise ConfigError("run_dir", f"{run_dir} already holds a finished run",
-                          "choose a new run_dir (or leave it unset for a fresh timestamped folder)")
+                          "give a new --run_dir (to continue a finished run, resume its checkpoint into a new folder)")
     return run_dir
 
 
@@ -106,6 +109,7 @@ def fit(args: list[str]) -> dict[str, Any]:
     try:
         cli = FedgenCLI(Generator, VisionDataModule, subclass_mode_model=True, subclass_mode_data=True,
                         run=False, args=args, save_config_callback=None, seed_everything_default=0,
+                        auto_configure_optimizers=False,
                         trainer_defaults={"logger": False, "max_epochs": 5,
                                           "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)]},
                         parser_kwargs={"prog": "fedgen fit"})

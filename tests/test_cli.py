@@ -68,6 +68,7 @@ BAD_CONFIGS = [
     (["--model.init_args.num_features=101"], "num_features"),
     (["--num_synthetic=3"], "num_synthetic"),
     (["--evaluation.classifier=resnet9000"], "classifier"),
+    (["--model.init_args.mechanism.init_args.clip_norm=0.5"], "clip_norm"),
 ]
 
 
@@ -82,12 +83,14 @@ def test_bad_config_fails_before_training_and_names_the_field(real_data_root, tm
     assert not (run / "checkpoints").exists()  # nothing was trained
 
 
-def test_a_finished_run_folder_is_never_overwritten(real_data_root, tmp_path, capsys):
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_finished_run_folder_is_never_overwritten(real_data_root, tmp_path, capsys, resume):
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.json").write_text('{"epsilon": 1.0}')
+    extra = [f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--run_dir=null"] if resume else []
     with pytest.raises(SystemExit):
-        main(["fit", *tiny_args(real_data_root, run)])
+        main(["fit", *tiny_args(real_data_root, run, *extra)])
     assert "run_dir" in capsys.readouterr().err
     assert (run / "metrics.json").read_text() == '{"epsilon": 1.0}'
 

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 class ConditionalConvGenerator(nn.Module):
     """A small conditional generator: [z, onehot(y)] -> 2 dense layers -> 2 x (upsample, conv) -> sigmoid.
 
-    The shape follows DP-Merf's conditional conv generator (code size 5, hidden 200, channels 16, 8,
-    kernel 5). It never sees private data, so BatchNorm is allowed here.
+    The shape follows DP-Merf's conditional conv generator (hidden 200, channels 16, 8, kernel 5); fedgen's
+    default code size is 20 (the paper used 5). It never sees private data, so BatchNorm is allowed here.
     """
 
     def __init__(self, *, latent_dim: int, num_classes: int, image_shape: tuple[int, int, int],
@@ -96,7 +96,7 @@ class DPMerf(Generator, name="dp_merf"):
 
     def __init__(self, *, mechanism: GaussianMechanism, num_classes: int = 10,
                  image_shape: tuple[int, int, int] = (1, 28, 28), num_features: int = 10000,
-                 length_scale: float = 10.0, count_weight: float = 0.1, latent_dim: int = 5,
+                 length_scale: float = 10.0, count_weight: float = 0.1, latent_dim: int = 20,
                  batch_size: int = 100, steps_per_epoch: int | None = None, lr: float = 0.01,
                  lr_decay: float = 0.9, embedding_batch_size: int = 2000, feature_seed: int = 0) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
@@ -104,6 +104,9 @@ class DPMerf(Generator, name="dp_merf"):
             raise ConfigError("model.mechanism", f"DP-Merf releases a sum once and needs a GaussianMechanism, "
                               f"got {type(mechanism).__name__}",
                               "use class_path: fedgen.mechanisms.GaussianMechanism")
+        if mechanism.clip_norm != 1.0:
+            raise ConfigError("model.mechanism.clip_norm", f"is {mechanism.clip_norm}, but DP-Merf's contributions "
+                              "have norm exactly 1 (its sensitivity is fixed)", "set clip_norm: 1.0")
         if num_features < 2 or num_features % 2:
             raise ConfigError("model.num_features", f"must be an even number >= 2, got {num_features}",
                               "use e.g. 10000")

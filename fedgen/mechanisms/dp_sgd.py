@@ -23,6 +23,7 @@ import torch
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -48,8 +49,10 @@ class _LedgerDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             summed = p.summed_grad
+            _check_processed_flag(summed)
             p.grad = (summed + noise_source.normal(summed.shape, std=std, device=summed.device,
                                                    dtype=summed.dtype)).view_as(p)
+            _mark_as_processed(summed)
 
 
 class DPSGD(Mechanism, name="dp_sgd"):

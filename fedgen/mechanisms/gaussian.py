@@ -97,6 +97,14 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         """Clip each row of ``contributions``, sum over rows, and release the sum with noise."""
         return self.release(self.clip(contributions).sum(dim=0))
 
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"noise_multiplier": self._noise_multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._noise_multiplier = state["noise_multiplier"]
+
     def describe(self) -> str:
-        return (f"{super().describe()[:-1]}, noise_multiplier={self.noise_multiplier:.4g}, "
-                f"clip_norm={self.clip_norm:g}, releases={self.num_releases})")
+        sigma = "calibrated at the first release" if self._noise_multiplier is None else f"{self._noise_multiplier:.4g}"
+        return (f"{super().describe()[:-1]}, noise_multiplier={sigma}, clip_norm={self.clip_norm:g}, "
+                f"releases={self.num_releases})")

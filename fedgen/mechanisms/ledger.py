@@ -210,8 +210,7 @@ class PrivacyLedger:
             if kind != "subsampled_gaussian":
                 raise ValueError(f"unknown privacy event type {kind!r} in the ledger state")
             events.append(SubsampledGaussianEvent(**raw))
-        self.accountant = state.get("accountant", self.accountant)
-        self._events = events
+        self._events = events  # the accountant stays the configured one: any valid accountant may read the events
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float = 1.0, steps: int = 1,
