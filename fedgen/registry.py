@@ -43,3 +43,16 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._classes
+
+
+class Registered:
+    """Mixin for base classes with a ``registry``: ``class Mine(Base, name="mine")`` registers ``Mine``."""
+
+    registry: Registry
+    name: str | None = None
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.registry.register(name, cls)
+            cls.name = name

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedgen.errors import ConfigError
-from fedgen.registry import Registry
+from fedgen.registry import Registered, Registry
 
 
 def _check_int(field: str, value: Any, minimum: int) -> None:
@@ -23,7 +23,7 @@ def _check_int(field: str, value: Any, minimum: int) -> None:
         )
 
 
-class Partitioner:
+class Partitioner(Registered):
     """Base class: ``partition(labels, num_clients)`` gives one sorted index array per client.
 
     Subclasses register under a short name with ``class Mine(Partitioner, name="mine")`` and
@@ -31,13 +31,6 @@ class Partitioner:
     """
 
     registry: ClassVar[Registry[Partitioner]] = Registry("partitioner")
-    name: ClassVar[str | None] = None
-
-    def __init_subclass__(cls, name: str | None = None, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        cls.name = name
-        if name is not None:
-            Partitioner.registry.register(name, cls)
 
     @classmethod
     def create(cls, name: str, **kwargs: Any) -> Partitioner:

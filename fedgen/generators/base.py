@@ -17,12 +17,12 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.errors import ConfigError
 from fedgen.mechanisms import Mechanism, PrivateModule
-from fedgen.registry import Registry
+from fedgen.registry import Registered, Registry
 
 log = logging.getLogger(__name__)
 
 
-class Generator(PrivateModule):
+class Generator(PrivateModule, Registered):
     """Base class of private class-conditional image generators.
 
     Subclasses implement :meth:`attach_private_data`, :meth:`training_step` and :meth:`sample`, and may
@@ -35,12 +35,6 @@ class Generator(PrivateModule):
     """
 
     registry: Registry[Generator] = Registry("generator")
-
-    def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if name is not None:
-            cls.registry.register(name, cls)
-            cls.name = name
 
     def __init__(self, *, mechanism: Mechanism, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         super().__init__()

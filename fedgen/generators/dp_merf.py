@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from fedgen.errors import ConfigError
 from fedgen.generators.base import Generator
@@ -157,7 +158,8 @@ class DPMerf(Generator, name="dp_merf"):
         """Sum every private example's contribution and release the sum once through the mechanism."""
         loader = DataLoader(dataset, batch_size=self.hparams.embedding_batch_size, shuffle=False)
         total = torch.zeros_like(self.noisy_sum)
-        for images, labels in loader:
+        show = self._trainer is not None and self.trainer.progress_bar_callback is not None
+        for images, labels in tqdm(loader, desc="DP-Merf: embedding the private data", disable=not show):
             total += self.clipped_contribution_sum(images.to(self.device), labels.to(self.device))
         self.noisy_sum.copy_(self.mechanism.release(total))
         self.num_private.fill_(len(dataset))

@@ -22,12 +22,12 @@ from fedgen.mechanisms.ledger import (
     check_target_epsilon,
 )
 from fedgen.mechanisms.noise import NoiseSource
-from fedgen.registry import Registry
+from fedgen.registry import Registered, Registry
 
 log = logging.getLogger(__name__)
 
 
-class Mechanism:
+class Mechanism(Registered):
     """Base class of privacy mechanisms.
 
     Args:
@@ -41,12 +41,6 @@ class Mechanism:
 
     registry: Registry[Mechanism] = Registry("mechanism")
 
-    def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if name is not None:
-            cls.registry.register(name, cls)
-            cls.name = name
-
     def __init__(self, *, target_epsilon: float | None = None, delta: float = 1e-5,
                  accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False) -> None:
         check_target_epsilon(target_epsilon)
@@ -55,6 +49,16 @@ class Mechanism:
         self.delta = delta
         self.ledger = PrivacyLedger(accountant=accountant)
         self.noise = NoiseSource(seed=seed, secure=secure_noise)
+
+    @staticmethod
+    def check_noise(noise_multiplier: float | None, target_epsilon: float | None) -> None:
+        """Noise must be given or calibrated from a budget, and positive if given."""
+        if noise_multiplier is None and target_epsilon is None:
+            raise ConfigError("mechanism.noise_multiplier", "neither noise_multiplier nor target_epsilon is set",
+                              "set target_epsilon (the noise is then calibrated) or noise_multiplier")
+        if noise_multiplier is not None and not noise_multiplier > 0:
+            raise ConfigError("mechanism.noise_multiplier", f"must be > 0, got {noise_multiplier}",
+                              "use a positive noise multiplier; without noise there is no privacy")
 
     def use_ledger(self, ledger: PrivacyLedger) -> None:
         """Share ``ledger`` with other mechanisms spending the same data's budget."""

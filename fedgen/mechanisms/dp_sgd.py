@@ -76,12 +76,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
                  seed: int | None = None, secure_noise: bool = False) -> None:
         super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
                          secure_noise=secure_noise)
-        if noise_multiplier is None and target_epsilon is None:
-            raise ConfigError("mechanism.noise_multiplier", "neither noise_multiplier nor target_epsilon is set",
-                              "set target_epsilon (the noise is then calibrated) or noise_multiplier")
-        if noise_multiplier is not None and not noise_multiplier > 0:
-            raise ConfigError("mechanism.noise_multiplier", f"must be > 0, got {noise_multiplier}",
-                              "use a positive noise multiplier; without noise there is no privacy")
+        self.check_noise(noise_multiplier, target_epsilon)
         if not max_grad_norm > 0:
             raise ConfigError("mechanism.max_grad_norm", f"must be > 0, got {max_grad_norm}",
                               "use a positive clipping norm, e.g. 1.0")
