@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 10.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--num_synthetic", type=int, default=60000)
-    parser.add_argument("--classifier_epochs", type=int, default=10)
+    parser.add_argument("--classifier_epochs", type=int, default=20)
     parser.add_argument("--out", default="runs/bench-dp-merf")
     parser.add_argument("--extra", default="", help="extra fedgen fit arguments in one string, e.g. '--trainer.max_epochs=5'")
     args = parser.parse_args()
