@@ -11,8 +11,20 @@ from fedgen.mechanisms.ledger import (
 )
 from fedgen.mechanisms.lightning import PrivateModule
 from fedgen.mechanisms.noise import NoiseSource
+from fedgen.mechanisms.secure_aggregation import (
+    AggregationResult,
+    SecureAggregationError,
+    SecureAggregator,
+    shamir_reconstruct,
+    shamir_split,
+)
 
 __all__ = [
+    "AggregationResult",
+    "SecureAggregationError",
+    "SecureAggregator",
+    "shamir_reconstruct",
+    "shamir_split",
     "DPSGD",
     "GaussianMechanism",
     "Mechanism",
