@@ -1,0 +1,87 @@
+"""Simulated clients and client sampling.
+
+A client is the part of a private dataset held by one party; the partition comes from a
+:class:`~fedgen.data.Partitioner` (IID, Dirichlet over labels, shards). Each round the server samples
+clients, either by Poisson sampling (each client independently with probability ``rate``: the sampling
+that user-level DP accounting with sample rate ``q = rate`` assumes, McMahan et al., ICLR 2018) or a
+fixed number of clients drawn uniformly without replacement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from fedgen.data import Partitioner
+from fedgen.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Client:
+    """One simulated client: an id and the indices of the examples it holds."""
+
+    id: int
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def dataset(self, full: Dataset) -> Dataset:
+        """This client's examples as a dataset (a view for tensors, a ``Subset`` otherwise)."""
+        if isinstance(full, TensorDataset):
+            index = torch.as_tensor(self.indices, dtype=torch.long)
+            return TensorDataset(*(t[index] for t in full.tensors))
+        return Subset(full, self.indices.tolist())
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The labels of an image-classification dataset, as a 1-D array."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].numpy()
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def make_clients(dataset: Dataset, partitioner: Partitioner, num_clients: int) -> list[Client]:
+    """Split ``dataset`` among ``num_clients`` clients with ``partitioner`` (every example to exactly one)."""
+    parts = partitioner.partition(dataset_labels(dataset), num_clients)
+    return [Client(i, part) for i, part in enumerate(parts)]
+
+
+class ClientSampler:
+    """Which clients take part in a round: Poisson with ``rate``, or exactly ``count`` of them.
+
+    Args:
+        rate: each client joins independently with this probability (Poisson sampling).
+        count: this many clients, uniformly without replacement (not Poisson: user-level DP accounting
+            with subsampling amplification does not apply, and the ledger then uses q = 1).
+        seed: seed of the sampling.
+    """
+
+    def __init__(self, *, rate: float | None = None, count: int | None = None, seed: int = 0) -> None:
+        if (rate is None) == (count is None):
+            raise ConfigError("federation.sampling", "give exactly one of rate or count",
+                              "set rate (Poisson sampling) or count (a fixed number of clients per round)")
+        if rate is not None and not 0 < rate <= 1:
+            raise ConfigError("federation.sampling.rate", f"must be in (0, 1], got {rate}", "use e.g. 0.1")
+        if count is not None and count < 1:
+            raise ConfigError("federation.sampling.count", f"must be >= 1, got {count}", "use e.g. 10")
+        self.rate = rate
+        self.count = count
+        self.seed = seed
+
+    def dp_sample_rate(self) -> float:
+        """The sample rate user-level accounting may use: ``rate`` for Poisson sampling, else 1."""
+        return self.rate if self.rate is not None else 1.0
+
+    def sample(self, num_clients: int, round_index: int) -> list[int]:
+        """The ids of the clients of round ``round_index`` (reproducible from the seed and the round)."""
+        rng = np.random.default_rng([self.seed, round_index])
+        if self.rate is not None:
+            return np.flatnonzero(rng.random(num_clients) < self.rate).tolist()
+        if self.count > num_clients:
+            raise ConfigError("federation.sampling.count", f"{self.count} clients per round but only "
+                              f"{num_clients} clients", f"use count <= {num_clients}")
+        return sorted(rng.choice(num_clients, size=self.count, replace=False).tolist())
