@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LightningCLI
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded
 from fedgen.evaluation import TrainOnSynthetic
+from fedgen.federated import FederatedRelease
 from fedgen.generators import Generator
 
 log = logging.getLogger("fedgen")
@@ -54,6 +55,8 @@ class FedgenCLI(LightningCLI):
         parser.add_argument("--num_synthetic", type=int, default=10000,
                             help="Size of the synthetic dataset the downstream classifier is trained on.")
         parser.add_class_arguments(TrainOnSynthetic, "evaluation")
+        parser.add_argument("--federation", type=FederatedRelease | None, default=None,
+                            help="Release the generator's statistic from data split across simulated clients.")
 
     def before_instantiate_classes(self) -> None:
         config = self.config
@@ -118,6 +121,10 @@ def fit(args: list[str]) -> dict[str, Any]:
     config, generator, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     run_dir = Path(config.run_dir)
     evaluation: TrainOnSynthetic = cli.config_init.evaluation
+    federation: FederatedRelease | None = cli.config_init.federation
+    if federation is not None and not (hasattr(generator, "embedding_sum") and hasattr(generator, "store_release")):
+        raise ConfigError("federation", f"{type(generator).__name__} does not release a single sum",
+                          "use a one-release generator such as fedgen.generators.DPMerf, or remove federation")
     if config.num_synthetic < generator.num_classes:
         raise ConfigError("num_synthetic", f"{config.num_synthetic} is fewer than one per class",
                           "synthesize at least one example per class")
@@ -133,6 +140,12 @@ def fit(args: list[str]) -> dict[str, Any]:
     log.info("Run folder: %s", run_dir)
     log.info("Privacy: %s on %d private examples (add/remove-one-%s neighbouring)",
              generator.mechanism.describe(), len(data.train_set), generator.mechanism.ledger.unit)
+
+    federation_report = None
+    if federation is not None and config.ckpt_path is None:
+        federation_report = federation.run(generator, data.train_set)
+    elif federation is not None:
+        log.info("Resuming: the checkpoint carries the federated release; the clients are not asked again.")
 
     start = time.perf_counter()
     trainer.fit(generator, loader, ckpt_path=config.ckpt_path)
@@ -166,6 +179,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "generator": type(generator).__name__,
         "dataset": getattr(data, "dataset", type(data).__name__),
         "privacy_ledger": generator.mechanism.ledger.state_dict(),
+        "federation": federation_report,
         "generator_seconds": generator_seconds,
         "classifier_seconds": time.perf_counter() - start,
     }

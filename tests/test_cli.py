@@ -102,3 +102,19 @@ def test_unknown_command_and_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "fit" in capsys.readouterr().out
+
+
+FEDERATED_EXAMPLE = EXAMPLE.parent / "federated_mnist_dp_merf.yaml"
+
+
+def test_federated_example_runs_end_to_end_with_one_release(real_data_root, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(real_data_root, run)
+    args[1] = str(FEDERATED_EXAMPLE)
+    metrics = fit(args)
+    federation = metrics["federation"]
+    assert federation["num_clients"] == 10 and sum(federation["client_sizes"]) == 600
+    assert federation["secure_aggregation"]["graph"] == "full" and "DirichletPartitioner" in federation["partitioner"]
+    assert [e["count"] for e in metrics["privacy_ledger"]["events"]] == [1]
+    assert 0.99 < metrics["epsilon"] <= 1.0
+    assert "federation" in (run / "config.yaml").read_text()

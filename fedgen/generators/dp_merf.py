@@ -154,17 +154,27 @@ class DPMerf(Generator, name="dp_merf"):
         return torch.cat([(a * onehot.T @ phi).flatten(), b * onehot.sum(0)])
 
     @torch.no_grad()
-    def release_embedding(self, dataset: Dataset) -> None:
-        """Sum every private example's contribution and release the sum once through the mechanism."""
+    def embedding_sum(self, dataset: Dataset) -> torch.Tensor:
+        """The sum of the clipped contributions of every example of ``dataset`` (what one party computes;
+        each unit moves it by at most ``clip_norm`` = 1 in L2)."""
         loader = DataLoader(dataset, batch_size=self.hparams.embedding_batch_size, shuffle=False)
         total = torch.zeros_like(self.noisy_sum)
         show = self._trainer is not None and self.trainer.progress_bar_callback is not None
         for images, labels in tqdm(loader, desc="DP-Merf: embedding the private data", disable=not show):
             total += self.clipped_contribution_sum(images.to(self.device), labels.to(self.device))
-        self.noisy_sum.copy_(self.mechanism.release(total))
-        self.num_private.fill_(len(dataset))
+        return total
+
+    @torch.no_grad()
+    def store_release(self, noisy_sum: torch.Tensor, num_private: int) -> None:
+        """Keep the (already privatized) released sum; training reads only this from now on."""
+        self.noisy_sum.copy_(noisy_sum.to(self.noisy_sum))
+        self.num_private.fill_(num_private)
         self.released.fill_(True)
         log.info("DP-Merf released its mean embedding once: %s", self.mechanism.ledger.summary(self.mechanism.delta))
+
+    def release_embedding(self, dataset: Dataset) -> None:
+        """Sum every private example's contribution and release the sum once through the mechanism."""
+        self.store_release(self.mechanism.release(self.embedding_sum(dataset)), len(dataset))
 
     def released_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The released class-conditional mean embedding (C, D), weighted by class proportion, and the
@@ -188,7 +198,7 @@ class DPMerf(Generator, name="dp_merf"):
 
     def on_fit_start(self) -> None:
         if bool(self.released):
-            log.info("DP-Merf: embedding already released (resumed run); no new release.")
+            log.info("DP-Merf: the embedding was already released (federated or resumed run); no new release.")
             return
         if self._private_data is None:
             raise RuntimeError("call attach_private_data(dataset) before fitting DP-Merf")

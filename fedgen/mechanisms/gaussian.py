@@ -77,15 +77,22 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         """Clip each row of ``contributions`` (one row per unit) to L2 norm ``clip_norm``."""
         return clip_rows(contributions, self.clip_norm)
 
-    def release(self, clipped_sum: torch.Tensor) -> torch.Tensor:
+    def release(self, clipped_sum: torch.Tensor, *, sensitivity: float | None = None) -> torch.Tensor:
         """Charge the ledger, then return ``clipped_sum`` plus calibrated Gaussian noise.
 
         ``clipped_sum`` must be a sum of contributions each clipped with :meth:`clip` (or known to have
-        norm <= ``clip_norm``); use :meth:`release_sum` to clip and sum in one call.
+        norm <= ``clip_norm``); use :meth:`release_sum` to clip and sum in one call. If the sum went through
+        a step that can move it further per unit (e.g. fixed-point rounding in secure aggregation), pass its
+        true L2 ``sensitivity`` (>= ``clip_norm``): the noise std becomes ``noise_multiplier * sensitivity``,
+        so the recorded noise multiplier stays exact.
         """
+        sensitivity = self.clip_norm if sensitivity is None else float(sensitivity)
+        if sensitivity < self.clip_norm:
+            raise ValueError(f"sensitivity {sensitivity} is below clip_norm {self.clip_norm}: a sum of clipped "
+                             "contributions cannot have a smaller sensitivity than the clip norm")
         self.charge(SubsampledGaussianEvent(self.noise_multiplier, 1.0, 1))
-        noise = self.noise.normal(clipped_sum.shape, std=self.noise_std, device=clipped_sum.device,
-                                  dtype=clipped_sum.dtype)
+        noise = self.noise.normal(clipped_sum.shape, std=self.noise_multiplier * sensitivity,
+                                  device=clipped_sum.device, dtype=clipped_sum.dtype)
         return clipped_sum + noise
 
     def release_sum(self, contributions: torch.Tensor) -> torch.Tensor:
