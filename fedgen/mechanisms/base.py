@@ -12,6 +12,7 @@ Subclass it to add a mechanism; ``class Mine(Mechanism, name="mine")`` registers
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.mechanisms.ledger import (
@@ -37,17 +38,20 @@ class Mechanism(Registered):
         accountant: ``"auto"`` (tighter of RDP and PRV), ``"rdp"`` or ``"prv"``.
         seed: seed of the noise generator (drawn from torch's global generator when ``None``).
         secure_noise: draw noise from the OS's cryptographically secure generator instead.
+        unit: the neighbouring relation the mechanism protects: add/remove one ``"example"`` or one
+            ``"user"`` (all of a client's data: client-level DP).
     """
 
     registry: Registry[Mechanism] = Registry("mechanism")
 
     def __init__(self, *, target_epsilon: float | None = None, delta: float = 1e-5,
-                 accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False) -> None:
+                 accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False,
+                 unit: Literal["example", "user"] = "example") -> None:
         check_target_epsilon(target_epsilon)
         check_delta(delta)
         self.target_epsilon = target_epsilon
         self.delta = delta
-        self.ledger = PrivacyLedger(accountant=accountant)
+        self.ledger = PrivacyLedger(accountant=accountant, unit=unit)
         self.noise = NoiseSource(seed=seed, secure=secure_noise)
 
     @staticmethod

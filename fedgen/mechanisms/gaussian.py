@@ -9,6 +9,7 @@ sensitivity is ``C``, so one release is the Gaussian mechanism with noise multip
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def clip_rows(contributions: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """Scale each row (first dimension indexes units) to L2 norm at most ``clip_norm``."""
-    flat = contributions.reshape(contributions.shape[0], -1)
+    flat = contributions.flatten(1)
     norms = flat.norm(dim=1, keepdim=True)
     scale = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
     return (flat * scale).reshape(contributions.shape)
@@ -39,16 +40,24 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         delta: the delta of the guarantee.
         clip_norm: the L2 bound ``C`` on each unit's contribution (the sum's sensitivity).
         num_releases: planned number of releases, used to calibrate the noise from ``target_epsilon``.
+        sample_rate: each release sums a Poisson sample of the units, each included with this probability
+            (1: every unit; e.g. the client sampling rate of DP-FedAvg). The ledger accounts for it.
         accountant: ``"auto"``, ``"rdp"`` or ``"prv"``.
         seed: seed of the noise generator.
         secure_noise: draw noise from the OS's cryptographically secure generator.
+        unit: the neighbouring relation: add/remove one ``"example"`` or one ``"user"`` (client-level DP).
     """
 
     def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 delta: float = 1e-5, clip_norm: float = 1.0, num_releases: int = 1,
-                 accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False) -> None:
+                 delta: float = 1e-5, clip_norm: float = 1.0, num_releases: int = 1, sample_rate: float = 1.0,
+                 accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False,
+                 unit: Literal["example", "user"] = "example") -> None:
         super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
-                         secure_noise=secure_noise)
+                         secure_noise=secure_noise, unit=unit)
+        if not 0 < sample_rate <= 1:
+            raise ConfigError("mechanism.sample_rate", f"must be in (0, 1], got {sample_rate}",
+                              "use the probability with which each unit joins a release (1 = all)")
+        self.sample_rate = float(sample_rate)
         self.check_noise(noise_multiplier, target_epsilon)
         if not clip_norm > 0:
             raise ConfigError("mechanism.clip_norm", f"must be > 0, got {clip_norm}", "use a positive clip norm")
@@ -63,8 +72,8 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         """The noise multiplier, calibrated from ``target_epsilon`` on first use if it was not given."""
         if self._noise_multiplier is None:
             self._noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=self.target_epsilon, delta=self.delta, steps=self.num_releases,
-                accountant=self.ledger.accountant, prior=self.ledger)
+                target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=self.sample_rate,
+                steps=self.num_releases, accountant=self.ledger.accountant, prior=self.ledger)
             log.info("Calibrated noise_multiplier=%.4f for target_epsilon=%g at delta=%g over %d release(s)",
                      self._noise_multiplier, self.target_epsilon, self.delta, self.num_releases)
         return self._noise_multiplier
@@ -90,7 +99,7 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         if sensitivity < self.clip_norm:
             raise ValueError(f"sensitivity {sensitivity} is below clip_norm {self.clip_norm}: a sum of clipped "
                              "contributions cannot have a smaller sensitivity than the clip norm")
-        self.charge(SubsampledGaussianEvent(self.noise_multiplier, 1.0, 1))
+        self.charge(SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate, 1))
         noise = self.noise.normal(clipped_sum.shape, std=self.noise_multiplier * sensitivity,
                                   device=clipped_sum.device, dtype=clipped_sum.dtype)
         return clipped_sum + noise

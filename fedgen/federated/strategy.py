@@ -1,0 +1,144 @@
+"""Federated strategies: what a client computes and how the server combines it.
+
+Models travel as flat parameter vectors. A round: the server sends the global vector ``w``; each sampled
+client trains locally from ``w`` and returns its update ``delta_i = w_i - w`` and its size ``n_i``; the
+strategy combines the updates into one ``delta`` and the server steps ``w <- w + server_lr * delta``.
+
+- :class:`FedAvg` (McMahan et al., AISTATS 2017): local SGD, size-weighted mean of the updates.
+- :class:`FedProx` (Li et al., MLSys 2020): local objective plus ``mu / 2 ||w_i - w||^2``.
+- :class:`ClientLevelDP` wraps any strategy (DP-FedAvg, McMahan et al., ICLR 2018): each update is clipped
+  to L2 norm ``S``, the clipped updates are summed, Gaussian noise ``N(0, sigma^2 S^2 I)`` is added once,
+  and the sum is divided by the expected number of clients ``q N`` (fixed, so one client's presence changes
+  nothing else). With Poisson client sampling at rate ``q`` each round is one Poisson-subsampled Gaussian
+  release under add/remove-one-*user* neighbouring; the mechanism's ledger composes the rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from fedgen.errors import ConfigError
+from fedgen.mechanisms import GaussianMechanism, SubsampledGaussianEvent, clip_rows
+from fedgen.registry import Registered, Registry
+
+
+class Strategy(Registered):
+    """Base class: local training on a client and aggregation on the server."""
+
+    registry: Registry[Strategy] = Registry("strategy")
+
+    def __init__(self, *, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
+                 server_lr: float = 1.0) -> None:
+        if local_epochs < 1:
+            raise ConfigError("strategy.local_epochs", f"must be >= 1, got {local_epochs}", "use e.g. 1")
+        if batch_size < 1:
+            raise ConfigError("strategy.batch_size", f"must be >= 1, got {batch_size}", "use e.g. 32")
+        if not lr > 0 or not server_lr > 0:
+            raise ConfigError("strategy.lr", f"learning rates must be > 0, got lr={lr}, server_lr={server_lr}",
+                              "use e.g. lr: 0.05, server_lr: 1.0")
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.server_lr = server_lr
+
+    def local_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                   global_params: torch.Tensor) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def client_update(self, model: nn.Module, global_params: torch.Tensor, data: Dataset,
+                      generator: torch.Generator) -> torch.Tensor:
+        """Train ``model`` (holding ``global_params``) on ``data``; return ``w_i - w``."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr)
+        loader = DataLoader(data, batch_size=self.batch_size, shuffle=True, generator=generator)
+        device = global_params.device
+        model.train()
+        for _ in range(self.local_epochs):
+            for x, y in loader:
+                optimizer.zero_grad()
+                self.local_loss(model, (x.to(device), y.to(device)), global_params).backward()
+                optimizer.step()
+        return nn.utils.parameters_to_vector(model.parameters()).detach() - global_params
+
+    def aggregate(self, updates: torch.Tensor, sizes: torch.Tensor, *, num_clients: int) -> torch.Tensor:
+        """Combine the rows of ``updates`` (one per participating client) into one update."""
+        raise NotImplementedError
+
+    def exhausted(self) -> bool:
+        """Whether the privacy budget allows no further round (never, without a mechanism)."""
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class FedAvg(Strategy, name="fedavg"):
+    """Federated averaging: the size-weighted mean of the clients' updates."""
+
+    def aggregate(self, updates: torch.Tensor, sizes: torch.Tensor, *, num_clients: int) -> torch.Tensor:
+        if len(updates) == 0:
+            return torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device)
+        weights = sizes.to(updates.dtype) / sizes.sum()
+        return weights @ updates
+
+
+class FedProx(FedAvg, name="fedprox"):
+    """FedAvg with the proximal local objective ``loss + mu / 2 ||w_i - w||^2``."""
+
+    def __init__(self, *, mu: float = 0.01, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
+                 server_lr: float = 1.0) -> None:
+        super().__init__(local_epochs=local_epochs, batch_size=batch_size, lr=lr, server_lr=server_lr)
+        if mu < 0:
+            raise ConfigError("strategy.mu", f"must be >= 0, got {mu}", "use e.g. 0.01")
+        self.mu = mu
+
+    def local_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                   global_params: torch.Tensor) -> torch.Tensor:
+        params = nn.utils.parameters_to_vector(model.parameters())
+        return super().local_loss(model, batch, global_params) + self.mu / 2 * (params - global_params).pow(2).sum()
+
+
+class ClientLevelDP(Strategy, name="client_level_dp"):
+    """DP-FedAvg: clip each client's update to ``mechanism.clip_norm``, add noise once, fixed denominator.
+
+    Args:
+        strategy: the strategy whose local training the clients run (FedAvg, FedProx).
+        mechanism: a user-level :class:`~fedgen.mechanisms.GaussianMechanism` whose ``sample_rate`` is the
+            Poisson client sampling rate and ``num_releases`` the number of rounds.
+    """
+
+    def __init__(self, *, strategy: Strategy, mechanism: GaussianMechanism) -> None:
+        super().__init__(local_epochs=strategy.local_epochs, batch_size=strategy.batch_size, lr=strategy.lr,
+                         server_lr=strategy.server_lr)
+        if mechanism.ledger.unit != "user":
+            raise ConfigError("strategy.mechanism.unit", "client-level DP protects whole clients",
+                              "set unit: user on the mechanism")
+        self.strategy = strategy
+        self.mechanism = mechanism
+
+    def local_loss(self, model, batch, global_params):
+        return self.strategy.local_loss(model, batch, global_params)
+
+    def aggregate(self, updates: torch.Tensor, sizes: torch.Tensor, *, num_clients: int) -> torch.Tensor:
+        clipped_sum = clip_rows(updates, self.mechanism.clip_norm).sum(0)
+        noisy = self.mechanism.release(clipped_sum)
+        return noisy / (self.mechanism.sample_rate * num_clients)
+
+    def exhausted(self) -> bool:
+        mechanism = self.mechanism
+        if mechanism.target_epsilon is None:
+            return False
+        next_round = SubsampledGaussianEvent(mechanism.noise_multiplier, mechanism.sample_rate)
+        return mechanism.ledger.epsilon_with(next_round, mechanism.delta) > mechanism.target_epsilon
+
+    def state_dict(self) -> dict:
+        return {"mechanism": self.mechanism.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mechanism.load_state_dict(state["mechanism"])

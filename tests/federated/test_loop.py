@@ -1,0 +1,121 @@
+"""The federated round loop: FedAvg learns, FedProx pulls towards the global model, DP-FedAvg clips, adds
+noise, accounts per user and stops at the budget, and a resumed federation ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+import torch
+from torch import nn
+
+from fedgen.data import IIDPartitioner
+from fedgen.errors import ConfigError
+from fedgen.federated import ClientLevelDP, ClientSampler, FedAvg, FedProx, FederatedTrainer, make_clients
+from fedgen.mechanisms import GaussianMechanism, clip_rows
+from fedgen.mechanisms.ledger import RDP_ORDERS
+from tests.evaluation.test_downstream import separable
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def accuracy(model: nn.Module, data) -> float:
+    x, y = data.tensors
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def federation(strategy, rounds=4, rate=None, count=5, num_clients=5, ckpt_dir=None):
+    data = separable(1000, seed=0)
+    clients = make_clients(data, IIDPartitioner(seed=0), num_clients)
+    sampler = ClientSampler(rate=rate, seed=0) if rate else ClientSampler(count=count, seed=0)
+    trainer = FederatedTrainer(rounds=rounds, sampler=sampler, strategy=strategy, checkpoint_dir=ckpt_dir)
+    return trainer, clients, data
+
+
+def user_level(**kwargs) -> GaussianMechanism:
+    return GaussianMechanism(unit="user", delta=1e-3, seed=0, **kwargs)
+
+
+def test_fedavg_learns_across_clients():
+    trainer, clients, data = federation(FedAvg(lr=0.1), rounds=3)
+    model = trainer.fit(mlp(), clients, data)
+    assert accuracy(model, separable(500, seed=1)) > 0.9
+    assert [h["clients"] for h in trainer.history] == [5, 5, 5]
+
+
+def test_fedavg_is_the_size_weighted_mean_and_fedprox_pulls_towards_the_global_model():
+    updates, sizes = torch.tensor([[1.0, 0.0], [0.0, 4.0]]), torch.tensor([3.0, 1.0])
+    assert torch.allclose(FedAvg().aggregate(updates, sizes, num_clients=2), torch.tensor([0.75, 1.0]))
+    moved = {}
+    for name, strategy in [("fedavg", FedAvg(lr=0.1)), ("fedprox", FedProx(mu=100.0, lr=0.005))]:
+        trainer, clients, data = federation(strategy, rounds=1)
+        start = nn.utils.parameters_to_vector(mlp().parameters())
+        moved[name] = (nn.utils.parameters_to_vector(trainer.fit(mlp(), clients, data).parameters()) - start).norm()
+    assert moved["fedprox"] < 0.2 * moved["fedavg"]
+
+
+def test_client_level_dp_clips_each_update_and_divides_by_the_expected_number_of_clients():
+    mechanism = user_level(noise_multiplier=1e-9, clip_norm=0.5, sample_rate=0.5)
+    strategy = ClientLevelDP(strategy=FedAvg(), mechanism=mechanism)
+    updates = torch.randn(4, 50) * 3
+    result = strategy.aggregate(updates, torch.ones(4), num_clients=10)
+    assert torch.allclose(result, clip_rows(updates, 0.5).sum(0) / (0.5 * 10), atol=1e-6)
+    assert mechanism.ledger.unit == "user" and len(mechanism.ledger) == 1
+
+
+def test_client_level_dp_adds_noise_of_the_calibrated_scale():
+    mechanism = user_level(noise_multiplier=2.0, clip_norm=1.0, sample_rate=0.2)
+    strategy = ClientLevelDP(strategy=FedAvg(), mechanism=mechanism)
+    result = strategy.aggregate(torch.zeros(0, 20000), torch.zeros(0), num_clients=50)  # an empty round still releases
+    assert abs(result.std().item() * (0.2 * 50) / 2.0 - 1) < 0.03
+
+
+def test_dp_fedavg_epsilon_matches_an_independent_accountant():
+    mechanism = user_level(noise_multiplier=1.1, clip_norm=1.0, sample_rate=0.4, accountant="rdp")
+    trainer, clients, data = federation(ClientLevelDP(strategy=FedAvg(lr=0.1), mechanism=mechanism), rounds=6,
+                                        rate=0.4, num_clients=10)
+    trainer.fit(mlp(), clients, data)
+    accountant = dp_accounting.rdp.RdpAccountant(orders=RDP_ORDERS)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.4, dp_accounting.GaussianDpEvent(1.1)), 6)
+    assert mechanism.epsilon() == pytest.approx(accountant.get_epsilon(1e-3), rel=0.01)
+
+
+def test_the_federation_stops_cleanly_at_the_budget(tmp_path):
+    mechanism = user_level(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, target_epsilon=3.0)
+    trainer, clients, data = federation(ClientLevelDP(strategy=FedAvg(), mechanism=mechanism), rounds=200,
+                                        rate=0.5, num_clients=6, ckpt_dir=tmp_path)
+    trainer.fit(mlp(), clients, data)
+    assert 0 < trainer.round < 200 and len(mechanism.ledger) == trainer.round
+    assert mechanism.epsilon() <= 3.0
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["round"] == trainer.round
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    def dp_strategy():
+        return ClientLevelDP(strategy=FedProx(mu=0.01, lr=0.1),
+                             mechanism=user_level(noise_multiplier=0.5, clip_norm=1.0, sample_rate=0.6))
+
+    whole, clients, data = federation(dp_strategy(), rounds=4, rate=0.6, num_clients=6)
+    uninterrupted = nn.utils.parameters_to_vector(whole.fit(mlp(), clients, data).parameters())
+
+    first, clients, data = federation(dp_strategy(), rounds=2, rate=0.6, num_clients=6, ckpt_dir=tmp_path)
+    first.fit(mlp(), clients, data)
+    second, clients, data = federation(dp_strategy(), rounds=4, rate=0.6, num_clients=6)
+    resumed = second.fit(mlp(), clients, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert second.round == 4 and len(second.strategy.mechanism.ledger) == 4
+    assert torch.equal(nn.utils.parameters_to_vector(resumed.parameters()), uninterrupted)
+    assert second.strategy.mechanism.epsilon() == whole.strategy.mechanism.epsilon()
+
+
+def test_bad_federation_config_names_the_field():
+    with pytest.raises(ConfigError, match="unit"):
+        ClientLevelDP(strategy=FedAvg(), mechanism=GaussianMechanism(noise_multiplier=1.0))
+    with pytest.raises(ConfigError, match="rounds"):
+        FederatedTrainer(rounds=0, sampler=ClientSampler(count=1), strategy=FedAvg())
+    with pytest.raises(ConfigError, match="mu"):
+        FedProx(mu=-1.0)
+    with pytest.raises(ConfigError, match="local_epochs"):
+        FedAvg(local_epochs=0)
