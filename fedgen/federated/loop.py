@@ -1,9 +1,12 @@
 """The federated round loop on Lightning Fabric.
 
 Each round the sampler picks clients; each picked client starts from the global parameter vector, trains
-locally with the strategy, and sends its update; the strategy combines the updates (through its mechanism,
-for client-level DP) and the server steps the global model. Clients are simulated with one model per
-device, reused across clients. The loop knows nothing of the model beyond its parameters.
+locally with the strategy, and adds its contribution to the round's sum; the strategy turns the sum into
+an update (through its mechanism, for client-level DP) and the server steps the global model. Clients are
+simulated with one model per device, reused across clients. With ``devices=N`` the picked clients are
+spread over N Fabric processes (client ``k`` of the round on process ``k mod N``) and the sums meet in an
+all-reduce; the server step runs on process 0 and is broadcast, so every process holds the same model.
+The loop knows nothing of the model beyond its parameters.
 
 Checkpoints (``checkpoint_dir``) hold the round, the global parameters, the strategy's state (with its
 privacy ledger) and the random state, so a resumed federation continues at the same round and ends where
@@ -13,8 +16,8 @@ an uninterrupted run with the same seed ends.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -37,77 +40,125 @@ class FederatedTrainer:
         sampler: which clients take part in each round.
         strategy: local training and aggregation (e.g. FedAvg, or ClientLevelDP around it).
         accelerator: Fabric accelerator (``"cpu"``, ``"gpu"``, ``"auto"``).
+        devices: number of Fabric processes the clients are spread over (``ddp_spawn`` when > 1).
         seed: seed of the clients' local data order.
         checkpoint_dir: where to save a checkpoint after every ``checkpoint_every`` rounds (None: never).
         checkpoint_every: rounds between checkpoints.
     """
 
     def __init__(self, *, rounds: int, sampler: ClientSampler, strategy: Strategy, accelerator: str = "cpu",
-                 seed: int = 0, checkpoint_dir: str | None = None, checkpoint_every: int = 1) -> None:
+                 devices: int = 1, seed: int = 0, checkpoint_dir: str | None = None,
+                 checkpoint_every: int = 1) -> None:
         if rounds < 1:
             raise ConfigError("federation.rounds", f"must be >= 1, got {rounds}", "run at least one round")
+        if devices < 1:
+            raise ConfigError("federation.devices", f"must be >= 1, got {devices}", "use e.g. 1")
         if checkpoint_every < 1:
             raise ConfigError("federation.checkpoint_every", f"must be >= 1, got {checkpoint_every}", "use e.g. 1")
         self.rounds = rounds
         self.sampler = sampler
         self.strategy = strategy
+        self.accelerator = accelerator
+        self.devices = devices
         self.seed = seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every = checkpoint_every
-        self.fabric = L.Fabric(accelerator=accelerator, devices=1)
         self.round = 0
         self.history: list[dict] = []
 
-    def fit(self, model: nn.Module, clients: list[Client], dataset: Dataset, *, ckpt_path: str | None = None,
-            on_round_end: Callable[[int, nn.Module], dict] | None = None) -> nn.Module:
+    def fit(self, model: nn.Module, clients: list[Client], dataset: Dataset, *,
+            ckpt_path: str | None = None) -> nn.Module:
         """Train ``model`` across ``clients`` (each holding part of ``dataset``); resume from ``ckpt_path``."""
-        model = self.fabric.to_device(model)
-        device = self.fabric.device
-        global_params = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        resume_params = None
         if ckpt_path is not None:
-            global_params = self._load(ckpt_path, device)
-        client_data = [c.dataset(dataset) for c in clients]
-        sizes = torch.tensor([len(c) for c in clients], dtype=torch.float64)
-        while self.round < self.rounds:
-            if self.strategy.exhausted():
-                log.warning("Privacy budget reached after %d rounds; the federation stops here.", self.round)
-                if self.checkpoint_dir is not None:
-                    self.save(self.checkpoint_dir / "last.ckpt", global_params)
-                break
-            picked = self.sampler.sample(len(clients), self.round)
-            updates = torch.zeros(len(picked), global_params.numel(), device=device)
-            for row, cid in enumerate(picked):
-                nn.utils.vector_to_parameters(global_params, model.parameters())
-                seed = np.random.SeedSequence([self.seed, self.round, cid]).generate_state(1)[0]
-                generator = torch.Generator().manual_seed(int(seed))
-                updates[row] = self.strategy.client_update(model, global_params, client_data[cid], generator)
-            delta = self.strategy.aggregate(updates, sizes[picked].to(device), num_clients=len(clients))
-            global_params = global_params + self.strategy.server_lr * delta.to(global_params.dtype)
-            self.round += 1
-            nn.utils.vector_to_parameters(global_params, model.parameters())
-            record = {"round": self.round, "clients": len(picked)}
-            if on_round_end is not None:
-                record |= on_round_end(self.round, model)
-            self.history.append(record)
-            log.info("round %d/%d: %d clients%s", self.round, self.rounds, len(picked),
-                     "".join(f", {k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
-            if self.checkpoint_dir is not None and self.round % self.checkpoint_every == 0:
-                self.save(self.checkpoint_dir / "last.ckpt", global_params)
-        nn.utils.vector_to_parameters(global_params, model.parameters())
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            self._restore(state)
+            resume_params = state["global_params"]
+            log.info("Resuming the federation at round %d from %s", self.round, ckpt_path)
+        if self.devices == 1:
+            fabric = L.Fabric(accelerator=self.accelerator, devices=1)
+            model, state = _federate(fabric, self, model, clients, dataset, resume_params)
+        else:
+            fabric = L.Fabric(accelerator=self.accelerator, devices=self.devices, strategy="ddp_spawn")
+            # Process 0 writes its result to a file: Fabric returns values through a pipe that is only read
+            # after the workers exit, so a large return value would block them.
+            with tempfile.TemporaryDirectory() as tmp:
+                result = Path(tmp) / "result.pt"
+                fabric.launch(_federate, self, model, clients, dataset, resume_params, result)
+                weights, state = torch.load(result, weights_only=False)
+            model.load_state_dict(weights)
+        self._restore(state)
         return model
 
-    def save(self, path: Path, global_params: torch.Tensor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"round": self.round, "global_params": global_params.cpu(), "history": self.history,
-                 "strategy": self.strategy.state_dict()}
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # never leave a half-written checkpoint in place of a good one
+    def state_dict(self, global_params: torch.Tensor | None = None) -> dict:
+        state = {"round": self.round, "history": self.history, "strategy": self.strategy.state_dict()}
+        if global_params is not None:
+            state["global_params"] = global_params.detach().cpu()
+        return state
 
-    def _load(self, path: str, device: torch.device) -> torch.Tensor:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def _restore(self, state: dict) -> None:
         self.round = state["round"]
         self.history = state["history"]
         self.strategy.load_state_dict(state["strategy"])
-        log.info("Resumed the federation at round %d from %s", self.round, path)
-        return state["global_params"].to(device)
+
+    def save(self, path: Path, global_params: torch.Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(global_params), tmp)
+        tmp.replace(path)  # never leave a half-written checkpoint in place of a good one
+
+
+def _load_params(model: nn.Module, params: torch.Tensor) -> None:
+    """Copy a flat vector into the model (``vector_to_parameters`` alone would alias the vector's memory, and
+    local training would then overwrite the global parameters in place)."""
+    nn.utils.vector_to_parameters(params.detach().clone(), model.parameters())
+
+
+def _federate(fabric: L.Fabric, trainer: FederatedTrainer, model: nn.Module, clients: list[Client],
+              dataset: Dataset, resume_params: torch.Tensor | None,
+              result_path: Path | None = None) -> tuple[nn.Module, dict] | None:
+    """The round loop as run by every Fabric process. Returns the model and the trainer's final state, or,
+    with several processes, has process 0 save them to ``result_path``."""
+    rank, world = fabric.global_rank, fabric.world_size
+    strategy = trainer.strategy
+    model = fabric.to_device(model)
+    device = fabric.device
+    global_params = resume_params if resume_params is not None else nn.utils.parameters_to_vector(model.parameters())
+    global_params = global_params.detach().clone().to(device)
+    client_data = [c.dataset(dataset) for c in clients]
+    while trainer.round < trainer.rounds:
+        if strategy.exhausted():  # the ledgers of all processes hold the same events
+            log.warning("Privacy budget reached after %d rounds; the federation stops here.", trainer.round)
+            break
+        picked = trainer.sampler.sample(len(clients), trainer.round)
+        total = torch.zeros_like(global_params)
+        total_weight = torch.zeros((), dtype=torch.float64, device=device)
+        for cid in picked[rank::world]:
+            _load_params(model, global_params)
+            seed = np.random.SeedSequence([trainer.seed, trainer.round, cid]).generate_state(1)[0]
+            update = strategy.client_update(model, global_params, client_data[cid],
+                                            torch.Generator().manual_seed(int(seed)))
+            vector, weight = strategy.contribution(update, len(clients[cid]))
+            total += vector
+            total_weight += weight
+        if world > 1:
+            total = fabric.all_reduce(total, reduce_op="sum")
+            total_weight = fabric.all_reduce(total_weight, reduce_op="sum")
+        delta = strategy.finalize(total, float(total_weight), num_clients=len(clients))
+        global_params = global_params + strategy.server_lr * delta.to(global_params.dtype)
+        if world > 1:
+            global_params = fabric.broadcast(global_params, src=0)  # process 0's noise is the one applied
+        trainer.round += 1
+        trainer.history.append({"round": trainer.round, "clients": len(picked)})
+        log.info("round %d/%d: %d clients", trainer.round, trainer.rounds, len(picked))
+        if trainer.checkpoint_dir is not None and trainer.round % trainer.checkpoint_every == 0 and rank == 0:
+            trainer.save(trainer.checkpoint_dir / "last.ckpt", global_params)
+    if trainer.checkpoint_dir is not None and rank == 0:
+        trainer.save(trainer.checkpoint_dir / "last.ckpt", global_params)
+    _load_params(model, global_params)
+    if world == 1:
+        return model, trainer.state_dict(global_params)
+    if rank == 0:
+        torch.save(({k: v.cpu() for k, v in model.state_dict().items()}, trainer.state_dict(global_params)),
+                   result_path)
+    return None

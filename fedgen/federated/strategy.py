@@ -1,8 +1,10 @@
 """Federated strategies: what a client computes and how the server combines it.
 
 Models travel as flat parameter vectors. A round: the server sends the global vector ``w``; each sampled
-client trains locally from ``w`` and returns its update ``delta_i = w_i - w`` and its size ``n_i``; the
-strategy combines the updates into one ``delta`` and the server steps ``w <- w + server_lr * delta``.
+client trains locally from ``w`` and sends ``contribution(delta_i, n_i)`` for its update
+``delta_i = w_i - w`` and size ``n_i``; the contributions are *summed* (in one process, across Fabric
+processes with an all-reduce, or by secure aggregation), and ``finalize`` turns the sum into one ``delta``;
+the server steps ``w <- w + server_lr * delta``. Only sums cross the network.
 
 - :class:`FedAvg` (McMahan et al., AISTATS 2017): local SGD, size-weighted mean of the updates.
 - :class:`FedProx` (Li et al., MLSys 2020): local objective plus ``mu / 2 ||w_i - w||^2``.
@@ -63,9 +65,23 @@ class Strategy(Registered):
                 optimizer.step()
         return nn.utils.parameters_to_vector(model.parameters()).detach() - global_params
 
-    def aggregate(self, updates: torch.Tensor, sizes: torch.Tensor, *, num_clients: int) -> torch.Tensor:
-        """Combine the rows of ``updates`` (one per participating client) into one update."""
+    def contribution(self, update: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
+        """What one client adds to the round's sum: a vector and a weight."""
         raise NotImplementedError
+
+    def finalize(self, total: torch.Tensor, total_weight: float, *, num_clients: int) -> torch.Tensor:
+        """The round's update from the summed contributions (``num_clients``: clients in the federation)."""
+        raise NotImplementedError
+
+    def aggregate(self, updates: torch.Tensor, sizes: torch.Tensor, *, num_clients: int) -> torch.Tensor:
+        """Sum the contributions of the rows of ``updates`` and finalize (the single-process path)."""
+        total = torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device)
+        total_weight = 0.0
+        for update, size in zip(updates, sizes.tolist()):
+            vector, weight = self.contribution(update, int(size))
+            total += vector
+            total_weight += weight
+        return self.finalize(total, total_weight, num_clients=num_clients)
 
     def exhausted(self) -> bool:
         """Whether the privacy budget allows no further round (never, without a mechanism)."""
@@ -81,11 +97,11 @@ class Strategy(Registered):
 class FedAvg(Strategy, name="fedavg"):
     """Federated averaging: the size-weighted mean of the clients' updates."""
 
-    def aggregate(self, updates: torch.Tensor, sizes: torch.Tensor, *, num_clients: int) -> torch.Tensor:
-        if len(updates) == 0:
-            return torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device)
-        weights = sizes.to(updates.dtype) / sizes.sum()
-        return weights @ updates
+    def contribution(self, update: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
+        return update * size, float(size)
+
+    def finalize(self, total: torch.Tensor, total_weight: float, *, num_clients: int) -> torch.Tensor:
+        return total / total_weight if total_weight > 0 else torch.zeros_like(total)
 
 
 class FedProx(FedAvg, name="fedprox"):
@@ -125,10 +141,11 @@ class ClientLevelDP(Strategy, name="client_level_dp"):
     def local_loss(self, model, batch, global_params):
         return self.strategy.local_loss(model, batch, global_params)
 
-    def aggregate(self, updates: torch.Tensor, sizes: torch.Tensor, *, num_clients: int) -> torch.Tensor:
-        clipped_sum = clip_rows(updates, self.mechanism.clip_norm).sum(0)
-        noisy = self.mechanism.release(clipped_sum)
-        return noisy / (self.mechanism.sample_rate * num_clients)
+    def contribution(self, update: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
+        return clip_rows(update.unsqueeze(0), self.mechanism.clip_norm)[0], 1.0  # unweighted: each user counts once
+
+    def finalize(self, total: torch.Tensor, total_weight: float, *, num_clients: int) -> torch.Tensor:
+        return self.mechanism.release(total) / (self.mechanism.sample_rate * num_clients)
 
     def exhausted(self) -> bool:
         mechanism = self.mechanism

@@ -4,6 +4,7 @@ noise, accounts per user and stops at the budget, and a resumed federation ends 
 from __future__ import annotations
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -119,3 +120,38 @@ def test_bad_federation_config_names_the_field():
         FedProx(mu=-1.0)
     with pytest.raises(ConfigError, match="local_epochs"):
         FedAvg(local_epochs=0)
+
+
+def test_two_fabric_processes_give_the_same_model_and_ledger_as_one():
+    """Clients spread over two CPU processes (gloo all-reduce) give the same aggregate as one process."""
+
+    def run(devices: int):
+        mechanism = user_level(noise_multiplier=0.5, clip_norm=1.0, sample_rate=0.7)
+        data = separable(600, seed=0)
+        clients = make_clients(data, IIDPartitioner(seed=0), 6)
+        trainer = FederatedTrainer(rounds=2, sampler=ClientSampler(rate=0.7, seed=0), devices=devices,
+                                   strategy=ClientLevelDP(strategy=FedAvg(lr=0.1), mechanism=mechanism))
+        model = trainer.fit(mlp(), clients, data)
+        return nn.utils.parameters_to_vector(model.parameters()), mechanism, trainer
+
+    one, mechanism_one, _ = run(1)
+    two, mechanism_two, trainer_two = run(2)
+    assert trainer_two.round == 2 and len(mechanism_two.ledger) == 2
+    assert torch.allclose(one, two, atol=1e-5), (one - two).abs().max()
+    assert not torch.equal(one, nn.utils.parameters_to_vector(mlp().parameters()))
+    assert mechanism_two.epsilon() == mechanism_one.epsilon()
+
+
+def test_one_fedavg_round_is_the_weighted_mean_of_independent_client_updates():
+    """Every client starts from the same global model (local training must not leak into the global vector)."""
+    trainer, clients, data = federation(FedAvg(lr=0.1), rounds=1, count=3, num_clients=3)
+    start = nn.utils.parameters_to_vector(mlp().parameters()).detach()
+    result = nn.utils.parameters_to_vector(trainer.fit(mlp(), clients, data).parameters()).detach()
+    expected = torch.zeros_like(start)
+    for client in clients:
+        model = mlp()
+        seed = np.random.SeedSequence([0, 0, client.id]).generate_state(1)[0]
+        update = FedAvg(lr=0.1).client_update(model, start.clone(), client.dataset(data),
+                                               torch.Generator().manual_seed(int(seed)))
+        expected += update * len(client) / len(data)
+    assert torch.allclose(result, start + expected, atol=1e-6)
