@@ -9,8 +9,8 @@ import pytest
 
 from fedgen.data import DirichletPartitioner
 from fedgen.errors import ConfigError
-from fedgen.federated import FederatedRelease
-from fedgen.mechanisms import GaussianMechanism
+from fedgen.federated import FederatedRelease, make_clients
+from fedgen.mechanisms import GaussianMechanism, clip_rows
 from tests.generators.test_dp_merf import blobs, tiny_merf
 
 
@@ -61,3 +61,26 @@ def test_noise_is_calibrated_to_the_quantization_aware_sensitivity():
 def test_bad_federation_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         FederatedRelease(**kwargs)
+
+
+def test_user_level_release_clips_each_client_sum_and_records_a_user_level_ledger(monkeypatch):
+    data = blobs(300)
+    merf = tiny_merf(mechanism=GaussianMechanism(target_epsilon=1.0, delta=1e-3, seed=0, unit="user"))
+    seen = capture_release(monkeypatch, merf.mechanism)
+    partitioner = DirichletPartitioner(alpha=0.5, seed=2)
+    federation = FederatedRelease(num_clients=6, partitioner=partitioner, client_clip_norm=2.0, scale=2.0**20)
+    report = federation.run(merf, data)
+    expected = sum(clip_rows(merf.embedding_sum(c.dataset(data)).unsqueeze(0), 2.0)[0]
+                   for c in make_clients(data, partitioner, 6))
+    assert (seen["sum"] - expected).abs().max() < 1e-4
+    assert seen["sensitivity"] == pytest.approx(2.0 + math.sqrt(expected.numel()) / 2.0**20)
+    assert report["unit"] == "user" and merf.mechanism.ledger.unit == "user"
+    assert "user-level" in merf.mechanism.ledger.summary(1e-3)
+
+
+@pytest.mark.parametrize(("unit", "client_clip_norm"), [("example", 5.0), ("user", None)])
+def test_the_mechanism_unit_must_match_the_federation(unit, client_clip_norm):
+    merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=1e-4, unit=unit))
+    with pytest.raises(ConfigError, match="unit"):
+        FederatedRelease(num_clients=4, client_clip_norm=client_clip_norm).run(merf, blobs(100))
+    assert len(merf.mechanism.ledger) == 0
