@@ -19,7 +19,7 @@ from fedgen.data import Partitioner
 from fedgen.errors import ConfigError
 
 
-@dataclass
+@dataclass(eq=False)
 class Client:
     """One simulated client: an id and the indices of the examples it holds."""
 

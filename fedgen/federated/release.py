@@ -85,7 +85,6 @@ class FederatedRelease:
         self.bits = bits
         self.scale = scale
         self.dropout = dropout
-        self.report: dict[str, Any] = {}
 
     def run(self, generator: ReleasesOneSum, dataset: Dataset) -> dict[str, Any]:
         """Split ``dataset`` among the clients, aggregate their sums, release once; returns a report."""
@@ -135,5 +134,4 @@ class FederatedRelease:
         generator.store_release(noisy, len(dataset))
         log.info("Federated release from %d clients (%s, secure aggregation %s, central noise, sensitivity %.6g)",
                  self.num_clients, report["partitioner"], "on" if self.secure_aggregation else "off", sensitivity)
-        self.report = report
         return report
