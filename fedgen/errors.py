@@ -20,6 +20,12 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {problem}. Fix: {fix}")
 
 
+def check_at_least_one(field: str, value: int, fix: str) -> None:
+    """Refuse a count below 1 with a ConfigError naming ``field``."""
+    if value < 1:
+        raise ConfigError(field, f"must be >= 1, got {value}", fix)
+
+
 class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing and cannot be downloaded."""
 

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 from torchmetrics.classification import MulticlassAccuracy
 
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.evaluation.classifiers import classifiers
 from fedgen.mechanisms import DPSGD, PrivateModule
 
@@ -114,10 +114,8 @@ class TrainOnSynthetic:
                  batch_size: int = 256, lr: float = 1e-3, val_fraction: float = 0.1,
                  accelerator: str = "auto", progress_bar: bool = True) -> None:
         classifiers.get(classifier)
-        if epochs < 1:
-            raise ConfigError("evaluation.epochs", f"must be >= 1, got {epochs}", "train for at least one epoch")
-        if batch_size < 1:
-            raise ConfigError("evaluation.batch_size", f"must be >= 1, got {batch_size}", "use e.g. 256")
+        check_at_least_one("evaluation.epochs", epochs, "train for at least one epoch")
+        check_at_least_one("evaluation.batch_size", batch_size, "use e.g. 256")
         if not 0 < val_fraction < 1:
             raise ConfigError("evaluation.val_fraction", f"must be in (0, 1), got {val_fraction}", "use e.g. 0.1")
         self.classifier = classifier

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedgen.errors import ConfigError
+from fedgen.errors import check_at_least_one
 from fedgen.federated.clients import Client, ClientSampler
 from fedgen.federated.strategy import Strategy
 
@@ -49,12 +49,9 @@ class FederatedTrainer:
     def __init__(self, *, rounds: int, sampler: ClientSampler, strategy: Strategy, accelerator: str = "cpu",
                  devices: int = 1, seed: int = 0, checkpoint_dir: str | None = None,
                  checkpoint_every: int = 1) -> None:
-        if rounds < 1:
-            raise ConfigError("federation.rounds", f"must be >= 1, got {rounds}", "run at least one round")
-        if devices < 1:
-            raise ConfigError("federation.devices", f"must be >= 1, got {devices}", "use e.g. 1")
-        if checkpoint_every < 1:
-            raise ConfigError("federation.checkpoint_every", f"must be >= 1, got {checkpoint_every}", "use e.g. 1")
+        check_at_least_one("federation.rounds", rounds, "run at least one round")
+        check_at_least_one("federation.devices", devices, "use e.g. 1")
+        check_at_least_one("federation.checkpoint_every", checkpoint_every, "use e.g. 1")
         self.rounds = rounds
         self.sampler = sampler
         self.strategy = strategy

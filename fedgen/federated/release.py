@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedgen.data import IIDPartitioner, Partitioner
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.federated.clients import make_clients
 from fedgen.mechanisms import GaussianMechanism, SecureAggregator, clip_rows
 
@@ -66,8 +66,7 @@ class FederatedRelease:
     def __init__(self, *, num_clients: int = 10, partitioner: Partitioner | None = None,
                  secure_aggregation: bool = True, graph: Literal["full", "k_regular"] = "full", bits: int = 64,
                  scale: float = 2.0**20, dropout: float = 0.0, client_clip_norm: float | None = None) -> None:
-        if num_clients < 1:
-            raise ConfigError("federation.num_clients", f"must be >= 1, got {num_clients}", "use e.g. 10")
+        check_at_least_one("federation.num_clients", num_clients, "use e.g. 10")
         if secure_aggregation and num_clients < 3:
             raise ConfigError("federation.num_clients", f"secure aggregation needs >= 3 clients, got {num_clients}",
                               "use at least 3 clients or set secure_aggregation: false")

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.mechanisms import GaussianMechanism, SubsampledGaussianEvent, clip_rows
 from fedgen.registry import Registered, Registry
 
@@ -34,10 +34,8 @@ class Strategy(Registered):
 
     def __init__(self, *, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
                  server_lr: float = 1.0) -> None:
-        if local_epochs < 1:
-            raise ConfigError("strategy.local_epochs", f"must be >= 1, got {local_epochs}", "use e.g. 1")
-        if batch_size < 1:
-            raise ConfigError("strategy.batch_size", f"must be >= 1, got {batch_size}", "use e.g. 32")
+        check_at_least_one("strategy.local_epochs", local_epochs, "use e.g. 1")
+        check_at_least_one("strategy.batch_size", batch_size, "use e.g. 32")
         if not lr > 0 or not server_lr > 0:
             raise ConfigError("strategy.lr", f"learning rates must be > 0, got lr={lr}, server_lr={server_lr}",
                               "use e.g. lr: 0.05, server_lr: 1.0")

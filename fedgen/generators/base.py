@@ -15,7 +15,7 @@ import logging
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.mechanisms import Mechanism, PrivateModule
 from fedgen.registry import Registered, Registry
 
@@ -41,8 +41,7 @@ class Generator(PrivateModule, Registered):
         if not isinstance(mechanism, Mechanism):
             raise ConfigError("model.mechanism", f"expected a fedgen Mechanism, got {type(mechanism).__name__}",
                               "give a mechanism by class_path, e.g. fedgen.mechanisms.GaussianMechanism")
-        if num_classes < 1:
-            raise ConfigError("model.num_classes", f"must be >= 1, got {num_classes}", "set the number of classes")
+        check_at_least_one("model.num_classes", num_classes, "set the number of classes")
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ConfigError("model.image_shape", f"must be (channels, height, width), got {image_shape}",
                               "e.g. [1, 28, 28] for MNIST")

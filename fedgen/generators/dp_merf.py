@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.mechanisms import GaussianMechanism
 
@@ -115,8 +115,7 @@ class DPMerf(Generator, name="dp_merf"):
             raise ConfigError("model.length_scale", f"must be > 0, got {length_scale}", "use e.g. 10.0")
         if not 0 < count_weight < 1:
             raise ConfigError("model.count_weight", f"must be in (0, 1), got {count_weight}", "use e.g. 0.1")
-        if batch_size < 1:
-            raise ConfigError("model.batch_size", f"must be >= 1, got {batch_size}", "use e.g. 100")
+        check_at_least_one("model.batch_size", batch_size, "use e.g. 100")
         self.save_hyperparameters(ignore=["mechanism"])
         self.generator = ConditionalConvGenerator(latent_dim=latent_dim, num_classes=num_classes,
                                                   image_shape=self.image_shape)

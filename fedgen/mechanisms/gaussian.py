@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.mechanisms.base import Mechanism
 from fedgen.mechanisms.ledger import AccountantName, SubsampledGaussianEvent, calibrate_noise_multiplier
 
@@ -61,8 +61,7 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         self.check_noise(noise_multiplier, target_epsilon)
         if not clip_norm > 0:
             raise ConfigError("mechanism.clip_norm", f"must be > 0, got {clip_norm}", "use a positive clip norm")
-        if num_releases < 1:
-            raise ConfigError("mechanism.num_releases", f"must be >= 1, got {num_releases}", "plan at least one release")
+        check_at_least_one("mechanism.num_releases", num_releases, "plan at least one release")
         self.clip_norm = float(clip_norm)
         self.num_releases = num_releases
         self._noise_multiplier = noise_multiplier
