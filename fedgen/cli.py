@@ -21,17 +21,19 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import lightning as L
 import torch
 import torchvision
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from fedgen.data import VisionDataModule
-from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded
-from fedgen.evaluation import TrainOnSynthetic
-from fedgen.federated import FederatedRelease
+from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule
+from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one
+from fedgen.evaluation import TrainOnSynthetic, classifiers, evaluate_accuracy
+from fedgen.federated import FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
 
 log = logging.getLogger("fedgen")
@@ -39,8 +41,10 @@ log = logging.getLogger("fedgen")
 USAGE = """usage: fedgen <command> [options]
 
 commands:
-  fit     train a private generator, synthesize data, train and test a classifier on it
-          (fedgen fit --config examples/mnist_dp_merf.yaml; fedgen fit --help for all options)
+  fit       train a private generator, synthesize data, train and test a classifier on it
+            (fedgen fit --config examples/mnist_dp_merf.yaml; fedgen fit --help for all options)
+  federate  train a classifier directly across clients (FedAvg, FedProx, DP-FedAvg), test it on real data
+            (fedgen federate --config examples/federated_mnist_dp_fedavg.yaml)
 """
 
 
@@ -60,30 +64,36 @@ class FedgenCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config
-        config.run_dir = str(resolve_run_dir(config))
+        generator = config.model.class_path.rsplit(".", 1)[-1].lower()
+        config.run_dir = str(resolve_run_dir(config.run_dir, config.ckpt_path,
+                                             f"{generator}-{_dataset_name(config.data)}"))
         config.trainer.default_root_dir = config.run_dir
 
 
-def resolve_run_dir(config: Any) -> Path:
-    """The run folder: ``run_dir``, else the folder of the checkpoint being resumed, else a new timestamped one.
+def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Path:
+    """The run folder: ``run_dir``, else the folder of the checkpoint being resumed, else a new timestamped
+    ``runs/<name>-<time>``.
 
     A folder that holds a finished run (its ``metrics.json``) is never written into again.
     """
-    if config.run_dir is not None:
-        run_dir = Path(config.run_dir)
-    elif config.ckpt_path is not None:
-        run_dir = Path(config.ckpt_path).resolve().parent
-        if run_dir.name == "checkpoints":
-            run_dir = run_dir.parent
+    if run_dir is not None:
+        folder = Path(run_dir)
+    elif ckpt_path is not None:
+        folder = Path(ckpt_path).resolve().parent
+        if folder.name == "checkpoints":
+            folder = folder.parent
     else:
-        generator = config.model.class_path.rsplit(".", 1)[-1].lower()
-        dataset = config.data.init_args.get("dataset") or config.data.class_path.rsplit(".", 1)[-1]
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{generator}-{str(dataset).replace('DataModule', '').lower()}-{stamp}"
-    if (run_dir / "metrics.json").exists():
-        raise ConfigError("run_dir", f"{run_dir} already holds a finished run",
+        folder = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if (folder / "metrics.json").exists():
+        raise ConfigError("run_dir", f"{folder} already holds a finished run",
                           "give a new --run_dir (to continue a finished run, resume its checkpoint into a new folder)")
-    return run_dir
+    return folder
+
+
+def _dataset_name(data_config: Any) -> str:
+    """``mnist`` for ``fedgen.data.MNISTDataModule`` or ``VisionDataModule(dataset="MNIST")``."""
+    dataset = data_config.init_args.get("dataset") or data_config.class_path.rsplit(".", 1)[-1]
+    return str(dataset).replace("DataModule", "").lower()
 
 
 def _config_error(err: BaseException) -> ConfigError:
@@ -96,6 +106,16 @@ def _config_error(err: BaseException) -> ConfigError:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return ConfigError("config", str(err).strip(), "correct the value named above")
+
+
+def write_config(parser: Any, config: Any, run_dir: Path) -> None:
+    """Create the run folder and save the resolved configuration: ``config.yaml``, or on resume beside it
+    ``config-resumed-<time>.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = "config.yaml" if not (run_dir / "config.yaml").exists() else \
+        f"config-resumed-{datetime.now():%Y%m%d-%H%M%S}.yaml"
+    parser.save(config, run_dir / name, skip_none=False, skip_validation=True)
+    log.info("Run folder: %s", run_dir)
 
 
 def save_samples(generator: Generator, path: Path, per_class: int = 10) -> None:
@@ -133,11 +153,7 @@ def fit(args: list[str]) -> dict[str, Any]:
     data.prepare_data()
     data.setup("fit")
     loader = generator.attach_private_data(data.train_set)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_name = "config.yaml" if not (run_dir / "config.yaml").exists() else \
-        f"config-resumed-{datetime.now():%Y%m%d-%H%M%S}.yaml"
-    cli.parser.save(config, run_dir / config_name, skip_none=False, skip_check=True)
-    log.info("Run folder: %s", run_dir)
+    write_config(cli.parser, config, run_dir)
     log.info("Privacy: %s on %d private examples (add/remove-one-%s neighbouring)",
              generator.mechanism.describe(), len(data.train_set), generator.mechanism.ledger.unit)
 
@@ -190,7 +206,105 @@ def fit(args: list[str]) -> dict[str, Any]:
     return metrics
 
 
-COMMANDS = {"fit": fit}
+def federate_parser() -> ArgumentParser:
+    """The options of ``fedgen federate``."""
+    parser = ArgumentParser(prog="fedgen federate", description=federate.__doc__, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with the options below.")
+    parser.add_argument("--seed_everything", type=int, default=0, help="Seed set before anything is built.")
+    parser.add_subclass_arguments(VisionDataModule, "data", help="The private dataset (split among the clients).")
+    parser.add_argument("--classifier", type=Literal["convnet", "mlp"], default="convnet",
+                        help="The network the clients train together.")
+    parser.add_argument("--classifier_args", type=dict[str, int] | None, default=None,
+                        help="Extra arguments of the network, e.g. {width: 32, depth: 3} for the ConvNet.")
+    parser.add_argument("--num_clients", type=int, default=10, help="Number of clients.")
+    parser.add_argument("--partitioner", type=Partitioner | None, default=None,
+                        help="How the training set is split among the clients (default: IID).")
+    parser.add_class_arguments(FederatedTrainer, "federation")
+    parser.add_argument("--run_dir", type=str | None, default=None,
+                        help="Run folder (default: runs/federated-<classifier>-<dataset>-<time>).")
+    parser.add_argument("--ckpt_path", type=str | None, default=None,
+                        help="Resume the federation from this checkpoint (its round, model, ledger).")
+    return parser
+
+
+def federate(args: list[str]) -> dict[str, Any]:
+    """``fedgen federate``: train a classifier directly across the clients (FedAvg, FedProx, or DP-FedAvg with
+    ``ClientLevelDP``), then test the global model once on the real test set.
+
+    This is the baseline the generative pipeline is compared with: clients send model updates every round
+    instead of one private release. Writes ``config.yaml``, ``checkpoints/last.ckpt`` (round, model,
+    strategy state with the ledger), ``model.pt`` and ``metrics.json`` into the run folder.
+    """
+    parser = federate_parser()
+    try:
+        config = parser.parse_args(args)
+    except ArgumentError as err:
+        raise ConfigError("config", str(err).strip(), "see fedgen federate --help") from err
+    L.seed_everything(config.seed_everything, verbose=False)
+    name = f"federated-{config.classifier}-{_dataset_name(config.data)}"
+    run_dir = resolve_run_dir(config.run_dir, config.ckpt_path, name)
+    config.run_dir = str(run_dir)
+    if config.federation.checkpoint_dir is None:
+        config.federation.checkpoint_dir = str(run_dir / "checkpoints")
+    try:
+        built = parser.instantiate(config)
+    except ValueError as err:
+        raise _config_error(err) from err
+    data: VisionDataModule = built.data
+    trainer: FederatedTrainer = built.federation
+    check_at_least_one("num_clients", config.num_clients, "use e.g. 10")
+
+    data.prepare_data()
+    data.setup("fit")
+    clients = make_clients(data.train_set, built.partitioner or IIDPartitioner(seed=0), config.num_clients)
+    mechanism = getattr(trainer.strategy, "mechanism", None)
+    if mechanism is not None:
+        mechanism.check_dataset_size(len(clients) if mechanism.ledger.unit == "user" else len(data.train_set))
+    try:
+        net = classifiers.get(config.classifier)(image_shape=data.image_shape, num_classes=data.num_classes,
+                                                 **(config.classifier_args or {}))
+    except TypeError as err:
+        raise ConfigError("classifier_args", str(err), "give only arguments the classifier takes") from err
+    write_config(parser, config, run_dir)
+    if mechanism is not None:
+        log.info("Privacy: %s (add/remove-one-%s neighbouring) over %d clients",
+                 mechanism.describe(), mechanism.ledger.unit, len(clients))
+    else:
+        log.info("No differential privacy: %s sends raw model updates", type(trainer.strategy).__name__)
+
+    start = time.perf_counter()
+    net = trainer.fit(net, clients, data.train_set, ckpt_path=config.ckpt_path)
+    seconds = time.perf_counter() - start
+    accuracy = evaluate_accuracy(net, data.test_set, num_classes=data.num_classes)
+    epsilon = mechanism.epsilon() if mechanism is not None else None
+    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+                "classifier": config.classifier, "strategy": trainer.strategy.state_dict()}, run_dir / "model.pt")
+    metrics = {
+        "epsilon": epsilon,
+        "delta": mechanism.delta if mechanism is not None else None,
+        "neighbouring": f"add/remove one {mechanism.ledger.unit}" if mechanism is not None else None,
+        "privacy_ledger": mechanism.ledger.state_dict() if mechanism is not None else None,
+        "test_accuracy": accuracy,
+        "classifier": config.classifier,
+        "strategy": type(trainer.strategy).__name__,
+        "rounds": trainer.round,
+        "rounds_planned": trainer.rounds,
+        "num_clients": len(clients),
+        "client_sizes": [len(c) for c in clients],
+        "partitioner": repr(built.partitioner or IIDPartitioner(seed=0)),
+        "dataset": getattr(data, "dataset", type(data).__name__),
+        "num_private": len(data.train_set),
+        "seconds": seconds,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    privacy = (f"epsilon={epsilon:.4f} delta={mechanism.delta:g} ({metrics['neighbouring']})"
+               if mechanism is not None else "no differential privacy")
+    print(f"fedgen: {privacy}, test_accuracy={accuracy:.4f} ({config.classifier} after {trainer.round} rounds "
+          f"over {len(clients)} clients); run folder: {run_dir}")
+    return metrics
+
+
+COMMANDS = {"fit": fit, "federate": federate}
 
 
 def _configure_logging() -> None:

@@ -80,6 +80,19 @@ class Classifier(PrivateModule):
         return optimizer
 
 
+@torch.no_grad()
+def evaluate_accuracy(net: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``net`` on ``dataset`` (torchmetrics), on the device that holds ``net``."""
+    device = next(net.parameters()).device
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    was_training = net.training
+    net.eval()
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        metric.update(net(x.to(device)), y.to(device))
+    net.train(was_training)
+    return float(metric.compute())
+
+
 class _KeepBest(L.Callback):
     """Keeps, in memory, the weights of the epoch with the best validation accuracy."""
 

@@ -32,7 +32,7 @@ class Client:
     def dataset(self, full: Dataset) -> Dataset:
         """This client's examples as a dataset (a view for tensors, a ``Subset`` otherwise)."""
         if isinstance(full, TensorDataset):
-            index = torch.as_tensor(self.indices, dtype=torch.long)
+            index = torch.as_tensor(self.indices, dtype=torch.long, device=full.tensors[0].device)
             return TensorDataset(*(t[index] for t in full.tensors))
         return Subset(full, self.indices.tolist())
 

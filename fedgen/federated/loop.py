@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.errors import check_at_least_one
 from fedgen.federated.clients import Client, ClientSampler
@@ -52,6 +52,7 @@ class FederatedTrainer:
         check_at_least_one("federation.rounds", rounds, "run at least one round")
         check_at_least_one("federation.devices", devices, "use e.g. 1")
         check_at_least_one("federation.checkpoint_every", checkpoint_every, "use e.g. 1")
+        strategy.check_plan(sampler, rounds)
         self.rounds = rounds
         self.sampler = sampler
         self.strategy = strategy
@@ -122,6 +123,8 @@ def _federate(fabric: L.Fabric, trainer: FederatedTrainer, model: nn.Module, cli
     device = fabric.device
     global_params = resume_params if resume_params is not None else nn.utils.parameters_to_vector(model.parameters())
     global_params = global_params.detach().clone().to(device)
+    if isinstance(dataset, TensorDataset):  # in-memory data moves to the device once, not batch by batch
+        dataset = TensorDataset(*(t.to(device) for t in dataset.tensors))
     client_data = [c.dataset(dataset) for c in clients]
     while trainer.round < trainer.rounds:
         if strategy.exhausted():  # the ledgers of all processes hold the same events

@@ -20,11 +20,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.federated.clients import ClientSampler
 from fedgen.mechanisms import GaussianMechanism, SubsampledGaussianEvent, clip_rows
 from fedgen.registry import Registered, Registry
+
+
+def shuffled_batches(data: Dataset, batch_size: int, generator: torch.Generator):
+    """One epoch of ``data`` in random order: tensor datasets are sliced a batch at a time (one gather per
+    batch, on whichever device holds them), other datasets go through a ``DataLoader``."""
+    if isinstance(data, TensorDataset):
+        order = torch.randperm(len(data), generator=generator)
+        for index in order.split(batch_size):
+            yield data[index.to(data.tensors[0].device)]
+    else:
+        yield from DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
 
 class Strategy(Registered):
@@ -53,11 +65,10 @@ class Strategy(Registered):
                       generator: torch.Generator) -> torch.Tensor:
         """Train ``model`` (holding ``global_params``) on ``data``; return ``w_i - w``."""
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr)
-        loader = DataLoader(data, batch_size=self.batch_size, shuffle=True, generator=generator)
         device = global_params.device
         model.train()
         for _ in range(self.local_epochs):
-            for x, y in loader:
+            for x, y in shuffled_batches(data, self.batch_size, generator):
                 optimizer.zero_grad()
                 self.local_loss(model, (x.to(device), y.to(device)), global_params).backward()
                 optimizer.step()
@@ -80,6 +91,9 @@ class Strategy(Registered):
             total += vector
             total_weight += weight
         return self.finalize(total, total_weight, num_clients=num_clients)
+
+    def check_plan(self, sampler: ClientSampler, rounds: int) -> None:
+        """Refuse, before any round, a client sampling or round count this strategy cannot account for."""
 
     def exhausted(self) -> bool:
         """Whether the privacy budget allows no further round (never, without a mechanism)."""
@@ -144,6 +158,21 @@ class ClientLevelDP(Strategy, name="client_level_dp"):
 
     def finalize(self, total: torch.Tensor, total_weight: float, *, num_clients: int) -> torch.Tensor:
         return self.mechanism.release(total) / (self.mechanism.sample_rate * num_clients)
+
+    def check_plan(self, sampler: ClientSampler, rounds: int) -> None:
+        """The ledger's sample rate must be the sampler's (a lower one would under-report epsilon), and a
+        noise calibrated from the budget must be calibrated for the planned rounds."""
+        mechanism = self.mechanism
+        rate = sampler.dp_sample_rate()
+        if mechanism.sample_rate != rate:
+            why = "Poisson rate" if sampler.rate is not None else "rate for a fixed count of clients (no amplification)"
+            raise ConfigError("strategy.mechanism.sample_rate",
+                              f"is {mechanism.sample_rate:g}, but the client sampler's {why} is {rate:g}",
+                              f"set sample_rate: {rate:g} on the mechanism")
+        if mechanism.calibrates_noise and mechanism.num_releases != rounds:
+            raise ConfigError("strategy.mechanism.num_releases",
+                              f"the noise would be calibrated for {mechanism.num_releases} rounds, but the "
+                              f"federation runs {rounds}", f"set num_releases: {rounds} on the mechanism")
 
     def exhausted(self) -> bool:
         mechanism = self.mechanism

@@ -65,6 +65,8 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         self.clip_norm = float(clip_norm)
         self.num_releases = num_releases
         self._noise_multiplier = noise_multiplier
+        #: whether the noise is calibrated from ``target_epsilon`` for ``num_releases`` releases
+        self.calibrates_noise = noise_multiplier is None
 
     @property
     def noise_multiplier(self) -> float:
