@@ -5,9 +5,12 @@ from fedgen.mechanisms.dp_sgd import DPSGD
 from fedgen.mechanisms.gaussian import GaussianMechanism, clip_rows
 from fedgen.mechanisms.ledger import (
     PrivacyLedger,
+    SkellamEvent,
     SubsampledGaussianEvent,
     calibrate_noise_multiplier,
+    calibrate_skellam_mu,
     compute_epsilon,
+    skellam_rdp,
 )
 from fedgen.mechanisms.lightning import PrivateModule
 from fedgen.mechanisms.noise import NoiseSource
@@ -31,8 +34,11 @@ __all__ = [
     "NoiseSource",
     "PrivacyLedger",
     "PrivateModule",
+    "SkellamEvent",
     "SubsampledGaussianEvent",
     "calibrate_noise_multiplier",
+    "calibrate_skellam_mu",
     "clip_rows",
     "compute_epsilon",
+    "skellam_rdp",
 ]

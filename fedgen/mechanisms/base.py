@@ -17,8 +17,8 @@ from typing import Literal
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.mechanisms.ledger import (
     AccountantName,
+    PrivacyEvent,
     PrivacyLedger,
-    SubsampledGaussianEvent,
     check_delta,
     check_target_epsilon,
 )
@@ -84,8 +84,9 @@ class Mechanism(Registered):
         """Whether the budget allows no further release of this mechanism's planned kind."""
         return False
 
-    def charge(self, event: SubsampledGaussianEvent) -> None:
-        """Record ``event`` in the ledger, or raise if it would exceed the budget (nothing is recorded then)."""
+    def charge(self, event: PrivacyEvent) -> None:
+        """Record ``event`` (a Gaussian or a Skellam release) in the ledger, or raise if it would exceed the budget
+        (nothing is recorded then)."""
         if self.target_epsilon is not None:
             eps = self.ledger.epsilon_with(event, self.delta)
             if eps > self.target_epsilon:

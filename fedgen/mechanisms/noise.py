@@ -8,6 +8,12 @@ seeding a run (reproducibility) and protecting the noise are separate decisions:
 - ``secure=True``: every draw uses the operating system's cryptographically secure generator
   (``os.urandom``); standard normals come from uniforms by the Box-Muller transform in float64.
   Runs are then not reproducible, which is the point.
+
+Integer Skellam noise (:meth:`NoiseSource.skellam`, the distributed noise of secure aggregation) is the
+difference of two Poisson draws from numpy's ``Generator.poisson`` (exact PTRS rejection sampling for large
+rates, Hormann 1993). Seeded, its generator (PCG64) is seeded from ``seed`` and kept in the state dict; with
+``secure=True`` each call seeds a fresh PCG64 from 256 bits of ``os.urandom``, so draws are unpredictable from
+run to run but, within a call, come from PCG64, not from a cryptographic generator.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class NoiseSource:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._numpy: np.random.Generator | None = None
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -44,6 +51,25 @@ class NoiseSource:
             return std * _secure_standard_normal(tuple(shape)).to(device=device, dtype=dtype)
         return torch.normal(0.0, std, size=tuple(shape), generator=self._generator(device), device=device, dtype=dtype)
 
+    def skellam(self, shape: int | tuple[int, ...], mu: float) -> np.ndarray:
+        """An int64 array of i.i.d. Sk(mu, mu) = Poisson(mu) - Poisson(mu) draws (mean 0, variance 2 mu).
+
+        Sums of independent Skellam draws are Skellam (Sk(a, a) + Sk(b, b) = Sk(a + b, a + b)), so n parties
+        drawing Sk(mu / n, mu / n) each add exactly Sk(mu, mu) in total. ``mu`` may be as large as about 1e17
+        (each Poisson draw, mean mu, then stays far below 2^63); numpy refuses rates above about 9.2e18.
+        """
+        if not (math.isfinite(mu) and mu > 0):
+            raise ValueError(f"the Skellam parameter mu must be a finite number > 0, got {mu}")
+        if mu > 1e17:
+            raise ValueError(f"mu={mu:.3g} is too large for int64 Poisson draws (at most 1e17)")
+        if self.secure:
+            rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
+        else:
+            if self._numpy is None:
+                self._numpy = np.random.Generator(np.random.PCG64([self.seed, 0x5EC1A3]))
+            rng = self._numpy
+        return rng.poisson(mu, size=shape).astype(np.int64) - rng.poisson(mu, size=shape).astype(np.int64)
+
     def sampling_seed(self) -> int:
         """A seed for a data sampler (e.g. Poisson sampling), derived from this source's seed; from the OS's
         secure generator when ``secure``. The sampler itself is torch's generator, not a cryptographic one."""
@@ -52,12 +78,19 @@ class NoiseSource:
         return (self.seed * 0x9E3779B97F4A7C15 + 1) % 2**63
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "secure": self.secure,
-                "states": {str(d): g.get_state() for d, g in self._generators.items()}}
+        state = {"seed": self.seed, "secure": self.secure,
+                 "states": {str(d): g.get_state() for d, g in self._generators.items()}}
+        if self._numpy is not None:
+            state["numpy"] = self._numpy.bit_generator.state
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.secure = state["seed"], state["secure"]
         self._generators = {}
+        self._numpy = None
+        if state.get("numpy") is not None:
+            self._numpy = np.random.Generator(np.random.PCG64())
+            self._numpy.bit_generator.state = state["numpy"]
         for name, rng_state in state.get("states", {}).items():
             device = torch.device(name)
             if device.type == "cuda" and not torch.cuda.is_available():
