@@ -17,9 +17,11 @@ self-masks PRG(b_u) after reconstructing b_u from Shamir shares held by u's neig
 clients that dropped before sending from their reconstructed s^SK. No client's shares of both secrets
 are ever revealed, so each y_u on its own is uniform on Z_{2^k}^m.
 
-Secure aggregation adds no noise: it releases the exact sum and records nothing in a privacy ledger. It
-hides the individual updates from the server; a DP guarantee for the sum comes from a mechanism
-(e.g. :class:`~fedgen.mechanisms.GaussianMechanism`) applied to it, whose release the ledger records.
+Secure aggregation adds no noise of its own: it releases the exact sum and records nothing in a privacy
+ledger. It hides the individual updates from the server; a DP guarantee for the sum comes from a mechanism
+(e.g. :class:`~fedgen.mechanisms.GaussianMechanism`) applied to it, whose release the ledger records. For
+distributed noise, each client may add integer noise z_u to x_u before masking (``client_noise``, e.g. its
+share of Skellam noise): y_u = x_u + z_u + masks stays uniform, and the server learns only sum_u (x_u + z_u).
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ CHUNK_ELEMENTS = 1 << 16
 """Masks are expanded and applied in chunks of this many coordinates (cache-sized; threads split them)."""
 NORM_SLACK = 1e-5
 """Relative slack on ``clip_norm`` for float rounding in the caller's clipping; the range check includes it."""
+NOISE_TAIL_STDS = 20.0
+"""The range check reserves this many standard deviations of the clients' total integer noise per coordinate.
+For the Skellam noise of distributed DP (a difference of Poisson variables; Bernstein's inequality) the chance
+that a coordinate's noise of variance v goes past it is below 2 exp(-400 v / (2 v + 40 sqrt(v) / 3)): about
+1e-11 at v = 1, 1e-52 at v = 100, and 2 exp(-200) < 1e-86 as v grows."""
 
 _MASK_INFO = b"fedgen secure aggregation: pairwise mask seed"
 _SHARE_INFO = b"fedgen secure aggregation: share encryption key"
@@ -362,7 +369,8 @@ class AggregationResult:
     """The securely computed sum and the protocol's cost.
 
     ``total`` is the sum of the inputs of the clients in ``included`` (those whose masked input reached
-    the server), within ``max_quantization_error`` per coordinate. Byte counts cover every message:
+    the server), within ``max_quantization_error`` per coordinate, plus their integer noise divided by
+    ``scale`` if they added any (``client_noise``). Byte counts cover every message:
     public keys, encrypted shares, masked vectors at ``bits`` bits per element, unmasking shares. Client
     times are what each client would spend computing (each counts its own mask expansions, even though
     the simulation expands each pairwise mask once); ``client_seconds`` is the mean over ``included``.
@@ -447,9 +455,10 @@ class SecureAggregator:
     made. The result differs from the float sum by at most ``n * 0.5 / scale`` per coordinate (n: clients
     included), which is returned as ``max_quantization_error``.
 
-    Not a :class:`~fedgen.mechanisms.Mechanism`: it adds no noise and records nothing in a ledger. Add DP
+    Not a :class:`~fedgen.mechanisms.Mechanism`: it draws no noise and records nothing in a ledger. Add DP
     noise to the securely aggregated sum (e.g. ``GaussianMechanism.release(result.total)``, noise added by
-    a trusted party or split among the clients before masking), and the ledger records that release.
+    a trusted party), or let each client add integer noise to its quantized input before masking
+    (``aggregate(..., client_noise=...)``, distributed DP), and record that release in the ledger.
 
     Args:
         clip_norm: C; every input must have L2 norm <= C (clipping is the caller's job).
@@ -538,26 +547,32 @@ class SecureAggregator:
                               f"use a threshold between {holders // 2 + 1} and {holders}, or raise the degree")
         return t
 
-    def check_range(self, num_clients: int) -> None:
-        """Raise ``ConfigError`` unless a sum of ``num_clients`` quantized inputs fits in ``bits`` bits."""
+    def check_range(self, num_clients: int, noise_std: float = 0.0) -> None:
+        """Raise ``ConfigError`` unless a sum of ``num_clients`` quantized inputs, plus integer noise of total
+        standard deviation ``noise_std`` per coordinate (up to ``NOISE_TAIL_STDS`` of it), fits in ``bits`` bits."""
+        if not (math.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
         bound = self.clip_norm * (1 + NORM_SLACK) * self.scale
         if bound > 2.0**52:
             raise ConfigError("secure_aggregation.scale",
                               f"clip_norm * scale = {bound:.3g} exceeds 2^52, where float64 rounding is inexact",
                               f"use scale <= {2.0**52 / (self.clip_norm * (1 + NORM_SLACK)):.4g}")
-        worst = num_clients * (bound + 0.5)  # |sum_u round(x_u * scale)| <= n (C scale + 1/2)
+        tail = NOISE_TAIL_STDS * noise_std
+        # |sum_u round(x_u * scale)| <= n (C scale + 1/2); the noise adds at most `tail` (but for a vanishing chance)
+        worst = num_clients * (bound + 0.5) + tail
         if worst < 2.0 ** (self.bits - 1):
             return
         needed = self.bits
         while needed <= 64 and worst >= 2.0 ** (needed - 1):
             needed += 1
-        max_scale = (2.0 ** (self.bits - 1) / num_clients - 0.5) / (self.clip_norm * (1 + NORM_SLACK))
-        problem = (f"{num_clients} clients with clip_norm={self.clip_norm:g} and scale={self.scale:g} can sum to "
-                   f"{worst:.4g} in absolute value, but {self.bits} bits hold only |sum| < 2^{self.bits - 1}")
+        max_scale = ((2.0 ** (self.bits - 1) - tail) / num_clients - 0.5) / (self.clip_norm * (1 + NORM_SLACK))
+        noise = f" plus {NOISE_TAIL_STDS:g} noise standard deviations ({tail:.4g})" if tail else ""
+        problem = (f"{num_clients} clients with clip_norm={self.clip_norm:g} and scale={self.scale:g}{noise} can sum "
+                   f"to {worst:.4g} in absolute value, but {self.bits} bits hold only |sum| < 2^{self.bits - 1}")
         if needed <= 64:
-            fix = f"use bits >= {needed}" + (f", or scale <= {max_scale:.4g}" if max_scale > 0 else "")
+            fix = f"use bits >= {needed}" + (f", or scale <= {max_scale:.4g}" if max_scale > 0 and not tail else "")
             raise ConfigError("secure_aggregation.bits", problem, fix)
-        max_scale_64 = (2.0**63 / num_clients - 0.5) / (self.clip_norm * (1 + NORM_SLACK))
+        max_scale_64 = ((2.0**63 - tail) / num_clients - 0.5) / (self.clip_norm * (1 + NORM_SLACK))
         raise ConfigError("secure_aggregation.scale", problem + " (even 64 bits are too few)",
                           f"use scale <= {max_scale_64:.4g} with bits=64" if max_scale_64 > 0
                           else "aggregate fewer clients at once")
@@ -571,7 +586,11 @@ class SecureAggregator:
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """round(x * scale) mod 2^bits, two's complement, as ``self.dtype`` (high bits past ``bits`` are
         reduced when a masked vector is sent)."""
-        q = np.rint(np.asarray(x, dtype=np.float64) * self.scale).astype(np.int64).view(np.uint64)
+        return self.to_ring(np.rint(np.asarray(x, dtype=np.float64) * self.scale).astype(np.int64))
+
+    def to_ring(self, q: np.ndarray) -> np.ndarray:
+        """Signed integers (int64) mod 2^bits, two's complement, as ``self.dtype``."""
+        q = np.asarray(q, dtype=np.int64).view(np.uint64)
         if self.bits < 64:
             q = q & np.uint64(self.modulus_mask)
         return q.astype(self.dtype)
@@ -591,7 +610,8 @@ class SecureAggregator:
     def aggregate(self, updates: Mapping[int, torch.Tensor | np.ndarray], *,
                   dropped_before_masking: Collection[int] = frozenset(),
                   dropped_after_masking: Collection[int] = frozenset(),
-                  keep_transcript: bool = False) -> AggregationResult:
+                  keep_transcript: bool = False, client_noise: Mapping[int, np.ndarray] | None = None,
+                  noise_std: float = 0.0) -> AggregationResult:
         """Run the four rounds for the clients ``updates`` names and return the sum and its cost.
 
         Every client advertises keys and shares them. Clients in ``dropped_before_masking`` then vanish
@@ -601,6 +621,14 @@ class SecureAggregator:
         holders of a needed secret survive, ``ConfigError`` if the range does not fit (before any key is
         made) and ``ValueError`` for inputs of L2 norm above ``clip_norm``. ``keep_transcript`` keeps what
         the server saw (public keys, relayed ciphertexts, masked inputs) in ``result.transcript``.
+
+        ``client_noise`` (distributed DP) gives each client's integer noise (an integer array of its update's
+        shape), which the client adds to its quantized input before masking; the total is then the sum of the
+        included clients' inputs plus their noise, and a masked input is as uniform as without noise. Give
+        ``noise_std``, the standard deviation per coordinate of the included clients' total noise: the range
+        check reserves ``NOISE_TAIL_STDS`` of it. This simulation also checks the drawn total against that
+        reserve before any key is made (``SecureAggregationError`` if it would wrap around), which a real
+        server could not do; past the reserve the chance is negligible (see ``NOISE_TAIL_STDS``).
         """
         start = time.perf_counter()
         ids = sorted(updates)
@@ -614,9 +642,10 @@ class SecureAggregator:
             raise ValueError(f"dropped clients {sorted((before | after) - set(ids))} are not in updates")
         if before & after:
             raise ValueError(f"clients {sorted(before & after)} are listed as dropped both before and after masking")
-        self.check_range(n)
+        self.check_range(n, noise_std)
         degree, threshold = self.degree_for(n), self.threshold_for(n)
         vectors, shape, as_torch = self._check_inputs(updates, ids)
+        noise = None if client_noise is None else self._check_noise(client_noise, ids, shape, before, noise_std)
 
         neighbours, edges = neighbour_graph(n, degree, self._rng)
         sending = np.array([c not in before for c in ids])
@@ -626,7 +655,7 @@ class SecureAggregator:
                    session=os.urandom(16))
         self._advertise_keys(run)
         self._share_keys(run)
-        masked_sum = self._collect_masked_inputs(run, vectors)
+        masked_sum = self._collect_masked_inputs(run, vectors, noise)
         total = self._unmask(run, masked_sum)
 
         senders = np.flatnonzero(run.sending)
@@ -686,7 +715,8 @@ class SecureAggregator:
             run.clients[v].receive_shares(inboxes[v])
             costs.client_seconds[v] += time.perf_counter() - t0
 
-    def _collect_masked_inputs(self, run: _Run, vectors: list[np.ndarray]) -> np.ndarray:
+    def _collect_masked_inputs(self, run: _Run, vectors: list[np.ndarray], noise: list[np.ndarray] | None
+                               ) -> np.ndarray:
         """Round 2: each sender agrees on a seed with every neighbour, masks its quantized input and sends
         it; the server sums what arrives (mod 2^bits)."""
         plan = []
@@ -706,7 +736,8 @@ class SecureAggregator:
         if run.transcript is not None:
             run.transcript.masked_inputs = {run.ids[u]: np.empty(m, dtype=self.dtype)
                                             for u in np.flatnonzero(run.sending)}
-        masked_sum = self._run_chunks(m, lambda lo, hi: self._mask_chunk(lo, hi, run, vectors, plan), run.costs)
+        masked_sum = self._run_chunks(m, lambda lo, hi: self._mask_chunk(lo, hi, run, vectors, plan, noise),
+                                      run.costs)
         for u in np.flatnonzero(run.sending):
             run.costs.upload(u, math.ceil(m * self.bits / 8))
         return masked_sum
@@ -776,6 +807,30 @@ class SecureAggregator:
             raise ValueError("updates are empty")
         return vectors, shape, as_torch
 
+    def _check_noise(self, client_noise: Mapping[int, np.ndarray], ids: list[int], shape: tuple[int, ...],
+                     before: set[int], noise_std: float) -> list[np.ndarray]:
+        """Every client's noise as a flat int64 vector (in protocol order), after checking that the senders'
+        total stays within the range check's reserve of ``NOISE_TAIL_STDS * noise_std``."""
+        if set(client_noise) != set(ids):
+            raise ValueError(f"client_noise must give noise for exactly the clients in updates; missing "
+                             f"{sorted(set(ids) - set(client_noise))}, unknown {sorted(set(client_noise) - set(ids))}")
+        noise = []
+        for cid in ids:
+            z = np.asarray(client_noise[cid])
+            if not np.issubdtype(z.dtype, np.integer):
+                raise ValueError(f"client {cid}'s noise has dtype {z.dtype}; integer noise is required (e.g. Skellam)")
+            if z.shape != shape:
+                raise ValueError(f"client {cid}'s noise has shape {z.shape}, its update has {shape}")
+            noise.append(z.astype(np.int64).reshape(-1))
+        total = np.sum([z for cid, z in zip(ids, noise, strict=True) if cid not in before], axis=0)
+        reserve = NOISE_TAIL_STDS * noise_std
+        if np.any(np.abs(total) > reserve):
+            raise SecureAggregationError(
+                f"the clients' total noise reaches {int(np.abs(total).max())} on a coordinate, beyond the range "
+                f"check's reserve of {NOISE_TAIL_STDS:g} x noise_std = {reserve:.4g}; pass the noise's true standard "
+                "deviation as noise_std")
+        return noise
+
     @staticmethod
     def _unmask_request(holders: list[int], sending: np.ndarray) -> tuple[list[int], list[int]]:
         """What the server asks a survivor for: s-shares of its neighbours that never sent a masked input,
@@ -811,7 +866,8 @@ class SecureAggregator:
         return np.concatenate([chunk for chunk, _, _ in outputs])
 
     def _mask_chunk(self, lo: int, hi: int, run: _Run, vectors: list[np.ndarray],
-                    plan: list[tuple[int, int, bytes]]) -> tuple[np.ndarray, np.ndarray, float]:
+                    plan: list[tuple[int, int, bytes]], noise: list[np.ndarray] | None
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
         """Coordinates lo..hi of every sender's masked input y_u, and of the server's running sum of them.
 
         Each pairwise mask is expanded once and applied to both ends (+ at the lower index, - at the
@@ -833,6 +889,8 @@ class SecureAggregator:
             y = live.get(u)
             if y is None:
                 y = self.quantize(vectors[u][lo:hi])
+                if noise is not None:  # the client's own noise, added before any mask
+                    y += self.to_ring(noise[u][lo:hi])
                 y += prg(clients[u].self_mask_seed, lo, count, self.dtype, out=self_buffer, zeros=zeros)
                 live[u] = y
             return y

@@ -1,11 +1,12 @@
 """Tests of secure aggregation: the secure sum against the plain sum (with and without dropouts), loud
 failure when too few clients survive, uniformity of what the server sees, the range check, input checks,
-encryption of relayed shares, refusal to reveal both shares of one client, Shamir sharing, byte accounting.
+encryption of relayed shares, refusal to reveal both shares of one client, Shamir sharing, byte accounting,
+and integer client noise (distributed DP) added before masking.
 
 The uniformity tests are chi-square tests (255 degrees of freedom) at significance ALPHA = 1e-6 on the top
 and the low 8 bits of one client's masked vector. Masks come from fresh OS randomness every run, so each test
 fails a correct implementation with probability 1e-6 per run: below 1e-5 for the file by a union bound
-(8 tests). Each is shown able to fail: the same test rejects the unmasked quantized input.
+(8 tests, and one with client noise added before masking). Each is shown able to fail: the same test rejects the unmasked quantized input.
 
 Shamir's other half, that t - 1 shares carry no information, holds because for every candidate secret
 there is exactly one polynomial of degree t - 1 through it and the t - 1 shares; it is stated, not tested
@@ -23,6 +24,7 @@ import torch
 from scipy import stats
 
 from fedgen.errors import ConfigError
+from fedgen.mechanisms import NoiseSource
 from fedgen.mechanisms import secure_aggregation as sa
 from fedgen.mechanisms.secure_aggregation import (
     CHUNK_ELEMENTS,
@@ -345,3 +347,75 @@ def test_shamir_vectorised_round_trip():
         assert np.array_equal(shamir_reconstruct(xs[chosen, i, 0], shares[chosen, i]), secrets[i])
     common = shamir_split(secrets, np.arange(1, 13), threshold=8)  # shared points: one batched reconstruction
     assert np.array_equal(shamir_reconstruct(range(3, 11), common[2:10]), secrets)
+
+
+# --- client noise (distributed DP) ----------------------------------------------------------------------
+
+
+def integer_noise(ids, m: int, seed: int, scale: float = 1000.0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {c: rng.integers(-int(scale), int(scale) + 1, size=m) for c in ids}
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_client_noise_is_added_to_the_quantized_sum_exactly(bits):
+    updates = clipped_updates(7, 500, seed=12)
+    ids = sorted(updates)
+    noise = integer_noise(ids, 500, seed=13)
+    agg = SecureAggregator(clip_norm=1.0, bits=bits)
+    before, after = {ids[1]}, {ids[4]}
+    result = agg.aggregate(updates, dropped_before_masking=before, dropped_after_masking=after,
+                           client_noise=noise, noise_std=1000.0 * math.sqrt(7))
+    assert result.included == tuple(c for c in ids if c not in before)
+    exact = sum(np.rint(updates[c] * agg.scale).astype(np.int64) + noise[c] for c in result.included)
+    np.testing.assert_array_equal(result.total, exact / agg.scale)  # the dropped-before client's noise is lost
+
+
+def test_a_masked_noisy_update_is_uniform():
+    m, bits = 1 << 16, 32
+    constant = np.full(m, 1.0 / math.sqrt(m) / (1 + 1e-9))
+    updates = {c: constant for c in range(6)}
+    noise = {c: NoiseSource(seed=c).skellam(m, 2.0) for c in range(6)}  # small noise: the input stays nearly constant
+    agg = SecureAggregator(clip_norm=1.0, bits=bits)
+    result = agg.aggregate(updates, keep_transcript=True, client_noise=noise, noise_std=math.sqrt(2 * 2.0 * 6))
+    seen = result.transcript.masked_inputs[0].astype(np.uint64)
+    assert not rejects_uniform((seen >> np.uint64(bits - 8)) & np.uint64(255))
+    assert not rejects_uniform(seen & np.uint64(255))
+    # Power: the noisy quantized input itself, unmasked, is far from uniform.
+    unmasked = (agg.quantize(constant) + agg.to_ring(noise[0])).astype(np.uint64)
+    assert rejects_uniform((unmasked >> np.uint64(bits - 8)) & np.uint64(255))
+    assert rejects_uniform(unmasked & np.uint64(255))
+
+
+def test_range_check_reserves_the_noise_tail(monkeypatch):
+    agg = SecureAggregator(clip_norm=1.0, scale=16.0, bits=12)
+    n = 100
+    room = 2.0**11 - n * (16.0 * (1 + sa.NORM_SLACK) + 0.5)  # what the inputs leave of |sum| < 2^11
+    agg.check_range(n, noise_std=0.99 * room / sa.NOISE_TAIL_STDS)
+    with pytest.raises(ConfigError) as caught:
+        agg.check_range(n, noise_std=1.01 * room / sa.NOISE_TAIL_STDS)
+    assert caught.value.field == "secure_aggregation.bits" and "noise" in caught.value.problem
+
+    def no_keys():
+        raise AssertionError("a key was generated before the range check")
+    monkeypatch.setattr(sa.X25519PrivateKey, "generate", no_keys)
+    zeros = {c: np.zeros(3) for c in range(n)}
+    with pytest.raises(ConfigError):
+        agg.aggregate(zeros, client_noise={c: np.zeros(3, dtype=np.int64) for c in range(n)},
+                      noise_std=1.01 * room / sa.NOISE_TAIL_STDS)
+    # Noise beyond the reserved tail would wrap around: the simulation refuses it before any key, too.
+    loud = {c: np.full(3, 10, dtype=np.int64) for c in range(5)}
+    with pytest.raises(SecureAggregationError, match="reserve"):
+        SecureAggregator(clip_norm=1.0).aggregate({c: np.zeros(3) for c in range(5)}, client_noise=loud,
+                                                  noise_std=2.0)
+
+
+@pytest.mark.parametrize(("noise", "message"), [
+    ({0: np.zeros(4, dtype=np.int64), 1: np.zeros(4, dtype=np.int64)}, "exactly the clients"),
+    ({c: np.zeros(4) for c in range(3)}, "integer noise"),
+    ({c: np.zeros(5, dtype=np.int64) for c in range(3)}, "shape"),
+])
+def test_bad_client_noise_is_refused(noise, message):
+    with pytest.raises(ValueError, match=message):
+        SecureAggregator(clip_norm=1.0).aggregate({c: np.zeros(4) for c in range(3)}, client_noise=noise,
+                                                  noise_std=1.0)
