@@ -9,9 +9,12 @@ in the federation; with ``client_clip_norm`` set, each client's sum is clipped t
 relation is add/remove one *user* (all of a client's data, as in DP-FedAvg), so the release and a
 client-level DP baseline can be compared under the same relation.
 
-Trust: with central noise the server sees the exact aggregate before adding noise; DP protects the
-released statistic (and everything trained from it) against everyone else, and secure aggregation
-protects each client's sum against the server.
+Trust: with central noise (``noise: central``) the server sees the exact aggregate before adding noise; DP
+protects the released statistic (and everything trained from it) against everyone else, and secure aggregation
+protects each client's sum against the server. With distributed noise (``noise: distributed``, the Skellam
+mechanism of Agarwal, Kairouz, Liu, NeurIPS 2021) each client adds its share of integer Skellam noise to its
+quantized vector before masking, so no one, the server included, ever sees a noiseless sum, provided the
+clients are honest and add their share (see :meth:`FederatedRelease.skellam_sensitivities`).
 
 Quantization: secure aggregation sums fixed-point vectors (``round(x * scale)``). Rounding can move a
 client's vector by up to ``sqrt(m) / scale`` more than its input moved, so the sum's L2 sensitivity to one
@@ -32,7 +35,13 @@ from torch.utils.data import Dataset
 from fedgen.data import IIDPartitioner, Partitioner
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.federated.clients import make_clients
-from fedgen.mechanisms import GaussianMechanism, SecureAggregator, clip_rows
+from fedgen.mechanisms import (
+    GaussianMechanism,
+    SecureAggregator,
+    SkellamEvent,
+    calibrate_skellam_mu,
+    clip_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +70,24 @@ class FederatedRelease:
             counts; the protocol recovers their self-masks from the survivors' shares).
         client_clip_norm: if set, clip each client's sum to this L2 norm for user-level DP (the generator's
             mechanism must then have ``unit: user``); if None, example-level DP (``unit: example``).
+        noise: ``"central"``: the server adds Gaussian noise once to the securely aggregated sum;
+            ``"distributed"``: each client adds integer Skellam noise to its quantized vector before masking, so
+            the server only ever sees the noisy sum (needs ``secure_aggregation``; the mechanism's accountant
+            must be ``auto`` or ``rdp``). The generator's mechanism gives the budget (``target_epsilon``,
+            ``delta``, its ledger) or, without a budget, the noise multiplier to match.
     """
 
     def __init__(self, *, num_clients: int = 10, partitioner: Partitioner | None = None,
                  secure_aggregation: bool = True, graph: Literal["full", "k_regular"] = "full", bits: int = 64,
-                 scale: float = 2.0**20, dropout: float = 0.0, client_clip_norm: float | None = None) -> None:
+                 scale: float = 2.0**20, dropout: float = 0.0, client_clip_norm: float | None = None,
+                 noise: Literal["central", "distributed"] = "central") -> None:
         check_at_least_one("federation.num_clients", num_clients, "use e.g. 10")
+        if noise not in ("central", "distributed"):
+            raise ConfigError("federation.noise", f"unknown noise placement {noise!r}", "use central or distributed")
+        if noise == "distributed" and not secure_aggregation:
+            raise ConfigError("federation.noise", "distributed noise needs secure aggregation: without masking the "
+                              "server would see each client's vector with only its share of the noise",
+                              "set secure_aggregation: true, or noise: central")
         if secure_aggregation and num_clients < 3:
             raise ConfigError("federation.num_clients", f"secure aggregation needs >= 3 clients, got {num_clients}",
                               "use at least 3 clients or set secure_aggregation: false")
@@ -84,6 +105,23 @@ class FederatedRelease:
         self.bits = bits
         self.scale = scale
         self.dropout = dropout
+        self.noise = noise
+
+    def skellam_sensitivities(self, bound: float, dim: int) -> tuple[float, float]:
+        """(Delta_2, Delta_1): the L2 and L1 sensitivities of the integer sum that secure aggregation computes.
+
+        Neighbouring data change one client's float vector x into x' with ||x - x'||_2 <= ``bound`` (example-level:
+        an example added or removed inside one client's sum, ``bound`` = the mechanism's clip_norm C; user-level:
+        a whole client's clipped sum added or removed, x' = 0, ``bound`` = client_clip_norm S). That client
+        quantizes to round(x scale); rounding moves each coordinate by at most 1/2, so
+        ||round(x scale) - round(x' scale)||_2 <= bound scale + sqrt(m) / 2 + sqrt(m) / 2 (one rounding error for
+        each of the two vectors; for x' = 0 there is only one), and every other client's integer vector is
+        unchanged. Hence Delta_2 = bound * scale + sqrt(m). The difference is an integer vector v, whose
+        |v_i| <= v_i^2 gives ||v||_1 <= ||v||_2^2, and ||v||_1 <= sqrt(m) ||v||_2 always, so
+        Delta_1 = min(sqrt(m) Delta_2, Delta_2^2).
+        """
+        l2 = bound * self.scale + math.sqrt(dim)
+        return l2, min(math.sqrt(dim) * l2, l2 * l2)
 
     def run(self, generator: ReleasesOneSum, dataset: Dataset) -> dict[str, Any]:
         """Split ``dataset`` among the clients, aggregate their sums, release once; returns a report."""
@@ -96,6 +134,8 @@ class FederatedRelease:
         if self.client_clip_norm is not None and self.client_clip_norm < mechanism.clip_norm:
             raise ConfigError("federation.client_clip_norm", f"{self.client_clip_norm} is below the mechanism's "
                               f"clip_norm {mechanism.clip_norm}", "use a bound >= the mechanism's clip_norm")
+        if self.noise == "distributed":
+            self._check_distributed(mechanism)
         clients = make_clients(dataset, self.partitioner, self.num_clients)
         start = time.perf_counter()
         local = {c.id: generator.embedding_sum(c.dataset(dataset)).double().cpu() for c in clients}
@@ -106,8 +146,10 @@ class FederatedRelease:
         dim = next(iter(local.values())).numel()
         sizes = [len(c) for c in clients]
         report: dict[str, Any] = {"num_clients": self.num_clients, "partitioner": repr(self.partitioner),
-                                  "client_sizes": sizes, "noise": "central", "unit": unit,
+                                  "client_sizes": sizes, "noise": self.noise, "unit": unit,
                                   "client_compute_seconds": client_compute}
+        if self.noise == "distributed":
+            return report | self._release_distributed(generator, dataset, local, bound, max(sizes))
         if self.secure_aggregation:
             # The L2 bound on one client's vector, which secure aggregation checks its range with.
             client_bound = max(sizes) * mechanism.clip_norm if self.client_clip_norm is None else bound
@@ -134,3 +176,73 @@ class FederatedRelease:
         log.info("Federated release from %d clients (%s, secure aggregation %s, central noise, sensitivity %.6g)",
                  self.num_clients, report["partitioner"], "on" if self.secure_aggregation else "off", sensitivity)
         return report
+
+    @staticmethod
+    def _check_distributed(mechanism: GaussianMechanism) -> None:
+        """What distributed noise needs from the mechanism, checked before any client computes."""
+        if mechanism.ledger.accountant == "prv":
+            raise ConfigError("model.mechanism.accountant", "the PRV accountant cannot account for the Skellam "
+                              "release of distributed noise", "use accountant: auto or rdp")
+        if mechanism.sample_rate != 1.0:
+            raise ConfigError("model.mechanism.sample_rate", f"is {mechanism.sample_rate}, but the federated release "
+                              "sums every client's data (no subsampling)", "use sample_rate: 1")
+
+    def _skellam_mu(self, mechanism: GaussianMechanism, l2: float, l1: float) -> float:
+        """The total Skellam parameter mu of the release (noise Sk(mu, mu) per coordinate, variance 2 mu).
+
+        With a budget and no given noise multiplier: the smallest mu for which ``num_releases`` such releases,
+        after what the ledger holds, fit ``target_epsilon`` at ``delta`` (:func:`calibrate_skellam_mu`). With a
+        given noise multiplier sigma: the Skellam noise has the variance of the Gaussian noise it replaces,
+        2 mu = (sigma Delta_2)^2 (its epsilon is then slightly above that Gaussian's; a budget, if set, is still
+        enforced when the ledger is charged).
+        """
+        if mechanism.calibrates_noise:
+            return calibrate_skellam_mu(target_epsilon=mechanism.target_epsilon, delta=mechanism.delta,
+                                        l2_sensitivity=l2, l1_sensitivity=l1, count=mechanism.num_releases,
+                                        accountant=mechanism.ledger.accountant, prior=mechanism.ledger)
+        return (mechanism.noise_multiplier * l2) ** 2 / 2
+
+    def _release_distributed(self, generator: ReleasesOneSum, dataset: Dataset, local: dict[int, torch.Tensor],
+                             bound: float, largest_client: int) -> dict[str, Any]:
+        """Distributed Skellam noise: every client adds Sk(mu / n, mu / n) to its quantized vector before masking.
+
+        The n clients' shares sum to exactly Sk(mu, mu) (Skellam is closed under summation) when all n inputs are
+        included. Clients that drop out *after* sending their masked vector are included (their self-masks are
+        recovered), so here every client is guaranteed to count: n_min = n. Were clients allowed to drop before
+        masking, their share would be lost; each share would then have to be Sk(mu / n_min, mu / n_min) for the
+        n_min guaranteed survivors, so that the total never falls below mu. The ledger is charged with one
+        :class:`SkellamEvent` before any masked vector is sent.
+        """
+        mechanism = generator.mechanism
+        dim = next(iter(local.values())).numel()
+        l2, l1 = self.skellam_sensitivities(bound, dim)
+        mu = self._skellam_mu(mechanism, l2, l1)
+        guaranteed = self.num_clients  # no client drops before masking
+        mu_client = mu / guaranteed
+        client_bound = largest_client * mechanism.clip_norm if self.client_clip_norm is None else bound
+        aggregator = SecureAggregator(clip_norm=client_bound, scale=self.scale, bits=self.bits, graph=self.graph)
+        noise_std = math.sqrt(2 * mu_client * self.num_clients)  # the included clients' total noise
+        aggregator.check_range(self.num_clients, noise_std)  # before the ledger is charged
+        mechanism.charge(SkellamEvent(mu, l2, l1))
+        shares = {cid: mechanism.noise.skellam(tuple(vector.shape), mu_client) for cid, vector in local.items()}
+        num_dropped = int(self.dropout * self.num_clients)
+        dropped = set(range(self.num_clients - num_dropped, self.num_clients))
+        result = aggregator.aggregate(local, dropped_after_masking=dropped, client_noise=shares, noise_std=noise_std)
+        noisy = torch.as_tensor(result.total, dtype=torch.float64)
+        generator.store_release(noisy.to(torch.float32), len(dataset))
+        log.info("Federated release from %d clients (%s, secure aggregation on, distributed Skellam noise mu=%.6g, "
+                 "Gaussian-equivalent noise multiplier %.4g)", self.num_clients, repr(self.partitioner), mu,
+                 math.sqrt(2 * mu) / l2)
+        return {
+            "sensitivity": l2 / self.scale,
+            "skellam": {"mu": mu, "mu_per_client": mu_client, "guaranteed_clients": guaranteed,
+                        "l2_sensitivity": l2, "l1_sensitivity": l1, "noise_multiplier": math.sqrt(2 * mu) / l2,
+                        "noise_std": math.sqrt(2 * mu) / self.scale},
+            "secure_aggregation": {
+                "graph": self.graph, "degree": result.degree, "threshold": result.threshold,
+                "bits": self.bits, "scale": self.scale, "dropped_after_masking": sorted(dropped),
+                "max_quantization_error": result.max_quantization_error,
+                "server_seconds": result.server_seconds, "client_seconds": result.client_seconds,
+                "bytes_sent_per_client": max(result.bytes_sent_per_client.values()),
+                "expansion": max(result.bytes_sent_per_client.values()) / (4 * dim)},
+        }

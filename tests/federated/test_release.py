@@ -1,16 +1,18 @@
 """Federated DP-Merf release: the securely aggregated sum equals the central sum; one release, noise calibrated
-to the quantization-aware sensitivity."""
+to the quantization-aware sensitivity; distributed Skellam noise: one Skellam event within the budget, the
+expected spread, seeded reproducibility, refusals before any work."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from fedgen.data import DirichletPartitioner
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.federated import FederatedRelease, make_clients
-from fedgen.mechanisms import GaussianMechanism, clip_rows
+from fedgen.mechanisms import GaussianMechanism, SkellamEvent, clip_rows
 from tests.generators.test_dp_merf import blobs, tiny_merf
 
 
@@ -84,3 +86,93 @@ def test_the_mechanism_unit_must_match_the_federation(unit, client_clip_norm):
     with pytest.raises(ConfigError, match="unit"):
         FederatedRelease(num_clients=4, client_clip_norm=client_clip_norm).run(merf, blobs(100))
     assert len(merf.mechanism.ledger) == 0
+
+
+# --- distributed noise (Skellam) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_distributed_release_records_one_skellam_event_within_the_budget(dropout):
+    data = blobs(300)
+    merf = tiny_merf(mechanism=GaussianMechanism(target_epsilon=1.0, delta=1e-4, seed=0))
+    federation = FederatedRelease(num_clients=8, partitioner=DirichletPartitioner(alpha=0.5, seed=2),
+                                  noise="distributed", scale=2.0**20, dropout=dropout)
+    report = federation.run(merf, data)
+    m = merf.embedding_sum(data).numel()
+    l2 = 2.0**20 + math.sqrt(m)
+    l1 = min(math.sqrt(m) * l2, l2**2)
+    (event,) = merf.mechanism.ledger.events
+    assert isinstance(event, SkellamEvent) and event.count == 1
+    assert (event.l2_sensitivity, event.l1_sensitivity) == (pytest.approx(l2), pytest.approx(l1))
+    eps = merf.mechanism.epsilon()
+    assert 0.99 < eps <= 1.0  # calibrated: the smallest mu within the budget
+    skellam = report["skellam"]
+    assert report["noise"] == "distributed" and skellam["mu"] == event.mu
+    assert skellam["mu_per_client"] == pytest.approx(event.mu / 8) and skellam["guaranteed_clients"] == 8
+    assert skellam["l2_sensitivity"] == event.l2_sensitivity and skellam["l1_sensitivity"] == event.l1_sensitivity
+    assert skellam["noise_multiplier"] == pytest.approx(math.sqrt(2 * event.mu) / l2)
+    assert report["sensitivity"] == pytest.approx(1.0 + math.sqrt(m) / 2.0**20)
+    assert len(report["secure_aggregation"]["dropped_after_masking"]) == int(dropout * 8)
+    assert bool(merf.released) and int(merf.num_private) == 300
+    assert "Skellam" in merf.mechanism.ledger.summary(1e-4)
+
+
+def test_distributed_noise_has_the_skellam_spread():
+    """Noisy sum minus the exact sum: variance 2 mu / scale^2 per coordinate, with 2 mu = (sigma Delta_2)^2 for a
+    given noise multiplier; a coarse scale makes Delta_2 = C scale + sqrt(m) visibly larger than C scale."""
+    merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=2.0, delta=1e-4, seed=0))
+    data = blobs(300)
+    central = merf.embedding_sum(data).double()
+    report = FederatedRelease(num_clients=5, scale=2.0**4, noise="distributed").run(merf, data)
+    m = central.numel()
+    l2 = 2.0**4 + math.sqrt(m)
+    assert report["skellam"]["mu"] == pytest.approx((2.0 * l2) ** 2 / 2)
+    expected_std = 2.0 * l2 / 2.0**4  # sqrt(2 mu) / scale = 2 (C + sqrt(m) / scale)
+    residual = merf.noisy_sum.double() - central  # plus rounding, at most 5 * 0.5 / 16 per coordinate
+    assert abs(residual.std().item() / expected_std - 1) < 0.1  # 2010 coordinates
+    assert abs(residual.mean().item()) < 5 * expected_std / math.sqrt(m)
+    # Power: the Gaussian release's spread ignoring rounding (sigma C only) is far off.
+    assert abs(residual.std().item() / 2.0 - 1) > 0.5
+
+
+def test_distributed_release_is_reproducible_with_a_seed():
+    data = blobs(200)
+    sums = []
+    for seed in (7, 7, 8):
+        merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=1e-4, seed=seed))
+        FederatedRelease(num_clients=4, noise="distributed").run(merf, data)
+        sums.append(merf.noisy_sum.clone())
+    assert torch.equal(sums[0], sums[1]) and not torch.equal(sums[0], sums[2])
+
+
+def test_user_level_distributed_release():
+    data = blobs(300)
+    merf = tiny_merf(mechanism=GaussianMechanism(target_epsilon=2.0, delta=1e-3, seed=0, unit="user"))
+    report = FederatedRelease(num_clients=6, client_clip_norm=2.0, noise="distributed").run(merf, data)
+    m = merf.embedding_sum(data).numel()
+    assert report["skellam"]["l2_sensitivity"] == pytest.approx(2.0 * 2.0**20 + math.sqrt(m))
+    assert report["unit"] == "user" and merf.mechanism.epsilon() <= 2.0
+
+
+def test_distributed_noise_is_refused_before_anything_is_computed(monkeypatch):
+    with pytest.raises(ConfigError) as caught:
+        FederatedRelease(num_clients=4, secure_aggregation=False, noise="distributed")
+    assert caught.value.field == "federation.noise" and "secure_aggregation: true" in caught.value.fix
+    with pytest.raises(ConfigError, match="federation.noise"):
+        FederatedRelease(noise="local")
+    for mechanism, field in [(GaussianMechanism(target_epsilon=1.0, delta=1e-4, accountant="prv"), "accountant"),
+                             (GaussianMechanism(noise_multiplier=1.0, delta=1e-4, sample_rate=0.5), "sample_rate")]:
+        merf = tiny_merf(mechanism=mechanism)
+        monkeypatch.setattr(merf, "embedding_sum", lambda _: pytest.fail("a client computed before the check"))
+        with pytest.raises(ConfigError, match=field):
+            FederatedRelease(num_clients=4, noise="distributed").run(merf, blobs(100))
+        assert len(merf.mechanism.ledger) == 0
+
+
+def test_distributed_release_past_the_budget_is_refused_before_noise_is_drawn(monkeypatch):
+    """A given noise multiplier with a budget it cannot meet: the charge fails, nothing is aggregated."""
+    merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=0.5, target_epsilon=1.0, delta=1e-4, seed=0))
+    monkeypatch.setattr(merf.mechanism.noise, "skellam", lambda *a: pytest.fail("noise drawn after a refusal"))
+    with pytest.raises(PrivacyBudgetExceeded):
+        FederatedRelease(num_clients=4, noise="distributed").run(merf, blobs(100))
+    assert len(merf.mechanism.ledger) == 0 and not bool(merf.released)
