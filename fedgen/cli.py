@@ -159,7 +159,7 @@ def fit(args: list[str]) -> dict[str, Any]:
 
     federation_report = None
     if federation is not None and config.ckpt_path is None:
-        federation_report = federation.run(generator, data.train_set)
+        federation_report = federation.run(generator, data.train_set, device=trainer.strategy.root_device)
     elif federation is not None:
         log.info("Resuming: the checkpoint carries the federated release; the clients are not asked again.")
 

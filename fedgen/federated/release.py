@@ -123,7 +123,8 @@ class FederatedRelease:
         l2 = bound * self.scale + math.sqrt(dim)
         return l2, min(math.sqrt(dim) * l2, l2 * l2)
 
-    def run(self, generator: ReleasesOneSum, dataset: Dataset) -> dict[str, Any]:
+    def run(self, generator: ReleasesOneSum, dataset: Dataset, *,
+            device: torch.device | str | None = None) -> dict[str, Any]:
         """Split ``dataset`` among the clients, aggregate their sums, release once; returns a report."""
         mechanism = generator.mechanism
         unit = "example" if self.client_clip_norm is None else "user"
@@ -138,6 +139,8 @@ class FederatedRelease:
             self._check_distributed(mechanism)
         clients = make_clients(dataset, self.partitioner, self.num_clients)
         start = time.perf_counter()
+        if device is not None:  # the clients' embedding runs where the generator will train (e.g. the GPU)
+            generator.to(device)
         local = {c.id: generator.embedding_sum(c.dataset(dataset)).double().cpu() for c in clients}
         if self.client_clip_norm is not None:
             local = {cid: clip_rows(vector.unsqueeze(0), self.client_clip_norm)[0] for cid, vector in local.items()}
