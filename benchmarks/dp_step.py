@@ -1,0 +1,166 @@
+"""DP-SGD step cost: fedgen's ``DPSGD`` beside Opacus' hooks and a non-private step, in one run.
+
+One training step (forward, backward, per-example clipping and noise where private, SGD update) on a
+fixed batch already on the device, timed with CUDA events: the median of ``--steps`` steps after
+``--warmup`` steps, and the peak memory allocated during the timed steps. Models:
+
+- ``convnet``: fedgen's ConvNet 3 x [conv 128, GroupNorm, ReLU, avg-pool] on 28 x 28 x 1, cross-entropy;
+- ``unet``: diffusers ``UNet2DModel`` (channels 32, 64, 64; attention at the middle level) on 32 x 32 x 1,
+  the DDPM noise-prediction loss with ``K`` noise draws per example.
+
+Methods: ``nonprivate`` (plain SGD; with K draws the batch holds B x K noisy copies), ``opacus_hooks``
+(Opacus' ``GradSampleModule`` + ``DPOptimizer``), ``fedgen`` (``DPSGD.make_private``). A private method that
+cannot run a row (e.g. K > 1 without noise multiplicity) prints why instead of a number. Usage:
+
+    python benchmarks/dp_step.py --models convnet unet --batches 256 1024 --draws 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import traceback
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from fedgen.evaluation import ConvNet
+from fedgen.mechanisms import DPSGD
+
+DATASET_SIZE = 60000
+
+
+class Task:
+    """A model, a batch on the device, and the loss of one step."""
+
+    def __init__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], loss: Callable, draws: int = 1) -> None:
+        self.model, self.batch, self.loss, self.draws = model, batch, loss, draws
+
+
+def convnet_task(batch_size: int, draws: int, device: torch.device) -> Task:
+    if draws != 1:
+        raise ValueError("noise draws apply to diffusion only")
+    model = ConvNet(image_shape=(1, 28, 28), num_classes=10).to(device)
+    x = torch.rand(batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    return Task(model, (x, y), lambda m, x, y: F.cross_entropy(m(x), y))
+
+
+def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    model = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32).to(device)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    x = torch.rand(batch_size, 1, 32, 32, device=device) * 2 - 1
+
+    def loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # K draws of (timestep, noise) per example; the batch holds B x K noisy copies.
+        x = x.repeat_interleave(draws, dim=0)
+        noise = torch.randn_like(x)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
+        noisy = scheduler.add_noise(x, noise, t)
+        return F.mse_loss(m(noisy, t).sample, noise)
+
+    return Task(model, (x,), loss, draws)
+
+
+TASKS = {"convnet": convnet_task, "unet": unet_task}
+
+
+def make_step(method: str, task: Task, batch_size: int) -> Callable[[], None]:
+    model = task.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    if method == "nonprivate":
+        pass
+    elif task.draws != 1:
+        raise NotImplementedError(f"{method}: K > 1 noise draws inside one example's loss are not supported yet")
+    elif method == "opacus_hooks":
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
+                                expected_batch_size=batch_size, loss_reduction="mean")
+    elif method == "fedgen":
+        mechanism = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+        shape = task.batch[0].shape[1:]
+        dataset = TensorDataset(torch.zeros(1, *shape).expand(DATASET_SIZE, *shape))
+        loader = mechanism.data_loader(dataset, batch_size=batch_size)
+        model, optimizer = mechanism.make_private(model, optimizer, data_loader=loader, steps=10**6)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        task.loss(model, *task.batch).backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float]:
+    """Median ms per step and peak MB allocated during the timed steps."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["convnet", "unet"], choices=sorted(TASKS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[256, 1024])
+    parser.add_argument("--draws", nargs="+", type=int, default=[1, 4], help="noise draws K (UNet only)")
+    parser.add_argument("--methods", nargs="+", default=["nonprivate", "opacus_hooks", "fedgen"])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("dp_step.py times GPU steps: no CUDA device found")
+    device = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.steps} steps "
+          f"after {args.warmup}\n")
+    print("| model | batch | K | method | ms / step | x non-private | peak MB | x non-private |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for batch_size in args.batches:
+            for draws in (args.draws if name == "unet" else [1]):
+                base = None
+                for method in args.methods:
+                    torch.manual_seed(0)
+                    try:
+                        task = TASKS[name](batch_size, draws, device)
+                        ms, mb = measure(make_step(method, task, batch_size), args.warmup, args.steps)
+                    except Exception as err:  # a method that cannot run this row says why, the table goes on
+                        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+                        if not isinstance(err, NotImplementedError):
+                            traceback.print_exc()
+                        print(f"| {name} | {batch_size} | {draws} | {method} | fails: {reason} | | | |", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    if method == "nonprivate":
+                        base = (ms, mb)
+                    ratio = f"{ms / base[0]:.2f}x" if base else ""
+                    mem_ratio = f"{mb / base[1]:.2f}x" if base else ""
+                    print(f"| {name} | {batch_size} | {draws} | {method} | {ms:.2f} | {ratio} | {mb:.0f} | "
+                          f"{mem_ratio} |", flush=True)
+                    del task
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
