@@ -18,6 +18,7 @@ cannot run a row (e.g. K > 1 without noise multiplicity) prints why instead of a
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import traceback
 from collections.abc import Callable
@@ -141,6 +142,10 @@ def main() -> None:
             for draws in (args.draws if name == "unet" else [1]):
                 base = None
                 for method in args.methods:
+                    # Opacus' hooks hold the module in reference cycles: collect the previous row's model and
+                    # per-example gradients so that they do not count in this row's peak memory.
+                    gc.collect()
+                    torch.cuda.empty_cache()
                     torch.manual_seed(0)
                     try:
                         task = TASKS[name](batch_size, draws, device)
@@ -150,7 +155,6 @@ def main() -> None:
                         if not isinstance(err, NotImplementedError):
                             traceback.print_exc()
                         print(f"| {name} | {batch_size} | {draws} | {method} | fails: {reason} | | | |", flush=True)
-                        torch.cuda.empty_cache()
                         continue
                     if method == "nonprivate":
                         base = (ms, mb)
@@ -159,7 +163,6 @@ def main() -> None:
                     print(f"| {name} | {batch_size} | {draws} | {method} | {ms:.2f} | {ratio} | {mb:.0f} | "
                           f"{mem_ratio} |", flush=True)
                     del task
-                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
