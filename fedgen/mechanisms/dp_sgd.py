@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import torch
 from opacus.data_loader import DPDataLoader
@@ -32,6 +33,7 @@ from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.mechanisms.base import Mechanism
 from fedgen.mechanisms.ledger import AccountantName, SubsampledGaussianEvent, calibrate_noise_multiplier
 from fedgen.mechanisms.noise import NoiseSource
+from fedgen.mechanisms.per_example import PerExampleClipping
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,38 @@ class _LedgerDPOptimizer(DPOptimizer):
             _mark_as_processed(summed)
 
 
+class _EngineDPOptimizer(_LedgerDPOptimizer):
+    """The optimizer of ``engine="fedgen"``: the clipped per-example sums arrive in ``p.summed_grad`` from
+    :meth:`DPSGD.backward` (summed over the physical micro-batches of one logical batch); the step adds noise
+    once, divides by the expected logical batch size and updates."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, clipping: PerExampleClipping, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)
+        self._clipping = clipping
+
+    @property
+    def accumulated_iterations(self) -> int:
+        return 1  # micro-batches are already summed into one logical batch
+
+    def pre_step(self, closure=None) -> bool:
+        if self._clipping.pending:
+            self._clipping.discard()
+            raise RuntimeError("a forward pass was not turned into clipped gradients: with DPSGD(engine='fedgen') "
+                               "call mechanism.backward(loss) (PrivateModule does it for Lightning), not "
+                               "loss.backward()")
+        if all(getattr(p, "summed_grad", None) is None for p in self.params):
+            raise RuntimeError("no clipped gradients to step with: call mechanism.backward(loss) first")
+        for p in self.params:
+            if getattr(p, "summed_grad", None) is None:  # not reached by this batch: its per-example gradients are 0
+                p.summed_grad = torch.zeros_like(p)
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+
 class DPSGD(Mechanism, name="dp_sgd"):
     """Differentially private SGD with per-example clipping and Poisson sampling, on Opacus.
 
@@ -69,17 +103,26 @@ class DPSGD(Mechanism, name="dp_sgd"):
         accountant: ``"auto"``, ``"rdp"`` or ``"prv"``.
         seed: seed of the noise generator and of the Poisson sampler.
         secure_noise: draw noise from the OS's cryptographically secure generator.
+        engine: how per-example gradients are clipped: ``"opacus"`` (Opacus' ``GradSampleModule`` hooks; the
+            training loop calls ``loss.backward()``) or ``"fedgen"`` (:class:`~fedgen.mechanisms.per_example.
+            PerExampleClipping`: one backward pass for the layer outputs only; the loop calls
+            ``mechanism.backward(loss)``, which :class:`~fedgen.mechanisms.PrivateModule` does under Lightning).
     """
 
     def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = 1e-5, max_grad_norm: float = 1.0, accountant: AccountantName = "auto",
-                 seed: int | None = None, secure_noise: bool = False) -> None:
+                 seed: int | None = None, secure_noise: bool = False,
+                 engine: Literal["opacus", "fedgen"] = "opacus") -> None:
         super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
                          secure_noise=secure_noise)
         self.check_noise(noise_multiplier, target_epsilon)
         if not max_grad_norm > 0:
             raise ConfigError("mechanism.max_grad_norm", f"must be > 0, got {max_grad_norm}",
                               "use a positive clipping norm, e.g. 1.0")
+        if engine not in ("opacus", "fedgen"):
+            raise ConfigError("mechanism.engine", f"unknown clipping engine {engine!r}", "use opacus or fedgen")
+        self.engine = engine
+        self._clipping: PerExampleClipping | None = None
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = float(max_grad_norm)
         self.sample_rate: float | None = None
@@ -181,7 +224,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
                             prefetch_factor=base.prefetch_factor, persistent_workers=base.persistent_workers)
 
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader: DataLoader,
-                     epochs: int | None = None, steps: int | None = None) -> tuple[GradSampleModule, DPOptimizer]:
+                     epochs: int | None = None, steps: int | None = None) -> tuple[nn.Module, DPOptimizer]:
         """Wrap ``module`` for per-example gradients and ``optimizer`` for clipping + noise + ledger.
 
         ``data_loader`` must come from :meth:`data_loader` (Poisson sampling; its rate is the sample rate).
@@ -203,12 +246,33 @@ class DPSGD(Mechanism, name="dp_sgd"):
                 if id(p) not in module_params:
                     raise ConfigError("optimizer", "the optimizer holds parameters outside the private module",
                                       "build the optimizer from the private module's parameters only")
-        grad_sample_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")
         expected_batch_size = max(1, round(sample_rate * len(data_loader.dataset)))
+        if self.engine == "fedgen":
+            if self._clipping is not None:
+                self._clipping.remove()
+            self._clipping = PerExampleClipping(module, self.max_grad_norm)
+            return module, _EngineDPOptimizer(optimizer, clipping=self._clipping, mechanism=self,
+                                              noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                                              expected_batch_size=expected_batch_size, loss_reduction="mean")
+        grad_sample_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")
         dp_optimizer = _LedgerDPOptimizer(optimizer, mechanism=self, noise_multiplier=self.noise_multiplier,
                                           max_grad_norm=self.max_grad_norm, expected_batch_size=expected_batch_size,
                                           loss_reduction="mean")
         return grad_sample_module, dp_optimizer
+
+    @property
+    def owns_backward(self) -> bool:
+        """Whether the training loop must call :meth:`backward` instead of ``loss.backward()``."""
+        return self.engine == "fedgen"
+
+    def backward(self, loss: torch.Tensor, *, draws: int = 1) -> None:
+        """``engine="fedgen"``: turn the mean ``loss`` of the last forward pass into clipped per-example gradient
+        sums (``p.summed_grad``); call once per physical micro-batch, then ``optimizer.step()``. With
+        ``draws = K`` each example fills K consecutive rows and its loss is the mean over them (noise
+        multiplicity); see :meth:`PerExampleClipping.backward`."""
+        if self._clipping is None:
+            raise RuntimeError("DPSGD.backward needs engine='fedgen' and make_private first")
+        self._clipping.backward(loss, draws=draws)
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier}

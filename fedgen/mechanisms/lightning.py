@@ -38,6 +38,13 @@ class PrivateModule(L.LightningModule):
                               "resume only from checkpoints written by fedgen under a mechanism")
         self.mechanism.load_state_dict(checkpoint[CHECKPOINT_KEY])
 
+    def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
+        """Mechanisms that clip per example themselves (``DPSGD(engine="fedgen")``) take the backward pass."""
+        if self.mechanism is not None and getattr(self.mechanism, "owns_backward", False):
+            self.mechanism.backward(loss)
+        else:
+            super().backward(loss, *args, **kwargs)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.mechanism is None or not self.mechanism.exhausted():
             return None

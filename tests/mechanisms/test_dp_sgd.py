@@ -344,13 +344,16 @@ class _TinyPrivateModule(PrivateModule):
         return optimizer
 
 
-def test_lightning_stops_cleanly_at_budget() -> None:
+@pytest.mark.parametrize("engine", ["opacus", "fedgen"])
+def test_lightning_stops_cleanly_at_budget(engine: str) -> None:
     torch.manual_seed(5)
     n, batch, epochs, target = 200, 20, 10, 3.0
     dataset = TensorDataset(torch.randn(n, 6), torch.randint(0, 2, (n,)))
-    mechanism = DPSGD(noise_multiplier=1.0, target_epsilon=target, delta=1e-3, accountant="rdp", seed=0)
+    mechanism = DPSGD(noise_multiplier=1.0, target_epsilon=target, delta=1e-3, accountant="rdp", seed=0,
+                      engine=engine)
     loader = mechanism.data_loader(dataset, batch_size=batch)
     module = _TinyPrivateModule(mechanism, loader, epochs)
+    before = [p.detach().clone() for p in module.net.parameters()]
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module)  # must not raise PrivacyBudgetExceeded
@@ -367,6 +370,7 @@ def test_lightning_stops_cleanly_at_budget() -> None:
     assert mechanism.epsilon() <= target
     assert mechanism.ledger.epsilon_with(
         type(mechanism.ledger.events[0])(1.0, mechanism.sample_rate), mechanism.delta) > target
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.net.parameters()))  # the steps trained
 
 
 # ------------------------------------------------------------------------------------------ shared ledger

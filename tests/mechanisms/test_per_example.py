@@ -1,0 +1,287 @@
+"""fedgen's clipping engine: clipped per-example gradient sums equal the micro-batch ground truth and Opacus'
+for every supported layer (Conv2d with groups, stride and dilation; Linear on sequences; GroupNorm; LayerNorm;
+Embedding with repeated tokens; attention built of Linear layers; a layer called twice), and bad models are
+refused before any step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from torch import nn
+from torch.nn import functional as F
+
+from fedgen.errors import ConfigError
+from fedgen.mechanisms.per_example import PerExampleClipping
+
+
+class Attention(nn.Module):
+    """Self-attention made of Linear layers (as in diffusers' Attention) around scaled dot-product attention."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class ImageNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm1 = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, dilation=1, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(6, 6, 2, dilation=2, bias=False)
+        self.attention = Attention(6)
+        self.norm2 = nn.LayerNorm(6)
+        self.label = nn.Embedding(3, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = F.silu(self.conv3(self.conv2(h)))  # (B, 6, 2, 2)
+        tokens = h.flatten(2).transpose(1, 2) + self.label(y).unsqueeze(1)
+        tokens = self.norm2(tokens + self.attention(tokens))
+        return self.head(self.mix(F.silu(self.mix(tokens))).mean(1))  # mix is called twice
+
+
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(tokens)).mean(1))
+
+
+def _data(kind: str, n: int, gen: torch.Generator):
+    y = torch.randint(0, 3, (n,), generator=gen)
+    if kind == "image":
+        return torch.randn(n, 2, 8, 8, generator=gen, dtype=torch.float64), y
+    tokens = torch.randint(0, 20, (n, 5), generator=gen)
+    tokens[0] = 3  # one example made of a repeated token
+    return tokens, y
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return (ImageNet() if kind == "image" else TokenNet()).double()
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x, y), y)  # the mean over the batch
+
+
+def _truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """One backward pass per example: [B, *p.shape] per parameter."""
+    per_param: list[list[torch.Tensor]] = [[] for _ in model.parameters()]
+    for i in range(len(x)):
+        model.zero_grad()
+        _loss(model, x[i:i + 1], y[i:i + 1]).backward()
+        for slot, p in zip(per_param, model.parameters(), strict=True):
+            slot.append(p.grad.detach().clone())
+    return [torch.stack(slot) for slot in per_param]
+
+
+def _clipped_sum(grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+    norms = torch.cat([g.flatten(1) for g in grads], dim=1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return [torch.einsum("i,i...->...", factor, g) for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["image", "tokens"])
+def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = _model(kind)
+    x, y = _data(kind, 10, gen)
+    truth = _truth(copy.deepcopy(model), x, y)
+    norms = torch.cat([g.flatten(1) for g in truth], dim=1).norm(dim=1)
+    clip = float(norms.median())  # about half the examples are clipped
+    assert 3 <= int((norms > clip).sum()) <= 7
+    engine = PerExampleClipping(model, clip)
+    engine.backward(_loss(model, x, y))
+    expected = _clipped_sum(truth, clip)
+    assert len(expected) >= 5
+    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+        assert p.grad is None  # autograd computed no weight gradient
+    assert not engine.pending
+
+
+@pytest.mark.parametrize("kind", ["image", "tokens"])
+def test_clipped_sums_equal_opacus(kind: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    model = _model(kind)
+    x, y = _data(kind, 6, gen)
+    reference = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    _loss(reference, x, y).backward()
+    opacus_grads = [p.grad_sample for p in reference.parameters()]
+    engine = PerExampleClipping(model, 0.05)
+    engine.backward(_loss(model, x, y))
+    for p, want in zip(model.parameters(), _clipped_sum(opacus_grads, 0.05), strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
+
+
+def test_micro_batches_accumulate_and_a_wrong_rule_would_be_caught() -> None:
+    gen = torch.Generator().manual_seed(2)
+    model = _model("image")
+    x, y = _data("image", 8, gen)
+    truth = _clipped_sum(_truth(copy.deepcopy(model), x, y), 0.1)
+    engine = PerExampleClipping(model, 0.1)
+    for part in (slice(0, 3), slice(3, 8)):  # two physical micro-batches of one logical batch
+        engine.backward(_loss(model, x[part], y[part]))
+    for p, want in zip(model.parameters(), truth, strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
+    # the comparison has power: per-layer instead of flat clipping differs
+    per_layer = [torch.einsum("i,i...->...", (0.1 / (g.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0), g)
+                 for g in _truth(_model("image"), x, y)]
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(per_layer, truth, strict=True))
+
+
+def test_unsupported_or_unsafe_models_are_refused() -> None:
+    with pytest.raises(ConfigError, match="BatchNorm2d"):
+        PerExampleClipping(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), 1.0)
+    with pytest.raises(ConfigError, match="MultiheadAttention"):
+        PerExampleClipping(nn.MultiheadAttention(4, 2), 1.0)
+    with pytest.raises(ConfigError, match="padding"):
+        PerExampleClipping(nn.Conv2d(1, 2, 3, padding="same"), 1.0)
+    frozen = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    frozen[1].requires_grad_(False)  # frozen layers need no rule
+    PerExampleClipping(frozen, 1.0)
+
+
+def test_in_place_changes_of_a_recorded_output_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 2))
+    engine = PerExampleClipping(model, 1.0)
+    with pytest.raises(RuntimeError, match="in place"):
+        engine.backward(model(torch.randn(4, 3)).sum())
+    x = torch.randn(4, 3)
+    layer = nn.Linear(3, 3)
+    engine_2 = PerExampleClipping(layer, 1.0)
+    out = layer(x)
+    x.mul_(2)  # the recorded input changed after the layer ran
+    with pytest.raises(RuntimeError, match="in place"):
+        engine_2.backward(out.sum())
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        engine.backward(torch.zeros((), requires_grad=True))
+    with torch.no_grad():  # evaluation is not recorded
+        model(torch.randn(4, 3))
+    assert not engine.pending
+
+
+def _dpsgd_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.5):
+    from torch.utils.data import TensorDataset
+
+    from fedgen.mechanisms import DPSGD
+
+    mechanism = DPSGD(noise_multiplier=0.3, max_grad_norm=0.05, seed=7, engine=engine)
+    loader = mechanism.data_loader(TensorDataset(torch.zeros(40, 1)), batch_size=8)
+    wrapped, optimizer = mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=lr),
+                                                data_loader=loader, steps=5)
+    optimizer.zero_grad()
+    loss = _loss(wrapped, x, y)
+    mechanism.backward(loss) if engine == "fedgen" else loss.backward()
+    optimizer.step()
+    return mechanism, [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["image", "tokens"])
+def test_a_dpsgd_step_with_the_fedgen_engine_equals_the_opacus_step(kind: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, y = _data(kind, 12, gen)
+    mech_o, grads_o = _dpsgd_step("opacus", _model(kind), x, y)
+    mech_f, grads_f = _dpsgd_step("fedgen", _model(kind), x, y)
+    for a, b in zip(grads_o, grads_f, strict=True):  # same clipped sum, same seeded noise, same scaling
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert mech_f.ledger.events == mech_o.ledger.events and mech_f.steps_taken == 1
+    assert any(g.abs().max() > 1e-3 for g in grads_f)
+
+
+def test_the_fedgen_engine_refuses_a_plain_backward() -> None:
+    from torch.utils.data import TensorDataset
+
+    from fedgen.mechanisms import DPSGD
+
+    model = _model("tokens")
+    mechanism = DPSGD(noise_multiplier=1.0, seed=0, engine="fedgen")
+    loader = mechanism.data_loader(TensorDataset(torch.zeros(40, 1)), batch_size=8)
+    model, optimizer = mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                              data_loader=loader, steps=5)
+    x, y = _data("tokens", 4, torch.Generator().manual_seed(0))
+    _loss(model, x, y).backward()  # bypasses clipping
+    with pytest.raises(RuntimeError, match="mechanism.backward"):
+        optimizer.step()
+    assert len(mechanism.ledger) == 0  # nothing was released
+
+
+@pytest.mark.parametrize("kind", ["image", "tokens"])
+def test_noise_multiplicity_clips_the_mean_over_k_draws_of_each_example(kind: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    draws = 3
+    model = _model(kind)
+    x, y = _data(kind, 6, gen)
+    rows_x, rows_y = x.repeat_interleave(draws, 0), y.repeat_interleave(draws, 0)
+    if kind == "image":
+        rows_x = rows_x + 0.5 * torch.randn(rows_x.shape, generator=gen, dtype=rows_x.dtype)  # K noisy copies
+    else:
+        rows_x[::2, 0] = 7  # copies differ
+    reference = copy.deepcopy(model)
+    truth: list[list[torch.Tensor]] = [[] for _ in model.parameters()]
+    for i in range(len(x)):  # example i's loss: the mean over its K rows
+        reference.zero_grad()
+        part = slice(i * draws, (i + 1) * draws)
+        _loss(reference, rows_x[part], rows_y[part]).backward()
+        for slot, p in zip(truth, reference.parameters(), strict=True):
+            slot.append(p.grad.detach().clone())
+    truth = [torch.stack(slot) for slot in truth]
+    engine = PerExampleClipping(model, 0.1)
+    engine.backward(_loss(model, rows_x, rows_y), draws=draws)
+    for p, want in zip(model.parameters(), _clipped_sum(truth, 0.1), strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="multiple"):
+        engine.backward(_loss(model, rows_x[:5], rows_y[:5]), draws=draws)
+
+
+def test_a_diffusers_unet_with_attention_and_class_embeddings_matches_microbatches() -> None:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, layers_per_block=1,
+                       num_class_embeds=3).double()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 1, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    labels = torch.randint(0, 3, (4,), generator=gen)
+
+    def loss(model: nn.Module, part: slice = slice(None)) -> torch.Tensor:
+        return model(x[part], t[part], class_labels=labels[part]).sample.pow(2).mean()
+
+    reference = copy.deepcopy(unet)
+    truth: list[list[torch.Tensor]] = [[] for _ in unet.parameters()]
+    for i in range(len(x)):
+        reference.zero_grad()
+        loss(reference, slice(i, i + 1)).backward()
+        for slot, p in zip(truth, reference.parameters(), strict=True):
+            slot.append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+    truth = [torch.stack(slot) for slot in truth]
+    norms = torch.cat([g.flatten(1) for g in truth], dim=1).norm(dim=1)
+    clip = float(norms.median())
+    engine = PerExampleClipping(unet, clip)
+    engine.backward(loss(unet))
+    for (name, p), want in zip(unet.named_parameters(), _clipped_sum(truth, clip), strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
