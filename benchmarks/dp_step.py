@@ -9,8 +9,9 @@ fixed batch already on the device, timed with CUDA events: the median of ``--ste
   the DDPM noise-prediction loss with ``K`` noise draws per example.
 
 Methods: ``nonprivate`` (plain SGD; with K draws the batch holds B x K noisy copies), ``opacus_hooks``
-(Opacus' ``GradSampleModule`` + ``DPOptimizer``), ``fedgen`` (``DPSGD.make_private``). A private method that
-cannot run a row (e.g. K > 1 without noise multiplicity) prints why instead of a number. Usage:
+(Opacus' ``GradSampleModule`` + ``DPOptimizer``; no noise multiplicity), ``fedgen`` (``DPSGD(engine="fedgen")``:
+fedgen's clipping engine, K draws averaged inside each example's loss). A method that cannot run a row prints
+why instead of a number. Usage:
 
     python benchmarks/dp_step.py --models convnet unet --batches 256 1024 --draws 1 4
 """
@@ -76,11 +77,12 @@ TASKS = {"convnet": convnet_task, "unet": unet_task}
 def make_step(method: str, task: Task, batch_size: int) -> Callable[[], None]:
     model = task.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
     if method == "nonprivate":
         pass
-    elif task.draws != 1:
-        raise NotImplementedError(f"{method}: K > 1 noise draws inside one example's loss are not supported yet")
     elif method == "opacus_hooks":
+        if task.draws != 1:
+            raise NotImplementedError("Opacus clips each of the B x K rows: no noise multiplicity")
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -88,17 +90,20 @@ def make_step(method: str, task: Task, batch_size: int) -> Callable[[], None]:
         optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
                                 expected_batch_size=batch_size, loss_reduction="mean")
     elif method == "fedgen":
-        mechanism = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+        mechanism = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, engine="fedgen")
         shape = task.batch[0].shape[1:]
         dataset = TensorDataset(torch.zeros(1, *shape).expand(DATASET_SIZE, *shape))
         loader = mechanism.data_loader(dataset, batch_size=batch_size)
         model, optimizer = mechanism.make_private(model, optimizer, data_loader=loader, steps=10**6)
+
+        def backward(loss: torch.Tensor) -> None:
+            mechanism.backward(loss, draws=task.draws)
     else:
         raise ValueError(f"unknown method {method!r}")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        task.loss(model, *task.batch).backward()
+        backward(task.loss(model, *task.batch))
         optimizer.step()
 
     return step
