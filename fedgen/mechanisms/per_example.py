@@ -1,18 +1,21 @@
 """fedgen's per-example clipping engine: one backward pass for the layer outputs, clipping by book-keeping.
 
 Opacus' hooks let autograd compute every weight gradient and then compute every per-example gradient
-again. Here (after the book-keeping idea of Bu et al., ICML 2023) the forward pass records each layer's
+again. Here (after the book-keeping method of Bu et al., ICML 2023) the forward pass records each layer's
 input ``a_l`` and output ``z_l``; one ``torch.autograd.grad(loss, [z_l])`` computes only the output
-gradients ``g_l = dL/dz_l`` (autograd skips the weight gradients nobody asked for); then, per layer, the
-per-example gradients are formed from ``(a_l, g_l)`` with one batched product, their squared norms are
-summed over layers, each example is scaled by ``min(1, C / (||grad_i|| + 1e-6))`` (Opacus' rule) and the
-scaled sum is added to ``p.summed_grad``. Layers:
+gradients ``g_l = dL/dz_l`` (autograd skips the weight gradients nobody asked for). Then:
 
-- ``Linear``: ``grad_i W = g_i^T a_i`` (summed over any sequence dimensions), ``grad_i b = sum g_i``;
-- ``Conv2d``: the same on the unfolded input (``F.unfold``: positions as the sequence dimension);
-- ``GroupNorm`` / ``LayerNorm``: ``grad_i weight = sum g_i * x_hat_i`` with ``x_hat`` the normalized input,
-  ``grad_i bias = sum g_i``;
-- ``Embedding``: ``g_i`` scattered into the rows of the indices example ``i`` used.
+1. per-example squared gradient norms, summed over layers (flat clipping). ``Linear`` and ``Conv2d`` (a
+   Linear layer over its unfolded positions) are a sum of T outer products per example, whose norm is
+   taken by the ghost norm ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T^2 <= d_in d_out`` (Li et al., ICLR
+   2022) and otherwise by forming the example's gradient, a few examples at a time (nothing is kept);
+   ``GroupNorm``, ``LayerNorm`` and ``Embedding`` have few parameters per example, whose per-example
+   gradients are formed (``grad_i weight = sum g_i * x_hat_i``, ``grad_i bias = sum g_i`` with ``x_hat`` the
+   normalized input; ``g_i`` scattered into the embedding rows example i used);
+2. the clip factors ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' rule);
+3. the clipped sums: for ``Linear`` and ``Conv2d`` one weight-gradient product of the output gradients
+   scaled row by row by ``c_i`` (the kernel non-private training runs, e.g. cuDNN's for convolutions); for
+   the small layers the weighted sum of their per-example gradients. They are added to ``p.summed_grad``.
 
 Every trainable parameter of the module must sit in one of these layers (checked when the engine is
 built), so none escapes clipping. Parameters must be used only through their layer's forward: a direct use
@@ -39,28 +42,79 @@ and output gradient ``g``, whose first dimension holds ``batch * K`` rows, the K
 (K noise draws per example); the K rows of an example are treated as more positions of one sequence."""
 
 
-def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-    a3, g3 = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
-    grads = {"weight": torch.bmm(g3.transpose(1, 2), a3)}
+#: elements of a temporary (unfolded inputs, per-example gradients) above which work is split over examples
+CHUNK_ELEMENTS = 2**26
+
+
+def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``||g_n^T x_n||_F^2`` for each row n of ``x`` (N, T, d_in) and ``g`` (N, T, d_out), the squared norm of a
+    sum of T outer products. With ``T^2 <= d_in d_out`` by the ghost norm (Li et al., ICLR 2022):
+    ``sum_{t,s} (x_t . x_s) (g_t . g_s)``; otherwise by forming ``g_n^T x_n``. Exact either way."""
+    n, t, d_in = x.shape
+    d_out = g.shape[-1]
+    if t * t <= d_in * d_out:
+        return (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    step = max(1, CHUNK_ELEMENTS // (d_in * d_out))
+    return torch.cat([torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step]).pow(2).sum((1, 2))
+                      for i in range(0, n, step)])
+
+
+def _linear_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    x, gr = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+    sq = _positions_sq_norms(x, gr)
     if layer.bias is not None:
-        grads["bias"] = g3.sum(1)
+        sq = sq + gr.sum(1).pow(2).sum(1)
+    return sq
+
+
+def _linear_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``sum_rows g_r^T a_r`` with ``g`` already scaled per row by the clip factors."""
+    g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+    grads = {"weight": g2.T @ a2}
+    if layer.bias is not None:
+        grads["bias"] = g2.sum(0)
     return grads
 
 
-def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfolded input (B G, K T, C_in/G k k) and output gradient (B G, K T, C_out/G) of ``batch``
+    examples (K rows each): a convolution is a Linear layer over its K T positions, one per group."""
     groups, draws = layer.groups, a.shape[0] // batch
     cols = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
     positions = cols.shape[-1]
 
-    def by_example(t: torch.Tensor) -> torch.Tensor:  # (B K, G, c, T) -> (B G, c, K T)
-        t = t.reshape(batch, draws, groups, -1, positions).permute(0, 2, 3, 1, 4)
-        return t.reshape(batch * groups, t.shape[2], draws * positions)
+    def by_example(t: torch.Tensor) -> torch.Tensor:  # (B K, G, c, T) -> (B G, K T, c)
+        t = t.reshape(batch, draws, groups, -1, positions).permute(0, 2, 1, 4, 3)
+        return t.reshape(batch * groups, draws * positions, t.shape[-1])
 
-    cols = by_example(cols.reshape(batch * draws, groups, -1, positions))  # (B G, C_in/G k k, K T)
-    g3 = by_example(g.reshape(batch * draws, groups, -1, positions))  # (B G, C_out/G, K T)
-    grads = {"weight": torch.bmm(g3, cols.transpose(1, 2)).reshape(batch, *layer.weight.shape)}
+    return (by_example(cols.reshape(batch * draws, groups, -1, positions)),
+            by_example(g.reshape(batch * draws, groups, -1, positions)))
+
+
+def _conv2d_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    draws = a.shape[0] // batch
+    per_example = a[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws  # unfolded size
+    step = max(1, CHUNK_ELEMENTS // per_example)
+    parts = []
+    for i in range(0, batch, step):
+        b = min(step, batch - i)
+        rows = slice(i * draws, (i + b) * draws)
+        x, gr = _conv_positions(layer, a[rows], g[rows], b)
+        parts.append(_positions_sq_norms(x, gr).reshape(b, layer.groups).sum(1))
+    sq = torch.cat(parts)
     if layer.bias is not None:
-        grads["bias"] = g.reshape(batch, draws, layer.out_channels, -1).sum((1, 3))
+        sq = sq + g.reshape(batch, draws, layer.out_channels, -1).sum((1, 3)).pow(2).sum(1)
+    return sq
+
+
+def _conv2d_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weight gradient of the scaled output gradient ``g``: the same kernel non-private training runs."""
+    grads = {"weight": torch.nn.grad.conv2d_weight(a, layer.weight.shape, g, stride=layer.stride,
+                                                   padding=layer.padding, dilation=layer.dilation,
+                                                   groups=layer.groups)}
+    if layer.bias is not None:
+        grads["bias"] = g.sum((0, 2, 3))
     return grads
 
 
@@ -96,13 +150,18 @@ def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, batch: i
     return {"weight": weight.reshape(batch, layer.num_embeddings, layer.embedding_dim)}
 
 
-RULES: dict[type[nn.Module], PerExampleRule] = {
-    nn.Linear: _linear,
-    nn.Conv2d: _conv2d,
+#: layers whose per-example gradients are formed (few parameters per example)
+MATERIALIZED: dict[type[nn.Module], PerExampleRule] = {
     nn.GroupNorm: _group_norm,
     nn.LayerNorm: _layer_norm,
     nn.Embedding: _embedding,
 }
+#: layers handled by book-keeping: per-example squared norms, then one product of the scaled output gradients
+BOOK_KEEPING: dict[type[nn.Module], tuple[Callable, Callable]] = {
+    nn.Linear: (_linear_norms, _linear_sum),
+    nn.Conv2d: (_conv2d_norms, _conv2d_sum),
+}
+SUPPORTED: tuple[type[nn.Module], ...] = (*MATERIALIZED, *BOOK_KEEPING)
 
 
 def _check_layer(name: str, layer: nn.Module) -> None:
@@ -139,7 +198,7 @@ class PerExampleClipping:
         for name, layer in module.named_modules():
             if not any(p.requires_grad for p in layer.parameters(recurse=False)):
                 continue
-            if type(layer) not in RULES:
+            if type(layer) not in SUPPORTED:
                 unsupported.append(f"{name or '<root>'} ({type(layer).__name__})")
                 continue
             _check_layer(name, layer)
@@ -147,7 +206,7 @@ class PerExampleClipping:
         if unsupported:
             raise ConfigError("model", "fedgen's clipping engine has no per-example rule for the trainable "
                               f"parameters of {', '.join(unsupported)}",
-                              f"use layers of {sorted(t.__name__ for t in RULES)} or DPSGD(engine='opacus')")
+                              f"use layers of {sorted(t.__name__ for t in SUPPORTED)} or DPSGD(engine='opacus')")
         self._records: list[_Record] = []
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
 
@@ -190,22 +249,68 @@ class PerExampleClipping:
             raise ValueError(f"the batch has {rows} rows, not a multiple of draws={draws}")
         batch = rows // draws
         output_grads = torch.autograd.grad(loss, [r.output for r in records], allow_unused=True)
-        per_example: dict[nn.Parameter, torch.Tensor] = {}
-        for r, g in zip(records, output_grads, strict=True):
-            if g is None:
-                continue
+        used = [(r, g * batch) for r, g in zip(records, output_grads, strict=True) if g is not None]
+        for r, _ in used:
             if r.inputs.shape[0] != rows:
                 raise RuntimeError(f"layer {self.layers[r.layer]!r} saw a batch of {r.inputs.shape[0]}, not {rows}: "
                                    "the first dimension of every layer input must index the examples")
-            for pname, grad in RULES[type(r.layer)](r.layer, r.inputs, g * batch, batch).items():
-                param = getattr(r.layer, pname)
-                if param.requires_grad:
-                    per_example[param] = per_example[param] + grad if param in per_example else grad
-        if not per_example:
+        if not used:
             return
-        sq_norms = torch.stack([grad.reshape(batch, -1).pow(2).sum(1) for grad in per_example.values()]).sum(0)
+        by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for r, g in used:
+            by_layer.setdefault(r.layer, []).append((r.inputs, g))
+        # 1. per-example squared norms over all parameters (flat clipping)
+        sq_norms = torch.zeros(batch, device=used[0][1].device, dtype=used[0][1].dtype)
+        materialized: dict[nn.Parameter, torch.Tensor] = {}
+        for layer, calls in by_layer.items():
+            if type(layer) in MATERIALIZED:
+                for a, g in calls:
+                    for pname, grad in MATERIALIZED[type(layer)](layer, a, g, batch).items():
+                        param = getattr(layer, pname)
+                        if param.requires_grad:
+                            materialized[param] = materialized[param] + grad if param in materialized else grad
+            else:
+                sq_norms += self._book_keeping_sq_norms(layer, calls, batch)
+        for grad in materialized.values():
+            sq_norms += grad.reshape(batch, -1).pow(2).sum(1)
         factor = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
-        for param, grad in per_example.items():
-            clipped = torch.einsum("b,b...->...", factor.to(grad.dtype), grad).to(param.dtype)
+        # 2. sum_i factor_i grad_i per parameter
+        clipped: dict[nn.Parameter, torch.Tensor] = {}
+        for param, grad in materialized.items():
+            clipped[param] = torch.einsum("b,b...->...", factor.to(grad.dtype), grad)
+        row_factor = factor.repeat_interleave(draws)
+        for layer, calls in by_layer.items():
+            if type(layer) not in BOOK_KEEPING:
+                continue
+            for a, g in calls:
+                scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+                for pname, grad in BOOK_KEEPING[type(layer)][1](layer, a, scaled).items():
+                    param = getattr(layer, pname)
+                    if param.requires_grad:
+                        clipped[param] = clipped[param] + grad if param in clipped else grad
+        for param, grad in clipped.items():
             summed = getattr(param, "summed_grad", None)
-            param.summed_grad = clipped if summed is None else summed + clipped
+            grad = grad.to(param.dtype)
+            param.summed_grad = grad if summed is None else summed + grad
+
+    @staticmethod
+    def _book_keeping_sq_norms(layer: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]],
+                               batch: int) -> torch.Tensor:
+        """Per-example squared gradient norms of a Linear or Conv2d layer. A layer called once (the usual
+        case) needs no per-example gradient; a layer called several times sums its calls' per-example
+        gradients first (the norm of a sum is not the sum of norms), by concatenating their positions."""
+        norms, _ = BOOK_KEEPING[type(layer)]
+        if len(calls) == 1:
+            a, g = calls[0]
+            return norms(layer, a, g, batch)
+        if isinstance(layer, nn.Linear):
+            a = torch.cat([a.reshape(batch, -1, a.shape[-1]) for a, _ in calls], 1)
+            g = torch.cat([g.reshape(batch, -1, g.shape[-1]) for _, g in calls], 1)
+            return norms(layer, a, g, batch)
+        xs, gs = zip(*(_conv_positions(layer, a, g, batch) for a, g in calls), strict=True)
+        sq = _positions_sq_norms(torch.cat(xs, 1), torch.cat(gs, 1)).reshape(batch, layer.groups).sum(1)
+        if layer.bias is not None:
+            bias = sum(g.reshape(batch, -1, layer.out_channels, g.shape[-2] * g.shape[-1]).sum((1, 3))
+                       for _, g in calls)
+            sq = sq + bias.pow(2).sum(1)
+        return sq

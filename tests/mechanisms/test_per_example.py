@@ -285,3 +285,42 @@ def test_a_diffusers_unet_with_attention_and_class_embeddings_matches_microbatch
     engine.backward(loss(unet))
     for (name, p), want in zip(unet.named_parameters(), _clipped_sum(truth, clip), strict=True):
         torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_both_norm_methods_are_exact_and_work_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedgen.mechanisms import per_example
+
+    gen = torch.Generator().manual_seed(6)
+    for t, d_in, d_out in [(3, 5, 4), (9, 2, 3)]:  # ghost norm (T^2 <= d_in d_out), then formed gradients
+        x = torch.randn(7, t, d_in, generator=gen, dtype=torch.float64)
+        g = torch.randn(7, t, d_out, generator=gen, dtype=torch.float64)
+        want = torch.einsum("nto,nti->noi", g, x).pow(2).sum((1, 2))
+        torch.testing.assert_close(per_example._positions_sq_norms(x, g), want)
+        monkeypatch.setattr(per_example, "CHUNK_ELEMENTS", 8)  # one example at a time
+        torch.testing.assert_close(per_example._positions_sq_norms(x, g), want)
+        monkeypatch.undo()
+
+
+class TwiceConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(F.silu(self.conv(x)))[:, :, ::2, ::2].mean((2, 3)))  # conv called twice
+
+
+def test_a_convolution_called_twice_and_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedgen.mechanisms import per_example
+
+    monkeypatch.setattr(per_example, "CHUNK_ELEMENTS", 100)  # unfold a few examples at a time
+    torch.manual_seed(0)
+    model = TwiceConv().double()
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
+    truth = _truth(copy.deepcopy(model), x, y)
+    clip = float(torch.cat([g.flatten(1) for g in truth], dim=1).norm(dim=1).median())
+    PerExampleClipping(model, clip).backward(_loss(model, x, y))
+    for p, want in zip(model.parameters(), _clipped_sum(truth, clip), strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
