@@ -249,7 +249,10 @@ class PerExampleClipping:
             raise ValueError(f"the batch has {rows} rows, not a multiple of draws={draws}")
         batch = rows // draws
         output_grads = torch.autograd.grad(loss, [r.output for r in records], allow_unused=True)
-        used = [(r, g * batch) for r, g in zip(records, output_grads, strict=True) if g is not None]
+        # g holds gradients of the batch mean; example i's own gradient is batch * (its part). The factor
+        # batch is applied to the norms and the clip factors below, so no scaled copy of g is made.
+        used = [(r, g) for r, g in zip(records, output_grads, strict=True) if g is not None]
+        del output_grads, records
         for r, _ in used:
             if r.inputs.shape[0] != rows:
                 raise RuntimeError(f"layer {self.layers[r.layer]!r} saw a batch of {r.inputs.shape[0]}, not {rows}: "
@@ -259,8 +262,10 @@ class PerExampleClipping:
         by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for r, g in used:
             by_layer.setdefault(r.layer, []).append((r.inputs, g))
+        device, dtype = used[0][1].device, used[0][1].dtype
+        del used
         # 1. per-example squared norms over all parameters (flat clipping)
-        sq_norms = torch.zeros(batch, device=used[0][1].device, dtype=used[0][1].dtype)
+        sq_norms = torch.zeros(batch, device=device, dtype=dtype)
         materialized: dict[nn.Parameter, torch.Tensor] = {}
         for layer, calls in by_layer.items():
             if type(layer) in MATERIALIZED:
@@ -273,13 +278,15 @@ class PerExampleClipping:
                 sq_norms += self._book_keeping_sq_norms(layer, calls, batch)
         for grad in materialized.values():
             sq_norms += grad.reshape(batch, -1).pow(2).sum(1)
-        factor = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+        # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
+        factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
         for param, grad in materialized.items():
             clipped[param] = torch.einsum("b,b...->...", factor.to(grad.dtype), grad)
         row_factor = factor.repeat_interleave(draws)
-        for layer, calls in by_layer.items():
+        for layer in list(by_layer):
+            calls = by_layer.pop(layer)  # each layer's output gradients are freed once used
             if type(layer) not in BOOK_KEEPING:
                 continue
             for a, g in calls:
