@@ -161,4 +161,8 @@ def _federate(fabric: L.Fabric, trainer: FederatedTrainer, model: nn.Module, cli
     if rank == 0:
         torch.save(({k: v.cpu() for k, v in model.state_dict().items()}, trainer.state_dict(global_params)),
                    result_path)
+    # Leave together and close the process group: a worker that exits while gloo's threads still run
+    # aborts ("terminate called without an active exception").
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
     return None
