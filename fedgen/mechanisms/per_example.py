@@ -7,8 +7,9 @@ gradients ``g_l = dL/dz_l`` (autograd skips the weight gradients nobody asked fo
 
 1. per-example squared gradient norms, summed over layers (flat clipping). ``Linear`` and ``Conv2d`` (a
    Linear layer over its unfolded positions) are a sum of T outer products per example, whose norm is
-   taken by the ghost norm ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T^2 <= d_in d_out`` (Li et al., ICLR
-   2022) and otherwise by forming the example's gradient, a few examples at a time (nothing is kept);
+   taken by the ghost norm ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T (d_in + d_out) <= d_in d_out``
+   (fewer multiplications; Li et al., ICLR 2022) and otherwise by forming the example's gradient, a few
+   examples at a time (nothing is kept);
    ``GroupNorm``, ``LayerNorm`` and ``Embedding`` have few parameters per example, whose per-example
    gradients are formed (``grad_i weight = sum g_i * x_hat_i``, ``grad_i bias = sum g_i`` with ``x_hat`` the
    normalized input; ``g_i`` scattered into the embedding rows example i used);
@@ -48,11 +49,12 @@ CHUNK_ELEMENTS = 2**26
 
 def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``||g_n^T x_n||_F^2`` for each row n of ``x`` (N, T, d_in) and ``g`` (N, T, d_out), the squared norm of a
-    sum of T outer products. With ``T^2 <= d_in d_out`` by the ghost norm (Li et al., ICLR 2022):
-    ``sum_{t,s} (x_t . x_s) (g_t . g_s)``; otherwise by forming ``g_n^T x_n``. Exact either way."""
+    sum of T outer products, by whichever of two exact methods takes fewer multiplications: the ghost norm
+    (Li et al., ICLR 2022) ``sum_{t,s} (x_t . x_s) (g_t . g_s)``, ``T^2 (d_in + d_out)`` of them, or forming
+    ``g_n^T x_n``, ``T d_in d_out``."""
     n, t, d_in = x.shape
     d_out = g.shape[-1]
-    if t * t <= d_in * d_out:
+    if t * (d_in + d_out) <= d_in * d_out:
         return (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     step = max(1, CHUNK_ELEMENTS // (d_in * d_out))
     return torch.cat([torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step]).pow(2).sum((1, 2))
