@@ -249,6 +249,12 @@ class PerExampleClipping:
         rows = records[0].inputs.shape[0]
         if draws < 1 or rows % draws:
             raise ValueError(f"the batch has {rows} rows, not a multiple of draws={draws}")
+        if rows == 0:  # an empty Poisson sample: the clipped sum is 0, and the step still adds its noise
+            for layer in self.layers:
+                for param in layer.parameters(recurse=False):
+                    if param.requires_grad and getattr(param, "summed_grad", None) is None:
+                        param.summed_grad = torch.zeros_like(param)
+            return
         batch = rows // draws
         output_grads = torch.autograd.grad(loss, [r.output for r in records], allow_unused=True)
         # g holds gradients of the batch mean; example i's own gradient is batch * (its part). The factor

@@ -324,3 +324,12 @@ def test_a_convolution_called_twice_and_small_chunks(monkeypatch: pytest.MonkeyP
     PerExampleClipping(model, clip).backward(_loss(model, x, y))
     for p, want in zip(model.parameters(), _clipped_sum(truth, clip), strict=True):
         torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
+
+
+def test_an_empty_poisson_batch_still_releases_noise() -> None:
+    gen = torch.Generator().manual_seed(8)
+    x, y = _data("image", 4, gen)
+    mechanism, grads = _dpsgd_step("fedgen", _model("image"), x[:0], y[:0])
+    assert mechanism.steps_taken == 1 and len(mechanism.ledger) == 1
+    noise = torch.cat([g.flatten() for g in grads])  # noise only: N(0, (0.3 * 0.05)^2) / 8 per coordinate
+    assert abs(float(noise.std()) / (0.3 * 0.05 / 8) - 1) < 0.2 and noise.numel() > 400
