@@ -256,8 +256,9 @@ def federate(args: list[str]) -> dict[str, Any]:
 
     data.prepare_data()
     data.setup("fit")
-    clients = make_clients(data.train_set, built.partitioner or IIDPartitioner(seed=0), config.num_clients)
-    mechanism = getattr(trainer.strategy, "mechanism", None)
+    partitioner = built.partitioner or IIDPartitioner(seed=0)
+    clients = make_clients(data.train_set, partitioner, config.num_clients)
+    mechanism = trainer.strategy.mechanism
     if mechanism is not None:
         mechanism.check_dataset_size(len(clients) if mechanism.ledger.unit == "user" else len(data.train_set))
     try:
@@ -291,7 +292,7 @@ def federate(args: list[str]) -> dict[str, Any]:
         "rounds_planned": trainer.rounds,
         "num_clients": len(clients),
         "client_sizes": [len(c) for c in clients],
-        "partitioner": repr(built.partitioner or IIDPartitioner(seed=0)),
+        "partitioner": repr(partitioner),
         "dataset": getattr(data, "dataset", type(data).__name__),
         "num_private": len(data.train_set),
         "seconds": seconds,

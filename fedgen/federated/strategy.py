@@ -43,6 +43,8 @@ class Strategy(Registered):
     """Base class: local training on a client and aggregation on the server."""
 
     registry: Registry[Strategy] = Registry("strategy")
+    #: the mechanism that privatizes the aggregate, if any (its ledger holds the federation's epsilon)
+    mechanism: GaussianMechanism | None = None
 
     def __init__(self, *, local_epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
                  server_lr: float = 1.0) -> None:

@@ -84,6 +84,12 @@ class Mechanism(Registered):
         """Whether the budget allows no further release of this mechanism's planned kind."""
         return False
 
+    @property
+    def owns_backward(self) -> bool:
+        """Whether the training loop must call the mechanism's ``backward(loss)`` instead of ``loss.backward()``
+        (a mechanism that clips per example itself, such as ``DPSGD(engine="fedgen")``)."""
+        return False
+
     def charge(self, event: PrivacyEvent) -> None:
         """Record ``event`` (a Gaussian or a Skellam release) in the ledger, or raise if it would exceed the budget
         (nothing is recorded then)."""

@@ -262,7 +262,6 @@ class DPSGD(Mechanism, name="dp_sgd"):
 
     @property
     def owns_backward(self) -> bool:
-        """Whether the training loop must call :meth:`backward` instead of ``loss.backward()``."""
         return self.engine == "fedgen"
 
     def backward(self, loss: torch.Tensor, *, draws: int = 1) -> None:

@@ -40,7 +40,7 @@ class PrivateModule(L.LightningModule):
 
     def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
         """Mechanisms that clip per example themselves (``DPSGD(engine="fedgen")``) take the backward pass."""
-        if self.mechanism is not None and getattr(self.mechanism, "owns_backward", False):
+        if self.mechanism is not None and self.mechanism.owns_backward:
             self.mechanism.backward(loss)
         else:
             super().backward(loss, *args, **kwargs)
