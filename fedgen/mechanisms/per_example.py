@@ -259,21 +259,20 @@ class PerExampleClipping:
         output_grads = torch.autograd.grad(loss, [r.output for r in records], allow_unused=True)
         # g holds gradients of the batch mean; example i's own gradient is batch * (its part). The factor
         # batch is applied to the norms and the clip factors below, so no scaled copy of g is made.
-        used = [(r, g) for r, g in zip(records, output_grads, strict=True) if g is not None]
-        del output_grads, records
-        for r, _ in used:
+        by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for r, g in zip(records, output_grads, strict=True):
+            if g is None:
+                continue
             if r.inputs.shape[0] != rows:
                 raise RuntimeError(f"layer {self.layers[r.layer]!r} saw a batch of {r.inputs.shape[0]}, not {rows}: "
                                    "the first dimension of every layer input must index the examples")
-        if not used:
-            return
-        by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for r, g in used:
             by_layer.setdefault(r.layer, []).append((r.inputs, g))
-        device, dtype = used[0][1].device, used[0][1].dtype
-        del used
+        del output_grads, records
+        if not by_layer:
+            return
+        first_grad = next(iter(by_layer.values()))[0][1]
         # 1. per-example squared norms over all parameters (flat clipping)
-        sq_norms = torch.zeros(batch, device=device, dtype=dtype)
+        sq_norms = torch.zeros(batch, device=first_grad.device, dtype=first_grad.dtype)
         materialized: dict[nn.Parameter, torch.Tensor] = {}
         for layer, calls in by_layer.items():
             if type(layer) in MATERIALIZED:
