@@ -55,10 +55,12 @@ def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n, t, d_in = x.shape
     d_out = g.shape[-1]
     if t * (d_in + d_out) <= d_in * d_out:
-        return (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+        return torch.bmm(xx.reshape(n, 1, -1), gg.reshape(n, -1, 1)).reshape(n)  # <xx_n, gg_n>, no temporary
     step = max(1, CHUNK_ELEMENTS // (d_in * d_out))
-    return torch.cat([torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step]).pow(2).sum((1, 2))
-                      for i in range(0, n, step)])
+    parts = [torch.linalg.vector_norm(torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step]), dim=(1, 2)).square()
+             for i in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _linear_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
@@ -78,20 +80,33 @@ def _linear_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[str,
     return grads
 
 
+def _unfold(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """``F.unfold(a)`` for the layer's kernel, stride, dilation and padding: (N, C k_h k_w, T), made by one
+    strided copy of the padded input (``F.unfold`` on CUDA launches one kernel per example)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    if ph or pw:
+        a = F.pad(a, (pw, pw, ph, ph))
+    n, c, h, w = a.shape
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s = a.stride()
+    windows = a.as_strided((n, c, kh, kw, out_h, out_w), (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw))
+    return windows.reshape(n, c * kh * kw, out_h * out_w)
+
+
 def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The unfolded input (B G, K T, C_in/G k k) and output gradient (B G, K T, C_out/G) of ``batch``
-    examples (K rows each): a convolution is a Linear layer over its K T positions, one per group."""
+    examples (K rows each): a convolution is a Linear layer over its K T positions, one per group. Both are
+    transposed views of (B G, channels, K T) tensors, which need no copy for K = 1."""
     groups, draws = layer.groups, a.shape[0] // batch
-    cols = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    cols = _unfold(layer, a)
     positions = cols.shape[-1]
 
-    def by_example(t: torch.Tensor) -> torch.Tensor:  # (B K, G, c, T) -> (B G, K T, c)
-        t = t.reshape(batch, draws, groups, -1, positions).permute(0, 2, 1, 4, 3)
-        return t.reshape(batch * groups, draws * positions, t.shape[-1])
+    def by_example(t: torch.Tensor) -> torch.Tensor:  # (B K, G c, T) -> (B G, K T, c)
+        t = t.reshape(batch, draws, groups, -1, positions).permute(0, 2, 3, 1, 4)
+        return t.reshape(batch * groups, t.shape[2], draws * positions).transpose(1, 2)
 
-    return (by_example(cols.reshape(batch * draws, groups, -1, positions)),
-            by_example(g.reshape(batch * draws, groups, -1, positions)))
+    return by_example(cols), by_example(g)
 
 
 def _conv2d_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
@@ -104,7 +119,7 @@ def _conv2d_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int
         rows = slice(i * draws, (i + b) * draws)
         x, gr = _conv_positions(layer, a[rows], g[rows], b)
         parts.append(_positions_sq_norms(x, gr).reshape(b, layer.groups).sum(1))
-    sq = torch.cat(parts)
+    sq = parts[0] if len(parts) == 1 else torch.cat(parts)
     if layer.bias is not None:
         sq = sq + g.reshape(batch, draws, layer.out_channels, -1).sum((1, 3)).pow(2).sum(1)
     return sq
@@ -135,9 +150,15 @@ def _affine_grads(layer: nn.GroupNorm | nn.LayerNorm, g: torch.Tensor, x_hat: to
 
 
 def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-    x_hat = F.group_norm(a, layer.num_groups, eps=layer.eps)
-    # the affine parameters act on dim 1 (channels): move it last
-    return _affine_grads(layer, g.movedim(1, -1), x_hat.movedim(1, -1), batch, 1)
+    # the affine parameters act on dim 1 (channels); the products are reduced without a full-size temporary
+    x_hat = F.group_norm(a, layer.num_groups, eps=layer.eps).reshape(batch, -1, a.shape[1], a[0, 0].numel())
+    g = g.reshape(x_hat.shape)
+    grads = {}
+    if layer.weight is not None:
+        grads["weight"] = torch.einsum("bkcl,bkcl->bc", g, x_hat)
+    if layer.bias is not None:
+        grads["bias"] = g.sum((1, 3))
+    return grads
 
 
 def _layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:

@@ -301,6 +301,16 @@ def test_both_norm_methods_are_exact_and_work_in_chunks(monkeypatch: pytest.Monk
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [(3, 1, 1, 1), (3, 2, 1, 0), (2, 1, 2, 2), ((3, 2), (2, 1), (1, 2), (1, 0))])
+def test_the_strided_unfold_equals_torch_unfold(kernel, stride, dilation, padding) -> None:
+    from fedgen.mechanisms import per_example
+
+    layer = nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding)
+    a = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(9))
+    want = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    torch.testing.assert_close(per_example._unfold(layer, a), want, atol=0, rtol=0)
+
+
 class TwiceConv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
