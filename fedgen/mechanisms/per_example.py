@@ -135,35 +135,42 @@ def _conv2d_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str,
     return grads
 
 
-def _affine_grads(layer: nn.GroupNorm | nn.LayerNorm, g: torch.Tensor, x_hat: torch.Tensor, batch: int,
-                  affine_dims: int) -> dict[str, torch.Tensor]:
-    """Per-example affine gradients: sums over every dimension but the examples and the last ``affine_dims``."""
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, -1, *t.shape[t.dim() - affine_dims:]).sum(1)
-
-    grads = {}
-    if layer.weight is not None:
-        grads["weight"] = reduce(g * x_hat)
-    if layer.bias is not None:
-        grads["bias"] = reduce(g)
-    return grads
-
-
 def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-    # the affine parameters act on dim 1 (channels); the products are reduced without a full-size temporary
-    x_hat = F.group_norm(a, layer.num_groups, eps=layer.eps).reshape(batch, -1, a.shape[1], a[0, 0].numel())
-    g = g.reshape(x_hat.shape)
+    """With ``x_hat = (a - mu) r`` (mean ``mu`` and inverse deviation ``r`` of the row's group), the weight's
+    per-example gradient on channel c is ``sum g x_hat = r (sum g a - mu sum g)``, summed over positions and
+    the example's rows: the group statistics, ``sum g a`` and ``sum g`` take three reductions and no full-size
+    temporary (PyTorch's own GroupNorm backward reduces the same way)."""
+    rows, channels = a.shape[:2]
+    by_group = a.unflatten(1, (layer.num_groups, -1))  # a view, also of a non-contiguous input
+    var, mean = torch.var_mean(by_group, dim=tuple(range(2, by_group.dim())), unbiased=False)
+    inv_std = (var + layer.eps).rsqrt().repeat_interleave(channels // layer.num_groups, dim=1)  # (rows, C)
+    mean = mean.repeat_interleave(channels // layer.num_groups, dim=1)
+    g = g.reshape(rows, channels, -1)
+    g_sum = g.sum(2)
     grads = {}
     if layer.weight is not None:
-        grads["weight"] = torch.einsum("bkcl,bkcl->bc", g, x_hat)
+        positions = g.shape[2]  # sum g a per (row, channel) as batched dot products: no full-size temporary
+        g_a = torch.bmm(g.reshape(-1, 1, positions), a.reshape(-1, positions, 1)).reshape(rows, channels)
+        g_x_hat = inv_std * (g_a - mean * g_sum)
+        grads["weight"] = g_x_hat.reshape(batch, -1, channels).sum(1)
     if layer.bias is not None:
-        grads["bias"] = g.sum((1, 3))
+        grads["bias"] = g_sum.reshape(batch, -1, channels).sum(1)
     return grads
 
 
 def _layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """Per-example affine gradients ``sum g x_hat`` and ``sum g`` over every dimension but the normalized ones."""
     x_hat = F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
-    return _affine_grads(layer, g, x_hat, batch, len(layer.normalized_shape))
+
+    def per_example(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, -1, *layer.normalized_shape).sum(1)
+
+    grads = {}
+    if layer.weight is not None:
+        grads["weight"] = per_example(g * x_hat)
+    if layer.bias is not None:
+        grads["bias"] = per_example(g)
+    return grads
 
 
 def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
