@@ -46,15 +46,28 @@ class _LedgerDPOptimizer(DPOptimizer):
         self._mechanism = mechanism
 
     def add_noise(self) -> None:
+        """``grad = summed_grad + N(0, (sigma C)^2 I)``: one draw per device and dtype for all parameters (a draw
+        per parameter launched hundreds of small kernels for a UNet), split into their shapes."""
         self._mechanism.charge_step()
         noise_source: NoiseSource = self._mechanism.noise
         std = self.noise_multiplier * self.max_grad_norm
+        groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
-            summed = p.summed_grad
-            _check_processed_flag(summed)
-            p.grad = (summed + noise_source.normal(summed.shape, std=std, device=summed.device,
-                                                   dtype=summed.dtype)).view_as(p)
-            _mark_as_processed(summed)
+            _check_processed_flag(p.summed_grad)
+            groups.setdefault((p.summed_grad.device, p.summed_grad.dtype), []).append(p)
+        for (device, dtype), params in groups.items():
+            summed = [p.summed_grad for p in params]
+            sizes = [s.numel() for s in summed]
+            noise = noise_source.normal((sum(sizes),), std=std, device=device, dtype=dtype).split(sizes)
+            noisy = torch._foreach_add(summed, [n.view_as(s) for n, s in zip(noise, summed, strict=True)])
+            for p, grad in zip(params, noisy, strict=True):
+                p.grad = grad.view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Divide by the expected batch size, as Opacus does, in one batched operation."""
+        if self.loss_reduction == "mean":
+            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
 
 
 class _EngineDPOptimizer(_LedgerDPOptimizer):

@@ -5,18 +5,18 @@ again. Here (after the book-keeping method of Bu et al., ICML 2023) the forward 
 input ``a_l`` and output ``z_l``; one ``torch.autograd.grad(loss, [z_l])`` computes only the output
 gradients ``g_l = dL/dz_l`` (autograd skips the weight gradients nobody asked for). Then:
 
-1. per-example squared gradient norms, summed over layers (flat clipping). ``Linear`` and ``Conv2d`` (a
-   Linear layer over its unfolded positions) are a sum of T outer products per example, whose norm is
-   taken by the ghost norm ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T (d_in + d_out) <= d_in d_out``
-   (fewer multiplications; Li et al., ICLR 2022) and otherwise by forming the example's gradient, a few
-   examples at a time (nothing is kept);
-   ``GroupNorm``, ``LayerNorm`` and ``Embedding`` have few parameters per example, whose per-example
-   gradients are formed (``grad_i weight = sum g_i * x_hat_i``, ``grad_i bias = sum g_i`` with ``x_hat`` the
-   normalized input; ``g_i`` scattered into the embedding rows example i used);
+1. per-example squared gradient norms over all trainable parameters, summed over layers (flat clipping).
+   The weights of ``Linear`` and ``Conv2d`` (a Linear layer over its unfolded positions) are a sum of T outer
+   products per example, whose norm is taken by the ghost norm ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when
+   ``T (d_in + d_out) <= d_in d_out`` (fewer multiplications; Li et al., ICLR 2022) and otherwise by forming
+   the example's gradient, a few examples at a time (nothing is kept). Parameters with few values per
+   example have their per-example gradients formed, all in one (B, P) matrix: the biases (``sum g_i``), the
+   affine parameters of ``GroupNorm`` and ``LayerNorm`` (``sum g_i * x_hat_i`` with ``x_hat`` the normalized
+   input) and ``Embedding`` (``g_i`` scattered into the rows example i used);
 2. the clip factors ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' rule);
-3. the clipped sums: for ``Linear`` and ``Conv2d`` one weight-gradient product of the output gradients
-   scaled row by row by ``c_i`` (the kernel non-private training runs, e.g. cuDNN's for convolutions); for
-   the small layers the weighted sum of their per-example gradients. They are added to ``p.summed_grad``.
+3. the clipped sums: for the weights of ``Linear`` and ``Conv2d`` one weight-gradient product of the output
+   gradients scaled row by row by ``c_i`` (the kernel non-private training runs, e.g. cuDNN's for
+   convolutions); for the formed gradients one product ``c^T G``. They are added to ``p.summed_grad``.
 
 Every trainable parameter of the module must sit in one of these layers (checked when the engine is
 built), so none escapes clipping. Parameters must be used only through their layer's forward: a direct use
@@ -63,21 +63,23 @@ def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _linear_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
-    x, gr = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
-    sq = _positions_sq_norms(x, gr)
-    if layer.bias is not None:
-        sq = sq + gr.sum(1).pow(2).sum(1)
-    return sq
+def _linear_weight_sq_norms(layer: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]],
+                            batch: int) -> torch.Tensor:
+    """Per-example squared norms of the weight gradient ``sum_t g_t a_t^T`` over the positions of all calls."""
+    x = torch.cat([a.reshape(batch, -1, a.shape[-1]) for a, _ in calls], 1) if len(calls) > 1 else \
+        calls[0][0].reshape(batch, -1, calls[0][0].shape[-1])
+    g = torch.cat([g.reshape(batch, -1, g.shape[-1]) for _, g in calls], 1) if len(calls) > 1 else \
+        calls[0][1].reshape(batch, -1, calls[0][1].shape[-1])
+    return _positions_sq_norms(x, g)
 
 
-def _linear_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _linear_weight_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``sum_rows g_r^T a_r`` with ``g`` already scaled per row by the clip factors."""
-    g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
-    grads = {"weight": g2.T @ a2}
-    if layer.bias is not None:
-        grads["bias"] = g2.sum(0)
-    return grads
+    return g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+
+
+def _linear_bias(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    return {} if layer.bias is None else {"bias": g.reshape(batch, -1, g.shape[-1]).sum(1)}
 
 
 def _unfold(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -109,30 +111,32 @@ def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: i
     return by_example(cols), by_example(g)
 
 
-def _conv2d_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
-    draws = a.shape[0] // batch
-    per_example = a[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws  # unfolded size
+def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]],
+                            batch: int) -> torch.Tensor:
+    """Per-example squared norms of the weight gradient, a few examples at a time (the unfolded input is
+    large); the calls of a layer used several times are concatenated as more positions."""
+    a0 = calls[0][0]
+    draws = a0.shape[0] // batch
+    per_example = a0[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws * len(calls)  # unfolded
     step = max(1, CHUNK_ELEMENTS // per_example)
     parts = []
     for i in range(0, batch, step):
         b = min(step, batch - i)
         rows = slice(i * draws, (i + b) * draws)
-        x, gr = _conv_positions(layer, a[rows], g[rows], b)
-        parts.append(_positions_sq_norms(x, gr).reshape(b, layer.groups).sum(1))
-    sq = parts[0] if len(parts) == 1 else torch.cat(parts)
-    if layer.bias is not None:
-        sq = sq + g.reshape(batch, draws, layer.out_channels, -1).sum((1, 3)).pow(2).sum(1)
-    return sq
+        xs, gs = zip(*(_conv_positions(layer, a[rows], g[rows], b) for a, g in calls), strict=True)
+        x, g = (xs[0], gs[0]) if len(calls) == 1 else (torch.cat(xs, 1), torch.cat(gs, 1))
+        parts.append(_positions_sq_norms(x, g).reshape(b, layer.groups).sum(1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _conv2d_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _conv2d_weight_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The weight gradient of the scaled output gradient ``g``: the same kernel non-private training runs."""
-    grads = {"weight": torch.nn.grad.conv2d_weight(a, layer.weight.shape, g, stride=layer.stride,
-                                                   padding=layer.padding, dilation=layer.dilation,
-                                                   groups=layer.groups)}
-    if layer.bias is not None:
-        grads["bias"] = g.sum((0, 2, 3))
-    return grads
+    return torch.nn.grad.conv2d_weight(a, layer.weight.shape, g, stride=layer.stride, padding=layer.padding,
+                                       dilation=layer.dilation, groups=layer.groups)
+
+
+def _conv2d_bias(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    return {} if layer.bias is None else {"bias": g.reshape(batch, -1, layer.out_channels, g[0, 0].numel()).sum((1, 3))}
 
 
 def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
@@ -140,18 +144,16 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     per-example gradient on channel c is ``sum g x_hat = r (sum g a - mu sum g)``, summed over positions and
     the example's rows: the group statistics, ``sum g a`` and ``sum g`` take three reductions and no full-size
     temporary (PyTorch's own GroupNorm backward reduces the same way)."""
-    rows, channels = a.shape[:2]
-    by_group = a.unflatten(1, (layer.num_groups, -1))  # a view, also of a non-contiguous input
+    rows, channels, groups = a.shape[0], a.shape[1], layer.num_groups
+    by_group = a.unflatten(1, (groups, -1))  # a view, also of a non-contiguous input
     var, mean = torch.var_mean(by_group, dim=tuple(range(2, by_group.dim())), unbiased=False)
-    inv_std = (var + layer.eps).rsqrt().repeat_interleave(channels // layer.num_groups, dim=1)  # (rows, C)
-    mean = mean.repeat_interleave(channels // layer.num_groups, dim=1)
     g = g.reshape(rows, channels, -1)
     g_sum = g.sum(2)
     grads = {}
     if layer.weight is not None:
         positions = g.shape[2]  # sum g a per (row, channel) as batched dot products: no full-size temporary
-        g_a = torch.bmm(g.reshape(-1, 1, positions), a.reshape(-1, positions, 1)).reshape(rows, channels)
-        g_x_hat = inv_std * (g_a - mean * g_sum)
+        g_a = torch.bmm(g.reshape(-1, 1, positions), a.reshape(-1, positions, 1)).reshape(rows, groups, -1)
+        g_x_hat = (var + layer.eps).rsqrt().unsqueeze(2) * (g_a - mean.unsqueeze(2) * g_sum.reshape(rows, groups, -1))
         grads["weight"] = g_x_hat.reshape(batch, -1, channels).sum(1)
     if layer.bias is not None:
         grads["bias"] = g_sum.reshape(batch, -1, channels).sum(1)
@@ -181,17 +183,22 @@ def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, batch: i
 
 
 #: layers whose per-example gradients are formed (few parameters per example)
+#: per layer type, the per-example gradients that are formed (few parameters per example): every parameter of
+#: the small layers, the biases of the book-keeping layers
 MATERIALIZED: dict[type[nn.Module], PerExampleRule] = {
     nn.GroupNorm: _group_norm,
     nn.LayerNorm: _layer_norm,
     nn.Embedding: _embedding,
+    nn.Linear: _linear_bias,
+    nn.Conv2d: _conv2d_bias,
 }
-#: layers handled by book-keeping: per-example squared norms, then one product of the scaled output gradients
+#: weights handled by book-keeping: ``(sq_norms(layer, calls, batch), weighted_sum(layer, a, scaled_g))``, the
+#: per-example squared norms, then one product of the output gradients scaled by the clip factors
 BOOK_KEEPING: dict[type[nn.Module], tuple[Callable, Callable]] = {
-    nn.Linear: (_linear_norms, _linear_sum),
-    nn.Conv2d: (_conv2d_norms, _conv2d_sum),
+    nn.Linear: (_linear_weight_sq_norms, _linear_weight_sum),
+    nn.Conv2d: (_conv2d_weight_sq_norms, _conv2d_weight_sum),
 }
-SUPPORTED: tuple[type[nn.Module], ...] = (*MATERIALIZED, *BOOK_KEEPING)
+SUPPORTED: tuple[type[nn.Module], ...] = tuple(MATERIALIZED)
 
 
 def _check_layer(name: str, layer: nn.Module) -> None:
@@ -298,61 +305,42 @@ class PerExampleClipping:
         del output_grads, records
         if not by_layer:
             return
-        first_grad = next(iter(by_layer.values()))[0][1]
-        # 1. per-example squared norms over all parameters (flat clipping)
-        sq_norms = torch.zeros(batch, device=first_grad.device, dtype=first_grad.dtype)
+        # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer, the
+        # formed per-example gradients in one (batch, parameters) matrix
+        weight_sq_norms = []
         materialized: dict[nn.Parameter, torch.Tensor] = {}
         for layer, calls in by_layer.items():
-            if type(layer) in MATERIALIZED:
-                for a, g in calls:
-                    for pname, grad in MATERIALIZED[type(layer)](layer, a, g, batch).items():
-                        param = getattr(layer, pname)
-                        if param.requires_grad:
-                            materialized[param] = materialized[param] + grad if param in materialized else grad
-            else:
-                sq_norms += self._book_keeping_sq_norms(layer, calls, batch)
-        for grad in materialized.values():
-            sq_norms += grad.reshape(batch, -1).pow(2).sum(1)
+            for a, g in calls:
+                for pname, grad in MATERIALIZED[type(layer)](layer, a, g, batch).items():
+                    param = getattr(layer, pname)
+                    if param.requires_grad:
+                        materialized[param] = materialized[param] + grad if param in materialized else grad
+            if type(layer) in BOOK_KEEPING and layer.weight.requires_grad:
+                weight_sq_norms.append(BOOK_KEEPING[type(layer)][0](layer, calls, batch))
+        formed = list(materialized)
+        per_example = torch.cat([materialized.pop(p).reshape(batch, -1) for p in formed], 1) if formed else None
+        sq_norms = torch.stack(weight_sq_norms).sum(0) if weight_sq_norms else 0.0
+        if per_example is not None:
+            sq_norms = sq_norms + torch.linalg.vector_norm(per_example, dim=1).square()
         # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
-        for param, grad in materialized.items():
-            clipped[param] = torch.einsum("b,b...->...", factor.to(grad.dtype), grad)
+        if per_example is not None:
+            sums = factor.to(per_example.dtype) @ per_example
+            clipped.update(zip(formed, (t.view_as(p) for t, p in
+                                        zip(sums.split([p.numel() for p in formed]), formed, strict=True))))
+            del per_example
         row_factor = factor.repeat_interleave(draws)
         for layer in list(by_layer):
             calls = by_layer.pop(layer)  # each layer's output gradients are freed once used
-            if type(layer) not in BOOK_KEEPING:
+            if type(layer) not in BOOK_KEEPING or not layer.weight.requires_grad:
                 continue
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-                for pname, grad in BOOK_KEEPING[type(layer)][1](layer, a, scaled).items():
-                    param = getattr(layer, pname)
-                    if param.requires_grad:
-                        clipped[param] = clipped[param] + grad if param in clipped else grad
+                grad = BOOK_KEEPING[type(layer)][1](layer, a, scaled)
+                clipped[layer.weight] = clipped[layer.weight] + grad if layer.weight in clipped else grad
         for param, grad in clipped.items():
             summed = getattr(param, "summed_grad", None)
             grad = grad.to(param.dtype)
             param.summed_grad = grad if summed is None else summed + grad
-
-    @staticmethod
-    def _book_keeping_sq_norms(layer: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]],
-                               batch: int) -> torch.Tensor:
-        """Per-example squared gradient norms of a Linear or Conv2d layer. A layer called once (the usual
-        case) needs no per-example gradient; a layer called several times sums its calls' per-example
-        gradients first (the norm of a sum is not the sum of norms), by concatenating their positions."""
-        norms, _ = BOOK_KEEPING[type(layer)]
-        if len(calls) == 1:
-            a, g = calls[0]
-            return norms(layer, a, g, batch)
-        if isinstance(layer, nn.Linear):
-            a = torch.cat([a.reshape(batch, -1, a.shape[-1]) for a, _ in calls], 1)
-            g = torch.cat([g.reshape(batch, -1, g.shape[-1]) for _, g in calls], 1)
-            return norms(layer, a, g, batch)
-        xs, gs = zip(*(_conv_positions(layer, a, g, batch) for a, g in calls), strict=True)
-        sq = _positions_sq_norms(torch.cat(xs, 1), torch.cat(gs, 1)).reshape(batch, layer.groups).sum(1)
-        if layer.bias is not None:
-            bias = sum(g.reshape(batch, -1, layer.out_channels, g.shape[-2] * g.shape[-1]).sum((1, 3))
-                       for _, g in calls)
-            sq = sq + bias.pow(2).sum(1)
-        return sq

@@ -149,11 +149,12 @@ def test_noise_is_added_with_the_right_std() -> None:
     # loose statistical check: with 10^4 draws the sample std is within ~1% of the truth
     assert abs(float(diff.std()) / std - 1) < 0.05
     assert abs(float(diff.mean())) < 5 * std / math.sqrt(diff.numel())
-    # and the noise is exactly the mechanism's seeded draw, N(0, (sigma C)^2) per parameter, scaled by 1/B
-    source = NoiseSource(seed=123)
-    for p, g in zip(wrapped.parameters(), noiseless):
-        drawn = source.normal(p.shape, std=sigma * clip, dtype=p.dtype)
-        torch.testing.assert_close(p.grad, g + drawn / expected_batch, atol=1e-7, rtol=1e-5)
+    # and the noise is exactly the mechanism's seeded draw, N(0, (sigma C)^2 I) over all parameters in order,
+    # scaled by 1/B
+    params = list(wrapped.parameters())
+    drawn = NoiseSource(seed=123).normal((sum(p.numel() for p in params),), std=sigma * clip, dtype=torch.float64)
+    for p, g, d in zip(params, noiseless, drawn.split([p.numel() for p in params]), strict=True):
+        torch.testing.assert_close(p.grad, g + d.view_as(p) / expected_batch, atol=1e-7, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- Poisson sampling

@@ -121,6 +121,29 @@ def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
     assert not engine.pending
 
 
+def test_frozen_parameters_are_neither_clipped_nor_counted_in_the_norms() -> None:
+    gen = torch.Generator().manual_seed(10)
+    model = _model("image")
+    for frozen in (model.conv1.bias, model.mix.weight, model.norm1.weight, model.conv3.weight):
+        frozen.requires_grad_(False)
+    x, y = _data("image", 8, gen)
+    reference = copy.deepcopy(model)
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    truth: list[list[torch.Tensor]] = [[] for _ in trainable]
+    for i in range(len(x)):
+        reference.zero_grad()
+        _loss(reference, x[i:i + 1], y[i:i + 1]).backward()
+        for slot, p in zip(truth, trainable, strict=True):
+            slot.append(p.grad.detach().clone())
+    truth_stacked = [torch.stack(slot) for slot in truth]
+    clip = float(torch.cat([g.flatten(1) for g in truth_stacked], dim=1).norm(dim=1).median())
+    PerExampleClipping(model, clip).backward(_loss(model, x, y))
+    mine = [p for p in model.parameters() if p.requires_grad]
+    for p, want in zip(mine, _clipped_sum(truth_stacked, clip), strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
+    assert all(getattr(p, "summed_grad", None) is None for p in model.parameters() if not p.requires_grad)
+
+
 @pytest.mark.parametrize("kind", ["image", "tokens"])
 def test_clipped_sums_equal_opacus(kind: str) -> None:
     gen = torch.Generator().manual_seed(1)
