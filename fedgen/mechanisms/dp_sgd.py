@@ -1,7 +1,7 @@
-"""DP-SGD (Abadi et al., CCS 2016) on Opacus: per-example clipping, Gaussian noise, Poisson sampling.
+"""DP-SGD (Abadi et al., CCS 2016): per-example clipping, Gaussian noise, Poisson sampling.
 
-Each step draws a Poisson sample of the data (each example included with probability ``q``), computes
-per-example gradients with Opacus' ``GradSampleModule``, clips each to L2 norm ``C``, sums them, adds
+Each step draws a Poisson sample of the data (each example included with probability ``q``), clips each
+example's gradient to L2 norm ``C`` (fedgen's clipping engine, or Opacus' ``GradSampleModule``), sums them, adds
 N(0, (sigma C)^2 I) and divides by the expected batch size ``q N``. Under add/remove-one-example
 neighbouring every step is one Poisson-subsampled Gaussian release; the ledger composes them.
 
@@ -33,7 +33,7 @@ from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.mechanisms.base import Mechanism
 from fedgen.mechanisms.ledger import AccountantName, SubsampledGaussianEvent, calibrate_noise_multiplier
 from fedgen.mechanisms.noise import NoiseSource
-from fedgen.mechanisms.per_example import PerExampleClipping
+from fedgen.mechanisms.per_example import PerExampleClipping, unsupported_layers
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +116,29 @@ class DPSGD(Mechanism, name="dp_sgd"):
         accountant: ``"auto"``, ``"rdp"`` or ``"prv"``.
         seed: seed of the noise generator and of the Poisson sampler.
         secure_noise: draw noise from the OS's cryptographically secure generator.
-        engine: how per-example gradients are clipped: ``"opacus"`` (Opacus' ``GradSampleModule`` hooks; the
-            training loop calls ``loss.backward()``) or ``"fedgen"`` (:class:`~fedgen.mechanisms.per_example.
-            PerExampleClipping`: one backward pass for the layer outputs only; the loop calls
-            ``mechanism.backward(loss)``, which :class:`~fedgen.mechanisms.PrivateModule` does under Lightning).
+        engine: how per-example gradients are clipped: ``"fedgen"`` (:class:`~fedgen.mechanisms.per_example.
+            PerExampleClipping`: one backward pass for the layer outputs only, faster than Opacus' hooks in every
+            row of ``docs/benchmarks.md``; the loop calls ``mechanism.backward(loss)``, which
+            :class:`~fedgen.mechanisms.PrivateModule` does under Lightning), ``"opacus"`` (Opacus'
+            ``GradSampleModule`` hooks; the loop calls ``loss.backward()``; more layer types, less memory on
+            large models), or ``"auto"``: fedgen's engine when it supports every trainable layer of the model
+            given to :meth:`make_private`, else Opacus. ``engine_in_use`` says which one runs.
     """
 
     def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = 1e-5, max_grad_norm: float = 1.0, accountant: AccountantName = "auto",
                  seed: int | None = None, secure_noise: bool = False,
-                 engine: Literal["opacus", "fedgen"] = "opacus") -> None:
+                 engine: Literal["auto", "opacus", "fedgen"] = "auto") -> None:
         super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
                          secure_noise=secure_noise)
         self.check_noise(noise_multiplier, target_epsilon)
         if not max_grad_norm > 0:
             raise ConfigError("mechanism.max_grad_norm", f"must be > 0, got {max_grad_norm}",
                               "use a positive clipping norm, e.g. 1.0")
-        if engine not in ("opacus", "fedgen"):
-            raise ConfigError("mechanism.engine", f"unknown clipping engine {engine!r}", "use opacus or fedgen")
+        if engine not in ("auto", "opacus", "fedgen"):
+            raise ConfigError("mechanism.engine", f"unknown clipping engine {engine!r}", "use auto, opacus or fedgen")
         self.engine = engine
+        self.engine_in_use: Literal["opacus", "fedgen"] | None = None  # set by make_private
         self._clipping: PerExampleClipping | None = None
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = float(max_grad_norm)
@@ -260,9 +264,17 @@ class DPSGD(Mechanism, name="dp_sgd"):
                     raise ConfigError("optimizer", "the optimizer holds parameters outside the private module",
                                       "build the optimizer from the private module's parameters only")
         expected_batch_size = max(1, round(sample_rate * len(data_loader.dataset)))
-        if self.engine == "fedgen":
-            if self._clipping is not None:
-                self._clipping.remove()
+        self.engine_in_use = self.engine
+        if self.engine == "auto":
+            unsupported = unsupported_layers(module)
+            self.engine_in_use = "opacus" if unsupported else "fedgen"
+            if unsupported:
+                log.info("DPSGD(engine='auto'): Opacus clips this model (fedgen's engine cannot: %s)",
+                         "; ".join(unsupported))
+        if self._clipping is not None:
+            self._clipping.remove()
+            self._clipping = None
+        if self.engine_in_use == "fedgen":
             self._clipping = PerExampleClipping(module, self.max_grad_norm)
             return module, _EngineDPOptimizer(optimizer, clipping=self._clipping, mechanism=self,
                                               noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
@@ -275,7 +287,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
 
     @property
     def owns_backward(self) -> bool:
-        return self.engine == "fedgen"
+        return self.engine_in_use == "fedgen"
 
     def backward(self, loss: torch.Tensor, *, draws: int = 1) -> None:
         """``engine="fedgen"``: turn the mean ``loss`` of the last forward pass into clipped per-example gradient
@@ -283,7 +295,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
         ``draws = K`` each example fills K consecutive rows and its loss is the mean over them (noise
         multiplicity); see :meth:`PerExampleClipping.backward`."""
         if self._clipping is None:
-            raise RuntimeError("DPSGD.backward needs engine='fedgen' and make_private first")
+            raise RuntimeError("DPSGD.backward needs fedgen's clipping engine (engine='fedgen', or 'auto' on a "
+                               "model it supports) and make_private first")
         self._clipping.backward(loss, draws=draws)
 
     def state_dict(self) -> dict:

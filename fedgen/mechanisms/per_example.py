@@ -201,14 +201,27 @@ BOOK_KEEPING: dict[type[nn.Module], tuple[Callable, Callable]] = {
 SUPPORTED: tuple[type[nn.Module], ...] = tuple(MATERIALIZED)
 
 
-def _check_layer(name: str, layer: nn.Module) -> None:
+def _why_unsupported(layer: nn.Module) -> str | None:
+    """Why the engine cannot clip this layer's trainable parameters, or None when it can."""
+    if type(layer) not in SUPPORTED:
+        return f"no per-example rule for {type(layer).__name__}"
     if isinstance(layer, nn.Conv2d) and (isinstance(layer.padding, str) or layer.padding_mode != "zeros"):
-        raise ConfigError(name or "model", f"Conv2d with padding={layer.padding!r}, padding_mode="
-                          f"{layer.padding_mode!r} is not supported by fedgen's clipping engine",
-                          "use numeric zero padding, or DPSGD(engine='opacus')")
+        return f"Conv2d with padding={layer.padding!r}, padding_mode={layer.padding_mode!r} (use numeric zero padding)"
     if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.sparse):
-        raise ConfigError(name or "model", "Embedding with max_norm or sparse gradients is not supported",
-                          "use a plain Embedding, or DPSGD(engine='opacus')")
+        return "Embedding with max_norm or sparse gradients"
+    return None
+
+
+def unsupported_layers(module: nn.Module) -> list[str]:
+    """The layers of ``module`` with trainable parameters that :class:`PerExampleClipping` cannot clip, each as
+    ``"name: reason"``; empty when the engine supports the whole model."""
+    problems = []
+    for name, layer in module.named_modules():
+        if any(p.requires_grad for p in layer.parameters(recurse=False)):
+            reason = _why_unsupported(layer)
+            if reason is not None:
+                problems.append(f"{name or '<root>'}: {reason}")
+    return problems
 
 
 @dataclass
@@ -230,20 +243,13 @@ class PerExampleClipping:
 
     def __init__(self, module: nn.Module, max_grad_norm: float) -> None:
         self.max_grad_norm = float(max_grad_norm)
-        self.layers: dict[nn.Module, str] = {}
-        unsupported = []
-        for name, layer in module.named_modules():
-            if not any(p.requires_grad for p in layer.parameters(recurse=False)):
-                continue
-            if type(layer) not in SUPPORTED:
-                unsupported.append(f"{name or '<root>'} ({type(layer).__name__})")
-                continue
-            _check_layer(name, layer)
-            self.layers[layer] = name
+        unsupported = unsupported_layers(module)
         if unsupported:
-            raise ConfigError("model", "fedgen's clipping engine has no per-example rule for the trainable "
-                              f"parameters of {', '.join(unsupported)}",
-                              f"use layers of {sorted(t.__name__ for t in SUPPORTED)} or DPSGD(engine='opacus')")
+            raise ConfigError("model", "fedgen's clipping engine cannot clip the trainable parameters of "
+                              f"{'; '.join(unsupported)}",
+                              f"use layers of {sorted(t.__name__ for t in SUPPORTED)}, or DPSGD(engine='opacus')")
+        self.layers: dict[nn.Module, str] = {layer: name for name, layer in module.named_modules()
+                                             if any(p.requires_grad for p in layer.parameters(recurse=False))}
         self._records: list[_Record] = []
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
 

@@ -66,6 +66,14 @@ def _clipped_mean(grads: list[torch.Tensor], clip: float, expected_batch_size: i
     return [torch.einsum("i,i...->...", factor, g) / expected_batch_size for g in grads], norms
 
 
+def _backward(mechanism: DPSGD, loss: torch.Tensor) -> None:
+    """What a training loop does: the mechanism's backward for fedgen's engine, ``loss.backward()`` for Opacus'."""
+    if mechanism.owns_backward:
+        mechanism.backward(loss)
+    else:
+        loss.backward()
+
+
 def _make_private(model: nn.Module, mechanism: DPSGD, n: int, batch_size: int, lr: float = 0.0):
     dataset = TensorDataset(torch.zeros(n, 1))
     loader = mechanism.data_loader(dataset, batch_size=batch_size)
@@ -86,7 +94,7 @@ def test_per_sample_gradients_match_microbatches(kind: str) -> None:
         x, y = _token_data(8, gen)
         x[0, :] = 3  # an example made of one repeated token
     reference = copy.deepcopy(model)
-    mechanism = DPSGD(noise_multiplier=1.0, seed=0)
+    mechanism = DPSGD(noise_multiplier=1.0, seed=0, engine="opacus")  # Opacus' per-sample gradients
     wrapped, _, _ = _make_private(model, mechanism, n=64, batch_size=8)
 
     F.cross_entropy(wrapped(x), y).backward()  # the mean loss of the batch, as loss_reduction="mean" expects
@@ -100,7 +108,8 @@ def test_per_sample_gradients_match_microbatches(kind: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- clipping and noise
-def test_clipped_and_summed_over_expected_batch_size() -> None:
+@pytest.mark.parametrize("engine", ["opacus", "fedgen"])
+def test_clipped_and_summed_over_expected_batch_size(engine: str) -> None:
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
     model = ConvNet().double()
@@ -109,11 +118,12 @@ def test_clipped_and_summed_over_expected_batch_size() -> None:
     norms = torch.cat([g.flatten(1) for g in expected_grads], dim=1).norm(dim=1)
     clip = float(norms.median())
     before = [p.detach().clone() for p in model.parameters()]
-    mechanism = DPSGD(noise_multiplier=1e-12, max_grad_norm=clip, seed=0)
+    mechanism = DPSGD(noise_multiplier=1e-12, max_grad_norm=clip, seed=0, engine=engine)
     wrapped, optimizer, _ = _make_private(model, mechanism, n=40, batch_size=8, lr=0.5)
+    assert mechanism.engine_in_use == engine
 
     optimizer.zero_grad()
-    F.cross_entropy(wrapped(x), y).backward()
+    _backward(mechanism, F.cross_entropy(wrapped(x), y))
     optimizer.step()
 
     expected, norms = _clipped_mean(expected_grads, clip, expected_batch_size=8)
@@ -131,16 +141,17 @@ def test_clipped_and_summed_over_expected_batch_size() -> None:
     assert (event.noise_multiplier, event.sample_rate) == (1e-12, 8 / 40)
 
 
-def test_noise_is_added_with_the_right_std() -> None:
+@pytest.mark.parametrize("engine", ["opacus", "fedgen"])
+def test_noise_is_added_with_the_right_std(engine: str) -> None:
     gen = torch.Generator().manual_seed(2)
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 3)).double()
     x, y = torch.randn(12, 100, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
     sigma, clip, expected_batch = 1.0, 0.5, 8
     noiseless, _ = _clipped_mean(_per_example_grads(copy.deepcopy(model), x, y), clip, expected_batch)
-    mechanism = DPSGD(noise_multiplier=sigma, max_grad_norm=clip, seed=123)
+    mechanism = DPSGD(noise_multiplier=sigma, max_grad_norm=clip, seed=123, engine=engine)
     wrapped, optimizer, _ = _make_private(model, mechanism, n=80, batch_size=expected_batch)
-    F.cross_entropy(wrapped(x), y).backward()
+    _backward(mechanism, F.cross_entropy(wrapped(x), y))
     optimizer.step()
 
     diff = torch.cat([(p.grad - g).flatten() for p, g in zip(wrapped.parameters(), noiseless)])
@@ -213,7 +224,7 @@ def _train_until_refused(mechanism: DPSGD, wrapped: nn.Module, optimizer: torch.
         for (idx,) in loader:
             idx = idx.long()
             optimizer.zero_grad()
-            F.cross_entropy(wrapped(x_all[idx]), y_all[idx]).backward()
+            _backward(mechanism, F.cross_entropy(wrapped(x_all[idx]), y_all[idx]))
             try:
                 optimizer.step()
             except PrivacyBudgetExceeded:
@@ -241,7 +252,7 @@ def test_budget_calibrates_and_stops(accountant: str) -> None:
             if mechanism.steps_taken == planned:
                 break
             optimizer.zero_grad()
-            F.cross_entropy(wrapped(x_all[idx.long()]), y_all[idx.long()]).backward()
+            _backward(mechanism, F.cross_entropy(wrapped(x_all[idx.long()]), y_all[idx.long()]))
             optimizer.step()
     eps = mechanism.epsilon()
     assert 0.9 * target < eps <= target
@@ -313,7 +324,7 @@ def test_batchnorm_is_refused_and_fixed() -> None:
                                                 data_loader=loader, epochs=1)
     gen = torch.Generator().manual_seed(0)
     x, y = _conv_data(5, gen, dtype=torch.float32)
-    F.cross_entropy(wrapped(x), y).backward()
+    _backward(mechanism, F.cross_entropy(wrapped(x), y))
     optimizer.step()
     assert mechanism.steps_taken == 1
 
@@ -415,3 +426,23 @@ def test_resumed_mechanism_respects_restored_ledger() -> None:
         resumed.charge_step()
     assert resumed.steps_taken == first.max_steps
     assert resumed.epsilon() <= target
+
+
+def test_auto_engine_is_fedgen_where_it_supports_the_model_and_opacus_elsewhere() -> None:
+    loader_data = TensorDataset(torch.zeros(20, 1))
+    supported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.LazyLinear(2))
+    supported(torch.zeros(1, 1, 5, 5))  # materialize the lazy layer
+    mechanism = DPSGD(noise_multiplier=1.0)
+    assert mechanism.engine == "auto" and mechanism.engine_in_use is None
+    mechanism.make_private(supported, torch.optim.SGD(supported.parameters(), lr=0.1),
+                           data_loader=mechanism.data_loader(loader_data, batch_size=5), epochs=1)
+    assert mechanism.engine_in_use == "fedgen" and mechanism.owns_backward
+
+    other = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 2))  # Conv1d: Opacus only
+    mechanism = DPSGD(noise_multiplier=1.0)
+    wrapped, optimizer = mechanism.make_private(other, torch.optim.SGD(other.parameters(), lr=0.1),
+                                                data_loader=mechanism.data_loader(loader_data, batch_size=5), epochs=1)
+    assert mechanism.engine_in_use == "opacus" and not mechanism.owns_backward
+    F.cross_entropy(wrapped(torch.randn(4, 1, 8)), torch.tensor([0, 1, 0, 1])).backward()
+    optimizer.step()
+    assert mechanism.steps_taken == 1
