@@ -299,6 +299,13 @@ class DPSGD(Mechanism, name="dp_sgd"):
                                "model it supports) and make_private first")
         self._clipping.backward(loss, draws=draws)
 
+    def empty_batch(self) -> None:
+        """fedgen's engine: the Poisson sample of this step is empty (a model need not accept zero rows); the
+        clipped sum is 0, and the next ``optimizer.step()`` still adds its noise and is charged to the ledger."""
+        if self._clipping is None:
+            raise RuntimeError("DPSGD.empty_batch needs fedgen's clipping engine and make_private first")
+        self._clipping.add_empty_batch()
+
     def state_dict(self) -> dict:
         return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier}
 

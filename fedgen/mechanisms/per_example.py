@@ -272,6 +272,14 @@ class PerExampleClipping:
             handle.remove()
         self._handles = []
 
+    def add_empty_batch(self) -> None:
+        """An empty Poisson sample: its clipped sum is 0 (the step that follows still adds its noise)."""
+        self._records = []
+        for layer in self.layers:
+            for param in layer.parameters(recurse=False):
+                if param.requires_grad and getattr(param, "summed_grad", None) is None:
+                    param.summed_grad = torch.zeros_like(param)
+
     def backward(self, loss: torch.Tensor, *, draws: int = 1) -> None:
         """Add ``sum_i clip_C(grad_i)`` of the recorded forward pass to each parameter's ``summed_grad``.
 
@@ -290,11 +298,8 @@ class PerExampleClipping:
         rows = records[0].inputs.shape[0]
         if draws < 1 or rows % draws:
             raise ValueError(f"the batch has {rows} rows, not a multiple of draws={draws}")
-        if rows == 0:  # an empty Poisson sample: the clipped sum is 0, and the step still adds its noise
-            for layer in self.layers:
-                for param in layer.parameters(recurse=False):
-                    if param.requires_grad and getattr(param, "summed_grad", None) is None:
-                        param.summed_grad = torch.zeros_like(param)
+        if rows == 0:
+            self.add_empty_batch()
             return
         batch = rows // draws
         output_grads = torch.autograd.grad(loss, [r.output for r in records], allow_unused=True)

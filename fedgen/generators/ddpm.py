@@ -1,0 +1,235 @@
+"""DP diffusion: a class-conditional DDPM trained with DP-SGD (DPDM; Dockhorn, Cao, Vahdat, Kreis, TMLR 2023).
+
+Training objective (Ho, Jain, Abbeel, NeurIPS 2020, noise prediction). Pixels are scaled to [-1, 1]. For a
+private example ``(x_0, y)`` and each of its K noise draws ``k``, with ``t_k ~ U{0, ..., T-1}`` and
+``eps_k ~ N(0, I)``,
+
+    x_k = sqrt(abar_{t_k}) x_0 + sqrt(1 - abar_{t_k}) eps_k,
+    loss(x_0, y) = (1 / K) sum_k mean_pixels (eps_theta(x_k, t_k, y) - eps_k)^2.
+
+The K draws are averaged *inside* the example's loss before its gradient is clipped (noise multiplicity, DPDM):
+one example still moves the clipped sum by at most C, so the privacy cost is that of the DP-SGD steps alone,
+independent of K, while the gradient's variance drops. fedgen's clipping engine does this without K per-draw
+gradients (:meth:`fedgen.mechanisms.DPSGD.backward` with ``draws=K``).
+
+- DP-SGD (:class:`~fedgen.mechanisms.DPSGD`): Poisson sampling with expected batch ``batch_size``. A logical
+  batch may be processed in physical micro-batches of at most ``max_physical_examples`` examples; their
+  clipped sums add up and the step adds its noise once, so the sampling and the accounting are unchanged.
+- Classifier-free guidance (Ho and Salimans, 2021): during training each row's label is replaced by a null class
+  with probability ``label_dropout``; sampling uses ``eps = (1 + w) eps(x, y) - w eps(x, null)``.
+- EMA of the weights (``ema_decay``): post-processing of the privatized updates, no privacy cost. Samples come
+  from the EMA weights.
+- Sampling: DDIM (Song, Meng, Ermon, ICLR 2021) with ``sampling_steps`` steps, or the DDPM ancestral sampler.
+
+The network is diffusers' ``UNet2DModel`` with class embeddings; the schedulers are diffusers'.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
+
+from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.generators.base import Generator
+from fedgen.mechanisms import DPSGD
+
+log = logging.getLogger(__name__)
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_channels: tuple[int, ...],
+               attention: tuple[bool, ...], layers_per_block: int, norm_groups: int) -> UNet2DModel:
+    """diffusers' UNet2DModel with one class embedding per class plus a null class (index ``num_classes``)."""
+    c, h, w = image_shape
+    levels = len(block_channels)
+    if len(attention) != levels:
+        raise ConfigError("model.attention", f"has {len(attention)} entries for {levels} levels",
+                          "give one true/false per entry of block_channels")
+    if any(ch % norm_groups for ch in block_channels):
+        raise ConfigError("model.norm_groups", f"{norm_groups} does not divide every channel count of "
+                          f"{list(block_channels)}", "use e.g. 8 or 32 with channels that are multiples of it")
+    factor = 2 ** (levels - 1)
+    if h % factor or w % factor:
+        raise ConfigError("model.block_channels", f"{levels} levels halve the {h}x{w} images {levels - 1} times, "
+                          "which needs sizes divisible by " + str(factor), "use fewer levels (28x28 takes 3)")
+    return UNet2DModel(
+        sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=tuple(block_channels),
+        layers_per_block=layers_per_block, norm_num_groups=norm_groups, num_class_embeds=num_classes + 1,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+    )
+
+
+class DPDiffusion(Generator, name="dp_diffusion"):
+    """Class-conditional DDPM trained with DP-SGD and noise multiplicity (DPDM, Dockhorn et al., TMLR 2023).
+
+    Args:
+        mechanism: a :class:`~fedgen.mechanisms.DPSGD`; noise multiplicity needs fedgen's clipping engine
+            (``engine: auto`` or ``fedgen``).
+        num_classes: number of classes.
+        image_shape: (channels, height, width).
+        block_channels: channels of the UNet's levels (each level but the last halves the resolution).
+        attention: per level, whether its blocks have self-attention.
+        layers_per_block: residual blocks per level.
+        norm_groups: GroupNorm groups.
+        num_train_timesteps: T, diffusion steps of the training schedule.
+        beta_schedule: the variance schedule (diffusers' names).
+        noise_draws: K, noise draws averaged inside each example's loss.
+        batch_size: expected logical batch size of the Poisson sampler.
+        max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
+            processed in micro-batches. Default: the whole logical batch at once.
+        lr: Adam learning rate.
+        ema_decay: decay of the exponential moving average of the weights (0 disables it).
+        label_dropout: probability of replacing a label by the null class during training (for guidance).
+        guidance_scale: w of classifier-free guidance at sampling (0: plain conditional sampling).
+        sampler: ``"ddim"`` or ``"ddpm"``.
+        sampling_steps: denoising steps of the sampler.
+    """
+
+    def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
+                 block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
+                 layers_per_block: int = 1, norm_groups: int = 8, num_train_timesteps: int = 1000,
+                 beta_schedule: str = "linear", noise_draws: int = 4, batch_size: int = 256,
+                 max_physical_examples: int | None = None, lr: float = 3e-4, ema_decay: float = 0.999,
+                 label_dropout: float = 0.1, guidance_scale: float = 0.0,
+                 sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50) -> None:
+        super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
+        if not isinstance(mechanism, DPSGD):
+            raise ConfigError("model.mechanism", f"DP diffusion trains with DP-SGD, got {type(mechanism).__name__}",
+                              "use class_path: fedgen.mechanisms.DPSGD")
+        if mechanism.engine == "opacus":
+            raise ConfigError("model.mechanism.engine", "Opacus' engine clips each of the K noisy copies of an "
+                              "example separately (no noise multiplicity)", "use engine: auto or fedgen")
+        for field, value in (("noise_draws", noise_draws), ("batch_size", batch_size),
+                             ("layers_per_block", layers_per_block), ("num_train_timesteps", num_train_timesteps),
+                             ("sampling_steps", sampling_steps)):
+            check_at_least_one(f"model.{field}", value, "use a positive integer")
+        if max_physical_examples is not None:
+            check_at_least_one("model.max_physical_examples", max_physical_examples, "use e.g. 256, or null")
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError("model.beta_schedule", f"unknown schedule {beta_schedule!r}",
+                              f"use one of {list(BETA_SCHEDULES)}")
+        if sampler not in ("ddim", "ddpm"):
+            raise ConfigError("model.sampler", f"unknown sampler {sampler!r}", "use ddim or ddpm")
+        if sampler == "ddpm" and sampling_steps != num_train_timesteps:
+            raise ConfigError("model.sampling_steps", f"the DDPM sampler runs all {num_train_timesteps} steps, "
+                              f"got {sampling_steps}", "use sampler: ddim for fewer steps")
+        if not 0 <= ema_decay < 1:
+            raise ConfigError("model.ema_decay", f"must be in [0, 1), got {ema_decay}", "use e.g. 0.999, or 0")
+        if not 0 <= label_dropout < 1:
+            raise ConfigError("model.label_dropout", f"must be in [0, 1), got {label_dropout}", "use e.g. 0.1")
+        if guidance_scale < 0 or (guidance_scale > 0 and label_dropout == 0):
+            raise ConfigError("model.guidance_scale", f"{guidance_scale} needs a model trained with label_dropout "
+                              "> 0 (the unconditional model) and must be >= 0", "set label_dropout: 0.1, or 0")
+        if not lr > 0:
+            raise ConfigError("model.lr", f"must be > 0, got {lr}", "use e.g. 3e-4")
+        self.save_hyperparameters(ignore=["mechanism"])
+        self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
+                               block_channels=tuple(block_channels), attention=tuple(attention),
+                               layers_per_block=layers_per_block, norm_groups=norm_groups)
+        # the EMA copy is made before any clipping hook is attached to the UNet, and is never trained
+        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+        self.automatic_optimization = False  # one DP step per logical batch, over its micro-batches
+        self._loader: DataLoader | None = None
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    # -------------------------------------------------------------------------------- training
+    def attach_private_data(self, dataset: Dataset) -> DataLoader:
+        self.check_private_data(dataset)
+        self._private_data = dataset
+        self._loader = self.mechanism.data_loader(dataset, batch_size=self.hparams.batch_size)
+        return self._loader
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self._loader is None:
+            raise RuntimeError("call attach_private_data(dataset) before fitting DPDiffusion")
+        optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            plan = {"steps": trainer.max_steps}
+        elif trainer.max_epochs is not None and trainer.max_epochs > 0:
+            plan = {"epochs": trainer.max_epochs}
+        else:
+            raise ConfigError("trainer.max_epochs", "DP-SGD plans its noise for a known number of steps",
+                              "set trainer.max_epochs or trainer.max_steps")
+        _, optimizer = self.mechanism.make_private(self.unet, optimizer, data_loader=self._loader, **plan)
+        if self.mechanism.engine_in_use != "fedgen":
+            raise ConfigError("model.mechanism.engine", "fedgen's clipping engine does not support this UNet",
+                              "noise multiplicity needs it; report the layer named in the log")
+        return optimizer
+
+    def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor, *,
+                       reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
+        """The noise-prediction error of the batch's B x K rows (rows ``i K .. i K + K - 1`` are example i's
+        draws): their mean, which is the mean over examples of their K-draw losses, or each row's
+        (``reduction="none"``, shape (B K,))."""
+        draws = self.hparams.noise_draws
+        x0 = (images * 2 - 1).repeat_interleave(draws, dim=0)
+        labels = labels.repeat_interleave(draws, dim=0)
+        if self.hparams.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, noise, reduction="none")
+        return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        if len(images) == 0:  # an empty Poisson sample still takes its noisy step
+            self.mechanism.empty_batch()
+        else:
+            size = self.hparams.max_physical_examples or len(images)
+            for x, y in zip(images.split(size), labels.split(size), strict=True):
+                loss = self.diffusion_loss(x, y)
+                self.mechanism.backward(loss, draws=self.hparams.noise_draws)
+                self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
+        optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.unet)
+
+    # -------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, *, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        if labels is None:
+            labels = torch.multinomial(self.label_distribution(), n, replacement=True)
+        labels = labels.to(self.device)
+        net = self.ema.module if self.ema is not None else self.unet
+        was_training = net.training
+        net.eval()
+        if self.hparams.sampler == "ddim":
+            scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        else:
+            scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
+        scheduler.set_timesteps(self.hparams.sampling_steps, device=self.device)
+        x = torch.randn((n, *self.image_shape), generator=generator, device=self.device, dtype=self.dtype)
+        w = self.hparams.guidance_scale
+        null = torch.full_like(labels, self.null_class)
+        for t in scheduler.timesteps:
+            steps = t.expand(n)
+            if w > 0:
+                both = net(torch.cat([x, x]), torch.cat([steps, steps]), class_labels=torch.cat([labels, null])).sample
+                conditional, unconditional = both.chunk(2)
+                eps = (1 + w) * conditional - w * unconditional
+            else:
+                eps = net(x, steps, class_labels=labels).sample
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        net.train(was_training)
+        return ((x + 1) / 2).clamp(0, 1)

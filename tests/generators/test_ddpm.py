@@ -1,0 +1,162 @@
+"""DP diffusion: noise multiplicity clips each example's K-draw loss, micro-batches sum into one step, the ledger
+is charged per step independently of K, sampling works, and bad configurations fail before any work."""
+
+from __future__ import annotations
+
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fedgen.errors import ConfigError
+from fedgen.generators import DPDiffusion
+from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent, compute_epsilon
+
+
+def _tiny(**overrides) -> DPDiffusion:
+    torch.manual_seed(0)
+    mechanism = overrides.pop("mechanism", None) or DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    settings = dict(num_classes=3, image_shape=(1, 8, 8), block_channels=(8, 16), attention=(False, True),
+                    norm_groups=4, noise_draws=3, batch_size=10, sampling_steps=4, ema_decay=0.9)
+    return DPDiffusion(mechanism=mechanism, **(settings | overrides)).double()
+
+
+def _data(n: int = 40) -> TensorDataset:
+    gen = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.rand(n, 1, 8, 8, generator=gen, dtype=torch.float64),
+                         torch.randint(0, 3, (n,), generator=gen))
+
+
+def _fit(model: DPDiffusion, data: TensorDataset, **trainer) -> L.Trainer:
+    loader = model.attach_private_data(data)
+    fit = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, **({"max_epochs": 1} | trainer))
+    fit.fit(model, loader)
+    return fit
+
+
+def test_each_example_is_clipped_on_the_mean_of_its_k_draws() -> None:
+    data = _data()
+    x, y = data.tensors[0][:5], data.tensors[1][:5]
+    reference = _tiny(label_dropout=0.3)
+    draws = reference.hparams.noise_draws
+
+    # the truth: each example's loss is the mean of its K rows, differentiated alone
+    torch.manual_seed(3)
+    rows = reference.diffusion_loss(x, y, reduction="none")
+    assert rows.shape == (5 * draws,)
+    # rows i K .. i K + K - 1 are example i's: changing example 0 changes its K rows and no other
+    torch.manual_seed(3)
+    changed = reference.diffusion_loss(torch.cat([1 - x[:1], x[1:]]), y, reduction="none").detach()
+    assert not torch.isclose(changed[:draws], rows[:draws].detach()).any()
+    torch.testing.assert_close(changed[draws:], rows[draws:].detach())
+    params = list(reference.unet.parameters())
+    per_example = [torch.autograd.grad(rows[i * draws:(i + 1) * draws].mean(), params, retain_graph=True)
+                   for i in range(5)]
+    norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in per_example])
+    clip = float(norms.median())
+    assert int((norms > clip).sum()) == 2  # some examples are clipped, some are not
+    want = [sum(min(1.0, clip / (float(n) + 1e-6)) * grads[j] for n, grads in zip(norms, per_example, strict=True))
+            for j in range(len(params))]
+
+    # the engine, with the same weights and the same random draws in the same order
+    model = _tiny(label_dropout=0.3, mechanism=DPSGD(noise_multiplier=1.0, max_grad_norm=clip, seed=0))
+    optimizer = torch.optim.SGD(model.unet.parameters(), lr=0.0)
+    model.mechanism.make_private(model.unet, optimizer, data_loader=model.attach_private_data(data), steps=5)
+    torch.manual_seed(3)
+    model.mechanism.backward(model.diffusion_loss(x, y), draws=draws)
+    for p, w in zip(model.unet.parameters(), want, strict=True):
+        torch.testing.assert_close(p.summed_grad, w, atol=1e-9, rtol=1e-6)
+
+
+def test_micro_batches_make_one_noisy_step_per_logical_batch() -> None:
+    whole, split = _tiny(), _tiny(max_physical_examples=3)
+    data = _data()
+    for model in (whole, split):
+        _fit(model, data, max_steps=3)
+    assert whole.mechanism.steps_taken == split.mechanism.steps_taken == 3
+    assert len(whole.mechanism.ledger.events) == 1 and whole.mechanism.ledger.events[0].count == 3
+    assert any(not torch.equal(p, q) for p, q in zip(whole.unet.parameters(), whole.ema.module.parameters(),
+                                                      strict=True))  # the EMA moved, but lags the weights
+
+
+def test_the_ledger_is_charged_per_step_whatever_the_number_of_draws() -> None:
+    data = _data(200)
+    ledgers = []
+    for draws in (1, 4):
+        model = _tiny(mechanism=DPSGD(target_epsilon=3.0, delta=1e-3, seed=0), noise_draws=draws, batch_size=20)
+        _fit(model, data, max_epochs=2)
+        mechanism = model.mechanism
+        q = 20 / 200
+        assert mechanism.sample_rate == q and mechanism.steps_taken == 20  # 2 epochs of 1/q Poisson batches
+        events = [SubsampledGaussianEvent(mechanism.noise_multiplier, q, count=mechanism.steps_taken)]
+        epsilon = compute_epsilon(events, delta=1e-3, accountant=mechanism.ledger.accountant)
+        assert mechanism.epsilon() == pytest.approx(epsilon) and 2.7 < mechanism.epsilon() <= 3.0
+        ledgers.append(mechanism.ledger.state_dict())
+    assert ledgers[0] == ledgers[1]  # K draws cost nothing extra
+
+
+def test_sampling_gives_images_of_the_requested_classes_shape() -> None:
+    model = _tiny(guidance_scale=2.0)
+    images = model.sample(4, torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
+    assert images.shape == (4, 1, 8, 8) and 0 <= float(images.min()) and float(images.max()) <= 1
+    ddpm = _tiny(sampler="ddpm", num_train_timesteps=6, sampling_steps=6)
+    assert ddpm.sample(2).shape == (2, 1, 8, 8)
+
+
+def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
+    model = _tiny()
+    data = _data()
+    loader = model.attach_private_data(data)
+    _, optimizer = model.mechanism.make_private(model.unet, torch.optim.SGD(model.unet.parameters(), lr=1.0),
+                                                data_loader=loader, steps=5)
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    model.mechanism.empty_batch()
+    optimizer.step()
+    assert model.mechanism.steps_taken == 1
+    assert all(not torch.equal(p, b) for p, b in zip(model.unet.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"mechanism": DPSGD(noise_multiplier=1.0, engine="opacus")}, "model.mechanism.engine"),
+    ({"attention": (False,)}, "model.attention"),
+    ({"norm_groups": 3}, "model.norm_groups"),
+    ({"block_channels": (8,) * 5, "attention": (False,) * 5}, "model.block_channels"),  # 8x8 halved 4 times
+    ({"noise_draws": 0}, "model.noise_draws"),
+    ({"label_dropout": 0.0, "guidance_scale": 1.0}, "model.guidance_scale"),
+    ({"sampler": "ddpm"}, "model.sampling_steps"),
+    ({"beta_schedule": "cosine"}, "model.beta_schedule"),
+    ({"ema_decay": 1.0}, "model.ema_decay"),
+])
+def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _tiny(**overrides)
+    assert err.value.field == field
+
+
+def test_fedgen_fit_trains_a_tiny_ddpm_end_to_end(real_data_root, tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from fedgen.cli import fit
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "mnist_dp_diffusion.yaml"
+    run = tmp_path / "run"
+    metrics = fit([
+        "--config", str(example), f"--data.init_args.root={real_data_root}", "--data.init_args.train_subset=500",
+        "--data.init_args.test_subset=100", "--model.init_args.block_channels=[8, 16]",
+        "--model.init_args.attention=[false, true]", "--model.init_args.norm_groups=4",
+        "--model.init_args.batch_size=50", "--model.init_args.max_physical_examples=20",
+        "--model.init_args.noise_draws=2", "--model.init_args.sampling_steps=3",
+        "--model.init_args.mechanism.init_args.delta=1e-3", "--trainer.max_steps=4", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", "--num_synthetic=50", "--evaluation.classifier=mlp",
+        "--evaluation.epochs=1", "--evaluation.progress_bar=false", f"--run_dir={run}",
+    ])
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["generator"] == "DPDiffusion" and 0 <= saved["test_accuracy"] <= 1
+    # four planned steps at q = 50 / 500, calibrated to the target epsilon = 10
+    events = saved["privacy_ledger"]["events"]
+    assert [(e["count"], e["sample_rate"]) for e in events] == [(4, 0.1)]
+    assert 9.0 < metrics["epsilon"] <= 10.0
+    assert (run / "samples.png").exists() and (run / "generator.ckpt").exists()
