@@ -167,6 +167,7 @@ def fit(args: list[str]) -> dict[str, Any]:
     trainer.fit(generator, loader, ckpt_path=config.ckpt_path)
     generator_seconds = time.perf_counter() - start
     trainer.save_checkpoint(run_dir / "generator.ckpt")
+    generator.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU; sample on the device
     epsilon = generator.mechanism.epsilon()
     log.info("Generator trained in %.1f s; %s", generator_seconds,
              generator.mechanism.ledger.summary(generator.mechanism.delta))

@@ -27,12 +27,13 @@ The network is diffusers' ``UNet2DModel`` with class embeddings; the schedulers 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch.nn import functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
 from fedgen.errors import ConfigError, check_at_least_one
@@ -67,6 +68,16 @@ def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_cha
     )
 
 
+def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """The EMA update ``avg <- r avg + (1 - r) w`` with ``r = min(decay, (1 + n) / (10 + n))`` after n updates: a
+    plain EMA of decay 0.999 would still weigh the random initial weights by 0.999^500 = 0.6 after 500 steps,
+    and DP runs are short."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return update
+
+
 class DPDiffusion(Generator, name="dp_diffusion"):
     """Class-conditional DDPM trained with DP-SGD and noise multiplicity (DPDM, Dockhorn et al., TMLR 2023).
 
@@ -86,7 +97,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
             processed in micro-batches. Default: the whole logical batch at once.
         lr: Adam learning rate.
-        ema_decay: decay of the exponential moving average of the weights (0 disables it).
+        ema_decay: decay of the exponential moving average of the weights, reached after a warm-up (0 disables
+            it); see :func:`ema_with_warmup`.
         label_dropout: probability of replacing a label by the null class during training (for guidance).
         guidance_scale: w of classifier-free guidance at sampling (0: plain conditional sampling).
         sampler: ``"ddim"`` or ``"ddpm"``.
@@ -135,7 +147,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                                block_channels=tuple(block_channels), attention=tuple(attention),
                                layers_per_block=layers_per_block, norm_groups=norm_groups)
         # the EMA copy is made before any clipping hook is attached to the UNet, and is never trained
-        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
+        self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay)) if ema_decay else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)

@@ -97,6 +97,25 @@ def test_the_ledger_is_charged_per_step_whatever_the_number_of_draws() -> None:
     assert ledgers[0] == ledgers[1]  # K draws cost nothing extra
 
 
+def test_the_ema_starts_at_the_trained_weights_and_warms_up_to_its_decay() -> None:
+    from torch import nn
+    from torch.optim.swa_utils import AveragedModel
+
+    from fedgen.generators.ddpm import ema_with_warmup
+
+    weight = nn.Parameter(torch.zeros(3))
+    ema = AveragedModel(nn.ParameterList([weight]), multi_avg_fn=ema_with_warmup(0.99))
+    expected = None
+    for n in range(200):
+        with torch.no_grad():
+            weight.fill_(float(n + 1))
+        ema.update_parameters(nn.ParameterList([weight]))
+        rate = min(0.99, (1 + n) / (10 + n))  # n updates averaged so far (the first one copies the weights)
+        expected = float(n + 1) if n == 0 else rate * expected + (1 - rate) * (n + 1)
+        torch.testing.assert_close(ema.module[0].detach(), torch.full((3,), expected))
+    assert 170 < expected < 190  # it lags the weights by about r / (1 - r) updates (r = 201/210), nothing more
+
+
 def test_sampling_gives_images_of_the_requested_classes_shape() -> None:
     model = _tiny(guidance_scale=2.0)
     images = model.sample(4, torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
