@@ -61,12 +61,18 @@ class FedgenCLI(LightningCLI):
         parser.add_class_arguments(TrainOnSynthetic, "evaluation")
         parser.add_argument("--federation", type=FederatedRelease | None, default=None,
                             help="Release the generator's statistic from data split across simulated clients.")
+        parser.add_argument("--public_data", type=VisionDataModule | None, default=None,
+                            help="A dataset declared PUBLIC: the generator is pretrained on its training split "
+                                 "without privacy, before private training. The run folder and metrics name it.")
+        parser.add_argument("--public_steps", type=int, default=1000, help="Steps of public pretraining.")
 
     def before_instantiate_classes(self) -> None:
         config = self.config
         generator = config.model.class_path.rsplit(".", 1)[-1].lower()
-        config.run_dir = str(resolve_run_dir(config.run_dir, config.ckpt_path,
-                                             f"{generator}-{_dataset_name(config.data)}"))
+        name = f"{generator}-{_dataset_name(config.data)}"
+        if config.public_data is not None:
+            name += f"-pretrained_on_public_{_dataset_name(config.public_data)}"
+        config.run_dir = str(resolve_run_dir(config.run_dir, config.ckpt_path, name))
         config.trainer.default_root_dir = config.run_dir
 
 
@@ -145,6 +151,11 @@ def fit(args: list[str]) -> dict[str, Any]:
     if federation is not None and not (hasattr(generator, "embedding_sum") and hasattr(generator, "store_release")):
         raise ConfigError("federation", f"{type(generator).__name__} does not release a single sum",
                           "use a one-release generator such as fedgen.generators.DPMerf, or remove federation")
+    public: VisionDataModule | None = cli.config_init.public_data
+    if public is not None and _dataset_name(config.public_data) == _dataset_name(config.data):
+        raise ConfigError("public_data", f"is {_dataset_name(config.data)}, the private dataset itself",
+                          "declare a different dataset public (e.g. FashionMNIST or EMNIST for MNIST), or remove it")
+    check_at_least_one("public_steps", config.public_steps, "use e.g. 1000")
     if config.num_synthetic < generator.num_classes:
         raise ConfigError("num_synthetic", f"{config.num_synthetic} is fewer than one per class",
                           "synthesize at least one example per class")
@@ -156,6 +167,19 @@ def fit(args: list[str]) -> dict[str, Any]:
     write_config(cli.parser, config, run_dir)
     log.info("Privacy: %s on %d private examples (add/remove-one-%s neighbouring)",
              generator.mechanism.describe(), len(data.train_set), generator.mechanism.ledger.unit)
+
+    public_report = None
+    if public is not None:
+        public.prepare_data()
+        public.setup("fit")
+        public_report = {"dataset": _dataset_name(config.public_data), "split": "train",
+                         "examples": len(public.train_set), "steps": config.public_steps,
+                         "privacy": "declared public by the user: outside the privacy guarantee"}
+        if config.ckpt_path is None:
+            generator.to(trainer.strategy.root_device)
+            generator.pretrain_on_public(public.train_set, steps=config.public_steps)
+        log.warning("The generator was pretrained on %s (%d examples), declared PUBLIC: epsilon covers the "
+                    "private data only.", public_report["dataset"], public_report["examples"])
 
     federation_report = None
     if federation is not None and config.ckpt_path is None:
@@ -197,6 +221,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "dataset": getattr(data, "dataset", type(data).__name__),
         "privacy_ledger": generator.mechanism.ledger.state_dict(),
         "federation": federation_report,
+        "public_data": public_report,
         "generator_seconds": generator_seconds,
         "classifier_seconds": time.perf_counter() - start,
     }

@@ -68,6 +68,12 @@ class Generator(PrivateModule, Registered):
         """Give the generator the private training set; returns the loader that drives training steps."""
         raise NotImplementedError
 
+    def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:
+        """Train without privacy on ``dataset``, declared public, before any private step. The public data is
+        outside the privacy guarantee; the run records its name. Generators without this step refuse it."""
+        raise ConfigError("public_data", f"{type(self).__name__} has no public pretraining",
+                          "remove public_data, or use a generator that supports it (DPDiffusion)")
+
     # ---------------------------------------------------------------------------------- sampling
     def label_distribution(self) -> torch.Tensor:
         """Class proportions to synthesize (uniform unless the generator released them privately)."""

@@ -216,6 +216,36 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if self.ema is not None:
             self.ema.update_parameters(self.unet)
 
+    def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:
+        """Non-private, unconditional pretraining on a public dataset: ``steps`` Adam steps of the diffusion
+        loss with every label set to the null class (the public classes need not match the private ones).
+        It must run before private training; the EMA restarts from the pretrained weights."""
+        check_at_least_one("public_steps", steps, "use e.g. 1000")
+        if self.mechanism.owns_backward:
+            raise RuntimeError("public pretraining must run before private training starts")
+        image, _ = dataset[0]
+        if tuple(image.shape) != self.image_shape:
+            raise ConfigError("public_data", f"has images of shape {list(image.shape)}, the private data "
+                              f"{list(self.image_shape)}", "declare a public dataset of the same image shape")
+        loader = DataLoader(dataset, batch_size=min(self.hparams.batch_size, len(dataset)), shuffle=True,
+                            drop_last=True)
+        optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
+        done = 0
+        while done < steps:
+            for images, _ in loader:
+                images = images.to(self.device, self.dtype)
+                null = torch.full((len(images),), self.null_class, device=self.device)
+                optimizer.zero_grad(set_to_none=True)
+                self.diffusion_loss(images, null).backward()
+                optimizer.step()
+                done += 1
+                if done == steps:
+                    break
+        self.unet.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.n_averaged.zero_()  # the next update copies the pretrained weights
+        log.info("DPDiffusion: %d non-private pretraining steps on %d public examples", steps, len(dataset))
+
     # -------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, *, generator: torch.Generator | None = None

@@ -156,26 +156,90 @@ def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
 
 def test_fedgen_fit_trains_a_tiny_ddpm_end_to_end(real_data_root, tmp_path) -> None:
     import json
-    from pathlib import Path
 
     from fedgen.cli import fit
 
-    example = Path(__file__).resolve().parents[2] / "examples" / "mnist_dp_diffusion.yaml"
     run = tmp_path / "run"
-    metrics = fit([
-        "--config", str(example), f"--data.init_args.root={real_data_root}", "--data.init_args.train_subset=500",
-        "--data.init_args.test_subset=100", "--model.init_args.block_channels=[8, 16]",
-        "--model.init_args.attention=[false, true]", "--model.init_args.norm_groups=4",
-        "--model.init_args.batch_size=50", "--model.init_args.max_physical_examples=20",
-        "--model.init_args.noise_draws=2", "--model.init_args.sampling_steps=3",
-        "--model.init_args.mechanism.init_args.delta=1e-3", "--trainer.max_steps=4", "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false", "--num_synthetic=50", "--evaluation.classifier=mlp",
-        "--evaluation.epochs=1", "--evaluation.progress_bar=false", f"--run_dir={run}",
-    ])
+    metrics = fit(_tiny_cli(real_data_root, 4, "--model.init_args.max_physical_examples=20", f"--run_dir={run}",
+                            fixed_noise=False))
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["generator"] == "DPDiffusion" and 0 <= saved["test_accuracy"] <= 1
-    # four planned steps at q = 50 / 500, calibrated to the target epsilon = 10
+    assert saved["public_data"] is None
+    # four planned steps at q = 30 / 300, calibrated to the target epsilon = 10
     events = saved["privacy_ledger"]["events"]
     assert [(e["count"], e["sample_rate"]) for e in events] == [(4, 0.1)]
     assert 9.0 < metrics["epsilon"] <= 10.0
     assert (run / "samples.png").exists() and (run / "generator.ckpt").exists()
+
+
+def _tiny_cli(root, steps: int, *extra: str, fixed_noise: bool = True) -> list[str]:
+    """A tiny DDPM run through ``fedgen fit`` at the example's target epsilon, 10: with the noise multiplier 1.5
+    given (the budget then only stops training), or calibrated to the target."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "mnist_dp_diffusion.yaml"
+    return ["--config", str(example), f"--data.init_args.root={root}",
+            "--data.init_args.train_subset=300", "--data.init_args.test_subset=50",
+            "--model.init_args.block_channels=[8, 16]", "--model.init_args.attention=[false, false]",
+            "--model.init_args.norm_groups=4", "--model.init_args.batch_size=30",
+            "--model.init_args.noise_draws=2", "--model.init_args.sampling_steps=2",
+            *(["--model.init_args.mechanism.init_args.noise_multiplier=1.5"] if fixed_noise else []),
+            "--model.init_args.mechanism.init_args.delta=1e-3", f"--trainer.max_steps={steps}",
+            "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--num_synthetic=20",
+            "--evaluation.classifier=mlp", "--evaluation.epochs=1", "--evaluation.progress_bar=false", *extra]
+
+
+def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+
+    run = tmp_path / "run"
+    fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}"))
+    (run / "metrics.json").unlink()  # as if the run had stopped after its second step
+    resumed = fit(_tiny_cli(real_data_root, 5, f"--run_dir={run}", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    events = resumed["privacy_ledger"]["events"]
+    assert [(e["count"], e["noise_multiplier"], e["sample_rate"]) for e in events] == [(5, 1.5, 0.1)]
+    expected = compute_epsilon([SubsampledGaussianEvent(1.5, 0.1, count=5)], delta=1e-3, accountant="auto")
+    assert resumed["epsilon"] == pytest.approx(expected)
+
+
+def test_public_pretraining_changes_the_weights_and_spends_no_privacy() -> None:
+    model = _tiny()
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    model.pretrain_on_public(_data(30), steps=3)
+    assert any(not torch.equal(p, b) for p, b in zip(model.unet.parameters(), before, strict=True))
+    assert model.mechanism.steps_taken == 0 and len(model.mechanism.ledger.events) == 0
+    assert all(p.grad is None for p in model.unet.parameters())
+    with pytest.raises(ConfigError, match="shape"):
+        model.pretrain_on_public(TensorDataset(torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)), steps=1)
+    model.mechanism.make_private(model.unet, torch.optim.SGD(model.unet.parameters(), lr=0.1),
+                                 data_loader=model.attach_private_data(_data()), steps=3)
+    with pytest.raises(RuntimeError, match="before private training"):
+        model.pretrain_on_public(_data(30), steps=1)
+
+
+def test_fit_names_the_public_dataset_in_the_run_folder_and_metrics(real_data_root, tmp_path, monkeypatch) -> None:
+    import json
+
+    from fedgen.cli import fit
+
+    monkeypatch.chdir(tmp_path)
+    public = ["--public_data=fedgen.data.FashionMNISTDataModule", f"--public_data.root={real_data_root}",
+              "--public_data.train_subset=100", "--public_steps=2"]
+    metrics = fit(_tiny_cli(real_data_root, 1, *public))
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("dpdiffusion-mnist-pretrained_on_public_fashionmnist-")
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["public_data"] == metrics["public_data"]
+    assert (saved["public_data"]["dataset"], saved["public_data"]["examples"], saved["public_data"]["steps"]) == (
+        "fashionmnist", 100, 2)
+    assert "outside the privacy guarantee" in saved["public_data"]["privacy"]
+
+
+def test_the_private_dataset_cannot_be_declared_public(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", "--public_data=fedgen.data.MNISTDataModule",
+                      f"--public_data.root={real_data_root}"))
+    assert err.value.field == "public_data" and not run.exists()
