@@ -33,6 +33,8 @@ from lightning.pytorch.cli import LightningCLI
 from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule
 from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one
 from fedgen.evaluation import TrainOnSynthetic, classifiers, evaluate_accuracy
+from fedgen.evaluation.fid import NETWORK as FID_NETWORK
+from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
 
@@ -65,6 +67,9 @@ class FedgenCLI(LightningCLI):
                             help="A dataset declared PUBLIC: the generator is pretrained on its training split "
                                  "without privacy, before private training. The run folder and metrics name it.")
         parser.add_argument("--public_steps", type=int, default=1000, help="Steps of public pretraining.")
+        parser.add_argument("--fid_samples", type=int, default=0,
+                            help="FID between this many synthetic and real test images (0: no FID; needs "
+                                 "fedgen[fid]; slow on a CPU).")
 
     def before_instantiate_classes(self) -> None:
         config = self.config
@@ -156,6 +161,11 @@ def fit(args: list[str]) -> dict[str, Any]:
         raise ConfigError("public_data", f"is {_dataset_name(config.data)}, the private dataset itself",
                           "declare a different dataset public (e.g. FashionMNIST or EMNIST for MNIST), or remove it")
     check_at_least_one("public_steps", config.public_steps, "use e.g. 1000")
+    if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
+        raise ConfigError("fid_samples", f"{config.fid_samples} is not between 0 and num_synthetic "
+                          f"({config.num_synthetic})", "use e.g. 10000, or 0 for no FID")
+    if config.fid_samples:
+        InceptionFeatures()  # the FID network must load before any private work
     if config.num_synthetic < generator.num_classes:
         raise ConfigError("num_synthetic", f"{config.num_synthetic} is fewer than one per class",
                           "synthesize at least one example per class")
@@ -203,6 +213,15 @@ def fit(args: list[str]) -> dict[str, Any]:
     # The classifier is trained on exactly what was saved (8-bit images).
     synthetic = torch.utils.data.TensorDataset(images_u8.float() / 255, synthetic.tensors[1])
 
+    fid = None
+    if config.fid_samples:
+        real = torch.stack([data.test_set[i][0] for i in range(min(config.fid_samples, len(data.test_set)))])
+        fid = {"value": frechet_inception_distance(real, synthetic.tensors[0][:config.fid_samples],
+                                                   device=trainer.strategy.root_device),
+               "synthetic_images": config.fid_samples, "real_images": len(real), "real_split": "test",
+               "network": FID_NETWORK}
+        log.info("FID %.2f (%d synthetic vs %d real test images)", fid["value"], config.fid_samples, len(real))
+
     start = time.perf_counter()
     result = evaluation.run(synthetic, data.test_set, num_classes=generator.num_classes,
                             image_shape=generator.image_shape)
@@ -222,6 +241,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "privacy_ledger": generator.mechanism.ledger.state_dict(),
         "federation": federation_report,
         "public_data": public_report,
+        "fid": fid,
         "generator_seconds": generator_seconds,
         "classifier_seconds": time.perf_counter() - start,
     }

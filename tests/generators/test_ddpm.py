@@ -161,10 +161,11 @@ def test_fedgen_fit_trains_a_tiny_ddpm_end_to_end(real_data_root, tmp_path) -> N
 
     run = tmp_path / "run"
     metrics = fit(_tiny_cli(real_data_root, 4, "--model.init_args.max_physical_examples=20", f"--run_dir={run}",
-                            fixed_noise=False))
+                            "--fid_samples=4", fixed_noise=False))
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["generator"] == "DPDiffusion" and 0 <= saved["test_accuracy"] <= 1
     assert saved["public_data"] is None
+    assert saved["fid"]["value"] > 0 and saved["fid"]["synthetic_images"] == saved["fid"]["real_images"] == 4
     # four planned steps at q = 30 / 300, calibrated to the target epsilon = 10
     events = saved["privacy_ledger"]["events"]
     assert [(e["count"], e["sample_rate"]) for e in events] == [(4, 0.1)]
