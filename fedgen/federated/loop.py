@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedgen.errors import check_at_least_one
+from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.federated.clients import Client, ClientSampler
 from fedgen.federated.strategy import Strategy
 
@@ -44,15 +44,21 @@ class FederatedTrainer:
         seed: seed of the clients' local data order.
         checkpoint_dir: where to save a checkpoint after every ``checkpoint_every`` rounds (None: never).
         checkpoint_every: rounds between checkpoints.
+        capture: ``[round, client]`` pairs (rounds counted from 0) whose traffic is kept in ``captured``, for
+            attacks: what that client received (``global_params``) and sent (``update`` = w_i - w, and
+            ``contribution``, the vector added to the round's sum). One process only.
     """
 
     def __init__(self, *, rounds: int, sampler: ClientSampler, strategy: Strategy, accelerator: str = "cpu",
                  devices: int = 1, seed: int = 0, checkpoint_dir: str | None = None,
-                 checkpoint_every: int = 1) -> None:
+                 checkpoint_every: int = 1, capture: list[tuple[int, int]] | None = None) -> None:
         check_at_least_one("federation.rounds", rounds, "run at least one round")
         check_at_least_one("federation.devices", devices, "use e.g. 1")
         check_at_least_one("federation.checkpoint_every", checkpoint_every, "use e.g. 1")
         strategy.check_plan(sampler, rounds)
+        if capture and devices > 1:
+            raise ConfigError("federation.capture", "capturing a client's traffic needs devices=1",
+                              "set devices: 1 for an attack run")
         self.rounds = rounds
         self.sampler = sampler
         self.strategy = strategy
@@ -63,6 +69,8 @@ class FederatedTrainer:
         self.checkpoint_every = checkpoint_every
         self.round = 0
         self.history: list[dict] = []
+        self.capture = {(int(r), int(c)) for r, c in (capture or [])}
+        self.captured: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def fit(self, model: nn.Module, clients: list[Client], dataset: Dataset, *,
             ckpt_path: str | None = None) -> nn.Module:
@@ -139,6 +147,10 @@ def _federate(fabric: L.Fabric, trainer: FederatedTrainer, model: nn.Module, cli
             update = strategy.client_update(model, global_params, client_data[cid],
                                             torch.Generator().manual_seed(int(seed)))
             vector, weight = strategy.contribution(update, len(clients[cid]))
+            if (trainer.round, cid) in trainer.capture:
+                trainer.captured[(trainer.round, cid)] = {
+                    "global_params": global_params.detach().cpu().clone(), "update": update.detach().cpu().clone(),
+                    "contribution": vector.detach().cpu().clone()}
             total += vector
             total_weight += weight
         if world > 1:

@@ -155,3 +155,24 @@ def test_one_fedavg_round_is_the_weighted_mean_of_independent_client_updates():
                                                torch.Generator().manual_seed(int(seed)))
         expected += update * len(client) / len(data)
     assert torch.allclose(result, start + expected, atol=1e-6)
+
+
+def test_the_traffic_of_a_chosen_client_in_a_chosen_round_is_captured_exactly():
+    data = separable(1000, seed=0)
+    clients = make_clients(data, IIDPartitioner(seed=0), 3)
+    trainer = FederatedTrainer(rounds=2, sampler=ClientSampler(count=3, seed=0), strategy=FedAvg(lr=0.1),
+                               capture=[(1, 2)])
+    trainer.fit(mlp(), clients, data)
+    assert set(trainer.captured) == {(1, 2)}
+    sent = trainer.captured[(1, 2)]
+    # replaying client 2's local training from the global model it received gives exactly what it sent
+    model = mlp()
+    nn.utils.vector_to_parameters(sent["global_params"].clone(), model.parameters())
+    seed = np.random.SeedSequence([0, 1, 2]).generate_state(1)[0]
+    update = FedAvg(lr=0.1).client_update(model, sent["global_params"].clone(), clients[2].dataset(data),
+                                          torch.Generator().manual_seed(int(seed)))
+    torch.testing.assert_close(sent["update"], update)
+    torch.testing.assert_close(sent["contribution"], update * len(clients[2]))
+    with pytest.raises(ConfigError, match="devices"):
+        FederatedTrainer(rounds=1, sampler=ClientSampler(count=1, seed=0), strategy=FedAvg(), devices=2,
+                         capture=[(0, 0)])
