@@ -10,7 +10,14 @@ from fedgen.attacks.gradient_inversion import (
     lenet_for_inversion,
     recover_label,
 )
-from fedgen.attacks.membership import LOW_FPRS, MembershipResult, evaluate_membership, loss_scores
+from fedgen.attacks.membership import (
+    LOW_FPRS,
+    LiRA,
+    MembershipResult,
+    evaluate_membership,
+    logit_confidence,
+    loss_scores,
+)
 
-__all__ = ["DLG", "LOW_FPRS", "GradientInversion", "InversionResult", "InvertingGradients", "MembershipResult",
-           "client_gradient", "evaluate_membership", "lenet_for_inversion", "loss_scores", "recover_label"]
+__all__ = ["DLG", "LOW_FPRS", "GradientInversion", "InversionResult", "InvertingGradients", "LiRA", "MembershipResult",
+           "client_gradient", "evaluate_membership", "lenet_for_inversion", "logit_confidence", "loss_scores", "recover_label"]

@@ -6,10 +6,12 @@ low false-positive rates (Carlini et al., S&P 2022), not the AUC alone.
 
 - LOSS attack (Yeom, Giacomelli, Fredrikson, Jha, CSF 2018): score = -loss(f(x), y). Members of an
   overfit model have a lower loss.
+- LiRA (Carlini et al., S&P 2022): a per-example likelihood ratio calibrated by shadow models (:class:`LiRA`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,3 +64,84 @@ def evaluate_membership(member_scores: torch.Tensor, non_member_scores: torch.Te
     tpr_at = {target: float(tpr[fpr <= target].max()) for target in LOW_FPRS}
     return MembershipResult(float(binary_auroc(scores, truth)), tpr_at, fpr, tpr, len(member_scores),
                             len(non_member_scores))
+
+
+@torch.no_grad()
+def logit_confidence(model: nn.Module, dataset: Dataset, *, batch_size: int = 1000) -> torch.Tensor:
+    """LiRA's statistic: ``log(p_y / (1 - p_y))`` of the true class, computed stably from the logits as
+    ``z_y - logsumexp_{k != y} z_k``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        logits = model(x.to(device)).double()
+        y = y.to(device)
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
+        out.append((true - others).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class LiRA:
+    """The likelihood-ratio attack (Carlini, Chien, Nasr, Song, Terzis, Tramer, S&P 2022).
+
+    Shadow models are trained on random halves of a population (each example is IN about half of them). For
+    each example the logit-scaled confidences of IN and OUT shadows are fitted by Gaussians; the target
+    model's confidence ``phi`` is scored by ``log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out)`` (online) or
+    by ``Phi((phi - mu_out) / s_out)`` (offline, OUT shadows only). With few shadows, one variance over all
+    examples (``global_variance``) is more stable, as the paper recommends.
+
+    Args:
+        train: the user's factory: trains and returns a fresh model on the dataset it is given.
+        num_shadows: shadow models (even; the paper uses 64 to 256).
+        online: use IN shadows too (more accurate, needs the candidates in the shadows' data).
+        global_variance: one variance per side for all examples.
+        seed: seed of the random halves.
+    """
+
+    def __init__(self, *, train: Callable[[Dataset], nn.Module], num_shadows: int = 16, online: bool = True,
+                 global_variance: bool = False, seed: int = 0) -> None:
+        if num_shadows < 2 or num_shadows % 2:
+            raise ConfigError("attack.num_shadows", f"must be an even number >= 2, got {num_shadows}",
+                              "use e.g. 16 (the paper uses 64 or more)")
+        self.train, self.num_shadows, self.online = train, num_shadows, online
+        self.global_variance, self.seed = global_variance, seed
+        self._confidences: torch.Tensor | None = None  # (shadows, population)
+        self._membership: torch.Tensor | None = None  # (shadows, population) bool
+
+    def fit(self, population: Dataset) -> LiRA:
+        """Train the shadow models; every example is IN exactly half of them (balanced random halves)."""
+        n = len(population)
+        gen = torch.Generator().manual_seed(self.seed)
+        ranks = torch.rand(n, self.num_shadows, generator=gen).argsort(1)  # per example, a random order of shadows
+        membership = (ranks < self.num_shadows // 2).T  # (shadows, n): each example IN half of the shadows
+        confidences = []
+        for s in range(self.num_shadows):
+            model = self.train(torch.utils.data.Subset(population, membership[s].nonzero().squeeze(1).tolist()))
+            confidences.append(logit_confidence(model, population))
+        self._confidences, self._membership = torch.stack(confidences), membership
+        return self
+
+    def scores(self, target: nn.Module, population: Dataset) -> torch.Tensor:
+        """Membership scores of every example of the population (the one given to :meth:`fit`) for ``target``."""
+        if self._confidences is None:
+            raise RuntimeError("call LiRA.fit(population) first")
+        phi = logit_confidence(target, population)
+        conf, member = self._confidences, self._membership
+
+        def gaussian(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            count = mask.sum(0).clamp(min=1)
+            mean = (conf * mask).sum(0) / count
+            var = (((conf - mean) ** 2) * mask).sum(0) / (count - 1).clamp(min=1)
+            if self.global_variance:
+                var = var.mean().expand_as(var)
+            return mean, var.clamp(min=1e-6).sqrt()
+
+        mu_out, s_out = gaussian(~member)
+        out_dist = torch.distributions.Normal(mu_out, s_out)
+        if not self.online:
+            return out_dist.cdf(phi)
+        mu_in, s_in = gaussian(member)
+        return torch.distributions.Normal(mu_in, s_in).log_prob(phi) - out_dist.log_prob(phi)

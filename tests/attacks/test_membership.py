@@ -43,3 +43,41 @@ def test_loss_attack_separates_the_members_of_an_overfit_model() -> None:
     assert any(not torch.equal(p, f) for p, f in zip(model.parameters(), fresh, strict=True))
     with pytest.raises(ConfigError):
         evaluate_membership(torch.tensor([1.0]), torch.tensor([]))
+
+
+def test_lira_beats_the_loss_attack_at_one_percent_fpr_on_an_overfit_model() -> None:
+    from torch.utils.data import Subset
+
+    from fedgen.attacks import LiRA
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 20, generator=gen), torch.randint(0, 2, (400,), generator=gen)  # random labels
+    population = TensorDataset(x, y)
+    trained = [0]
+
+    def train(dataset) -> nn.Module:  # the user's factory: a fresh MLP that memorizes its data
+        trained[0] += 1
+        torch.manual_seed(trained[0])
+        xs, ys = (torch.stack(t) for t in zip(*(dataset[i] for i in range(len(dataset))), strict=True))
+        model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 2))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(200):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xs), ys).backward()
+            optimizer.step()
+        return model
+
+    members = torch.randperm(400, generator=gen)[:200]
+    is_member = torch.zeros(400, dtype=torch.bool)
+    is_member[members] = True
+    target = train(Subset(population, members.tolist()))
+    lira = LiRA(train=train, num_shadows=16, seed=1).fit(population)
+    assert trained[0] == 17 and lira._membership.sum(0).eq(8).all()  # each example IN half of the shadows
+    scores = lira.scores(target, population)
+    lira_result = evaluate_membership(scores[is_member], scores[~is_member])
+    loss = loss_scores(target, population)
+    loss_result = evaluate_membership(loss[is_member], loss[~is_member])
+    assert lira_result.tpr_at_fpr[0.01] > loss_result.tpr_at_fpr[0.01] + 0.05
+    assert lira_result.auc > 0.85
+    with pytest.raises(ConfigError):
+        LiRA(train=train, num_shadows=3)
