@@ -15,9 +15,12 @@ from fedgen.attacks.membership import (
     LiRA,
     MembershipResult,
     evaluate_membership,
+    gan_leaks_scores,
     logit_confidence,
     loss_scores,
+    nearest_distance,
 )
 
 __all__ = ["DLG", "LOW_FPRS", "GradientInversion", "InversionResult", "InvertingGradients", "LiRA", "MembershipResult",
-           "client_gradient", "evaluate_membership", "lenet_for_inversion", "logit_confidence", "loss_scores", "recover_label"]
+           "client_gradient", "evaluate_membership", "gan_leaks_scores", "lenet_for_inversion", "logit_confidence", "loss_scores", "nearest_distance",
+           "recover_label"]

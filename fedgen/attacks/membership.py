@@ -7,6 +7,8 @@ low false-positive rates (Carlini et al., S&P 2022), not the AUC alone.
 - LOSS attack (Yeom, Giacomelli, Fredrikson, Jha, CSF 2018): score = -loss(f(x), y). Members of an
   overfit model have a lower loss.
 - LiRA (Carlini et al., S&P 2022): a per-example likelihood ratio calibrated by shadow models (:class:`LiRA`).
+- GAN-Leaks (Chen et al., CCS 2020) against a released synthetic dataset: the distance of a query to its nearest
+  synthetic sample, optionally calibrated by a reference generator (:func:`gan_leaks_scores`).
 """
 
 from __future__ import annotations
@@ -145,3 +147,23 @@ class LiRA:
             return out_dist.cdf(phi)
         mu_in, s_in = gaussian(member)
         return torch.distributions.Normal(mu_in, s_in).log_prob(phi) - out_dist.log_prob(phi)
+
+
+@torch.no_grad()
+def nearest_distance(queries: torch.Tensor, samples: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """The L2 distance of each query to its nearest sample (images flattened), in query chunks."""
+    flat = samples.flatten(1).double()
+    out = [torch.cdist(q.flatten(1).double(), flat).min(1).values for q in queries.split(batch_size)]
+    return torch.cat(out)
+
+
+def gan_leaks_scores(queries: torch.Tensor, synthetic: torch.Tensor,
+                     reference: torch.Tensor | None = None) -> torch.Tensor:
+    """GAN-Leaks, full black-box (Chen, Yu, Zhang, Fritz, CCS 2020): a query close to the released synthetic
+    samples is likely a member, so the score is ``-d(x, S)``, the distance to the nearest synthetic sample.
+    With ``reference`` samples from a generator trained on other data of the same distribution, the score is
+    calibrated: ``d(x, S_ref) - d(x, S)``, which removes how typical the query is."""
+    scores = -nearest_distance(queries, synthetic)
+    if reference is not None:
+        scores = scores + nearest_distance(queries, reference)
+    return scores

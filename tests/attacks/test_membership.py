@@ -81,3 +81,22 @@ def test_lira_beats_the_loss_attack_at_one_percent_fpr_on_an_overfit_model() -> 
     assert lira_result.auc > 0.85
     with pytest.raises(ConfigError):
         LiRA(train=train, num_shadows=3)
+
+
+def test_gan_leaks_finds_members_of_a_memorizing_generator_and_not_of_an_independent_one() -> None:
+    from fedgen.attacks import gan_leaks_scores, nearest_distance
+
+    gen = torch.Generator().manual_seed(3)
+    members, non_members = torch.rand(100, 1, 8, 8, generator=gen), torch.rand(100, 1, 8, 8, generator=gen)
+    queries = torch.cat([members, non_members])
+    torch.testing.assert_close(nearest_distance(members[:3], members), torch.zeros(3, dtype=torch.float64))
+
+    def auc(synthetic: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+        scores = gan_leaks_scores(queries, synthetic, reference)
+        return evaluate_membership(scores[:100], scores[100:]).auc
+
+    memorizing = members + 0.01 * torch.randn(members.shape, generator=gen)  # releases near-copies
+    independent = torch.rand(500, 1, 8, 8, generator=gen)  # the same distribution, never saw the members
+    assert auc(memorizing) > 0.99
+    assert 0.35 < auc(independent) < 0.65
+    assert auc(memorizing, reference=torch.rand(500, 1, 8, 8, generator=gen)) > 0.99  # calibration keeps the signal
