@@ -1,0 +1,37 @@
+"""The one-run audit's bound: exact at its defining equation, monotone, zero for chance-level guessing, and
+the guesses are counted as the protocol says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import binom
+
+from fedgen.attacks.audit import audit_guesses, epsilon_lower_bound
+from fedgen.errors import ConfigError
+
+
+def test_the_bound_solves_its_defining_equation() -> None:
+    eps = epsilon_lower_bound(95, 100, beta=0.05)
+    p = 1 / (1 + math.exp(-eps))
+    assert binom.sf(94, 100, p) == pytest.approx(0.05, rel=1e-6)  # P[Bin(100, p_eps) >= 95] = beta at the bound
+    assert 2 < eps < 3.5
+    # more correct guesses, or more guesses at the same rate, or less confidence: a larger bound
+    assert epsilon_lower_bound(100, 100) > eps
+    assert epsilon_lower_bound(950, 1000) > eps
+    assert epsilon_lower_bound(95, 100, beta=0.2) > eps
+    assert epsilon_lower_bound(50, 100) == 0.0 and epsilon_lower_bound(0, 10) == 0.0  # chance or worse
+
+
+def test_guesses_are_counted_from_the_top_and_bottom_scores() -> None:
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.5, 0.05])
+    included = torch.tensor([True, False, False, True, True, False])
+    # top 2: canaries 0 (in, right) and 1 (out, wrong); bottom 2: canaries 5 (out, right) and 2 (out, right)
+    assert audit_guesses(scores, included, k_plus=2, k_minus=2) == (3, 4)
+    assert audit_guesses(scores, included, k_plus=1, k_minus=0) == (1, 1)
+    with pytest.raises(ConfigError):
+        audit_guesses(scores, included, k_plus=4, k_minus=4)
+    with pytest.raises(ConfigError):
+        epsilon_lower_bound(5, 4)
