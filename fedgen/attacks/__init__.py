@@ -15,6 +15,7 @@ from fedgen.attacks.membership import (
     LOW_FPRS,
     LiRA,
     MembershipResult,
+    diffusion_loss_scores,
     evaluate_membership,
     gan_leaks_scores,
     logit_confidence,
@@ -23,5 +24,5 @@ from fedgen.attacks.membership import (
 )
 
 __all__ = ["DLG", "audit_guesses", "epsilon_lower_bound", "LOW_FPRS", "GradientInversion", "InversionResult", "InvertingGradients", "LiRA", "MembershipResult",
-           "client_gradient", "evaluate_membership", "gan_leaks_scores", "lenet_for_inversion", "logit_confidence", "loss_scores", "nearest_distance",
+           "client_gradient", "diffusion_loss_scores", "evaluate_membership", "gan_leaks_scores", "lenet_for_inversion", "logit_confidence", "loss_scores", "nearest_distance",
            "recover_label"]

@@ -7,6 +7,7 @@ low false-positive rates (Carlini et al., S&P 2022), not the AUC alone.
 - LOSS attack (Yeom, Giacomelli, Fredrikson, Jha, CSF 2018): score = -loss(f(x), y). Members of an
   overfit model have a lower loss.
 - LiRA (Carlini et al., S&P 2022): a per-example likelihood ratio calibrated by shadow models (:class:`LiRA`).
+- A loss attack on diffusion models (:func:`diffusion_loss_scores`).
 - GAN-Leaks (Chen et al., CCS 2020) against a released synthetic dataset: the distance of a query to its nearest
   synthetic sample, optionally calibrated by a reference generator (:func:`gan_leaks_scores`).
 """
@@ -167,3 +168,26 @@ def gan_leaks_scores(queries: torch.Tensor, synthetic: torch.Tensor,
     if reference is not None:
         scores = scores + nearest_distance(queries, reference)
     return scores
+
+
+@torch.no_grad()
+def diffusion_loss_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, repeats: int = 8,
+                          seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """A loss attack on a diffusion model (after Carlini et al., USENIX Security 2023, and Matsumoto et al.,
+    2023): members are denoised better, so the score is minus each example's noise-prediction error, averaged
+    over ``repeats`` (timestep, noise) draws fixed by ``seed`` and shared by all candidates. ``model`` is any
+    object with ``device`` and ``diffusion_loss(images, labels, reduction="none")`` giving each example's rows
+    consecutively (e.g. :class:`~fedgen.generators.DPDiffusion`)."""
+    state = torch.random.get_rng_state()
+    scores = []
+    try:
+        for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+            total = torch.zeros(len(x), dtype=torch.float64)
+            for r in range(repeats):
+                torch.manual_seed(seed + r)  # the same draws for every candidate
+                rows = model.diffusion_loss(x.to(model.device), y.to(model.device), reduction="none")
+                total += rows.reshape(len(x), -1).mean(1).double().cpu()  # an example's rows are consecutive
+            scores.append(-total / repeats)
+    finally:
+        torch.random.set_rng_state(state)
+    return torch.cat(scores)

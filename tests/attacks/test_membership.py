@@ -100,3 +100,22 @@ def test_gan_leaks_finds_members_of_a_memorizing_generator_and_not_of_an_indepen
     assert auc(memorizing) > 0.99
     assert 0.35 < auc(independent) < 0.65
     assert auc(memorizing, reference=torch.rand(500, 1, 8, 8, generator=gen)) > 0.99  # calibration keeps the signal
+
+
+def test_the_loss_attack_finds_the_members_a_diffusion_model_memorized() -> None:
+    from fedgen.attacks import diffusion_loss_scores
+    from fedgen.generators import DPDiffusion
+    from fedgen.mechanisms import DPSGD
+
+    gen = torch.Generator().manual_seed(4)
+    images, labels = torch.rand(40, 1, 8, 8, generator=gen), torch.zeros(40, dtype=torch.long)
+    torch.manual_seed(0)
+    model = DPDiffusion(mechanism=DPSGD(noise_multiplier=1.0), num_classes=1, image_shape=(1, 8, 8),
+                        block_channels=(8, 16), attention=(False, False), norm_groups=4, noise_draws=2,
+                        batch_size=10, num_train_timesteps=100, lr=3e-3, ema_decay=0.0)
+    before = diffusion_loss_scores(model, images, labels, repeats=4)
+    model.pretrain_on_public(TensorDataset(images[:10], labels[:10]), steps=300)  # memorize 10 images, no privacy
+    after = diffusion_loss_scores(model, images, labels, repeats=4)
+    torch.testing.assert_close(after, diffusion_loss_scores(model, images, labels, repeats=4))  # fixed draws
+    assert evaluate_membership(after[:10], after[10:]).auc > 0.9
+    assert 0.25 < evaluate_membership(before[:10], before[10:]).auc < 0.75
