@@ -1,7 +1,7 @@
 """Attacks on what fedgen's runs release or send: gradient inversion (DLG, iDLG, Inverting Gradients) and
 membership inference (LOSS, LiRA, GAN-Leaks), and the one-run privacy audit's bound."""
 
-from fedgen.attacks.audit import audit_guesses, epsilon_lower_bound
+from fedgen.attacks.audit import OneRunAudit, audit_guesses, epsilon_lower_bound
 from fedgen.attacks.gradient_inversion import (
     DLG,
     GradientInversion,
@@ -23,6 +23,6 @@ from fedgen.attacks.membership import (
     nearest_distance,
 )
 
-__all__ = ["DLG", "audit_guesses", "epsilon_lower_bound", "LOW_FPRS", "GradientInversion", "InversionResult", "InvertingGradients", "LiRA", "MembershipResult",
+__all__ = ["DLG", "OneRunAudit", "audit_guesses", "epsilon_lower_bound", "LOW_FPRS", "GradientInversion", "InversionResult", "InvertingGradients", "LiRA", "MembershipResult",
            "client_gradient", "diffusion_loss_scores", "evaluate_membership", "gan_leaks_scores", "lenet_for_inversion", "logit_confidence", "loss_scores", "nearest_distance",
            "recover_label"]

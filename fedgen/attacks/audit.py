@@ -55,3 +55,30 @@ def audit_guesses(scores: torch.Tensor, included: torch.Tensor, *, k_plus: int, 
     top, bottom = order[:k_plus], order[len(order) - k_minus:] if k_minus else order[:0]
     correct = int(included[top].sum()) + int((~included[bottom]).sum())
     return correct, k_plus + k_minus
+
+
+class OneRunAudit:
+    """The protocol of Steinke et al. (2023): draw which of ``num_canaries`` canaries enter training (each with
+    probability 1/2, seeded), then turn the attack's scores into a lower bound on the run's epsilon.
+
+    Args:
+        num_canaries: m.
+        k_plus: "in" guesses on the highest scores; ``k_minus``: "out" guesses on the lowest.
+        beta: 1 - confidence of the bound.
+        seed: seed of the inclusion coins.
+    """
+
+    def __init__(self, *, num_canaries: int, k_plus: int, k_minus: int, beta: float = 0.05, seed: int = 0) -> None:
+        if num_canaries < 1 or k_plus < 0 or k_minus < 0 or not 1 <= k_plus + k_minus <= num_canaries:
+            raise ConfigError("audit", f"num_canaries={num_canaries}, k_plus={k_plus}, k_minus={k_minus}",
+                              "use at least one guess and at most one per canary")
+        self.num_canaries, self.k_plus, self.k_minus, self.beta = num_canaries, k_plus, k_minus, beta
+        self.included = torch.rand(num_canaries, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+    def epsilon_lower_bound(self, scores: torch.Tensor) -> dict[str, float]:
+        """The guesses' outcome and the bound: ``{"correct", "guesses", "epsilon_lower_bound"}``."""
+        if len(scores) != self.num_canaries:
+            raise ConfigError("scores", f"{len(scores)} scores for {self.num_canaries} canaries", "score every canary")
+        correct, guesses = audit_guesses(scores, self.included, k_plus=self.k_plus, k_minus=self.k_minus)
+        return {"correct": correct, "guesses": guesses,
+                "epsilon_lower_bound": epsilon_lower_bound(correct, guesses, beta=self.beta)}
