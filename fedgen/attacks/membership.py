@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +56,24 @@ class MembershipResult:
     def to_dict(self) -> dict:
         return {"auc": self.auc, "tpr_at_fpr": {str(k): v for k, v in self.tpr_at_fpr.items()},
                 "members": self.members, "non_members": self.non_members}
+
+    def save_roc(self, path: str | Path, title: str = "membership inference") -> None:
+        """The ROC curve as a PNG, on log-log axes: the low-FPR corner is where privacy is judged."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        floor = 1 / (10 * max(self.members, self.non_members))
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.loglog(self.fpr.clamp(min=floor), self.tpr.clamp(min=floor), label=f"attack (AUC {self.auc:.3f})")
+        ax.loglog([floor, 1], [floor, 1], "k--", linewidth=0.8, label="chance")
+        ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(floor, 1),
+               ylim=(floor, 1))
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def evaluate_membership(member_scores: torch.Tensor, non_member_scores: torch.Tensor) -> MembershipResult:

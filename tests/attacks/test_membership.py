@@ -24,6 +24,16 @@ def test_roc_numbers_on_known_scores() -> None:
     assert (result.members, result.non_members) == (4, 1000)
 
 
+def test_the_roc_curve_is_written_as_a_png(tmp_path) -> None:
+    from PIL import Image
+
+    result = evaluate_membership(torch.tensor([3.0, 2.0, 0.5]), torch.tensor([1.0, 0.0, -1.0, 0.2]))
+    result.save_roc(tmp_path / "roc.png", title="test")
+    image = Image.open(tmp_path / "roc.png")
+    assert image.format == "PNG" and min(image.size) >= 400
+    assert set(result.to_dict()) == {"auc", "tpr_at_fpr", "members", "non_members"}
+
+
 def test_loss_attack_separates_the_members_of_an_overfit_model() -> None:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 20, generator=gen), torch.randint(0, 2, (200,), generator=gen)  # random labels
