@@ -164,8 +164,7 @@ def fit(args: list[str]) -> dict[str, Any]:
     if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
         raise ConfigError("fid_samples", f"{config.fid_samples} is not between 0 and num_synthetic "
                           f"({config.num_synthetic})", "use e.g. 10000, or 0 for no FID")
-    if config.fid_samples:
-        InceptionFeatures()  # the FID network must load before any private work
+    fid_network = InceptionFeatures() if config.fid_samples else None  # it must load before any private work
     if config.num_synthetic < generator.num_classes:
         raise ConfigError("num_synthetic", f"{config.num_synthetic} is fewer than one per class",
                           "synthesize at least one example per class")
@@ -217,7 +216,7 @@ def fit(args: list[str]) -> dict[str, Any]:
     if config.fid_samples:
         real = torch.stack([data.test_set[i][0] for i in range(min(config.fid_samples, len(data.test_set)))])
         fid = {"value": frechet_inception_distance(real, synthetic.tensors[0][:config.fid_samples],
-                                                   device=trainer.strategy.root_device),
+                                                   device=trainer.strategy.root_device, features=fid_network),
                "synthetic_images": config.fid_samples, "real_images": len(real), "real_split": "test",
                "network": FID_NETWORK}
         log.info("FID %.2f (%d synthetic vs %d real test images)", fid["value"], config.fid_samples, len(real))

@@ -31,15 +31,19 @@ LOW_FPRS = (0.001, 0.01)
 
 
 @torch.no_grad()
-def loss_scores(model: nn.Module, dataset: Dataset, *, batch_size: int = 1000) -> torch.Tensor:
-    """LOSS attack scores (Yeom et al., 2018): the negative cross-entropy of each example, on the model's device."""
+def _per_example(model: nn.Module, dataset: Dataset, statistic, batch_size: int) -> torch.Tensor:
+    """``statistic(logits, labels)`` of every example of ``dataset``, the model in eval mode on its own device."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    scores = [-F.cross_entropy(model(x.to(device)), y.to(device), reduction="none").cpu()
-              for x, y in DataLoader(dataset, batch_size=batch_size)]
+    out = [statistic(model(x.to(device)), y.to(device)).cpu() for x, y in DataLoader(dataset, batch_size=batch_size)]
     model.train(was_training)
-    return torch.cat(scores)
+    return torch.cat(out)
+
+
+def loss_scores(model: nn.Module, dataset: Dataset, *, batch_size: int = 1000) -> torch.Tensor:
+    """LOSS attack scores (Yeom et al., 2018): the negative cross-entropy of each example."""
+    return _per_example(model, dataset, lambda z, y: -F.cross_entropy(z, y, reduction="none"), batch_size)
 
 
 @dataclass
@@ -88,22 +92,16 @@ def evaluate_membership(member_scores: torch.Tensor, non_member_scores: torch.Te
                             len(non_member_scores))
 
 
-@torch.no_grad()
+def _logit_scaled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.double()
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    return true - logits.scatter(1, labels[:, None], float("-inf")).logsumexp(1)
+
+
 def logit_confidence(model: nn.Module, dataset: Dataset, *, batch_size: int = 1000) -> torch.Tensor:
     """LiRA's statistic: ``log(p_y / (1 - p_y))`` of the true class, computed stably from the logits as
     ``z_y - logsumexp_{k != y} z_k``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        logits = model(x.to(device)).double()
-        y = y.to(device)
-        true = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
-        out.append((true - others).cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    return _per_example(model, dataset, _logit_scaled, batch_size)
 
 
 class LiRA:

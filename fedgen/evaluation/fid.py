@@ -62,11 +62,13 @@ class InceptionFeatures(nn.Module):
 
 
 def frechet_inception_distance(real: torch.Tensor, generated: torch.Tensor, *, batch_size: int = 100,
-                               device: torch.device | str = "cpu") -> float:
-    """FID between two sets of images in [0, 1] (N, C, H, W), quantized to 8 bits as saved images are."""
+                               device: torch.device | str = "cpu", features: InceptionFeatures | None = None
+                               ) -> float:
+    """FID between two sets of images in [0, 1] (N, C, H, W), quantized to 8 bits as saved images are.
+    ``features``: an already loaded network (loaded here if None)."""
     if min(len(real), len(generated)) < 2:
         raise ConfigError("fid_samples", "FID needs at least 2 images per set", "use e.g. 10000")
-    metric = FrechetInceptionDistance(feature=InceptionFeatures()).to(device)
+    metric = FrechetInceptionDistance(feature=features or InceptionFeatures()).to(device)
     for images, is_real in ((real, True), (generated, False)):
         for batch in images.split(batch_size):
             metric.update((batch.to(device).clamp(0, 1) * 255).round().to(torch.uint8), real=is_real)

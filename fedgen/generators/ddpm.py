@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.mechanisms import DPSGD
+from fedgen.mechanisms.per_example import unsupported_layers
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),
                                layers_per_block=layers_per_block, norm_groups=norm_groups)
+        unsupported = unsupported_layers(self.unet)
+        if unsupported:  # engine "auto" would fall back to Opacus, which has no noise multiplicity
+            raise ConfigError("model", f"fedgen's clipping engine cannot clip {'; '.join(unsupported)}",
+                              "use the UNet options of DPDiffusion (Conv2d, Linear, GroupNorm, Embedding layers)")
         # the EMA copy is made before any clipping hook is attached to the UNet, and is never trained
         self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay)) if ema_decay else None
         if self.ema is not None:
@@ -178,9 +183,6 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("trainer.max_epochs", "DP-SGD plans its noise for a known number of steps",
                               "set trainer.max_epochs or trainer.max_steps")
         _, optimizer = self.mechanism.make_private(self.unet, optimizer, data_loader=self._loader, **plan)
-        if self.mechanism.engine_in_use != "fedgen":
-            raise ConfigError("model.mechanism.engine", "fedgen's clipping engine does not support this UNet",
-                              "noise multiplicity needs it; report the layer named in the log")
         return optimizer
 
     def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor, *,
