@@ -136,6 +136,13 @@ def save_samples(generator: Generator, path: Path, per_class: int = 10) -> None:
     torchvision.utils.save_image(images.clamp(0, 1), path, nrow=per_class, padding=2)
 
 
+def epoch_checkpoint() -> ModelCheckpoint:
+    """``<run>/checkpoints/last.ckpt``, rewritten at the end of every epoch, so that a run stopped part-way (a
+    time limit, a lost machine) resumes with ``--ckpt_path`` from its last epoch, ledger included.
+    (Lightning's ``save_last`` alone writes it only when a top-k checkpoint is written, i.e. at the end.)"""
+    return ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
+
+
 def fit(args: list[str]) -> dict[str, Any]:
     """``fedgen fit``: the whole pipeline; returns the metrics written to ``metrics.json``."""
     # fedgen passes its own argument list to LightningCLI on purpose.
@@ -145,7 +152,7 @@ def fit(args: list[str]) -> dict[str, Any]:
                         run=False, args=args, save_config_callback=None, seed_everything_default=0,
                         auto_configure_optimizers=False,
                         trainer_defaults={"logger": False, "max_epochs": 5,
-                                          "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)]},
+                                          "callbacks": [epoch_checkpoint()]},
                         parser_kwargs={"prog": "fedgen fit"})
     except ValueError as err:  # building the configured objects failed: report the config error inside
         raise _config_error(err) from err

@@ -1,11 +1,13 @@
 """DP diffusion: a class-conditional DDPM trained with DP-SGD (DPDM; Dockhorn, Cao, Vahdat, Kreis, TMLR 2023).
 
-Training objective (Ho, Jain, Abbeel, NeurIPS 2020, noise prediction). Pixels are scaled to [-1, 1]. For a
-private example ``(x_0, y)`` and each of its K noise draws ``k``, with ``t_k ~ U{0, ..., T-1}`` and
-``eps_k ~ N(0, I)``,
+Training objective (Ho, Jain, Abbeel, NeurIPS 2020). Pixels are scaled to [-1, 1]. For a private example
+``(x_0, y)`` and each of its K noise draws ``k``, with ``t_k ~ U{0, ..., T-1}``, ``eps_k ~ N(0, I)``,
+``a = sqrt(abar_{t_k})`` and ``s = sqrt(1 - abar_{t_k})``,
 
-    x_k = sqrt(abar_{t_k}) x_0 + sqrt(1 - abar_{t_k}) eps_k,
-    loss(x_0, y) = (1 / K) sum_k mean_pixels (eps_theta(x_k, t_k, y) - eps_k)^2.
+    x_k = a x_0 + s eps_k,
+    loss(x_0, y) = (1 / K) sum_k mean_pixels (f_theta(x_k, t_k, y) - target_k)^2,
+
+with ``target_k = a eps_k - s x_0`` (v-prediction, the default) or ``eps_k`` (noise prediction).
 
 The K draws are averaged *inside* the example's loss before its gradient is clipped (noise multiplicity, DPDM):
 one example still moves the clipped sum by at most C, so the privacy cost is that of the DP-SGD steps alone,
@@ -93,6 +95,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         norm_groups: GroupNorm groups.
         num_train_timesteps: T, diffusion steps of the training schedule.
         beta_schedule: the variance schedule (diffusers' names).
+        prediction: what the UNet predicts from ``x_t = a_t x_0 + s_t eps``: ``"epsilon"`` (the noise, as DDPM)
+            or ``"v_prediction"`` (``v = a_t eps - s_t x_0``, Salimans & Ho 2022). With v the sampler's
+            ``x_0 = a_t x_t - s_t v`` never divides by a small ``a_t``, so at high noise the UNet's errors are not
+            amplified into the image; the same preconditioning role as DPDM's EDM denoiser. Under DP-SGD's
+            noisy gradients this is what removes the residual noise from the samples.
         noise_draws: K, noise draws averaged inside each example's loss.
         batch_size: expected logical batch size of the Poisson sampler.
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
@@ -109,7 +116,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
                  layers_per_block: int = 1, norm_groups: int = 8, num_train_timesteps: int = 1000,
-                 beta_schedule: str = "linear", noise_draws: int = 4, batch_size: int = 256,
+                 beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
+                 noise_draws: int = 4, batch_size: int = 256,
                  max_physical_examples: int | None = None, lr: float = 3e-4, ema_decay: float = 0.999,
                  label_dropout: float = 0.1, guidance_scale: float = 0.0,
                  sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50) -> None:
@@ -129,6 +137,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if beta_schedule not in BETA_SCHEDULES:
             raise ConfigError("model.beta_schedule", f"unknown schedule {beta_schedule!r}",
                               f"use one of {list(BETA_SCHEDULES)}")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ConfigError("model.prediction", f"unknown target {prediction!r}", "use v_prediction or epsilon")
         if sampler not in ("ddim", "ddpm"):
             raise ConfigError("model.sampler", f"unknown sampler {sampler!r}", "use ddim or ddpm")
         if sampler == "ddpm" and sampling_steps != num_train_timesteps:
@@ -155,7 +165,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay)) if ema_decay else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                             prediction_type=prediction)
         self.automatic_optimization = False  # one DP step per logical batch, over its micro-batches
         self._loader: DataLoader | None = None
 
@@ -187,8 +198,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
 
     def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor, *,
                        reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
-        """The noise-prediction error of the batch's B x K rows (rows ``i K .. i K + K - 1`` are example i's
-        draws): their mean, which is the mean over examples of their K-draw losses, or each row's
+        """The prediction error (of the noise or of v; see ``prediction``) of the batch's B x K rows (rows
+        ``i K .. i K + K - 1`` are example i's draws): their mean, which is the mean over examples of their K-draw losses, or each row's
         (``reduction="none"``, shape (B K,))."""
         draws = self.hparams.noise_draws
         x0 = (images * 2 - 1).repeat_interleave(draws, dim=0)
@@ -199,7 +210,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, noise, reduction="none")
+        target = noise if self.hparams.prediction == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
+        error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, target, reduction="none")
         return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

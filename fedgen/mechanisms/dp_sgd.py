@@ -17,7 +17,6 @@ training cleanly when the budget is spent and keeps the ledger in checkpoints.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 import torch
@@ -255,7 +254,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
         if (epochs is None) == (steps is None):
             raise ConfigError("epochs", "give exactly one of epochs or steps", "plan the run by epochs or by steps")
         if steps is None:
-            steps = max(1, math.ceil(epochs / sample_rate))
+            steps = max(1, epochs * len(data_loader))  # the steps the loader will really yield
         self.plan(sample_rate=sample_rate, steps=steps)
         module_params = {id(p) for p in module.parameters()}
         for group in optimizer.param_groups:

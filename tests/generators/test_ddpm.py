@@ -124,6 +124,37 @@ def test_sampling_gives_images_of_the_requested_classes_shape() -> None:
     assert ddpm.sample(2).shape == (2, 1, 8, 8)
 
 
+class _Oracle(torch.nn.Module):
+    """The exact denoiser of a one-image dataset: from ``x_t = a x_0 + s eps`` it knows x_0, hence eps and
+    ``v = a eps - s x_0 = (a x_t - x_0) / s``; it returns the model's target for the model's ``prediction``."""
+
+    def __init__(self, model: DPDiffusion, image: torch.Tensor) -> None:
+        super().__init__()
+        self.x0, self.model = image * 2 - 1, [model]
+
+    def forward(self, x_t, t, class_labels=None):
+        from types import SimpleNamespace
+
+        abar = self.model[0].noise_scheduler.alphas_cumprod.to(x_t)[t.long()].view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        eps = (x_t - a * self.x0) / s
+        out = eps if self.model[0].hparams.prediction == "epsilon" else a * eps - s * self.x0
+        return SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction: str) -> None:
+    """With the exact denoiser of a one-image dataset the loss is 0 (the target is the one configured) and the
+    sampler lands on that image (it reads the UNet's output as that same quantity)."""
+    model = _tiny(prediction=prediction, ema_decay=0.0, guidance_scale=0.0)
+    image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model.unet = _Oracle(model, image)
+    loss = model.diffusion_loss(image.expand(5, -1, -1, -1), torch.zeros(5, dtype=torch.long))
+    assert float(loss) < 1e-12
+    samples = model.sample(3, torch.zeros(3, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(samples, image.expand(3, -1, -1, -1), atol=1e-6, rtol=0)
+
+
 def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
     model = _tiny()
     data = _data()
@@ -147,6 +178,7 @@ def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
     ({"sampler": "ddpm"}, "model.sampling_steps"),
     ({"beta_schedule": "cosine"}, "model.beta_schedule"),
     ({"ema_decay": 1.0}, "model.ema_decay"),
+    ({"prediction": "sample"}, "model.prediction"),
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -201,6 +233,31 @@ def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> No
     assert [(e["count"], e["noise_multiplier"], e["sample_rate"]) for e in events] == [(5, 1.5, 0.1)]
     expected = compute_epsilon([SubsampledGaussianEvent(1.5, 0.1, count=5)], delta=1e-3, accountant="auto")
     assert resumed["epsilon"] == pytest.approx(expected)
+
+
+def test_a_run_stopped_part_way_resumes_from_its_last_epoch(real_data_root, tmp_path, monkeypatch) -> None:
+    """300 examples at batch 30: 10 steps an epoch. A run of 2 epochs dies at step 15; its checkpoint holds the
+    first epoch (10 steps in the ledger), and the resumed run ends with the 20 planned steps charged once."""
+    from fedgen.cli import fit
+
+    run = tmp_path / "run"
+    train = DPDiffusion.training_step
+
+    def dies_at_step_15(self, batch, batch_idx):
+        if self.global_step == 15:
+            raise RuntimeError("the machine went away")
+        return train(self, batch, batch_idx)
+
+    monkeypatch.setattr(DPDiffusion, "training_step", dies_at_step_15)
+    args = [a for a in _tiny_cli(real_data_root, 1, f"--run_dir={run}") if not a.startswith("--trainer.max_steps")]
+    with pytest.raises(RuntimeError, match="went away"):
+        fit([*args, "--trainer.max_epochs=2"])
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 10
+    monkeypatch.setattr(DPDiffusion, "training_step", train)
+    resumed = fit([*args, "--trainer.max_epochs=2", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    events = resumed["privacy_ledger"]["events"]
+    assert [(e["count"], e["noise_multiplier"], e["sample_rate"]) for e in events] == [(20, 1.5, 0.1)]
 
 
 def test_public_pretraining_changes_the_weights_and_spends_no_privacy() -> None:

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
-from fedgen.mechanisms import DPSGD, GaussianMechanism, NoiseSource, PrivateModule, SubsampledGaussianEvent
+from fedgen.mechanisms import (DPSGD, GaussianMechanism, NoiseSource, PrivateModule, SubsampledGaussianEvent,
+                               compute_epsilon)
 
 
 class ConvNet(nn.Module):
@@ -193,6 +194,18 @@ def test_make_private_uses_loader_sample_rate() -> None:
     _, optimizer, loader = _make_private(nn.Linear(3, 2), mechanism, n=90, batch_size=20)
     assert mechanism.sample_rate == pytest.approx(20 / 90)
     assert optimizer.expected_batch_size == 20
+
+
+def test_a_plan_by_epochs_counts_the_steps_the_loader_yields(caplog) -> None:
+    """q = 20/90: the loader yields int(1/q) = 4 batches an epoch, so 3 epochs are 12 steps (not ceil(3/q) = 14,
+    which would calibrate more noise than the run needs)."""
+    mechanism = DPSGD(target_epsilon=3.0, delta=1e-5)
+    model = nn.Linear(3, 2)
+    loader = mechanism.data_loader(TensorDataset(torch.randn(90, 3), torch.randint(0, 2, (90,))), batch_size=20)
+    assert len(loader) == 4
+    mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader, epochs=3)
+    spent = compute_epsilon([SubsampledGaussianEvent(mechanism.noise_multiplier, 20 / 90, count=12)], delta=1e-5)
+    assert 0.995 * 3.0 < spent <= 3.0
 
 
 def test_make_private_refuses_bad_wiring() -> None:
