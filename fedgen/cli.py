@@ -19,7 +19,6 @@ import logging
 import sys
 import time
 import warnings
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +36,8 @@ from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
+from fedgen.cli_attacks import attack, audit
+from fedgen.runs import config_error, dataset_name, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
 
@@ -47,6 +48,10 @@ commands:
             (fedgen fit --config examples/mnist_dp_merf.yaml; fedgen fit --help for all options)
   federate  train a classifier directly across clients (FedAvg, FedProx, DP-FedAvg), test it on real data
             (fedgen federate --config examples/federated_mnist_dp_fedavg.yaml)
+  audit     audit DP-SGD in one run with canaries: an empirical lower bound on epsilon beside the claim
+            (fedgen audit --config examples/audit_dp_sgd.yaml)
+  attack    reconstruct a client's images from the update it sends (DLG, Inverting Gradients)
+            (fedgen attack --config examples/attack_gradient_inversion.yaml)
 """
 
 
@@ -74,59 +79,11 @@ class FedgenCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config
         generator = config.model.class_path.rsplit(".", 1)[-1].lower()
-        name = f"{generator}-{_dataset_name(config.data)}"
+        name = f"{generator}-{dataset_name(config.data)}"
         if config.public_data is not None:
-            name += f"-pretrained_on_public_{_dataset_name(config.public_data)}"
+            name += f"-pretrained_on_public_{dataset_name(config.public_data)}"
         config.run_dir = str(resolve_run_dir(config.run_dir, config.ckpt_path, name))
         config.trainer.default_root_dir = config.run_dir
-
-
-def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Path:
-    """The run folder: ``run_dir``, else the folder of the checkpoint being resumed, else a new timestamped
-    ``runs/<name>-<time>``.
-
-    A folder that holds a finished run (its ``metrics.json``) is never written into again.
-    """
-    if run_dir is not None:
-        folder = Path(run_dir)
-    elif ckpt_path is not None:
-        folder = Path(ckpt_path).resolve().parent
-        if folder.name == "checkpoints":
-            folder = folder.parent
-    else:
-        folder = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if (folder / "metrics.json").exists():
-        raise ConfigError("run_dir", f"{folder} already holds a finished run",
-                          "give a new --run_dir (to continue a finished run, resume its checkpoint into a new folder)")
-    return folder
-
-
-def _dataset_name(data_config: Any) -> str:
-    """``mnist`` for ``fedgen.data.MNISTDataModule`` or ``VisionDataModule(dataset="MNIST")``."""
-    dataset = data_config.init_args.get("dataset") or data_config.class_path.rsplit(".", 1)[-1]
-    return str(dataset).replace("DataModule", "").lower()
-
-
-def _config_error(err: BaseException) -> ConfigError:
-    """The ConfigError that jsonargparse wrapped while instantiating, or one carrying its message."""
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, ConfigError):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return ConfigError("config", str(err).strip(), "correct the value named above")
-
-
-def write_config(parser: Any, config: Any, run_dir: Path) -> None:
-    """Create the run folder and save the resolved configuration: ``config.yaml``, or on resume beside it
-    ``config-resumed-<time>.yaml``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = "config.yaml" if not (run_dir / "config.yaml").exists() else \
-        f"config-resumed-{datetime.now():%Y%m%d-%H%M%S}.yaml"
-    parser.save(config, run_dir / name, skip_none=False, skip_validation=True)
-    log.info("Run folder: %s", run_dir)
 
 
 def save_samples(generator: Generator, path: Path, per_class: int = 10) -> None:
@@ -155,7 +112,7 @@ def fit(args: list[str]) -> dict[str, Any]:
                                           "callbacks": [epoch_checkpoint()]},
                         parser_kwargs={"prog": "fedgen fit"})
     except ValueError as err:  # building the configured objects failed: report the config error inside
-        raise _config_error(err) from err
+        raise config_error(err) from err
     config, generator, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     run_dir = Path(config.run_dir)
     evaluation: TrainOnSynthetic = cli.config_init.evaluation
@@ -164,8 +121,8 @@ def fit(args: list[str]) -> dict[str, Any]:
         raise ConfigError("federation", f"{type(generator).__name__} does not release a single sum",
                           "use a one-release generator such as fedgen.generators.DPMerf, or remove federation")
     public: VisionDataModule | None = cli.config_init.public_data
-    if public is not None and _dataset_name(config.public_data) == _dataset_name(config.data):
-        raise ConfigError("public_data", f"is {_dataset_name(config.data)}, the private dataset itself",
+    if public is not None and dataset_name(config.public_data) == dataset_name(config.data):
+        raise ConfigError("public_data", f"is {dataset_name(config.data)}, the private dataset itself",
                           "declare a different dataset public (e.g. FashionMNIST or EMNIST for MNIST), or remove it")
     check_at_least_one("public_steps", config.public_steps, "use e.g. 1000")
     if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
@@ -188,7 +145,7 @@ def fit(args: list[str]) -> dict[str, Any]:
     if public is not None:
         public.prepare_data()
         public.setup("fit")
-        public_report = {"dataset": _dataset_name(config.public_data), "split": "train",
+        public_report = {"dataset": dataset_name(config.public_data), "split": "train",
                          "examples": len(public.train_set), "steps": config.public_steps,
                          "privacy": "declared public by the user: outside the privacy guarantee"}
         if config.ckpt_path is None:
@@ -293,7 +250,7 @@ def federate(args: list[str]) -> dict[str, Any]:
     except ArgumentError as err:
         raise ConfigError("config", str(err).strip(), "see fedgen federate --help") from err
     L.seed_everything(config.seed_everything, verbose=False)
-    name = f"federated-{config.classifier}-{_dataset_name(config.data)}"
+    name = f"federated-{config.classifier}-{dataset_name(config.data)}"
     run_dir = resolve_run_dir(config.run_dir, config.ckpt_path, name)
     config.run_dir = str(run_dir)
     if config.federation.checkpoint_dir is None:
@@ -301,7 +258,7 @@ def federate(args: list[str]) -> dict[str, Any]:
     try:
         built = parser.instantiate(config)
     except ValueError as err:
-        raise _config_error(err) from err
+        raise config_error(err) from err
     data: VisionDataModule = built.data
     trainer: FederatedTrainer = built.federation
     check_at_least_one("num_clients", config.num_clients, "use e.g. 10")
@@ -357,7 +314,7 @@ def federate(args: list[str]) -> dict[str, Any]:
     return metrics
 
 
-COMMANDS = {"fit": fit, "federate": federate}
+COMMANDS = {"fit": fit, "federate": federate, "audit": audit, "attack": attack}
 
 
 def _configure_logging() -> None:

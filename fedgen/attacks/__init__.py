@@ -8,6 +8,7 @@ from fedgen.attacks.gradient_inversion import (
     InversionResult,
     InvertingGradients,
     client_gradient,
+    dp_sgd_update,
     lenet_for_inversion,
     recover_label,
 )
@@ -24,5 +25,5 @@ from fedgen.attacks.membership import (
 )
 
 __all__ = ["DLG", "OneRunAudit", "audit_guesses", "epsilon_lower_bound", "LOW_FPRS", "GradientInversion", "InversionResult", "InvertingGradients", "LiRA", "MembershipResult",
-           "client_gradient", "diffusion_loss_scores", "evaluate_membership", "gan_leaks_scores", "lenet_for_inversion", "logit_confidence", "loss_scores", "nearest_distance",
+           "client_gradient", "diffusion_loss_scores", "dp_sgd_update", "evaluate_membership", "gan_leaks_scores", "lenet_for_inversion", "logit_confidence", "loss_scores", "nearest_distance",
            "recover_label"]

@@ -51,6 +51,26 @@ def client_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return [g.detach() for g in torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])]
 
 
+def dp_sgd_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, max_grad_norm: float,
+                  noise_multiplier: float, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """What a client running one DP-SGD step on its batch sends, in gradient units:
+    ``(sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / B`` with ``clip_C(g) = g min(1, C / ||g||)`` over all
+    parameters (Abadi et al., CCS 2016). The per-example gradients ``g_i`` are computed one example at a time
+    (an attack needs only small batches)."""
+    if not max_grad_norm > 0 or noise_multiplier < 0:
+        raise ConfigError("max_grad_norm", f"max_grad_norm={max_grad_norm}, noise_multiplier={noise_multiplier}",
+                          "use max_grad_norm > 0 and noise_multiplier >= 0")
+    total: list[torch.Tensor] | None = None
+    for x, y in zip(images.split(1), labels.split(1), strict=True):
+        grads = client_gradient(model, x, y)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        factor = torch.clamp(max_grad_norm / (norm + 1e-12), max=1.0)
+        total = [g * factor for g in grads] if total is None else [t + g * factor for t, g in zip(total, grads)]
+    std = noise_multiplier * max_grad_norm
+    noise = [torch.randn(t.shape, generator=generator).to(t) * std for t in total]
+    return [(t + n) / len(images) for t, n in zip(total, noise, strict=True)]
+
+
 def recover_label(gradient: Sequence[torch.Tensor]) -> int:
     """iDLG: the label of a single example from its gradient. The last parameter must be the bias of the final
     linear layer under cross-entropy: its gradient ``softmax(z) - onehot(y)`` is negative only at ``y``."""

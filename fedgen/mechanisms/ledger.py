@@ -242,7 +242,7 @@ def compute_epsilon(events: Sequence[PrivacyEvent], delta: float, accountant: Ac
     rdp = _rdp_epsilon(events, delta)
     try:
         return min(rdp, _prv_epsilon(events, delta))
-    except (ArithmeticError, ValueError, RuntimeError):
+    except (ArithmeticError, ValueError, RuntimeError, MemoryError):  # e.g. a near-zero noise: PRV's grid explodes
         return rdp
 
 

@@ -1,0 +1,60 @@
+"""Run folders and configurations, shared by the ``fedgen`` commands."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedgen.errors import ConfigError
+
+log = logging.getLogger("fedgen")
+
+
+def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Path:
+    """The run folder: ``run_dir``, else the folder of the checkpoint being resumed, else a new timestamped
+    ``runs/<name>-<time>``.
+
+    A folder that holds a finished run (its ``metrics.json``) is never written into again.
+    """
+    if run_dir is not None:
+        folder = Path(run_dir)
+    elif ckpt_path is not None:
+        folder = Path(ckpt_path).resolve().parent
+        if folder.name == "checkpoints":
+            folder = folder.parent
+    else:
+        folder = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if (folder / "metrics.json").exists():
+        raise ConfigError("run_dir", f"{folder} already holds a finished run",
+                          "give a new --run_dir (to continue a finished run, resume its checkpoint into a new folder)")
+    return folder
+
+
+def dataset_name(data_config: Any) -> str:
+    """``mnist`` for ``fedgen.data.MNISTDataModule`` or ``VisionDataModule(dataset="MNIST")``."""
+    dataset = data_config.init_args.get("dataset") or data_config.class_path.rsplit(".", 1)[-1]
+    return str(dataset).replace("DataModule", "").lower()
+
+
+def config_error(err: BaseException) -> ConfigError:
+    """The ConfigError that jsonargparse wrapped while instantiating, or one carrying its message."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConfigError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return ConfigError("config", str(err).strip(), "correct the value named above")
+
+
+def write_config(parser: Any, config: Any, run_dir: Path) -> None:
+    """Create the run folder and save the resolved configuration: ``config.yaml``, or on resume beside it
+    ``config-resumed-<time>.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = "config.yaml" if not (run_dir / "config.yaml").exists() else \
+        f"config-resumed-{datetime.now():%Y%m%d-%H%M%S}.yaml"
+    parser.save(config, run_dir / name, skip_none=False, skip_validation=True)
+    log.info("Run folder: %s", run_dir)
