@@ -297,3 +297,10 @@ def test_max_count_zero_when_nothing_fits() -> None:
     one = ledger.epsilon_with(SubsampledGaussianEvent(2.0, 1.0), DELTA)
     assert ledger.max_count(SubsampledGaussianEvent(2.0, 1.0), one, DELTA) >= 1
     assert ledger.max_count(SubsampledGaussianEvent(2.0, 1.0), math.nextafter(one, 0), DELTA) == 0
+
+
+def test_the_auto_accountant_answers_for_a_near_zero_noise() -> None:
+    """PRV cannot build its grid for sigma = 1e-6 (it would need petabytes); "auto" then gives RDP's bound,
+    a valid and here enormous epsilon, instead of failing."""
+    events = [SubsampledGaussianEvent(1e-6, 0.5, count=20)]
+    assert compute_epsilon(events, 1e-3) == compute_epsilon(events, 1e-3, accountant="rdp") > 1e6
