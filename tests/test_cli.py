@@ -104,6 +104,15 @@ def test_unknown_command_and_help(capsys):
     assert exit_info.value.code == 0 and "fit" in capsys.readouterr().out
 
 
+def test_python_dash_m_fedgen_runs_the_command() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fedgen", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert all(command in done.stdout for command in ("fit", "federate", "audit", "attack"))
+
+
 FEDERATED_EXAMPLE = EXAMPLE.parent / "federated_mnist_dp_merf.yaml"
 
 
