@@ -25,7 +25,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchvision
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -37,7 +37,7 @@ from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
 from fedgen.cli_attacks import attack, audit
-from fedgen.runs import config_error, dataset_name, resolve_run_dir, write_config
+from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
 
@@ -245,20 +245,14 @@ def federate(args: list[str]) -> dict[str, Any]:
     strategy state with the ledger), ``model.pt`` and ``metrics.json`` into the run folder.
     """
     parser = federate_parser()
-    try:
-        config = parser.parse_args(args)
-    except ArgumentError as err:
-        raise ConfigError("config", str(err).strip(), "see fedgen federate --help") from err
+    config = parse_args(parser, args)
     L.seed_everything(config.seed_everything, verbose=False)
     name = f"federated-{config.classifier}-{dataset_name(config.data)}"
     run_dir = resolve_run_dir(config.run_dir, config.ckpt_path, name)
     config.run_dir = str(run_dir)
     if config.federation.checkpoint_dir is None:
         config.federation.checkpoint_dir = str(run_dir / "checkpoints")
-    try:
-        built = parser.instantiate(config)
-    except ValueError as err:
-        raise config_error(err) from err
+    built = instantiate(parser, config)
     data: VisionDataModule = built.data
     trainer: FederatedTrainer = built.federation
     check_at_least_one("num_clients", config.num_clients, "use e.g. 10")

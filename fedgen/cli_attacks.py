@@ -14,30 +14,16 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchvision
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
-from fedgen.attacks.audit import audit_dp_sgd
+from fedgen.attacks.audit import audit_dp_sgd, check_audit_plan
 from fedgen.attacks.gradient_inversion import GradientInversion, client_gradient, dp_sgd_update, lenet_for_inversion
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent, compute_epsilon
-from fedgen.runs import config_error, dataset_name, resolve_run_dir, write_config
+from fedgen.runs import dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
-
-
-def _parse(parser: ArgumentParser, args: list[str]) -> Any:
-    try:
-        return parser.parse_args(args)
-    except ArgumentError as err:
-        raise ConfigError("config", str(err).strip(), f"see {parser.prog} --help") from err
-
-
-def _instantiate(parser: ArgumentParser, config: Any) -> Any:
-    try:
-        return parser.instantiate_classes(config)
-    except ValueError as err:
-        raise config_error(err) from err
 
 
 def audit_parser() -> ArgumentParser:
@@ -64,11 +50,12 @@ def audit(args: list[str]) -> dict[str, Any]:
     ``scores.png`` (the scores of the canaries in and out of training) into the run folder.
     """
     parser = audit_parser()
-    config = _parse(parser, args)
+    config = parse_args(parser, args)
     L.seed_everything(config.seed_everything, verbose=False)
+    check_audit_plan(num_canaries=config.num_canaries, guesses=config.guesses, sample_rate=config.sample_rate)
     run_dir = resolve_run_dir(config.run_dir, None, "audit-dpsgd")
     config.run_dir = str(run_dir)
-    built = _instantiate(parser, config)
+    built = instantiate(parser, config)
     write_config(parser, config, run_dir)
     log.info("Auditing %s with %d canaries, %d steps at q = %g", built.mechanism.describe(), config.num_canaries,
              config.steps, config.sample_rate)
@@ -138,7 +125,7 @@ def attack(args: list[str]) -> dict[str, Any]:
     ``metrics.json`` into the run folder.
     """
     parser = attack_parser()
-    config = _parse(parser, args)
+    config = parse_args(parser, args)
     L.seed_everything(config.seed_everything, verbose=False)
     check_at_least_one("batch_size", config.batch_size, "use 1 for single-example updates")
     if not config.examples or len(config.examples) % config.batch_size:
@@ -150,7 +137,7 @@ def attack(args: list[str]) -> dict[str, Any]:
     attack_name = config.attack.class_path.rsplit(".", 1)[-1].lower()
     run_dir = resolve_run_dir(config.run_dir, None, f"attack-{attack_name}-{dataset_name(config.data)}")
     config.run_dir = str(run_dir)
-    built = _instantiate(parser, config)
+    built = instantiate(parser, config)
     data: VisionDataModule = built.data
     data.prepare_data()
     data.setup("fit")

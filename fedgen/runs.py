@@ -50,6 +50,24 @@ def config_error(err: BaseException) -> ConfigError:
     return ConfigError("config", str(err).strip(), "correct the value named above")
 
 
+def parse_args(parser: Any, args: list[str]) -> Any:
+    """``parser.parse_args`` with a parse failure reported as a ConfigError that points at ``--help``."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(args)
+    except ArgumentError as err:
+        raise ConfigError("config", str(err).strip(), f"see {parser.prog} --help") from err
+
+
+def instantiate(parser: Any, config: Any) -> Any:
+    """Build the configured objects; a failure inside a constructor surfaces as its own ConfigError."""
+    try:
+        return parser.instantiate(config)
+    except ValueError as err:
+        raise config_error(err) from err
+
+
 def write_config(parser: Any, config: Any, run_dir: Path) -> None:
     """Create the run folder and save the resolved configuration: ``config.yaml``, or on resume beside it
     ``config-resumed-<time>.yaml``."""

@@ -85,6 +85,16 @@ class OneRunAudit:
                 "epsilon_lower_bound": epsilon_lower_bound(correct, guesses, beta=self.beta)}
 
 
+def check_audit_plan(*, num_canaries: int, guesses: int, sample_rate: float) -> None:
+    """Refuse an audit that cannot run: an odd number of guesses or more guesses than canaries, or a sampling
+    rate outside (0, 1]."""
+    if guesses % 2 or not 2 <= guesses <= num_canaries:
+        raise ConfigError("guesses", f"{guesses} for {num_canaries} canaries",
+                          "use an even number of guesses, at most the number of canaries (e.g. 200 of 1000)")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError("sample_rate", f"{sample_rate} is outside (0, 1]", "use e.g. 0.5")
+
+
 def audit_dp_sgd(mechanism: DPSGD, *, num_canaries: int = 1000, guesses: int = 200, sample_rate: float = 0.5,
                  steps: int = 20, beta: float = 0.05, seed: int = 0) -> dict:
     """Audit a DP-SGD mechanism in one run with white-box gradient canaries (Dirac canaries).
@@ -103,11 +113,7 @@ def audit_dp_sgd(mechanism: DPSGD, *, num_canaries: int = 1000, guesses: int = 2
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    if guesses % 2 or not 2 <= guesses <= num_canaries:
-        raise ConfigError("guesses", f"{guesses} for {num_canaries} canaries",
-                          "use an even number of guesses, at most the number of canaries (e.g. 200 of 1000)")
-    if not 0 < sample_rate <= 1:
-        raise ConfigError("sample_rate", f"{sample_rate} is outside (0, 1]", "use e.g. 0.5")
+    check_audit_plan(num_canaries=num_canaries, guesses=guesses, sample_rate=sample_rate)
     audit = OneRunAudit(num_canaries=num_canaries, k_plus=guesses // 2, k_minus=guesses // 2, beta=beta, seed=seed)
     clip = mechanism.max_grad_norm
     inputs = -clip * torch.eye(num_canaries)[audit.included]  # loss -<w, x>: the per-example gradient is C e_j

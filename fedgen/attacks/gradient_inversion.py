@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.mechanisms import clip_rows
 from fedgen.registry import Registered, Registry
 
 
@@ -60,15 +61,13 @@ def dp_sgd_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     if not max_grad_norm > 0 or noise_multiplier < 0:
         raise ConfigError("max_grad_norm", f"max_grad_norm={max_grad_norm}, noise_multiplier={noise_multiplier}",
                           "use max_grad_norm > 0 and noise_multiplier >= 0")
-    total: list[torch.Tensor] | None = None
-    for x, y in zip(images.split(1), labels.split(1), strict=True):
-        grads = client_gradient(model, x, y)
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-        factor = torch.clamp(max_grad_norm / (norm + 1e-12), max=1.0)
-        total = [g * factor for g in grads] if total is None else [t + g * factor for t, g in zip(total, grads)]
-    std = noise_multiplier * max_grad_norm
-    noise = [torch.randn(t.shape, generator=generator).to(t) * std for t in total]
-    return [(t + n) / len(images) for t, n in zip(total, noise, strict=True)]
+    per_example = torch.stack([torch.cat([g.flatten() for g in client_gradient(model, x, y)])
+                               for x, y in zip(images.split(1), labels.split(1), strict=True)])
+    total = clip_rows(per_example, max_grad_norm).sum(0)
+    noise = torch.randn(total.shape, generator=generator).to(total) * (noise_multiplier * max_grad_norm)
+    update = (total + noise) / len(images)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [chunk.view_as(p) for chunk, p in zip(update.split([p.numel() for p in params]), params, strict=True)]
 
 
 def recover_label(gradient: Sequence[torch.Tensor]) -> int:
