@@ -17,10 +17,17 @@ import torchvision
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fedgen.attacks.audit import audit_dp_sgd, check_audit_plan
-from fedgen.attacks.gradient_inversion import GradientInversion, client_gradient, dp_sgd_update, lenet_for_inversion
+from fedgen.attacks.gradient_inversion import (
+    GradientInversion,
+    InversionResult,
+    client_gradient,
+    dp_sgd_update,
+    lenet_for_inversion,
+)
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one
-from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent, compute_epsilon
+from fedgen.generators import DPMerf
+from fedgen.mechanisms import DPSGD, GaussianMechanism, SecureAggregator, SubsampledGaussianEvent, compute_epsilon
 from fedgen.runs import dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
@@ -105,21 +112,34 @@ def attack_parser() -> ArgumentParser:
                         help="Indices (training split) of the attacked examples, batch_size per client update.")
     parser.add_argument("--batch_size", type=int, default=1, help="Examples in each attacked update.")
     parser.add_argument("--model_seed", type=int, default=1, help="Seed of the LeNet the client trains.")
-    parser.add_argument("--defence", type=Literal["none", "dp_sgd"], default="none",
-                        help="What the client sends: its plain gradient, or a DP-SGD update.")
-    parser.add_argument("--noise_multiplier", type=float, default=1.0, help="DP-SGD noise (defence: dp_sgd).")
+    parser.add_argument("--defence", type=Literal["none", "dp_sgd", "dp_merf", "secure_aggregation"], default="none",
+                        help="What the attacker sees: the plain gradient; a DP-SGD update; the pipeline's DP-Merf "
+                             "release of the batch (its embedding plus Gaussian noise; noise_multiplier 0: the "
+                             "embedding alone); or the client's embedding as the server receives it, masked by "
+                             "secure aggregation.")
+    parser.add_argument("--noise_multiplier", type=float, default=1.0,
+                        help="Noise in units of the clip norm (defences dp_sgd and dp_merf).")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="DP-SGD clipping norm (defence: dp_sgd).")
-    parser.add_argument("--delta", type=float, default=1e-5, help="Delta at which a DP-SGD update's epsilon is given.")
+    parser.add_argument("--delta", type=float, default=1e-5, help="Delta at which a noisy update's epsilon is given.")
+    parser.add_argument("--num_features", type=int, default=10000,
+                        help="DP-Merf's random features (defences dp_merf, secure_aggregation).")
+    parser.add_argument("--length_scale", type=float, default=7.0,
+                        help="DP-Merf's kernel length scale (defences dp_merf, secure_aggregation).")
+    parser.add_argument("--secure_aggregation_clients", type=int, default=3,
+                        help="Clients in the secure aggregation round (defence: secure_aggregation), >= 3.")
     parser.add_argument("--run_dir", type=str | None, default=None,
                         help="Run folder (default: runs/attack-<attack>-<dataset>-<time>).")
     return parser
 
 
 def attack(args: list[str]) -> dict[str, Any]:
-    """``fedgen attack``: gradient inversion against what a client sends. The client holds a DLG-style
-    LeNet (the weights the server sent) and a batch of its private examples; it sends the gradient of the
-    batch (``defence: none``) or a DP-SGD update (clipped per example, Gaussian noise, ``defence: dp_sgd``).
-    The attack reconstructs the batch from that alone; PSNR and SSIM score it against the truth.
+    """``fedgen attack``: gradient inversion against what a client sends, one batch of its private examples
+    at a time. With ``defence: none`` or ``dp_sgd`` the client holds a DLG-style LeNet (the weights the
+    server sent) and sends the batch's gradient or a DP-SGD update (clipped per example, Gaussian noise).
+    With ``dp_merf`` or ``secure_aggregation`` it takes part in the generative-privacy pipeline and sends
+    no gradient: the attack sees the batch's DP-Merf embedding as released (plus the release's Gaussian
+    noise, the attacker knowing every other example's part) or as the server receives it (masked by secure
+    aggregation). The attack reconstructs the batch from that alone; PSNR and SSIM score it against the truth.
 
     Writes ``config.yaml``, ``reconstructions.png`` (each update's originals above their reconstructions) and
     ``metrics.json`` into the run folder.
@@ -131,9 +151,12 @@ def attack(args: list[str]) -> dict[str, Any]:
     if not config.examples or len(config.examples) % config.batch_size:
         raise ConfigError("examples", f"{len(config.examples)} examples do not make whole batches of "
                           f"{config.batch_size}", "give a multiple of batch_size indices")
-    if config.defence == "dp_sgd" and (config.noise_multiplier < 0 or not config.max_grad_norm > 0):
+    if config.noise_multiplier < 0 or not config.max_grad_norm > 0:
         raise ConfigError("noise_multiplier", f"noise_multiplier={config.noise_multiplier}, "
                           f"max_grad_norm={config.max_grad_norm}", "use noise_multiplier >= 0 and max_grad_norm > 0")
+    if config.secure_aggregation_clients < 3:
+        raise ConfigError("secure_aggregation_clients", f"is {config.secure_aggregation_clients}",
+                          "secure aggregation needs at least 3 clients")
     attack_name = config.attack.class_path.rsplit(".", 1)[-1].lower()
     run_dir = resolve_run_dir(config.run_dir, None, f"attack-{attack_name}-{dataset_name(config.data)}")
     config.run_dir = str(run_dir)
@@ -144,21 +167,13 @@ def attack(args: list[str]) -> dict[str, Any]:
     if max(config.examples) >= len(data.train_set) or min(config.examples) < 0:
         raise ConfigError("examples", f"indices must be in [0, {len(data.train_set)})", "pick training examples")
     write_config(parser, config, run_dir)
-    torch.manual_seed(config.model_seed)
-    model = lenet_for_inversion(channels=data.image_shape[0], image_size=data.image_shape[1],
-                                num_classes=data.num_classes)
-    noise = torch.Generator().manual_seed(config.seed_everything)
+    client = _Client(config, data)
     originals, reconstructions, updates = [], [], []
     for start in range(0, len(config.examples), config.batch_size):
         batch = [data.train_set[i] for i in config.examples[start:start + config.batch_size]]
         images = torch.stack([x for x, _ in batch])
         labels = torch.tensor([int(y) for _, y in batch])
-        if config.defence == "none":
-            sent = client_gradient(model, images, labels)
-        else:
-            sent = dp_sgd_update(model, images, labels, max_grad_norm=config.max_grad_norm,
-                                 noise_multiplier=config.noise_multiplier, generator=noise)
-        result = built.attack.attack(model, sent, input_shape=data.image_shape, num_images=len(images))
+        result = client.attacked_by(built.attack, images, labels)
         score = result.score(images)
         updates.append(score | {"examples": config.examples[start:start + config.batch_size],
                                 "labels": labels.tolist(), "recovered_labels": result.labels.tolist()})
@@ -166,15 +181,15 @@ def attack(args: list[str]) -> dict[str, Any]:
         reconstructions.append(result.images.cpu())
         log.info("update %d: PSNR %.2f dB, SSIM %.3f", len(updates), score["psnr"], score["ssim"])
     _save_pairs(originals, reconstructions, run_dir / "reconstructions.png")
+    noisy = config.defence in ("dp_sgd", "dp_merf")
     metrics = {
         "attack": type(built.attack).__name__,
         "defence": config.defence,
-        "sent": "gradient of the batch" if config.defence == "none" else
-                "DP-SGD update: per-example clipping, Gaussian noise, divided by the batch size",
-        "noise_multiplier": config.noise_multiplier if config.defence == "dp_sgd" else None,
+        "sent": client.describe(),
+        "noise_multiplier": config.noise_multiplier if noisy else None,
         "max_grad_norm": config.max_grad_norm if config.defence == "dp_sgd" else None,
-        "epsilon_of_one_update": _one_step_epsilon(config) if config.defence == "dp_sgd" else None,
-        "delta": config.delta if config.defence == "dp_sgd" else None,
+        "epsilon_of_one_update": client.epsilon,
+        "delta": config.delta if noisy else None,
         "mean_psnr": sum(u["psnr"] for u in updates) / len(updates),
         "mean_ssim": sum(u["ssim"] for u in updates) / len(updates),
         "label_accuracy": sum(a == b for u in updates for a, b in zip(u["labels"], u["recovered_labels"]))
@@ -187,6 +202,67 @@ def attack(args: list[str]) -> dict[str, Any]:
     print(f"fedgen: {metrics['attack']} against {config.defence} updates: mean PSNR {metrics['mean_psnr']:.2f} dB, "
           f"SSIM {metrics['mean_ssim']:.3f}, labels {metrics['label_accuracy']:.0%} right; run folder: {run_dir}")
     return metrics
+
+
+class _Client:
+    """The attacked client of ``fedgen attack``: what it computes from a batch, and what the attacker sees."""
+
+    def __init__(self, config: Any, data: VisionDataModule) -> None:
+        self.config, self.data = config, data
+        self.epsilon: float | None = None
+        shape = data.image_shape
+        torch.manual_seed(config.model_seed)
+        if config.defence in ("none", "dp_sgd"):
+            self.model = lenet_for_inversion(channels=shape[0], image_size=shape[1], num_classes=data.num_classes)
+            self.noise = torch.Generator().manual_seed(config.seed_everything)
+            if config.defence == "dp_sgd":
+                self.epsilon = _one_step_epsilon(config)
+            return
+        # The pipeline's generator: its random features are public (seeded), so the attacker knows them.
+        # (Its own mechanism only sets the clip norm; each release below gets a fresh one.)
+        self.merf = DPMerf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=config.delta), num_classes=data.num_classes, image_shape=tuple(shape),
+                           num_features=config.num_features, length_scale=config.length_scale,
+                           feature_seed=config.model_seed)
+        if config.defence == "secure_aggregation":
+            self.secure = SecureAggregator(clip_norm=config.batch_size * (1 + 1e-6))
+            # The other clients of the round hold other training examples (the last ones of the split).
+            n = len(data.train_set)
+            self.others = [data.train_set[n - 1 - k] for k in range(config.secure_aggregation_clients - 1)]
+
+    def describe(self) -> str:
+        return {"none": "gradient of the batch",
+                "dp_sgd": "DP-SGD update: per-example clipping, Gaussian noise, divided by the batch size",
+                "dp_merf": "the batch's DP-Merf embedding sum" + (
+                    " plus the release's Gaussian noise" if self.config.noise_multiplier > 0 else ", no noise"),
+                "secure_aggregation": f"the batch's DP-Merf embedding sum as the server receives it, masked by "
+                                      f"secure aggregation among {self.config.secure_aggregation_clients} clients",
+                }[self.config.defence]
+
+    def attacked_by(self, attack: GradientInversion, images: torch.Tensor, labels: torch.Tensor) -> InversionResult:
+        """What the client sends for this batch, and the attack's reconstruction from it."""
+        config, shape = self.config, self.data.image_shape
+        if config.defence == "none":
+            sent = client_gradient(self.model, images, labels)
+        elif config.defence == "dp_sgd":
+            sent = dp_sgd_update(self.model, images, labels, max_grad_norm=config.max_grad_norm,
+                                 noise_multiplier=config.noise_multiplier, generator=self.noise)
+        if config.defence in ("none", "dp_sgd"):
+            return attack.attack(self.model, sent, input_shape=shape, num_images=len(images))
+        embedding = self.merf.clipped_contribution_sum(images, labels)
+        if config.defence == "dp_merf" and config.noise_multiplier > 0:
+            # Each batch stands for a different client's data, released once by its own mechanism and ledger.
+            mechanism = GaussianMechanism(noise_multiplier=config.noise_multiplier, delta=config.delta)
+            embedding = mechanism.release(embedding)
+            self.epsilon = mechanism.epsilon()
+        elif config.defence == "secure_aggregation":
+            others = {k + 1: self.merf.clipped_contribution_sum(x.unsqueeze(0), torch.tensor([int(y)]))
+                      for k, (x, y) in enumerate(self.others)}
+            result = self.secure.aggregate({0: embedding} | others, keep_transcript=True)
+            embedding = torch.from_numpy(self.secure.dequantize(result.transcript.masked_inputs[0])).float()
+        # One example's label is the largest entry of the embedding's class-count block (its last C entries).
+        known = torch.tensor([int(embedding[-self.merf.num_classes:].argmax())]) if len(images) == 1 else None
+        return attack.invert(lambda x, p: [self.merf.contributions(x, p).sum(0)], [embedding], input_shape=shape,
+                             num_images=len(images), num_classes=self.merf.num_classes, labels=known)
 
 
 def _one_step_epsilon(config: Any) -> float | None:

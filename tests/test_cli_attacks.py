@@ -45,9 +45,23 @@ def test_fedgen_attack_inverts_plain_gradients_and_not_dp_sgd_updates(real_data_
     assert json.loads((tmp_path / "dp" / "metrics.json").read_text())["defence"] == "dp_sgd"
 
 
+def test_fedgen_attack_on_the_generative_pipeline_sees_noise_or_masks(real_data_root, tmp_path) -> None:
+    bare = attack(_attack_args(real_data_root, tmp_path / "bare", "--defence=dp_merf", "--noise_multiplier=0"))
+    assert bare["mean_psnr"] >= 30 and bare["label_accuracy"] == 1.0 and bare["epsilon_of_one_update"] is None
+    released = attack(_attack_args(real_data_root, tmp_path / "released", "--defence=dp_merf",
+                                   "--noise_multiplier=3.8"))
+    assert released["mean_psnr"] < 12
+    assert 0 < released["epsilon_of_one_update"] < 1.0  # sigma 3.8 on sensitivity 1: just under epsilon 1
+    masked = attack(_attack_args(real_data_root, tmp_path / "masked", "--defence=secure_aggregation"))
+    assert masked["mean_psnr"] < 12 and "masked by secure aggregation among 3 clients" in masked["sent"]
+    assert masked["epsilon_of_one_update"] is None  # masking hides the input from the server; it is not DP
+
+
 @pytest.mark.parametrize(("extra", "field"), [(["--batch_size=3"], "examples"),
                                               (["--defence=dp_sgd", "--noise_multiplier=-1"], "noise_multiplier"),
-                                              (["--examples=[0, 99]"], "examples")])
+                                              (["--examples=[0, 99]"], "examples"),
+                                              (["--defence=secure_aggregation", "--secure_aggregation_clients=2"],
+                                               "secure_aggregation_clients")])
 def test_fedgen_attack_refuses_bad_input_before_any_work(real_data_root, tmp_path, extra, field) -> None:
     run = tmp_path / "bad"
     with pytest.raises(ConfigError) as err:

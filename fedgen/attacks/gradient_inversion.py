@@ -13,6 +13,13 @@ where the label is not known, dummy labels) so that their gradient matches ``g``
   all parameters plus ``tv_weight * TV(x')``, minimized with Adam on the signed gradient, step decay, and
   the images kept in their valid range.
 
+The same matching works for any differentiable statistic a client sends, not only gradients. The
+attacks' core, :meth:`GradientInversion.invert`, takes an *observation* ``observe(x', p') -> tensors``
+and the observed tensors; ``p'`` holds label probabilities, one row per image (one-hot when the labels
+are known, DLG's ``softmax(y')`` when not). A gradient is one observation (:func:`gradient_observation`);
+DP-Merf's random-feature embedding of a client's data, what the generative-privacy pipeline sends
+instead of gradients, is another.
+
 Reconstructions are scored against the true images with PSNR and SSIM (torchmetrics, data range 1). A
 defence is measured by the PSNR the attack still reaches: clipping and noising the update (DP-SGD), or
 sending no gradient at all (the generative-privacy pipeline).
@@ -20,7 +27,7 @@ sending no gradient at all (the generative-privacy pipeline).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,12 +102,28 @@ class InversionResult:
                 "ssim": float(structural_similarity_index_measure(recon, truth, data_range=1.0))}
 
 
+#: ``observe(images, label_probabilities) -> tensors``: what a client would send for these images and labels
+Observation = Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]
+
+
+def gradient_observation(model: nn.Module) -> Observation:
+    """The observation of :func:`client_gradient`: the gradient of the mean cross-entropy against label
+    probabilities ``p`` (the usual cross-entropy for one-hot ``p``), differentiable in the images."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def observe(images: torch.Tensor, probabilities: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss = -(probabilities * F.log_softmax(model(images), dim=-1)).sum(-1).mean()
+        return torch.autograd.grad(loss, params, create_graph=True)
+
+    return observe
+
+
 class GradientInversion(Registered):
     """Base class of gradient-inversion attacks; ``class Mine(GradientInversion, name="mine")`` registers one.
 
     Args:
         iterations: optimizer iterations.
-        seed: seed of the dummy images' initialization.
+        seed: seed of the dummy images' initialization (and of DLG's dummy labels).
     """
 
     registry: Registry[GradientInversion] = Registry("gradient inversion attack")
@@ -119,42 +142,43 @@ class GradientInversion(Registered):
             raise ConfigError("gradient", "does not match the model's trainable parameters in number or shape",
                               "give the gradient of this model, one tensor per trainable parameter, in order")
         check_at_least_one("num_images", num_images, "use 1 for a single example")
-        device = params[0].device
-        gradient = [g.to(device) for g in gradient]
         if labels is None and num_images == 1:
             labels = torch.tensor([recover_label(gradient)])
+        with torch.no_grad():
+            num_classes = model(torch.zeros((1, *input_shape), device=params[0].device)).shape[-1]
+        return self.invert(gradient_observation(model), gradient, input_shape=input_shape, num_images=num_images,
+                           num_classes=num_classes, labels=labels)
+
+    def invert(self, observe: Observation, observed: Sequence[torch.Tensor], *, input_shape: Sequence[int],
+               num_images: int, num_classes: int, labels: torch.Tensor | None = None) -> InversionResult:
+        """Reconstruct ``num_images`` images of ``input_shape`` (C, H, W) whose observation ``observe(x, p)``
+        matches ``observed`` (on the observed tensors' device). ``labels``: class indices if known; else the
+        attack optimizes soft labels over ``num_classes`` classes (DLG) or refuses (attacks that need them)."""
+        check_at_least_one("num_images", num_images, "use 1 for a single example")
+        device = observed[0].device
+        onehot = None if labels is None else F.one_hot(labels.to(device), num_classes).float()
         generator = torch.Generator().manual_seed(self.seed)
         dummy = torch.rand((num_images, *input_shape), generator=generator).to(device).requires_grad_(True)
-        return self.run(model, params, gradient, dummy, None if labels is None else labels.to(device))
+        return self.run(observe, list(observed), dummy, onehot, num_classes)
 
-    def run(self, model: nn.Module, params: list[nn.Parameter], gradient: list[torch.Tensor], dummy: torch.Tensor,
-            labels: torch.Tensor | None) -> InversionResult:
+    def run(self, observe: Observation, observed: list[torch.Tensor], dummy: torch.Tensor,
+            onehot: torch.Tensor | None, num_classes: int) -> InversionResult:
+        """Optimize ``dummy`` (and soft labels where ``onehot`` is None); return the reconstruction."""
         raise NotImplementedError
 
 
-def _dummy_gradient(model: nn.Module, params: list[nn.Parameter], images: torch.Tensor,
-                    labels: torch.Tensor | None, label_logits: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    logits = model(images)
-    if labels is not None:
-        loss = F.cross_entropy(logits, labels)
-    else:  # DLG's soft labels
-        loss = torch.sum(-F.softmax(label_logits, dim=-1) * F.log_softmax(logits, dim=-1), dim=-1).mean()
-    return torch.autograd.grad(loss, params, create_graph=True)
-
-
 class DLG(GradientInversion, name="dlg"):
-    """Deep Leakage from Gradients (Zhu et al., NeurIPS 2019): L2 gradient matching with L-BFGS; with one
-    image the label comes from iDLG (Zhao et al., 2020), so only the image is optimized."""
+    """Deep Leakage from Gradients (Zhu et al., NeurIPS 2019): L2 matching of the observation with L-BFGS;
+    with one image the label comes from iDLG (Zhao et al., 2020), so only the image is optimized."""
 
     def __init__(self, *, iterations: int = 300, lr: float = 1.0, seed: int = 0) -> None:
         super().__init__(iterations=iterations, seed=seed)
         self.lr = lr
 
-    def run(self, model, params, gradient, dummy, labels):
-        label_logits = None
-        variables = [dummy]
-        if labels is None:
-            label_logits = torch.randn((dummy.shape[0], model(dummy[:1]).shape[-1]), device=dummy.device,
+    def run(self, observe, observed, dummy, onehot, num_classes):
+        variables, label_logits = [dummy], None
+        if onehot is None:
+            label_logits = torch.randn((dummy.shape[0], num_classes), device=dummy.device,
                                        generator=torch.Generator(device=dummy.device).manual_seed(self.seed))
             label_logits.requires_grad_(True)
             variables.append(label_logits)
@@ -164,19 +188,20 @@ class DLG(GradientInversion, name="dlg"):
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            matched = _dummy_gradient(model, params, dummy, labels, label_logits)
-            loss = sum(((d - g) ** 2).sum() for d, g in zip(matched, gradient, strict=True))
+            probabilities = onehot if onehot is not None else F.softmax(label_logits, dim=-1)
+            matched = observe(dummy, probabilities)
+            loss = sum(((d - o) ** 2).sum() for d, o in zip(matched, observed, strict=True))
             loss.backward()
             state["loss"] = float(loss.detach())
             return loss
 
         optimizer.step(closure)
-        recovered = labels if labels is not None else label_logits.argmax(-1)
+        recovered = onehot.argmax(-1) if onehot is not None else label_logits.argmax(-1)
         return InversionResult(dummy.detach().clamp(0, 1), recovered.detach().cpu(), state["loss"])
 
 
 class InvertingGradients(GradientInversion, name="inverting_gradients"):
-    """Inverting Gradients (Geiping et al., NeurIPS 2020): cosine distance of the whole gradient plus total
+    """Inverting Gradients (Geiping et al., NeurIPS 2020): cosine distance of the whole observation plus total
     variation, Adam on the signed gradient, learning rate divided by 10 at 3/8, 5/8 and 7/8 of the run, images
     kept in [0, 1]. Labels must be known or recoverable (one image)."""
 
@@ -186,19 +211,19 @@ class InvertingGradients(GradientInversion, name="inverting_gradients"):
             raise ConfigError("attack.tv_weight", f"must be >= 0, got {tv_weight}", "use e.g. 1e-4")
         self.lr, self.tv_weight = lr, tv_weight
 
-    def run(self, model, params, gradient, dummy, labels):
-        if labels is None:
+    def run(self, observe, observed, dummy, onehot, num_classes):
+        if onehot is None:
             raise ConfigError("labels", "Inverting Gradients needs the labels of a batch of several images",
                               "give labels, or attack one image (its label is recovered)")
         optimizer = torch.optim.Adam([dummy], lr=self.lr)
         milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-        target_norm = torch.sqrt(sum((g ** 2).sum() for g in gradient))
+        target_norm = torch.sqrt(sum((o ** 2).sum() for o in observed))
         loss = torch.tensor(float("inf"))
         for _ in range(self.iterations):
             optimizer.zero_grad()
-            matched = _dummy_gradient(model, params, dummy, labels, None)
-            dot = sum((d * g).sum() for d, g in zip(matched, gradient, strict=True))
+            matched = observe(dummy, onehot)
+            dot = sum((d * o).sum() for d, o in zip(matched, observed, strict=True))
             norm = torch.sqrt(sum((d ** 2).sum() for d in matched))
             tv = (dummy[..., 1:, :] - dummy[..., :-1, :]).abs().mean() + (dummy[..., 1:] - dummy[..., :-1]).abs().mean()
             loss = 1 - dot / (norm * target_norm + 1e-12) + self.tv_weight * tv
@@ -208,4 +233,4 @@ class InvertingGradients(GradientInversion, name="inverting_gradients"):
             scheduler.step()
             with torch.no_grad():
                 dummy.clamp_(0, 1)
-        return InversionResult(dummy.detach(), labels.detach().cpu(), float(loss.detach()))
+        return InversionResult(dummy.detach(), onehot.argmax(-1).cpu(), float(loss.detach()))

@@ -134,10 +134,12 @@ class DPMerf(Generator, name="dp_merf"):
         return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / self.hparams.num_features)
 
     def contributions(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Each example's unit-norm contribution ``[a phi(x) (x) e_y, b e_y]``, shape (batch, C*D + C)."""
+        """Each example's unit-norm contribution ``[a phi(x) (x) e_y, b e_y]``, shape (batch, C*D + C).
+        ``labels``: class indices (batch,), or rows of label probabilities (batch, C) that replace ``e_y``
+        (an attack's soft labels; the norm is then at most 1)."""
         b = self.hparams.count_weight
         a = math.sqrt(1.0 - b * b)
-        onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
+        onehot = labels.to(images.dtype) if labels.dim() == 2 else F.one_hot(labels, self.num_classes).to(images.dtype)
         kron = (a * onehot.unsqueeze(2) * self.features(images).unsqueeze(1)).flatten(1)
         return torch.cat([kron, b * onehot], dim=1)
 

@@ -9,6 +9,8 @@ from torchvision.datasets import MNIST
 
 from fedgen.attacks import DLG, GradientInversion, InvertingGradients, client_gradient, lenet_for_inversion, recover_label
 from fedgen.errors import ConfigError
+from fedgen.generators import DPMerf
+from fedgen.mechanisms import GaussianMechanism
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,26 @@ def test_inverting_gradients_moves_towards_the_image(digit) -> None:
     baseline = float(((start - x) ** 2).mean())
     result = InvertingGradients(iterations=200).attack(model, gradient, input_shape=(1, 28, 28))
     assert float(((result.images - x) ** 2).mean()) < baseline / 3
+
+
+def test_dlg_inverts_a_dp_merf_embedding_only_without_its_noise(digit) -> None:
+    """The generative pipeline sends no gradient, but a random-feature embedding is invertible by the same
+    matching: the release's noise, not the change of statistic, is what protects the example."""
+    x, y = digit
+    merf = DPMerf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=1e-5), num_features=10000, length_scale=7.0)
+    embedding = merf.clipped_contribution_sum(x, y)
+
+    def observe(images, probabilities):
+        return [merf.contributions(images, probabilities).sum(0)]
+
+    exact = DLG(iterations=100).invert(observe, [embedding], input_shape=(1, 28, 28), num_images=1, num_classes=10,
+                                       labels=y)
+    assert exact.score(x)["psnr"] >= 30
+    released = GaussianMechanism(target_epsilon=1.0, delta=1e-5, seed=0).release(embedding)
+    assert not torch.equal(released, embedding)
+    noisy = DLG(iterations=100).invert(observe, [released], input_shape=(1, 28, 28), num_images=1, num_classes=10,
+                                       labels=y)
+    assert noisy.score(x)["psnr"] < 12
 
 
 def test_bad_inputs_are_refused(digit) -> None:

@@ -53,6 +53,15 @@ def test_clipped_sum_equals_explicit_clipping_of_each_contribution(clip_norm):
     assert torch.allclose(merf.contributions(x, y).norm(dim=1), torch.ones(9), atol=1e-5)
 
 
+def test_contributions_take_label_probabilities_as_well_as_class_indices():
+    merf = tiny_merf()
+    x, y = torch.rand(5, 1, 28, 28), torch.randint(0, 10, (5,))
+    onehot = torch.nn.functional.one_hot(y, 10).float()
+    assert torch.equal(merf.contributions(x, onehot), merf.contributions(x, y))
+    soft = torch.full((5, 10), 0.1)  # a uniform label spreads the example over all classes
+    assert torch.allclose(merf.contributions(x, soft).norm(dim=1), torch.full((5,), math.sqrt(0.1)), atol=1e-5)
+
+
 def test_embedding_is_released_once_and_spends_the_calibrated_budget():
     mechanism = GaussianMechanism(target_epsilon=2.0, delta=1e-4, seed=0)
     merf = tiny_merf(mechanism=mechanism)
