@@ -36,7 +36,7 @@ from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
-from fedgen.cli_attacks import attack, audit
+from fedgen.cli_attacks import attack, audit, membership
 from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
@@ -50,8 +50,11 @@ commands:
             (fedgen federate --config examples/federated_mnist_dp_fedavg.yaml)
   audit     audit DP-SGD in one run with canaries: an empirical lower bound on epsilon beside the claim
             (fedgen audit --config examples/audit_dp_sgd.yaml)
-  attack    reconstruct a client's images from the update it sends (DLG, Inverting Gradients)
+  attack    reconstruct a client's images from what it sends: a gradient, a DP-SGD update, or the generative
+            pipeline's release (DLG, Inverting Gradients)
             (fedgen attack --config examples/attack_gradient_inversion.yaml)
+  membership  membership inference against what a fit run released (its synthetic data; a DP diffusion
+            generator's weights)   (fedgen membership --run runs/<fit run>)
 """
 
 
@@ -308,7 +311,7 @@ def federate(args: list[str]) -> dict[str, Any]:
     return metrics
 
 
-COMMANDS = {"fit": fit, "federate": federate, "audit": audit, "attack": attack}
+COMMANDS = {"fit": fit, "federate": federate, "audit": audit, "attack": attack, "membership": membership}
 
 
 def _configure_logging() -> None:

@@ -1,7 +1,8 @@
-"""The ``fedgen audit`` and ``fedgen attack`` commands: measure privacy empirically and write a run folder.
+"""The ``fedgen audit``, ``fedgen attack`` and ``fedgen membership`` commands: measure privacy empirically and write a run folder.
 
     fedgen audit --config examples/audit_dp_sgd.yaml
     fedgen attack --config examples/attack_gradient_inversion.yaml
+    fedgen membership --run runs/<a fedgen fit run>
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchvision
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fedgen.attacks.audit import audit_dp_sgd, check_audit_plan
+from fedgen.attacks.membership import diffusion_loss_scores, evaluate_membership, gan_leaks_scores
 from fedgen.attacks.gradient_inversion import (
     GradientInversion,
     InversionResult,
@@ -26,7 +29,7 @@ from fedgen.attacks.gradient_inversion import (
 )
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one
-from fedgen.generators import DPMerf
+from fedgen.generators import DPMerf, Generator
 from fedgen.mechanisms import DPSGD, GaussianMechanism, SecureAggregator, SubsampledGaussianEvent, compute_epsilon
 from fedgen.runs import dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
@@ -277,3 +280,97 @@ def _save_pairs(originals: list[torch.Tensor], reconstructions: list[torch.Tenso
     """One column per example: the original above its reconstruction."""
     top, bottom = torch.cat(originals), torch.cat(reconstructions).clamp(0, 1)
     torchvision.utils.save_image(torch.cat([top, bottom]), path, nrow=len(top), padding=2, pad_value=1.0)
+
+
+def membership_parser() -> ArgumentParser:
+    """The options of ``fedgen membership``."""
+    parser = ArgumentParser(prog="fedgen membership", description=membership.__doc__, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with the options below.")
+    parser.add_argument("--seed_everything", type=int, default=0, help="Seed of the choice of candidates.")
+    parser.add_argument("--run", type=str, help="The `fedgen fit` run folder whose releases are attacked.")
+    parser.add_argument("--members", type=int, default=2000,
+                        help="Members attacked: examples drawn at random from the run's private training split.")
+    parser.add_argument("--non_members", type=int, default=2000,
+                        help="Non-members: examples drawn at random from the test split (same distribution).")
+    parser.add_argument("--repeats", type=int, default=8,
+                        help="(timestep, noise) draws per candidate of the diffusion loss attack.")
+    parser.add_argument("--run_dir", type=str | None, default=None,
+                        help="Run folder (default: runs/membership-<run>-<time>).")
+    return parser
+
+
+def membership(args: list[str]) -> dict[str, Any]:
+    """``fedgen membership``: membership inference against what a ``fedgen fit`` run released, with known
+    members (private training examples) and non-members (test examples). Every run is attacked through its
+    synthetic dataset (GAN-Leaks, full black-box: ``-distance`` to the nearest synthetic image); a DP
+    diffusion run also through its generator's weights (the diffusion loss attack). A model trained on the
+    synthetic data only sees the private data through the generator, so these bound what it can leak.
+
+    Writes ``config.yaml``, ``metrics.json`` (AUC, TPR at 0.1% and 1% FPR of each attack) and one
+    ``roc_<attack>.png`` per attack into its own run folder; the attacked run is only read.
+    """
+    parser = membership_parser()
+    config = parse_args(parser, args)
+    L.seed_everything(config.seed_everything, verbose=False)
+    check_at_least_one("members", config.members, "use e.g. 2000")
+    check_at_least_one("non_members", config.non_members, "use e.g. 2000")
+    check_at_least_one("repeats", config.repeats, "use e.g. 8")
+    attacked = Path(config.run or "")
+    missing = [f for f in ("config.yaml", "generator.ckpt", "synthetic.pt") if not (attacked / f).exists()]
+    if not config.run or missing:
+        raise ConfigError("run", f"{attacked} is not a finished `fedgen fit` run folder (missing {missing})",
+                          "give the folder a `fedgen fit` run wrote (it holds config.yaml, generator.ckpt and "
+                          "synthetic.pt)")
+    generator, data = load_fit_run(attacked)
+    data.prepare_data()
+    data.setup("fit")
+    data.setup("test")
+    for field, wanted, available in (("members", config.members, len(data.train_set)),
+                                     ("non_members", config.non_members, len(data.test_set))):
+        if wanted > available:
+            raise ConfigError(field, f"{wanted} asked, the split holds {available}", f"use at most {available}")
+    run_dir = resolve_run_dir(config.run_dir, None, f"membership-{attacked.name}")
+    config.run_dir = str(run_dir)
+    write_config(parser, config, run_dir)
+    pick = torch.Generator().manual_seed(config.seed_everything)
+    members = _stack(data.train_set, torch.randperm(len(data.train_set), generator=pick)[:config.members])
+    non_members = _stack(data.test_set, torch.randperm(len(data.test_set), generator=pick)[:config.non_members])
+    synthetic = torch.load(attacked / "synthetic.pt")
+    released = synthetic["images"].float() / 255
+    results = {"gan_leaks": evaluate_membership(gan_leaks_scores(members[0], released),
+                                                gan_leaks_scores(non_members[0], released))}
+    if hasattr(generator, "diffusion_loss"):
+        results["diffusion_loss"] = evaluate_membership(
+            diffusion_loss_scores(generator, *members, repeats=config.repeats),
+            diffusion_loss_scores(generator, *non_members, repeats=config.repeats))
+    for name, result in results.items():
+        result.save_roc(run_dir / f"roc_{name}.png", title=f"{name} against {attacked.name}")
+        log.info("%s: AUC %.3f, TPR %.2f%% at 0.1%% FPR, %.2f%% at 1%% FPR", name, result.auc,
+                 100 * result.tpr_at_fpr[0.001], 100 * result.tpr_at_fpr[0.01])
+    fit_metrics = json.loads((attacked / "metrics.json").read_text()) if (attacked / "metrics.json").exists() else {}
+    metrics = {"run": str(attacked), "generator": type(generator).__name__,
+               "epsilon": fit_metrics.get("epsilon"), "delta": fit_metrics.get("delta"),
+               "synthetic_images": len(released), "attacks": {k: v.to_dict() for k, v in results.items()}}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    summary = "; ".join(f"{k} AUC {v.auc:.3f}, TPR@0.1%FPR {v.tpr_at_fpr[0.001]:.2%}" for k, v in results.items())
+    print(f"fedgen: membership inference against {attacked}: {summary}; run folder: {run_dir}")
+    return metrics
+
+
+def load_fit_run(run: Path) -> tuple[Generator, VisionDataModule]:
+    """The generator (weights of ``generator.ckpt``) and the data module of a ``fedgen fit`` run folder,
+    built from the run's own ``config.yaml``."""
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=Generator)
+    parser.add_argument("--data", type=VisionDataModule)
+    built = instantiate(parser, parse_args(parser, ["--model", json.dumps(saved["model"]),
+                                                    "--data", json.dumps(saved["data"])]))
+    checkpoint = torch.load(run / "generator.ckpt", map_location="cpu", weights_only=False)
+    built.model.load_state_dict(checkpoint["state_dict"])
+    return built.model.eval(), built.data
+
+
+def _stack(dataset: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])

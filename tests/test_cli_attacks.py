@@ -84,3 +84,52 @@ def test_a_dp_sgd_update_is_the_mean_of_clipped_gradients_plus_noise() -> None:
                           generator=torch.Generator().manual_seed(0))
     noise = (torch.cat([t.flatten() for t in noisy]) - torch.stack(clipped).mean(0)) * 3
     assert float(noise.std()) == pytest.approx(2.0 * 0.01, rel=0.05)
+
+
+def test_fedgen_membership_attacks_a_fit_runs_releases_and_only_reads_the_run(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+    from fedgen.cli_attacks import membership
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path / "fit"
+    trained = fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}"))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    args = [f"--run={run}", "--members=40", "--non_members=40", "--repeats=2"]
+    metrics = membership([*args, f"--run_dir={tmp_path / 'm1'}"])
+    assert set(metrics["attacks"]) == {"gan_leaks", "diffusion_loss"}
+    assert metrics["generator"] == "DPDiffusion" and metrics["epsilon"] == trained["epsilon"] > 0
+    assert all((tmp_path / "m1" / f"roc_{name}.png").stat().st_size > 0 for name in metrics["attacks"])
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+    # A release that copies its training data is caught: every member is at distance 0 from it.
+    train = torch.stack([x for x, _ in _mnist_train(real_data_root, 300)])
+    torch.save({"images": (train * 255).round().to(torch.uint8), "labels": torch.zeros(300, dtype=torch.long)},
+               run / "synthetic.pt")
+    leaky = membership([*args, f"--run_dir={tmp_path / 'm2'}"])["attacks"]["gan_leaks"]
+    assert leaky["auc"] == 1.0 and leaky["tpr_at_fpr"]["0.001"] == 1.0
+
+
+def _mnist_train(root, n: int):
+    from fedgen.data import MNISTDataModule
+
+    data = MNISTDataModule(root=str(root), train_subset=n)
+    data.prepare_data()
+    data.setup("fit")
+    return [data.train_set[i] for i in range(n)]
+
+
+@pytest.mark.parametrize(("extra", "field"), [(["--members=100000"], "members"), (["--repeats=0"], "repeats")])
+def test_fedgen_membership_refuses_bad_input_before_any_work(real_data_root, tmp_path, extra, field) -> None:
+    from fedgen.cli_attacks import membership
+
+    with pytest.raises(ConfigError) as err:
+        membership([f"--run={tmp_path / 'nothing'}", f"--run_dir={tmp_path / 'm'}"])
+    assert err.value.field == "run"
+    if field == "members":
+        from fedgen.cli import fit
+        from tests.generators.test_ddpm import _tiny_cli
+
+        fit(_tiny_cli(real_data_root, 1, f"--run_dir={tmp_path / 'fit'}"))
+    with pytest.raises(ConfigError) as err:
+        membership([f"--run={tmp_path / 'fit'}", f"--run_dir={tmp_path / 'm'}", *extra])
+    assert err.value.field == field and not (tmp_path / "m").exists()
