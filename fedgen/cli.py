@@ -34,7 +34,7 @@ from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded,
 from fedgen.evaluation import TrainOnSynthetic, classifiers, evaluate_accuracy
 from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
-from fedgen.federated import FederatedRelease, FederatedTrainer, make_clients
+from fedgen.federated import FederatedDPSGD, FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
 from fedgen.cli_attacks import attack, audit, membership
 from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
@@ -69,8 +69,9 @@ class FedgenCLI(LightningCLI):
         parser.add_argument("--num_synthetic", type=int, default=10000,
                             help="Size of the synthetic dataset the downstream classifier is trained on.")
         parser.add_class_arguments(TrainOnSynthetic, "evaluation")
-        parser.add_argument("--federation", type=FederatedRelease | None, default=None,
-                            help="Release the generator's statistic from data split across simulated clients.")
+        parser.add_argument("--federation", type=FederatedRelease | FederatedDPSGD | None, default=None,
+                            help="Train on data split across simulated clients: FederatedRelease (a one-release "
+                                 "generator's sum) or FederatedDPSGD (a DP-SGD generator's steps).")
         parser.add_argument("--public_data", type=VisionDataModule | None, default=None,
                             help="A dataset declared PUBLIC: the generator is pretrained on its training split "
                                  "without privacy, before private training. The run folder and metrics name it.")
@@ -119,8 +120,9 @@ def fit(args: list[str]) -> dict[str, Any]:
     config, generator, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     run_dir = Path(config.run_dir)
     evaluation: TrainOnSynthetic = cli.config_init.evaluation
-    federation: FederatedRelease | None = cli.config_init.federation
-    if federation is not None and not (hasattr(generator, "embedding_sum") and hasattr(generator, "store_release")):
+    federation: FederatedRelease | FederatedDPSGD | None = cli.config_init.federation
+    if isinstance(federation, FederatedRelease) and not (hasattr(generator, "embedding_sum")
+                                                         and hasattr(generator, "store_release")):
         raise ConfigError("federation", f"{type(generator).__name__} does not release a single sum",
                           "use a one-release generator such as fedgen.generators.DPMerf, or remove federation")
     public: VisionDataModule | None = cli.config_init.public_data
@@ -139,7 +141,10 @@ def fit(args: list[str]) -> dict[str, Any]:
     # Everything that can be checked is checked before the first private release.
     data.prepare_data()
     data.setup("fit")
-    loader = generator.attach_private_data(data.train_set)
+    if isinstance(federation, FederatedDPSGD):  # the clients compute every step
+        loader = federation.attach(generator, data.train_set)
+    else:
+        loader = generator.attach_private_data(data.train_set)
     write_config(cli.parser, config, run_dir)
     log.info("Privacy: %s on %d private examples (add/remove-one-%s neighbouring)",
              generator.mechanism.describe(), len(data.train_set), generator.mechanism.ledger.unit)
@@ -158,7 +163,9 @@ def fit(args: list[str]) -> dict[str, Any]:
                     "private data only.", public_report["dataset"], public_report["examples"])
 
     federation_report = None
-    if federation is not None and config.ckpt_path is None:
+    if isinstance(federation, FederatedDPSGD):
+        pass  # its report is complete after training
+    elif federation is not None and config.ckpt_path is None:
         federation_report = federation.run(generator, data.train_set, device=trainer.strategy.root_device)
     elif federation is not None:
         log.info("Resuming: the checkpoint carries the federated release; the clients are not asked again.")
@@ -167,6 +174,8 @@ def fit(args: list[str]) -> dict[str, Any]:
     trainer.fit(generator, loader, ckpt_path=config.ckpt_path)
     generator_seconds = time.perf_counter() - start
     trainer.save_checkpoint(run_dir / "generator.ckpt")
+    if isinstance(federation, FederatedDPSGD):
+        federation_report = federation.summary()
     generator.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU; sample on the device
     epsilon = generator.mechanism.epsilon()
     log.info("Generator trained in %.1f s; %s", generator_seconds,

@@ -1,6 +1,7 @@
 """The federation: simulated clients, client sampling, and federated private releases."""
 
 from fedgen.federated.clients import Client, ClientSampler, dataset_labels, make_clients
+from fedgen.federated.dp_sgd import ClientTagged, FederatedDPSGD
 from fedgen.federated.loop import FederatedTrainer
 from fedgen.federated.release import FederatedRelease
 from fedgen.federated.strategy import ClientLevelDP, FedAvg, FedProx, Strategy
@@ -9,8 +10,10 @@ __all__ = [
     "Client",
     "ClientLevelDP",
     "ClientSampler",
+    "ClientTagged",
     "FedAvg",
     "FedProx",
+    "FederatedDPSGD",
     "FederatedRelease",
     "FederatedTrainer",
     "Strategy",

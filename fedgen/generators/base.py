@@ -53,7 +53,7 @@ class Generator(PrivateModule, Registered):
     # ------------------------------------------------------------------------------- private data
     def check_private_data(self, dataset: Dataset) -> None:
         """Check that ``dataset`` matches the generator's shape and class count, and its size fits delta."""
-        image, _ = dataset[0]
+        image = dataset[0][0]  # (image, label) or (image, label, client)
         if tuple(image.shape) != self.image_shape:
             raise ConfigError("model.image_shape", f"is {list(self.image_shape)} but the data's images are "
                               f"{list(image.shape)}", f"set model.init_args.image_shape: {list(image.shape)}")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -79,6 +79,15 @@ def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Te
         n = float(num_averaged)
         torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
     return update
+
+
+class StepClients(Protocol):
+    """The clients that compute a DP-SGD step together: how many, and the secure sum of their clipped sums
+    (returning the total and its L2 sensitivity to one example)."""
+
+    num_clients: int
+
+    def secure_sum(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, float]: ...
 
 
 class DPDiffusion(Generator, name="dp_diffusion"):
@@ -169,6 +178,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                                              prediction_type=prediction)
         self.automatic_optimization = False  # one DP step per logical batch, over its micro-batches
         self._loader: DataLoader | None = None
+        #: set by a federation (e.g. :class:`~fedgen.federated.FederatedDPSGD`): the clients that compute each step
+        self.clients: StepClients | None = None
 
     @property
     def null_class(self) -> int:
@@ -214,21 +225,39 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, target, reduction="none")
         return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """One DP-SGD step on the Poisson sample. Central: the clipped sum of all micro-batches gets the noise.
+        Federated (``self.clients`` set; the batch carries each example's client): every client sums the
+        clipped gradients of its own sampled examples, the sums meet in ``clients.secure_sum`` and the noise is
+        added once to the total, calibrated to its sensitivity: the same step, computed by the clients."""
+        images, labels, *tagged = batch
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        if len(images) == 0:  # an empty Poisson sample still takes its noisy step
-            self.mechanism.empty_batch()
+        if self.clients is None:
+            self._clipped_backward(images, labels)
         else:
-            size = self.hparams.max_physical_examples or len(images)
-            for x, y in zip(images.split(size), labels.split(size), strict=True):
-                loss = self.diffusion_loss(x, y)
-                self.mechanism.backward(loss, draws=self.hparams.noise_draws)
-                self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
+            owner = tagged[0]
+            parts = []
+            for k in range(self.clients.num_clients):
+                mine = owner == k
+                self._clipped_backward(images[mine], labels[mine])
+                parts.append(self.mechanism.take_clipped_sum())
+            total, sensitivity = self.clients.secure_sum(parts)
+            self.mechanism.put_clipped_sum(total, sensitivity=sensitivity)
         optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.unet)
+
+    def _clipped_backward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add the clipped per-example gradients of these examples to the step's sum, in physical micro-batches."""
+        if len(images) == 0:  # an empty Poisson sample still takes its noisy step
+            self.mechanism.empty_batch()
+            return
+        size = self.hparams.max_physical_examples or len(images)
+        for x, y in zip(images.split(size), labels.split(size), strict=True):
+            loss = self.diffusion_loss(x, y)
+            self.mechanism.backward(loss, draws=self.hparams.noise_draws)
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
 
     def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:
         """Non-private, unconditional pretraining on a public dataset: ``steps`` Adam steps of the diffusion

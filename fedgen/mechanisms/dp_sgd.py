@@ -49,7 +49,7 @@ class _LedgerDPOptimizer(DPOptimizer):
         per parameter launched hundreds of small kernels for a UNet), split into their shapes."""
         self._mechanism.charge_step()
         noise_source: NoiseSource = self._mechanism.noise
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.noise_multiplier * self._mechanism.pop_step_sensitivity()
         groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
             _check_processed_flag(p.summed_grad)
@@ -139,6 +139,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
         self.engine = engine
         self.engine_in_use: Literal["opacus", "fedgen"] | None = None  # set by make_private
         self._clipping: PerExampleClipping | None = None
+        self._private_params: list[nn.Parameter] = []
+        self._step_sensitivity: float | None = None  # set by put_clipped_sum for the next step only
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = float(max_grad_norm)
         self.sample_rate: float | None = None
@@ -275,6 +277,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
             self._clipping = None
         if self.engine_in_use == "fedgen":
             self._clipping = PerExampleClipping(module, self.max_grad_norm)
+            self._private_params = [p for p in module.parameters() if p.requires_grad]
             return module, _EngineDPOptimizer(optimizer, clipping=self._clipping, mechanism=self,
                                               noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
                                               expected_batch_size=expected_batch_size, loss_reduction="mean")
@@ -304,6 +307,41 @@ class DPSGD(Mechanism, name="dp_sgd"):
         if self._clipping is None:
             raise RuntimeError("DPSGD.empty_batch needs fedgen's clipping engine and make_private first")
         self._clipping.add_empty_batch()
+
+    def take_clipped_sum(self) -> torch.Tensor:
+        """fedgen's engine: the clipped per-example gradient sum accumulated by :meth:`backward` since the last
+        take or step, as one flat vector over the private parameters in order, and clear it. This is what one
+        party of a step computed over several parties (e.g. one client's share of a Poisson sample) holds."""
+        if self._clipping is None:
+            raise RuntimeError("DPSGD.take_clipped_sum needs fedgen's clipping engine and make_private first")
+        if self._clipping.pending:
+            raise RuntimeError("a forward pass was not turned into clipped gradients: call mechanism.backward(loss)")
+        parts = []
+        for p in self._private_params:
+            summed = getattr(p, "summed_grad", None)
+            parts.append(torch.zeros_like(p).flatten() if summed is None else summed.flatten())
+            p.summed_grad = None
+        return torch.cat(parts)
+
+    def put_clipped_sum(self, total: torch.Tensor, *, sensitivity: float) -> None:
+        """fedgen's engine: install a clipped sum computed elsewhere (e.g. the secure-aggregation total of the
+        parties' :meth:`take_clipped_sum`) for the next ``optimizer.step()``. ``sensitivity`` is that sum's L2
+        sensitivity to one example (at least ``max_grad_norm``; larger where quantization can move it further):
+        the step's noise is ``N(0, (sigma * sensitivity)^2)``, so the recorded noise multiplier stays exact."""
+        if sensitivity < self.max_grad_norm:
+            raise ValueError(f"sensitivity {sensitivity} is below max_grad_norm {self.max_grad_norm}")
+        sizes = [p.numel() for p in self._private_params]
+        if total.numel() != sum(sizes):
+            raise ValueError(f"the sum has {total.numel()} entries, the private parameters {sum(sizes)}")
+        for p, chunk in zip(self._private_params, total.to(self._private_params[0]).split(sizes), strict=True):
+            p.summed_grad = chunk.view_as(p).to(p)
+        self._step_sensitivity = float(sensitivity)
+
+    def pop_step_sensitivity(self) -> float:
+        """The L2 sensitivity of this step's clipped sum (``max_grad_norm`` unless :meth:`put_clipped_sum` said
+        otherwise); read once by the step that adds the noise."""
+        sensitivity, self._step_sensitivity = self._step_sensitivity, None
+        return self.max_grad_norm if sensitivity is None else sensitivity
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier}

@@ -169,6 +169,36 @@ def test_noise_is_added_with_the_right_std(engine: str) -> None:
         torch.testing.assert_close(p.grad, g + d.view_as(p) / expected_batch, atol=1e-7, rtol=1e-5)
 
 
+def test_a_step_computed_by_parties_sums_their_clipped_sums_and_scales_the_noise_to_its_sensitivity() -> None:
+    """take_clipped_sum / put_clipped_sum: parties that clip and sum their own examples give exactly the clipped
+    sum of the whole batch, and a sum installed with a larger sensitivity gets noise sigma * sensitivity."""
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 3)).double()
+    x, y = torch.randn(12, 100, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
+    sigma, clip, expected_batch = 1.0, 0.5, 8
+    noiseless, _ = _clipped_mean(_per_example_grads(copy.deepcopy(model), x, y), clip, expected_batch)
+    mechanism = DPSGD(noise_multiplier=sigma, max_grad_norm=clip, seed=7, engine="fedgen")
+    wrapped, optimizer, _ = _make_private(model, mechanism, n=80, batch_size=expected_batch)
+    parts = []
+    for rows in (slice(0, 5), slice(5, 12)):  # two parties, each with its own examples (a mean loss each)
+        mechanism.backward(F.cross_entropy(wrapped(x[rows]), y[rows]))
+        parts.append(mechanism.take_clipped_sum())
+    total = parts[0] + parts[1]
+    truth = torch.cat([g.flatten() for g in noiseless]) * expected_batch
+    torch.testing.assert_close(total, truth, atol=1e-7, rtol=1e-4)
+    assert all(p.summed_grad is None for p in wrapped.parameters())  # taken: nothing left for the step
+
+    mechanism.put_clipped_sum(total, sensitivity=2 * clip)
+    optimizer.step()
+    diff = torch.cat([(p.grad - g).flatten() for p, g in zip(wrapped.parameters(), noiseless)])
+    assert abs(float(diff.std()) / (sigma * 2 * clip / expected_batch) - 1) < 0.05  # twice the usual noise
+    assert mechanism.pop_step_sensitivity() == clip  # read once: the next step is back to C
+    assert mechanism.ledger.events[0].noise_multiplier == sigma  # the recorded sigma is exact
+    with pytest.raises(ValueError, match="sensitivity"):
+        mechanism.put_clipped_sum(total, sensitivity=clip / 2)
+
+
 # ------------------------------------------------------------------------------------- Poisson sampling
 def test_poisson_loader() -> None:
     torch.manual_seed(3)
