@@ -145,6 +145,14 @@ class TrainOnSynthetic:
     def run(self, synthetic: TensorDataset, real_test: Dataset, *, num_classes: int,
             image_shape: tuple[int, int, int]) -> dict[str, float]:
         """Train on ``synthetic``, select on its validation split, test once on ``real_test``."""
+        net, report = self.fit_classifier(synthetic, num_classes=num_classes, image_shape=image_shape)
+        accuracy = evaluate_accuracy(net, real_test, num_classes=num_classes)
+        return {"test_accuracy": accuracy, **report, "classifier": self.classifier}
+
+    def fit_classifier(self, synthetic: TensorDataset, *, num_classes: int, image_shape: tuple[int, int, int]
+                       ) -> tuple[nn.Module, dict[str, float]]:
+        """Train on ``synthetic`` and select the best epoch on its validation split; return the selected
+        network (what a user of the pipeline would release) and the selection's numbers."""
         n_val = max(1, int(len(synthetic) * self.val_fraction))
         if len(synthetic) - n_val < 1:
             raise ConfigError("num_synthetic", f"{len(synthetic)} synthetic examples leave none for training",
@@ -159,10 +167,4 @@ class TrainOnSynthetic:
         trainer.fit(model, DataLoader(train, batch_size=self.batch_size, shuffle=True),
                     DataLoader(val, batch_size=1000))
         model.net.load_state_dict(keep_best.state)
-        result = trainer.test(model, DataLoader(real_test, batch_size=1000), verbose=False)[0]
-        return {
-            "test_accuracy": float(result["test/accuracy"]),
-            "synthetic_val_accuracy": keep_best.best,
-            "selected_epoch": keep_best.best_epoch,
-            "classifier": self.classifier,
-        }
+        return model.net.to(trainer.strategy.root_device).eval(), {"synthetic_val_accuracy": keep_best.best, "selected_epoch": keep_best.best_epoch}
