@@ -18,6 +18,8 @@ gradients ``g_l = dL/dz_l`` (autograd skips the weight gradients nobody asked fo
    gradients scaled row by row by ``c_i`` (the kernel non-private training runs, e.g. cuDNN's for
    convolutions); for the formed gradients one product ``c^T G``. They are added to ``p.summed_grad``.
 
+Steps 1 to 3 run in IEEE float32 (TF32 off, see :func:`ieee_fp32`), so that each example adds at most C.
+
 Every trainable parameter of the module must sit in one of these layers (checked when the engine is
 built), so none escapes clipping. Parameters must be used only through their layer's forward: a direct use
 (``x @ layer.weight``) is not recorded, so its gradient is missing from the update (never unclipped in it).
@@ -28,7 +30,8 @@ gradients over the calls. The loss is the *mean* over the batch (as in Opacus wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -182,7 +185,6 @@ def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, batch: i
     return {"weight": weight.reshape(batch, layer.num_embeddings, layer.embedding_dim)}
 
 
-#: layers whose per-example gradients are formed (few parameters per example)
 #: per layer type, the per-example gradients that are formed (few parameters per example): every parameter of
 #: the small layers, the biases of the book-keeping layers
 MATERIALIZED: dict[type[nn.Module], PerExampleRule] = {
@@ -222,6 +224,26 @@ def unsupported_layers(module: nn.Module) -> list[str]:
             if reason is not None:
                 problems.append(f"{name or '<root>'}: {reason}")
     return problems
+
+
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Run float32 matrix products and convolutions in IEEE float32, not TF32 (10-bit mantissa inputs).
+
+    The clipping bound holds only if the norms and the clipped sum are computed from the same per-example
+    gradients. The sum of an example's T outer products ``sum_t g_t a_t^T`` can cancel; rounding its inputs to
+    TF32 (as cuDNN does by default for convolutions, and cuBLAS after ``torch.set_float32_matmul_precision
+    ("high")``) perturbs each product by up to 2^-10 of its size, which the cancellation can turn into a much
+    larger relative change of the sum: an example clipped to C by its float32 norm could add more than C
+    through a TF32 weight-gradient kernel. Inside this context both run in IEEE float32, whose rounding every
+    DP-SGD implementation takes as exact."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 @dataclass
@@ -316,6 +338,13 @@ class PerExampleClipping:
         del output_grads, records
         if not by_layer:
             return
+        with ieee_fp32():  # norms and sums from the same per-example gradients (see ieee_fp32)
+            self._clip_and_sum(by_layer, batch, draws)
+
+    def _clip_and_sum(self, by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]], batch: int,
+                      draws: int) -> None:
+        """Steps 1 to 3 of the module docstring for the recorded ``(input, output gradient)`` pairs of each layer:
+        per-example norms, clip factors, clipped sums added to ``summed_grad``."""
         # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer, the
         # formed per-example gradients in one (batch, parameters) matrix
         weight_sq_norms = []

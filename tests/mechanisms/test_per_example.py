@@ -366,3 +366,43 @@ def test_an_empty_poisson_batch_still_releases_noise() -> None:
     assert mechanism.steps_taken == 1 and len(mechanism.ledger) == 1
     noise = torch.cat([g.flatten() for g in grads])  # noise only: N(0, (0.3 * 0.05)^2) / 8 per coordinate
     assert abs(float(noise.std()) / (0.3 * 0.05 / 8) - 1) < 0.2 and noise.numel() > 400
+
+
+def test_norms_and_clipped_sums_run_in_ieee_float32_even_when_tf32_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TF32 on (cuDNN's default for convolutions), a weight-gradient kernel would round its inputs to 10
+    bits while the norm was taken in float32: an example could then add more than C. The engine switches both
+    to IEEE float32 for its own products, and gives the user's settings back, also after an error."""
+    from fedgen.mechanisms import per_example
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    seen: list[tuple[str, str]] = []
+    real_norms, real_sum = per_example.BOOK_KEEPING[nn.Conv2d]
+
+    def spy_norms(*args):
+        seen.append((matmul.fp32_precision, conv.fp32_precision))
+        return real_norms(*args)
+
+    def spy_sum(*args):
+        seen.append((matmul.fp32_precision, conv.fp32_precision))
+        return real_sum(*args)
+
+    monkeypatch.setitem(per_example.BOOK_KEEPING, nn.Conv2d, (spy_norms, spy_sum))
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+        model = _model("image")
+        x, y = _data("image", 4, torch.Generator().manual_seed(0))
+        clipping = PerExampleClipping(model, max_grad_norm=0.5)
+        clipping.backward(_loss(model, x, y))
+        assert seen and set(seen) == {("ieee", "ieee")}
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+
+        def fail(*args):
+            raise RuntimeError("boom")
+
+        monkeypatch.setitem(per_example.BOOK_KEEPING, nn.Conv2d, (fail, real_sum))
+        with pytest.raises(RuntimeError, match="boom"):
+            clipping.backward(_loss(model, x, y))
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
