@@ -107,6 +107,16 @@ def row(target: str, attack: str, member_scores: torch.Tensor, non_member_scores
     return out
 
 
+def print_chance(per_side: int, draws: int) -> None:
+    """TPR at 0.1% FPR of scores that carry no information (uniform noise for members and non-members alike):
+    the reading a perfectly private artifact gives, with its spread, at ``per_side`` candidates a side."""
+    gen = torch.Generator().manual_seed(0)
+    tpr = torch.tensor([evaluate_membership(torch.rand(per_side, generator=gen), torch.rand(per_side, generator=gen))
+                        .tpr_at_fpr[0.001] for _ in range(draws)])
+    print(f"uninformative scores, {per_side} / {per_side}, {draws} draws: TPR at 0.1% FPR mean {tpr.mean():.3%}, "
+          f"standard deviation {tpr.std():.3%}; above 0.2% in {(tpr > 0.002).float().mean():.1%} of draws")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=int, default=4000, help="examples; a random half are the members")
@@ -125,8 +135,14 @@ def main() -> None:
     parser.add_argument("--diffusion_candidates", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/membership-mnist")
+    parser.add_argument("--chance", type=int, default=0, metavar="DRAWS",
+                        help="only print how TPR at 0.1%% FPR reads for uninformative scores (DRAWS draws at "
+                             "pool / 2 members and non-members): the estimate's spread at this size")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.chance:
+        print_chance(args.pool // 2, args.chance)
+        return
     L.seed_everything(args.seed, verbose=False)
     data = MNISTDataModule()
     data.prepare_data()
