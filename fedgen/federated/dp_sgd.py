@@ -127,6 +127,13 @@ class FederatedDPSGD:
         total = torch.as_tensor(result.total).to(device=device, dtype=dtype)
         return total, self._clip_norm + math.sqrt(total.numel()) / self.scale
 
+    def state_dict(self) -> dict[str, Any]:
+        """The secure-aggregation counters so far (kept in the generator's checkpoints across a resume)."""
+        return dict(self._stats)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._stats.update(state)
+
     def summary(self) -> dict[str, Any]:
         """The report: partition, protocol and, with secure aggregation, its cost over the steps so far."""
         if self._aggregator is None:

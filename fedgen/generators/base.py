@@ -6,12 +6,16 @@ it never adds noise itself. The training run attaches the private dataset with
 sampler for DP-SGD generators, or a loader of generator-only steps once a statistic has been released).
 
 Checkpoints carry the mechanism's state (the privacy ledger and the noise generator), so a resumed run
-continues the same budget; it never starts from zero.
+continues the same budget; it never starts from zero. They also carry the training time so far, so that
+:attr:`Generator.training_seconds` of a resumed run counts every segment.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
+
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
@@ -20,6 +24,9 @@ from fedgen.mechanisms import Mechanism, PrivateModule
 from fedgen.registry import Registered, Registry
 
 log = logging.getLogger(__name__)
+
+#: checkpoint key of the training time so far
+TIME_KEY = "fedgen_training_seconds"
 
 
 class Generator(PrivateModule, Registered):
@@ -49,6 +56,30 @@ class Generator(PrivateModule, Registered):
         self.num_classes = int(num_classes)
         self.image_shape = tuple(int(s) for s in image_shape)
         self._private_data: Dataset | None = None
+        self._seconds_before = 0.0  # training time of earlier segments (a resumed run's checkpoint)
+        self._started: float | None = None
+
+    # ------------------------------------------------------------------------------- training time
+    @property
+    def training_seconds(self) -> float:
+        """Wall seconds of training, summed over a resumed run's segments. A segment counts up to its last
+        checkpoint; work lost when a run stops between checkpoints is not counted."""
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self._seconds_before + running
+
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self._seconds_before, self._started = self.training_seconds, None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[TIME_KEY] = self.training_seconds
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._seconds_before = float(checkpoint.get(TIME_KEY, 0.0))
 
     # ------------------------------------------------------------------------------- private data
     def check_private_data(self, dataset: Dataset) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -81,13 +81,22 @@ def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Te
     return update
 
 
+#: checkpoint key of the state of the clients that compute the steps (:class:`StepClients`)
+CLIENTS_KEY = "fedgen_step_clients"
+
+
 class StepClients(Protocol):
     """The clients that compute a DP-SGD step together: how many, and the secure sum of their clipped sums
-    (returning the total and its L2 sensitivity to one example)."""
+    (returning the total and its L2 sensitivity to one example); their state (e.g. cost counters) travels
+    in the generator's checkpoints."""
 
     num_clients: int
 
     def secure_sum(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class DPDiffusion(Generator, name="dp_diffusion"):
@@ -184,6 +193,16 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.clients is not None:  # e.g. secure aggregation's counters, continued by a resumed run
+            checkpoint[CLIENTS_KEY] = self.clients.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.clients is not None and CLIENTS_KEY in checkpoint:
+            self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
 
     # -------------------------------------------------------------------------------- training
     def attach_private_data(self, dataset: Dataset) -> DataLoader:

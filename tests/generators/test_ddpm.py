@@ -326,6 +326,32 @@ def test_fedgen_fit_trains_a_tiny_ddpm_whose_steps_the_clients_compute(real_data
     assert [(e["count"], e["sample_rate"], e["noise_multiplier"]) for e in events] == [(3, 0.1, 1.5)]
 
 
+def test_a_resumed_federated_run_keeps_counting_its_steps_and_time(real_data_root, tmp_path) -> None:
+    """Resuming a FederatedDPSGD run: the secure-aggregation counters and the training time continue from the
+    checkpoint (they count both segments), as the ledger does."""
+    import json
+    from pathlib import Path
+
+    from fedgen.cli import fit
+
+    example = str(Path(__file__).resolve().parents[2] / "examples" / "federated_mnist_dp_diffusion.yaml")
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = _tiny_cli(real_data_root, 3, f"--run_dir={first}", "--federation.init_args.num_clients=3")
+    args[1] = example
+    fit(args)
+    args = _tiny_cli(real_data_root, 6, f"--run_dir={second}", "--federation.init_args.num_clients=3",
+                     f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    args[1] = example
+    fit(args)
+    before, after = (json.loads((run / "metrics.json").read_text()) for run in (first, second))
+    assert before["federation"]["secure_aggregation"]["steps"] == 3
+    assert after["federation"]["secure_aggregation"]["steps"] == 6
+    assert [e["count"] for e in after["privacy_ledger"]["events"]] == [6]
+    assert after["federation"]["secure_aggregation"]["server_seconds"] > \
+        before["federation"]["secure_aggregation"]["server_seconds"]
+    assert after["generator_seconds"] > before["generator_seconds"] > 0
+
+
 def test_federated_dp_sgd_refuses_a_one_release_generator_before_any_work(real_data_root, tmp_path) -> None:
     from pathlib import Path
 
