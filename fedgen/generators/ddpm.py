@@ -248,34 +248,42 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         """One DP-SGD step on the Poisson sample. Central: the clipped sum of all micro-batches gets the noise.
         Federated (``self.clients`` set; the batch carries each example's client): every client sums the
         clipped gradients of its own sampled examples, the sums meet in ``clients.secure_sum`` and the noise is
-        added once to the total, calibrated to its sensitivity: the same step, computed by the clients."""
+        added once to the total, calibrated to its sensitivity: the same step, computed by the clients. (The
+        clients' passes run as one pass over the sample ordered by client, which the engine splits into
+        per-client sums: the same sums, at the cost of one pass.)"""
         images, labels, *tagged = batch
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         if self.clients is None:
             self._clipped_backward(images, labels)
-        else:
-            owner = tagged[0]
-            parts = []
-            for k in range(self.clients.num_clients):
-                mine = owner == k
-                self._clipped_backward(images[mine], labels[mine])
-                parts.append(self.mechanism.take_clipped_sum())
+        else:  # one pass over the whole sample, ordered by client; the engine keeps one clipped sum per client
+            order = torch.argsort(tagged[0], stable=True)
+            owner = tagged[0][order]
+            if len(owner):
+                self._clipped_backward(images[order], labels[order], clients=owner)
+            parts = list(self.mechanism.take_clipped_sums(self.clients.num_clients))
             total, sensitivity = self.clients.secure_sum(parts)
             self.mechanism.put_clipped_sum(total, sensitivity=sensitivity)
         optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.unet)
 
-    def _clipped_backward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add the clipped per-example gradients of these examples to the step's sum, in physical micro-batches."""
+    def _clipped_backward(self, images: torch.Tensor, labels: torch.Tensor, clients: torch.Tensor | None = None
+                          ) -> None:
+        """Add the clipped per-example gradients of these examples to the step's sum, in physical micro-batches;
+        with ``clients`` (each example's, sorted), one sum per client."""
         if len(images) == 0:  # an empty Poisson sample still takes its noisy step
             self.mechanism.empty_batch()
             return
         size = self.hparams.max_physical_examples or len(images)
-        for x, y in zip(images.split(size), labels.split(size), strict=True):
+        groups = clients.split(size) if clients is not None else [None] * len(images.split(size))
+        for x, y, group in zip(images.split(size), labels.split(size), groups, strict=True):
             loss = self.diffusion_loss(x, y)
-            self.mechanism.backward(loss, draws=self.hparams.noise_draws)
+            if group is None:
+                self.mechanism.backward(loss, draws=self.hparams.noise_draws)
+            else:
+                self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group,
+                                        num_groups=self.clients.num_clients)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
 
     def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:

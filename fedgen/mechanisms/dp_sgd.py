@@ -93,6 +93,9 @@ class _EngineDPOptimizer(_LedgerDPOptimizer):
         for p in self.params:
             if getattr(p, "summed_grad", None) is None:  # not reached by this batch: its per-example gradients are 0
                 p.summed_grad = torch.zeros_like(p)
+            elif p.summed_grad.shape != p.shape:
+                raise RuntimeError("the clipped sums are kept per group: take them (mechanism.take_clipped_sums) and "
+                                   "put their total (mechanism.put_clipped_sum) before the step")
         self.add_noise()
         self.scale_grad()
         if self.step_hook:
@@ -291,15 +294,17 @@ class DPSGD(Mechanism, name="dp_sgd"):
     def owns_backward(self) -> bool:
         return self.engine_in_use == "fedgen"
 
-    def backward(self, loss: torch.Tensor, *, draws: int = 1) -> None:
+    def backward(self, loss: torch.Tensor, *, draws: int = 1, groups: torch.Tensor | None = None,
+                 num_groups: int = 1) -> None:
         """``engine="fedgen"``: turn the mean ``loss`` of the last forward pass into clipped per-example gradient
         sums (``p.summed_grad``); call once per physical micro-batch, then ``optimizer.step()``. With
         ``draws = K`` each example fills K consecutive rows and its loss is the mean over them (noise
-        multiplicity); see :meth:`PerExampleClipping.backward`."""
+        multiplicity). With ``groups`` (each example's group, sorted) one sum is kept per group, for
+        :meth:`take_clipped_sums`; see :meth:`PerExampleClipping.backward`."""
         if self._clipping is None:
             raise RuntimeError("DPSGD.backward needs fedgen's clipping engine (engine='fedgen', or 'auto' on a "
                                "model it supports) and make_private first")
-        self._clipping.backward(loss, draws=draws)
+        self._clipping.backward(loss, draws=draws, groups=groups, num_groups=num_groups)
 
     def empty_batch(self) -> None:
         """fedgen's engine: the Poisson sample of this step is empty (a model need not accept zero rows); the
@@ -308,24 +313,33 @@ class DPSGD(Mechanism, name="dp_sgd"):
             raise RuntimeError("DPSGD.empty_batch needs fedgen's clipping engine and make_private first")
         self._clipping.add_empty_batch()
 
-    def take_clipped_sum(self) -> torch.Tensor:
-        """fedgen's engine: the clipped per-example gradient sum accumulated by :meth:`backward` since the last
-        take or step, as one flat vector over the private parameters in order, and clear it. This is what one
-        party of a step computed over several parties (e.g. one client's share of a Poisson sample) holds."""
+    def take_clipped_sums(self, num_groups: int = 1) -> torch.Tensor:
+        """fedgen's engine: the clipped per-example gradient sums accumulated by :meth:`backward` since the last
+        take or step, one row per group (``num_groups`` as given to :meth:`backward`; one row when it was called
+        without groups), each a flat vector over the private parameters in order; and clear them. A row is
+        what one party of a step computed over several parties holds (e.g. one client's share of a Poisson
+        sample)."""
         if self._clipping is None:
-            raise RuntimeError("DPSGD.take_clipped_sum needs fedgen's clipping engine and make_private first")
+            raise RuntimeError("DPSGD.take_clipped_sums needs fedgen's clipping engine and make_private first")
         if self._clipping.pending:
             raise RuntimeError("a forward pass was not turned into clipped gradients: call mechanism.backward(loss)")
         parts = []
         for p in self._private_params:
             summed = getattr(p, "summed_grad", None)
-            parts.append(torch.zeros_like(p).flatten() if summed is None else summed.flatten())
+            if summed is None:
+                parts.append(p.new_zeros(num_groups, p.numel()))
+            elif summed.shape == (num_groups, *p.shape) or (num_groups == 1 and summed.shape == p.shape):
+                parts.append(summed.reshape(num_groups, -1))
+            else:
+                raise ValueError(f"the clipped sums have shape {tuple(summed.shape)}, not {num_groups} groups of "
+                                 f"{tuple(p.shape)}: give take_clipped_sums the num_groups given to backward")
+        for p in self._private_params:
             p.summed_grad = None
-        return torch.cat(parts)
+        return torch.cat(parts, dim=1)
 
     def put_clipped_sum(self, total: torch.Tensor, *, sensitivity: float) -> None:
         """fedgen's engine: install a clipped sum computed elsewhere (e.g. the secure-aggregation total of the
-        parties' :meth:`take_clipped_sum`) for the next ``optimizer.step()``. ``sensitivity`` is that sum's L2
+        parties' :meth:`take_clipped_sums`) for the next ``optimizer.step()``. ``sensitivity`` is that sum's L2
         sensitivity to one example (at least ``max_grad_norm``; larger where quantization can move it further):
         the step's noise is ``N(0, (sigma * sensitivity)^2)``, so the recorded noise multiplier stays exact."""
         if sensitivity < self.max_grad_norm:

@@ -246,6 +246,21 @@ def ieee_fp32() -> Iterator[None]:
         matmul.fp32_precision, conv.fp32_precision = saved
 
 
+def _group_bounds(groups: torch.Tensor, batch: int, num_groups: int) -> list[int]:
+    """``bounds`` with group k's examples at ``bounds[k]:bounds[k + 1]``, after checking ``groups``."""
+    if groups.shape != (batch,):
+        raise ValueError(f"groups has shape {tuple(groups.shape)}, not ({batch},): one group per example")
+    if num_groups < 1 or (batch and (int(groups.min()) < 0 or int(groups.max()) >= num_groups)):
+        raise ValueError(f"groups must lie in [0, {num_groups})")
+    if batch > 1 and bool((groups[1:] < groups[:-1]).any()):
+        raise ValueError("groups must be sorted: order the batch by group (e.g. torch.argsort(groups, stable=True))")
+    counts = torch.bincount(groups, minlength=num_groups).tolist()
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return bounds
+
+
 @dataclass
 class _Record:
     layer: nn.Module
@@ -302,13 +317,19 @@ class PerExampleClipping:
                 if param.requires_grad and getattr(param, "summed_grad", None) is None:
                     param.summed_grad = torch.zeros_like(param)
 
-    def backward(self, loss: torch.Tensor, *, draws: int = 1) -> None:
+    def backward(self, loss: torch.Tensor, *, draws: int = 1, groups: torch.Tensor | None = None,
+                 num_groups: int = 1) -> None:
         """Add ``sum_i clip_C(grad_i)`` of the recorded forward pass to each parameter's ``summed_grad``.
 
         ``loss`` is the mean over the rows of the batch. With ``draws = K`` the rows are ``B`` examples times
         K noise draws (rows ``i K .. i K + K - 1`` belong to example i, as ``repeat_interleave`` makes them),
         and example i's loss is the mean over its K rows (noise multiplicity, Dockhorn et al. 2023): its
         gradient is ``B * sum_k g_ik``, formed without materializing the K rows' gradients separately.
+
+        ``groups`` (B,), sorted, in ``[0, num_groups)``: keep one clipped sum per group (e.g. per client of a
+        federated step): ``summed_grad`` then has shape ``(num_groups, *p.shape)``, its row k the sum over
+        group k's examples. The forward pass, the backward pass and the norms are shared; only the clipped
+        sums are taken group by group.
         """
         records, self._records = self._records, []
         if not records:
@@ -324,6 +345,7 @@ class PerExampleClipping:
             self.add_empty_batch()
             return
         batch = rows // draws
+        bounds = None if groups is None else _group_bounds(groups, batch, num_groups)
         output_grads = torch.autograd.grad(loss, [r.output for r in records], allow_unused=True)
         # g holds gradients of the batch mean; example i's own gradient is batch * (its part). The factor
         # batch is applied to the norms and the clip factors below, so no scaled copy of g is made.
@@ -339,12 +361,13 @@ class PerExampleClipping:
         if not by_layer:
             return
         with ieee_fp32():  # norms and sums from the same per-example gradients (see ieee_fp32)
-            self._clip_and_sum(by_layer, batch, draws)
+            self._clip_and_sum(by_layer, batch, draws, bounds)
 
     def _clip_and_sum(self, by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]], batch: int,
-                      draws: int) -> None:
+                      draws: int, bounds: list[int] | None = None) -> None:
         """Steps 1 to 3 of the module docstring for the recorded ``(input, output gradient)`` pairs of each layer:
-        per-example norms, clip factors, clipped sums added to ``summed_grad``."""
+        per-example norms, clip factors, clipped sums added to ``summed_grad`` (one per group of examples
+        ``bounds[k]:bounds[k + 1]`` where ``bounds`` is given)."""
         # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer, the
         # formed per-example gradients in one (batch, parameters) matrix
         weight_sq_norms = []
@@ -367,20 +390,34 @@ class PerExampleClipping:
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
         if per_example is not None:
-            sums = factor.to(per_example.dtype) @ per_example
-            clipped.update(zip(formed, (t.view_as(p) for t, p in
-                                        zip(sums.split([p.numel() for p in formed]), formed, strict=True))))
+            weights = factor.to(per_example.dtype)
+            if bounds is not None:  # (groups, batch): row k holds the factors of group k's examples
+                weights = torch.block_diag(*weights.split(torch.diff(torch.tensor(bounds)).tolist()))
+            sums = weights @ per_example
+            shape = () if bounds is None else (len(bounds) - 1,)
+            clipped.update(zip(formed, (t.reshape(*shape, *p.shape) for t, p in
+                                        zip(sums.split([p.numel() for p in formed], dim=-1), formed, strict=True))))
             del per_example
         row_factor = factor.repeat_interleave(draws)
         for layer in list(by_layer):
             calls = by_layer.pop(layer)  # each layer's output gradients are freed once used
             if type(layer) not in BOOK_KEEPING or not layer.weight.requires_grad:
                 continue
+            weighted_sum = BOOK_KEEPING[type(layer)][1]
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-                grad = BOOK_KEEPING[type(layer)][1](layer, a, scaled)
+                if bounds is None:
+                    grad = weighted_sum(layer, a, scaled)
+                else:  # the rows of group k are contiguous: K rows for each of its examples
+                    rows = [slice(start * draws, end * draws)
+                            for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+                    grad = torch.stack([weighted_sum(layer, a[r], scaled[r]) if r.stop > r.start
+                                        else torch.zeros_like(layer.weight) for r in rows])
                 clipped[layer.weight] = clipped[layer.weight] + grad if layer.weight in clipped else grad
         for param, grad in clipped.items():
             summed = getattr(param, "summed_grad", None)
             grad = grad.to(param.dtype)
+            if summed is not None and summed.shape != grad.shape:
+                raise RuntimeError("clipped sums with and without groups in one step: take the group sums "
+                                   "(DPSGD.take_clipped_sums) before a backward pass of the other kind")
             param.summed_grad = grad if summed is None else summed + grad

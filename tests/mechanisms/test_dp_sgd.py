@@ -170,8 +170,9 @@ def test_noise_is_added_with_the_right_std(engine: str) -> None:
 
 
 def test_a_step_computed_by_parties_sums_their_clipped_sums_and_scales_the_noise_to_its_sensitivity() -> None:
-    """take_clipped_sum / put_clipped_sum: parties that clip and sum their own examples give exactly the clipped
-    sum of the whole batch, and a sum installed with a larger sensitivity gets noise sigma * sensitivity."""
+    """take_clipped_sums / put_clipped_sum: parties that clip and sum their own examples (one after the other, or
+    in one pass with a group per party) give exactly the clipped sum of the whole batch, and a sum installed
+    with a larger sensitivity gets noise sigma * sensitivity."""
     gen = torch.Generator().manual_seed(4)
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 3)).double()
@@ -183,11 +184,16 @@ def test_a_step_computed_by_parties_sums_their_clipped_sums_and_scales_the_noise
     parts = []
     for rows in (slice(0, 5), slice(5, 12)):  # two parties, each with its own examples (a mean loss each)
         mechanism.backward(F.cross_entropy(wrapped(x[rows]), y[rows]))
-        parts.append(mechanism.take_clipped_sum())
+        parts.append(mechanism.take_clipped_sums()[0])
     total = parts[0] + parts[1]
     truth = torch.cat([g.flatten() for g in noiseless]) * expected_batch
     torch.testing.assert_close(total, truth, atol=1e-7, rtol=1e-4)
     assert all(p.summed_grad is None for p in wrapped.parameters())  # taken: nothing left for the step
+    mechanism.backward(F.cross_entropy(wrapped(x), y), groups=torch.tensor([0] * 5 + [1] * 7), num_groups=2)
+    with pytest.raises(RuntimeError, match="kept per group"):
+        optimizer.step()  # per-group sums are never stepped on directly
+    grouped = mechanism.take_clipped_sums(2)
+    torch.testing.assert_close(grouped, torch.stack(parts), atol=1e-10, rtol=1e-8)
 
     mechanism.put_clipped_sum(total, sensitivity=2 * clip)
     optimizer.step()
@@ -195,6 +201,7 @@ def test_a_step_computed_by_parties_sums_their_clipped_sums_and_scales_the_noise
     assert abs(float(diff.std()) / (sigma * 2 * clip / expected_batch) - 1) < 0.05  # twice the usual noise
     assert mechanism.pop_step_sensitivity() == clip  # read once: the next step is back to C
     assert mechanism.ledger.events[0].noise_multiplier == sigma  # the recorded sigma is exact
+    assert len(mechanism.ledger.events) == 1 and mechanism.ledger.events[0].count == 1  # the refused step: no charge
     with pytest.raises(ValueError, match="sensitivity"):
         mechanism.put_clipped_sum(total, sensitivity=clip / 2)
 

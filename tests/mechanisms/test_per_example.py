@@ -121,6 +121,39 @@ def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
     assert not engine.pending
 
 
+@pytest.mark.parametrize("kind", ["image", "tokens"])
+def test_group_sums_equal_each_groups_microbatch_ground_truth(kind: str) -> None:
+    """One pass, one clipped sum per group (the clients of a federated step): group k's row is the clipped sum
+    of its own examples (an empty group gets zeros), also with K rows per example; bad groups are refused."""
+    gen = torch.Generator().manual_seed(3)
+    model = _model(kind)
+    x, y = _data(kind, 7, gen)
+    truth = _truth(copy.deepcopy(model), x, y)
+    clip = float(torch.cat([g.flatten(1) for g in truth], dim=1).norm(dim=1).median())
+    groups = torch.tensor([0, 0, 0, 2, 2, 3, 3])  # group 1 has no example this step
+    engine = PerExampleClipping(model, clip)
+    for draws in (1, 2):  # with K = 2 identical rows per example, each example's loss and gradient are unchanged
+        rows = torch.arange(len(x)).repeat_interleave(draws)
+        engine.backward(_loss(model, x[rows], y[rows]), draws=draws, groups=groups, num_groups=4)
+        for index, (name, p) in enumerate(model.named_parameters()):
+            assert p.summed_grad.shape == (4, *p.shape)
+            for k in range(4):
+                mine = groups == k
+                want = _clipped_sum([g[mine] for g in truth], clip)[index] if mine.any() else torch.zeros_like(p)
+                torch.testing.assert_close(p.summed_grad[k], want, atol=1e-10, rtol=1e-8,
+                                           msg=lambda m, n=name, k=k: f"{n}, group {k}: {m}")
+            p.summed_grad = None
+
+    for bad, match in ((torch.tensor([0, 2, 1, 1, 1, 1, 1]), "sorted"),
+                       (torch.tensor([0, 0, 0, 0, 0, 0, 4]), r"\[0, 4\)"), (torch.tensor([0, 0, 1]), "shape")):
+        with pytest.raises(ValueError, match=match):
+            engine.backward(_loss(model, x, y), groups=bad, num_groups=4)
+        engine.discard()
+    engine.backward(_loss(model, x, y))  # without groups: one sum per parameter
+    with pytest.raises(RuntimeError, match="with and without groups"):
+        engine.backward(_loss(model, x, y), groups=groups, num_groups=4)
+
+
 def test_frozen_parameters_are_neither_clipped_nor_counted_in_the_norms() -> None:
     gen = torch.Generator().manual_seed(10)
     model = _model("image")
