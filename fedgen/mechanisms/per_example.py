@@ -50,6 +50,11 @@ and output gradient ``g``, whose first dimension holds ``batch * K`` rows, the K
 CHUNK_ELEMENTS = 2**26
 
 
+def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(1)``, without a kernel launch when dimension 1 has one entry (one draw, one group, one position)."""
+    return t.squeeze(1) if t.shape[1] == 1 else t.sum(1)
+
+
 def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``||g_n^T x_n||_F^2`` for each row n of ``x`` (N, T, d_in) and ``g`` (N, T, d_out), the squared norm of a
     sum of T outer products, by whichever of two exact methods takes fewer multiplications: the ghost norm
@@ -82,7 +87,7 @@ def _linear_weight_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> to
 
 
 def _linear_bias(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-    return {} if layer.bias is None else {"bias": g.reshape(batch, -1, g.shape[-1]).sum(1)}
+    return {} if layer.bias is None else {"bias": _sum_dim1(g.reshape(batch, -1, g.shape[-1]))}
 
 
 def _unfold(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -128,7 +133,7 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
         rows = slice(i * draws, (i + b) * draws)
         xs, gs = zip(*(_conv_positions(layer, a[rows], g[rows], b) for a, g in calls), strict=True)
         x, g = (xs[0], gs[0]) if len(calls) == 1 else (torch.cat(xs, 1), torch.cat(gs, 1))
-        parts.append(_positions_sq_norms(x, g).reshape(b, layer.groups).sum(1))
+        parts.append(_sum_dim1(_positions_sq_norms(x, g).reshape(b, layer.groups)))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -157,9 +162,9 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
         positions = g.shape[2]  # sum g a per (row, channel) as batched dot products: no full-size temporary
         g_a = torch.bmm(g.reshape(-1, 1, positions), a.reshape(-1, positions, 1)).reshape(rows, groups, -1)
         g_x_hat = (var + layer.eps).rsqrt().unsqueeze(2) * (g_a - mean.unsqueeze(2) * g_sum.reshape(rows, groups, -1))
-        grads["weight"] = g_x_hat.reshape(batch, -1, channels).sum(1)
+        grads["weight"] = _sum_dim1(g_x_hat.reshape(batch, -1, channels))
     if layer.bias is not None:
-        grads["bias"] = g_sum.reshape(batch, -1, channels).sum(1)
+        grads["bias"] = _sum_dim1(g_sum.reshape(batch, -1, channels))
     return grads
 
 
@@ -168,7 +173,7 @@ def _layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     x_hat = F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
 
     def per_example(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, -1, *layer.normalized_shape).sum(1)
+        return _sum_dim1(t.reshape(batch, -1, *layer.normalized_shape))
 
     grads = {}
     if layer.weight is not None:
