@@ -14,6 +14,7 @@ fedgen's clipping engine, K draws averaged inside each example's loss). A method
 why instead of a number. Usage:
 
     python benchmarks/dp_step.py --models convnet unet --batches 256 1024 --draws 1 4
+    python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
 """
 
 from __future__ import annotations
@@ -126,6 +127,51 @@ def measure(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, f
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20
 
 
+#: aten operators that launch no kernel (views, metadata, allocation)
+NO_KERNEL = {"view", "_unsafe_view", "reshape", "detach", "alias", "transpose", "t", "permute", "expand", "slice",
+             "select", "unsqueeze", "squeeze", "as_strided", "split", "split_with_sizes", "unbind", "empty",
+             "empty_like", "new_empty", "_record_function_enter_new", "_record_function_exit"}
+
+
+def count_kernel_ops(step: Callable[[], None]) -> int:
+    """Operators of one step that launch a kernel, counted on any device (after one warm-up step): a
+    device-independent measure of launch overhead, which dominates small steps on a GPU."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: Counter[str] = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    step()
+    with Count() as counter:
+        step()
+    return sum(n for name, n in counter.calls.items() if name not in NO_KERNEL)
+
+
+def print_op_counts(models: list[str], draws: list[int], methods: list[str]) -> None:
+    print("| model | K | method | kernel-launching operators per step | x non-private |\n|---|---|---|---|---|")
+    for name in models:
+        for k in (draws if name == "unet" else [1]):
+            base = None
+            for method in methods:
+                torch.manual_seed(0)
+                try:
+                    task = TASKS[name](8, k, torch.device("cpu"))
+                    ops = count_kernel_ops(make_step(method, task, 8))
+                except NotImplementedError as err:
+                    print(f"| {name} | {k} | {method} | {err} | |")
+                    continue
+                base = ops if method == "nonprivate" else base
+                print(f"| {name} | {k} | {method} | {ops} | {f'{ops / base:.2f}x' if base else ''} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["convnet", "unet"], choices=sorted(TASKS))
@@ -134,7 +180,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["nonprivate", "opacus_hooks", "fedgen"])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--count_ops", action="store_true",
+                        help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     args = parser.parse_args()
+    if args.count_ops:
+        print_op_counts(args.models, args.draws, args.methods)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("dp_step.py times GPU steps: no CUDA device found")
     device = torch.device("cuda")
