@@ -439,3 +439,38 @@ def test_norms_and_clipped_sums_run_in_ieee_float32_even_when_tf32_is_on(monkeyp
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
         matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_under_autocast_each_example_still_adds_at_most_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autocast on (e.g. Lightning's precision="bf16-mixed"), the layers give bfloat16 outputs and output
+    gradients, and autocast would run the engine's own products in bfloat16: the norm and the clipped sum would
+    round differently and an example could add more than C (measured: up to 1.0009 C). The engine converts
+    them exactly to float32 and computes with autocast off."""
+    from fedgen.mechanisms import per_example
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+    seen = []
+    real_norms, real_sum = per_example.BOOK_KEEPING[nn.Linear]
+
+    def spy_sum(layer, a, g):
+        seen.append((a.dtype, g.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sum(layer, a, g)
+
+    monkeypatch.setitem(per_example.BOOK_KEEPING, nn.Linear, (real_norms, spy_sum))
+    clip = 1e-4  # every example clipped: each contribution has norm exactly C
+    engine = PerExampleClipping(model, max_grad_norm=clip)
+    for i in range(len(x)):
+        weights = torch.zeros(len(x))
+        weights[i] = 1.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            assert logits.dtype == torch.bfloat16  # autocast is really on
+            losses = F.cross_entropy(logits.float(), y, reduction="none")
+            engine.backward((weights * losses).mean())
+        norm = torch.linalg.vector_norm(torch.cat([p.summed_grad.flatten().double() for p in model.parameters()]))
+        assert float(norm) <= clip * (1 + 1e-5)
+        for p in model.parameters():
+            p.summed_grad = None
+    assert seen and set(seen) == {(torch.float32, torch.float32, False)}
