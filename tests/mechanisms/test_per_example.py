@@ -444,7 +444,7 @@ def test_norms_and_clipped_sums_run_in_ieee_float32_even_when_tf32_is_on(monkeyp
 def test_under_autocast_each_example_still_adds_at_most_c(monkeypatch: pytest.MonkeyPatch) -> None:
     """With autocast on (e.g. Lightning's precision="bf16-mixed"), the layers give bfloat16 outputs and output
     gradients, and autocast would run the engine's own products in bfloat16: the norm and the clipped sum would
-    round differently and an example could add more than C (measured: up to 1.0009 C). The engine converts
+    round differently and an example could add more than C (this test measured 1.005 C before). The engine converts
     them exactly to float32 and computes with autocast off."""
     from fedgen.mechanisms import per_example
 
