@@ -6,7 +6,7 @@ agree. This script isolates example i inside a full batch (every other example's
 output gradients are exact zeros and the kernels run at the batch's shapes), clips with a small C so that
 every example is clipped, and reports ``||contribution_i|| / C`` over the examples:
 
-- ``ieee``: the engine as it ships (its norms and sums in IEEE float32, see ``per_example.ieee_fp32``);
+- ``ieee``: the engine as it ships (its norms and sums in IEEE float32, see ``fedgen.mechanisms.precision.ieee_fp32``);
 - ``tf32``: the same with the engine's products left to the global TF32 settings, as cuDNN's default
   (TF32 convolutions) and ``torch.set_float32_matmul_precision("high")`` make them.
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.mechanisms import GaussianMechanism
+from fedgen.mechanisms.precision import exact_float32, ieee_fp32
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,12 @@ class DPMerf(Generator, name="dp_merf"):
         contributions: ``||e(x, y)||^2 = a^2 ||phi(x)||^2 + b^2``, so each row's clip factor is known from phi."""
         b = self.hparams.count_weight
         a = math.sqrt(1.0 - b * b)
-        phi = self.features(images)
-        norms = torch.sqrt(a * a * phi.pow(2).sum(1) + b * b)
-        scale = (self.mechanism.clip_norm / norms).clamp(max=1.0)
-        onehot = F.one_hot(labels, self.num_classes).to(phi.dtype) * scale.unsqueeze(1)
-        return torch.cat([(a * onehot.T @ phi).flatten(), b * onehot.sum(0)])
+        with ieee_fp32():  # the sum rounds as the norms did (no TF32 or autocast products)
+            phi = self.features(exact_float32(images))
+            norms = torch.sqrt(a * a * phi.pow(2).sum(1) + b * b)
+            scale = (self.mechanism.clip_norm / norms).clamp(max=1.0)
+            onehot = F.one_hot(labels, self.num_classes).to(phi.dtype) * scale.unsqueeze(1)
+            return torch.cat([(a * onehot.T @ phi).flatten(), b * onehot.sum(0)])
 
     @torch.no_grad()
     def embedding_sum(self, dataset: Dataset) -> torch.Tensor:

@@ -19,7 +19,7 @@ gradients ``g_l = dL/dz_l`` (autograd skips the weight gradients nobody asked fo
    convolutions); for the formed gradients one product ``c^T G``. They are added to ``p.summed_grad``.
 
 Steps 1 to 3 run in IEEE float32 (TF32 and autocast off, lower-precision inputs and output gradients
-converted exactly; see :func:`ieee_fp32`), so that each example adds at most C.
+converted exactly; see :func:`~fedgen.mechanisms.precision.ieee_fp32`), so that each example adds at most C.
 
 Every trainable parameter of the module must sit in one of these layers (checked when the engine is
 built), so none escapes clipping. Parameters must be used only through their layer's forward: a direct use
@@ -31,8 +31,7 @@ gradients over the calls. The loss is the *mean* over the batch (as in Opacus wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedgen.errors import ConfigError
+from fedgen.mechanisms.precision import exact_float32, ieee_fp32
 
 PerExampleRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
 """``rule(layer, a, g, batch)``: per-example gradients (first dimension ``batch``) from the layer input ``a``
@@ -232,34 +232,6 @@ def unsupported_layers(module: nn.Module) -> list[str]:
     return problems
 
 
-@contextmanager
-def ieee_fp32() -> Iterator[None]:
-    """Run float32 matrix products and convolutions in IEEE float32: not TF32 (10-bit mantissa inputs), and
-    not in a lower precision chosen by autocast (``torch.autocast``, Lightning's ``precision="bf16-mixed"``).
-
-    The clipping bound holds only if the norms and the clipped sum are computed from the same per-example
-    gradients. The sum of an example's T outer products ``sum_t g_t a_t^T`` can cancel; rounding its inputs to
-    TF32 (as cuDNN does by default for convolutions, and cuBLAS after ``torch.set_float32_matmul_precision
-    ("high")``) or bfloat16 perturbs each product by up to 2^-10 (2^-7) of its size, which the cancellation can
-    turn into a much larger relative change of the sum: an example clipped to C by one computation of its norm
-    could add more than C through a weight-gradient kernel that rounds differently. Inside this context both
-    run in IEEE float32, whose rounding every DP-SGD implementation takes as exact."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "ieee"
-    try:
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            yield
-    finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
-
-
-def _exact_float32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 if it holds a lower-precision float (autocast's layer outputs): an exact conversion, so
-    the norms and sums are those of the values the layer used."""
-    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
-
-
 def _group_bounds(groups: torch.Tensor, batch: int, num_groups: int) -> list[int]:
     """``bounds`` with group k's examples at ``bounds[k]:bounds[k + 1]``, after checking ``groups``."""
     if groups.shape != (batch,):
@@ -370,7 +342,7 @@ class PerExampleClipping:
             if r.inputs.shape[0] != rows:
                 raise RuntimeError(f"layer {self.layers[r.layer]!r} saw a batch of {r.inputs.shape[0]}, not {rows}: "
                                    "the first dimension of every layer input must index the examples")
-            by_layer.setdefault(r.layer, []).append((_exact_float32(r.inputs), _exact_float32(g)))
+            by_layer.setdefault(r.layer, []).append((exact_float32(r.inputs), exact_float32(g)))
         del output_grads, records
         if not by_layer:
             return

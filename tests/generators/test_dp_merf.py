@@ -53,6 +53,20 @@ def test_clipped_sum_equals_explicit_clipping_of_each_contribution(clip_norm):
     assert torch.allclose(merf.contributions(x, y).norm(dim=1), torch.ones(9), atol=1e-5)
 
 
+def test_the_clipped_sum_is_computed_in_float32_under_autocast():
+    """Under autocast (Lightning's precision="bf16-mixed") the features and the sum would run in bfloat16, each
+    contribution rounded to 8 bits after its clip factor was set: the sum is computed in float32 regardless."""
+    merf = tiny_merf()
+    x, y = torch.rand(9, 1, 28, 28), torch.randint(0, 10, (9,))
+    exact = merf.clipped_contribution_sum(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on
+        under_autocast = merf.clipped_contribution_sum(x.bfloat16(), y)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, merf.clipped_contribution_sum(x.bfloat16().float(), y), rtol=0, atol=0)
+    assert (under_autocast - exact).abs().max() < 1e-2  # only the bfloat16 images differ
+
+
 def test_contributions_take_label_probabilities_as_well_as_class_indices():
     merf = tiny_merf()
     x, y = torch.rand(5, 1, 28, 28), torch.randint(0, 10, (5,))

@@ -1,0 +1,43 @@
+"""Float32 arithmetic for the sums that a privacy guarantee bounds.
+
+A clipped sum has sensitivity C only if each example's contribution is computed the way its norm was.
+TF32 (cuDNN's default for convolutions; cuBLAS after ``torch.set_float32_matmul_precision("high")``) and
+autocast (``torch.autocast``, Lightning's ``precision="bf16-mixed"``) round the inputs of products to 10 or
+7 mantissa bits, which can move a contribution past the bound its norm set. Private sums run inside
+:func:`ieee_fp32`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Run float32 matrix products and convolutions in IEEE float32: not TF32 (10-bit mantissa inputs), and
+    not in a lower precision chosen by autocast (``torch.autocast``, Lightning's ``precision="bf16-mixed"``).
+
+    The clipping bound holds only if the norms and the clipped sum are computed from the same per-example
+    gradients. The sum of an example's T outer products ``sum_t g_t a_t^T`` can cancel; rounding its inputs to
+    TF32 (as cuDNN does by default for convolutions, and cuBLAS after ``torch.set_float32_matmul_precision
+    ("high")``) or bfloat16 perturbs each product by up to 2^-10 (2^-7) of its size, which the cancellation can
+    turn into a much larger relative change of the sum: an example clipped to C by one computation of its norm
+    could add more than C through a weight-gradient kernel that rounds differently. Inside this context both
+    run in IEEE float32, whose rounding every DP-SGD implementation takes as exact."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def exact_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it holds a lower-precision float (autocast's layer outputs): an exact conversion, so
+    the norms and sums are those of the values the layer used."""
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
