@@ -73,3 +73,25 @@ def test_labels_unrelated_to_images_give_chance_accuracy():
 def test_bad_evaluation_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TrainOnSynthetic(**kwargs)
+
+
+def test_fit_classifier_returns_the_selected_network_with_its_validation_accuracy():
+    """The network handed out (what a user of the pipeline releases) is the selected epoch's: its accuracy on
+    the synthetic validation split is the reported one."""
+    from torch.utils.data import random_split
+
+    from fedgen.evaluation.downstream import evaluate_accuracy
+
+    synthetic = separable(600, seed=0)
+    evaluation = TrainOnSynthetic(classifier="mlp", epochs=3, progress_bar=False, accelerator="cpu")
+    torch.manual_seed(5)
+    split_seed = int(torch.randint(0, 2**62, (1,)))  # the draw fit_classifier makes for its split
+    n_val = int(len(synthetic) * evaluation.val_fraction)
+    _, val = random_split(synthetic, [len(synthetic) - n_val, n_val],
+                          generator=torch.Generator().manual_seed(split_seed))
+    torch.manual_seed(5)
+    net, report = evaluation.fit_classifier(synthetic, num_classes=10, image_shape=(1, 28, 28))
+    assert not net.training and 0 <= report["selected_epoch"] < 3
+    assert evaluate_accuracy(net, val, num_classes=10) == pytest.approx(report["synthetic_val_accuracy"], abs=1e-6)
+    real = separable(200, seed=1)
+    assert evaluate_accuracy(net, real, num_classes=10) > 0.9
