@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from torch import nn
 
 from fedgen.errors import ConfigError
 from fedgen.generators import DPDiffusion
@@ -301,6 +302,35 @@ def test_the_private_dataset_cannot_be_declared_public(real_data_root, tmp_path)
         fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", "--public_data=fedgen.data.MNISTDataModule",
                       f"--public_data.root={real_data_root}"))
     assert err.value.field == "public_data" and not run.exists()
+
+
+def test_bf16_mixed_precision_trains_with_the_engine_in_float32(real_data_root, tmp_path, monkeypatch) -> None:
+    """trainer.precision=bf16-mixed (autocast around each step): the UNet runs in bfloat16 while the clipping
+    engine's norms and sums see exact float32 copies with autocast off; the ledger is unchanged."""
+    from fedgen.cli import fit
+    from fedgen.mechanisms import per_example
+
+    seen = []
+    real_norms, real_sum = per_example.BOOK_KEEPING[nn.Conv2d]
+
+    def spy_sum(layer, a, g):
+        seen.append((a.dtype, g.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sum(layer, a, g)
+
+    recorded = set()
+
+    def spy_convert(t):
+        recorded.add(t.dtype)
+        return per_example_convert(t)
+
+    per_example_convert = per_example.exact_float32
+    monkeypatch.setitem(per_example.BOOK_KEEPING, nn.Conv2d, (real_norms, spy_sum))
+    monkeypatch.setattr(per_example, "exact_float32", spy_convert)
+    metrics = fit(_tiny_cli(real_data_root, 2, f"--run_dir={tmp_path / 'run'}", "--trainer.precision=bf16-mixed"))
+    assert torch.bfloat16 in recorded  # the layers really ran in bfloat16
+    assert seen and set(seen) == {(torch.float32, torch.float32, False)}
+    events = metrics["privacy_ledger"]["events"]
+    assert [(e["count"], e["sample_rate"], e["noise_multiplier"]) for e in events] == [(2, 0.1, 1.5)]
 
 
 def test_fedgen_fit_trains_a_tiny_ddpm_whose_steps_the_clients_compute(real_data_root, tmp_path) -> None:
