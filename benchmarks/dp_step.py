@@ -14,6 +14,7 @@ fedgen's clipping engine, K draws averaged inside each example's loss). A method
 why instead of a number. Usage:
 
     python benchmarks/dp_step.py --models convnet unet --batches 256 1024 --draws 1 4
+    python benchmarks/dp_step.py --autocast bf16  # every method under bfloat16 autocast
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
 """
 
@@ -75,7 +76,7 @@ def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
 TASKS = {"convnet": convnet_task, "unet": unet_task}
 
 
-def make_step(method: str, task: Task, batch_size: int) -> Callable[[], None]:
+def make_step(method: str, task: Task, batch_size: int, autocast: str = "off") -> Callable[[], None]:
     model = task.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
@@ -102,9 +103,13 @@ def make_step(method: str, task: Task, batch_size: int) -> Callable[[], None]:
     else:
         raise ValueError(f"unknown method {method!r}")
 
+    device_type = task.batch[0].device.type
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        backward(task.loss(model, *task.batch))
+        # autocast around forward and backward, as Lightning's precision="bf16-mixed" puts it around a step
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            backward(task.loss(model, *task.batch))
         optimizer.step()
 
     return step
@@ -180,6 +185,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["nonprivate", "opacus_hooks", "fedgen"])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
+                        help="bf16: every method's forward and backward under bfloat16 autocast")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     args = parser.parse_args()
@@ -190,7 +197,7 @@ def main() -> None:
         raise SystemExit("dp_step.py times GPU steps: no CUDA device found")
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.steps} steps "
-          f"after {args.warmup}\n")
+          f"after {args.warmup}; autocast {args.autocast}\n")
     print("| model | batch | K | method | ms / step | x non-private | peak MB | x non-private |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
@@ -205,7 +212,7 @@ def main() -> None:
                     torch.manual_seed(0)
                     try:
                         task = TASKS[name](batch_size, draws, device)
-                        ms, mb = measure(make_step(method, task, batch_size), args.warmup, args.steps)
+                        ms, mb = measure(make_step(method, task, batch_size, args.autocast), args.warmup, args.steps)
                     except Exception as err:  # a method that cannot run this row says why, the table goes on
                         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
                         if not isinstance(err, NotImplementedError):
