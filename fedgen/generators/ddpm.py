@@ -277,13 +277,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             return
         size = self.hparams.max_physical_examples or len(images)
         groups = clients.split(size) if clients is not None else [None] * len(images.split(size))
+        num_groups = 1 if clients is None else self.clients.num_clients
         for x, y, group in zip(images.split(size), labels.split(size), groups, strict=True):
             loss = self.diffusion_loss(x, y)
-            if group is None:
-                self.mechanism.backward(loss, draws=self.hparams.noise_draws)
-            else:
-                self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group,
-                                        num_groups=self.clients.num_clients)
+            self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group, num_groups=num_groups)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
 
     def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:
