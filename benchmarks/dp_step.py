@@ -16,6 +16,7 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --models convnet unet --batches 256 1024 --draws 1 4
     python benchmarks/dp_step.py --autocast bf16  # every method under bfloat16 autocast
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
+    python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
 """
 
 from __future__ import annotations
@@ -177,6 +178,22 @@ def print_op_counts(models: list[str], draws: list[int], methods: list[str]) -> 
                 print(f"| {name} | {k} | {method} | {ops} | {f'{ops / base:.2f}x' if base else ''} |", flush=True)
 
 
+def print_profile(step: Callable[[], None], steps: int, rows: int) -> None:
+    """Where a step's time goes: the operators of ``steps`` profiled steps (after warm-up), by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["convnet", "unet"], choices=sorted(TASKS))
@@ -187,11 +204,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
                         help="bf16: every method's forward and backward under bfloat16 autocast")
+    parser.add_argument("--profile", default=None, metavar="METHOD",
+                        help="profile METHOD on the first model, batch and K given, and print where the time goes")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     args = parser.parse_args()
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods)
+        return
+    if args.profile:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name, batch_size = args.models[0], args.batches[0]
+        task = TASKS[name](batch_size, args.draws[0] if name == "unet" else 1, device)
+        print(f"profile: {args.profile} on {name}, batch {batch_size}, {device}, autocast {args.autocast}")
+        print_profile(make_step(args.profile, task, batch_size, args.autocast), steps=5, rows=30)
         return
     if not torch.cuda.is_available():
         raise SystemExit("dp_step.py times GPU steps: no CUDA device found")
