@@ -62,12 +62,14 @@ class Generator(PrivateModule, Registered):
     # ------------------------------------------------------------------------------- training time
     @property
     def training_seconds(self) -> float:
-        """Wall seconds of training, summed over a resumed run's segments. A segment counts up to its last
-        checkpoint; work lost when a run stops between checkpoints is not counted."""
+        """Wall seconds of ``trainer.fit``, summed over a resumed run's segments. A segment counts up to its
+        last checkpoint; work lost when a run stops between checkpoints is not counted."""
         running = 0.0 if self._started is None else time.perf_counter() - self._started
         return self._seconds_before + running
 
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
+        """Subclasses that override this call it first: the clock starts with ``trainer.fit`` (a one-release
+        generator's release included)."""
         self._started = time.perf_counter()
 
     def on_train_end(self) -> None:

@@ -200,6 +200,7 @@ class DPMerf(Generator, name="dp_merf"):
         return DataLoader(_StepIndices(steps), batch_size=1)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if bool(self.released):
             log.info("DP-Merf: the embedding was already released (federated or resumed run); no new release.")
             return
