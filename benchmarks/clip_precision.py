@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dp_step import benchmark_unet  # the same UNet as the step benchmark (this folder is on the path)
 from fedgen.evaluation import ConvNet
 from fedgen.mechanisms import per_example
 from fedgen.mechanisms.per_example import PerExampleClipping
@@ -38,11 +39,9 @@ def convnet(batch: int, device: torch.device):
 
 
 def unet(batch: int, device: torch.device):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    model = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32).to(device)
+    model = benchmark_unet(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     x = torch.rand(batch, 1, 32, 32, device=device) * 2 - 1
     noise = torch.randn_like(x)

@@ -54,12 +54,19 @@ def convnet_task(batch_size: int, draws: int, device: torch.device) -> Task:
     return Task(model, (x, y), lambda m, x, y: F.cross_entropy(m(x), y))
 
 
-def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
-    from diffusers import DDPMScheduler, UNet2DModel
+def benchmark_unet(device: torch.device) -> nn.Module:
+    """The benchmark's UNet: diffusers ``UNet2DModel`` (32, 64, 64), attention at the middle level, 32 x 32 x 1."""
+    from diffusers import UNet2DModel
 
-    model = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32).to(device)
+    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32).to(device)
+
+
+def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
+    from diffusers import DDPMScheduler
+
+    model = benchmark_unet(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     x = torch.rand(batch_size, 1, 32, 32, device=device) * 2 - 1
 
