@@ -31,6 +31,7 @@ gradients over the calls. The loss is the *mean* over the batch (as in Opacus wi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -233,18 +234,19 @@ def unsupported_layers(module: nn.Module) -> list[str]:
 
 
 def _group_bounds(groups: torch.Tensor, batch: int, num_groups: int) -> list[int]:
-    """``bounds`` with group k's examples at ``bounds[k]:bounds[k + 1]``, after checking ``groups``."""
+    """``bounds`` with group k's examples at ``bounds[k]:bounds[k + 1]``, after checking ``groups`` (read from
+    the device once)."""
     if groups.shape != (batch,):
         raise ValueError(f"groups has shape {tuple(groups.shape)}, not ({batch},): one group per example")
-    if num_groups < 1 or (batch and (int(groups.min()) < 0 or int(groups.max()) >= num_groups)):
+    ids = groups.tolist()
+    if num_groups < 1 or any(not 0 <= k < num_groups for k in ids):
         raise ValueError(f"groups must lie in [0, {num_groups})")
-    if batch > 1 and bool((groups[1:] < groups[:-1]).any()):
+    if any(later < earlier for earlier, later in zip(ids, ids[1:])):
         raise ValueError("groups must be sorted: order the batch by group (e.g. torch.argsort(groups, stable=True))")
-    counts = torch.bincount(groups, minlength=num_groups).tolist()
-    bounds = [0]
-    for count in counts:
-        bounds.append(bounds[-1] + count)
-    return bounds
+    counts = [0] * num_groups
+    for k in ids:
+        counts[k] += 1
+    return [0, *itertools.accumulate(counts)]
 
 
 @dataclass
@@ -378,13 +380,17 @@ class PerExampleClipping:
         if per_example is not None:
             weights = factor.to(per_example.dtype)
             if bounds is not None:  # (groups, batch): row k holds the factors of group k's examples
-                weights = torch.block_diag(*weights.split(torch.diff(torch.tensor(bounds)).tolist()))
+                weights = torch.block_diag(*weights.split([end - start for start, end in
+                                                           zip(bounds[:-1], bounds[1:], strict=True)]))
             sums = weights @ per_example
             shape = () if bounds is None else (len(bounds) - 1,)
             clipped.update(zip(formed, (t.reshape(*shape, *p.shape) for t, p in
                                         zip(sums.split([p.numel() for p in formed], dim=-1), formed, strict=True))))
             del per_example
         row_factor = factor.repeat_interleave(draws)
+        # the rows of group k are contiguous: K rows for each of its examples
+        group_rows = None if bounds is None else [slice(start * draws, end * draws)
+                                                  for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
         for layer in list(by_layer):
             calls = by_layer.pop(layer)  # each layer's output gradients are freed once used
             if type(layer) not in BOOK_KEEPING or not layer.weight.requires_grad:
@@ -392,13 +398,11 @@ class PerExampleClipping:
             weighted_sum = BOOK_KEEPING[type(layer)][1]
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-                if bounds is None:
+                if group_rows is None:
                     grad = weighted_sum(layer, a, scaled)
-                else:  # the rows of group k are contiguous: K rows for each of its examples
-                    rows = [slice(start * draws, end * draws)
-                            for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+                else:
                     grad = torch.stack([weighted_sum(layer, a[r], scaled[r]) if r.stop > r.start
-                                        else torch.zeros_like(layer.weight) for r in rows])
+                                        else torch.zeros_like(layer.weight) for r in group_rows])
                 clipped[layer.weight] = clipped[layer.weight] + grad if layer.weight in clipped else grad
         for param, grad in clipped.items():
             summed = getattr(param, "summed_grad", None)
