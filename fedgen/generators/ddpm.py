@@ -276,9 +276,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             self.mechanism.empty_batch()
             return
         size = self.hparams.max_physical_examples or len(images)
-        groups = clients.split(size) if clients is not None else [None] * len(images.split(size))
+        chunks = list(zip(images.split(size), labels.split(size), strict=True))
+        groups = clients.split(size) if clients is not None else [None] * len(chunks)
         num_groups = 1 if clients is None else self.clients.num_clients
-        for x, y, group in zip(images.split(size), labels.split(size), groups, strict=True):
+        for (x, y), group in zip(chunks, groups, strict=True):
             loss = self.diffusion_loss(x, y)
             self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group, num_groups=num_groups)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
