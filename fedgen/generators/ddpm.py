@@ -1,13 +1,20 @@
 """DP diffusion: a class-conditional DDPM trained with DP-SGD (DPDM; Dockhorn, Cao, Vahdat, Kreis, TMLR 2023).
 
 Training objective (Ho, Jain, Abbeel, NeurIPS 2020). Pixels are scaled to [-1, 1]. For a private example
-``(x_0, y)`` and each of its K noise draws ``k``, with ``t_k ~ U{0, ..., T-1}``, ``eps_k ~ N(0, I)``,
-``a = sqrt(abar_{t_k})`` and ``s = sqrt(1 - abar_{t_k})``,
+``(x_0, y)`` and each of its K noise draws ``k``, with a step ``t_k`` drawn from ``timesteps`` (below),
+``eps_k ~ N(0, I)``, ``a = sqrt(abar_{t_k})`` and ``s = sqrt(1 - abar_{t_k})``,
 
     x_k = a x_0 + s eps_k,
     loss(x_0, y) = (1 / K) sum_k mean_pixels (f_theta(x_k, t_k, y) - target_k)^2,
 
 with ``target_k = a eps_k - s x_0`` (v-prediction, the default) or ``eps_k`` (noise prediction).
+
+Which steps train (``timesteps``). ``"uniform"``: ``t_k ~ U{0, ..., T-1}`` (DDPM). ``"lognormal"``: the noise
+level ``sigma_t = s / a`` (noise-to-signal ratio) is drawn as ``log sigma ~ N(P_mean, P_std^2)`` and mapped to the
+step of the nearest ``log sigma_t`` (EDM's training distribution, Karras et al., NeurIPS 2022, which DPDM trains
+with: ``P_mean = -1.2``, ``P_std = 1.2``). On the linear schedule with T = 1000, uniform steps put half of the
+draws at ``sigma_t > 3.4``, where the image is nearly pure noise; the log-normal puts 2% there and half below
+``sigma = 0.3``.
 
 The K draws are averaged *inside* the example's loss before its gradient is clipped (noise multiplicity, DPDM):
 one example still moves the clipped sum by at most C, so the privacy cost is that of the DP-SGD steps alone,
@@ -118,6 +125,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             ``x_0 = a_t x_t - s_t v`` never divides by a small ``a_t``, so at high noise the UNet's errors are not
             amplified into the image; the same preconditioning role as DPDM's EDM denoiser. Under DP-SGD's
             noisy gradients this is what removes the residual noise from the samples.
+        timesteps: how training steps are drawn: ``"uniform"`` or ``"lognormal"`` (see the module's docstring).
+        lognormal_mean: P_mean, the mean of ``log sigma`` for ``timesteps: lognormal``.
+        lognormal_std: P_std, its standard deviation.
         noise_draws: K, noise draws averaged inside each example's loss.
         batch_size: expected logical batch size of the Poisson sampler.
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
@@ -135,7 +145,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
                  layers_per_block: int = 1, norm_groups: int = 8, num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
-                 noise_draws: int = 4, batch_size: int = 256,
+                 timesteps: Literal["uniform", "lognormal"] = "uniform", lognormal_mean: float = -1.2,
+                 lognormal_std: float = 1.2, noise_draws: int = 4, batch_size: int = 256,
                  max_physical_examples: int | None = None, lr: float = 3e-4, ema_decay: float = 0.999,
                  label_dropout: float = 0.1, guidance_scale: float = 0.0,
                  sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50) -> None:
@@ -157,6 +168,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                               f"use one of {list(BETA_SCHEDULES)}")
         if prediction not in ("epsilon", "v_prediction"):
             raise ConfigError("model.prediction", f"unknown target {prediction!r}", "use v_prediction or epsilon")
+        if timesteps not in ("uniform", "lognormal"):
+            raise ConfigError("model.timesteps", f"unknown distribution {timesteps!r}", "use uniform or lognormal")
+        if not lognormal_std > 0:
+            raise ConfigError("model.lognormal_std", f"must be > 0, got {lognormal_std}", "use e.g. 1.2")
         if sampler not in ("ddim", "ddpm"):
             raise ConfigError("model.sampler", f"unknown sampler {sampler!r}", "use ddim or ddpm")
         if sampler == "ddpm" and sampling_steps != num_train_timesteps:
@@ -185,6 +200,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             self.ema.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                              prediction_type=prediction)
+        abar = self.noise_scheduler.alphas_cumprod.double()
+        log_sigma = 0.5 * torch.log((1 - abar) / abar)  # increasing in t
+        # a draw of log sigma maps to the step whose log sigma_t is nearest: cut at the midpoints
+        self.register_buffer("_log_sigma_midpoints", ((log_sigma[1:] + log_sigma[:-1]) / 2).float(),
+                             persistent=False)
         self.automatic_optimization = False  # one DP step per logical batch, over its micro-batches
         self._loader: DataLoader | None = None
         #: set by a federation (e.g. :class:`~fedgen.federated.FederatedDPSGD`): the clients that compute each step
@@ -238,11 +258,20 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        t = self.training_timesteps(x0.shape[0], device=x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         target = noise if self.hparams.prediction == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
         error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, target, reduction="none")
         return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
+
+    def training_timesteps(self, n: int, *, device: torch.device) -> torch.Tensor:
+        """``n`` training steps drawn from the ``timesteps`` distribution (see the module's docstring)."""
+        if self.hparams.timesteps == "uniform":
+            return torch.randint(0, self.hparams.num_train_timesteps, (n,), device=device)
+        midpoints = self._log_sigma_midpoints.to(device)
+        log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * torch.randn(
+            n, device=device, dtype=midpoints.dtype)
+        return torch.searchsorted(midpoints, log_sigma)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """One DP-SGD step on the Poisson sample. Central: the clipped sum of all micro-batches gets the noise.

@@ -156,6 +156,26 @@ def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction:
     torch.testing.assert_close(samples, image.expand(3, -1, -1, -1), atol=1e-6, rtol=0)
 
 
+def test_lognormal_timesteps_draw_log_sigma_from_the_normal_and_take_the_nearest_step() -> None:
+    """EDM's training distribution on the DDPM schedule: log sigma ~ N(P_mean, P_std^2), mapped to the step whose
+    log sigma_t = log sqrt((1 - abar_t) / abar_t) is nearest."""
+    model = _tiny(timesteps="lognormal", lognormal_mean=-1.2, lognormal_std=1.2, num_train_timesteps=1000)
+    abar = model.noise_scheduler.alphas_cumprod.double()
+    log_sigma_t = 0.5 * torch.log((1 - abar) / abar)
+    torch.manual_seed(3)
+    steps = model.training_timesteps(200_000, device=torch.device("cpu"))
+    torch.manual_seed(3)
+    drawn = -1.2 + 1.2 * torch.randn(200_000, dtype=torch.float64)
+    nearest = (log_sigma_t[None, :2000] - drawn[:2000, None]).abs().argmin(1)
+    assert torch.equal(steps[:2000], nearest)
+    # the discretized distribution keeps the normal's moments (the schedule's log sigma ranges over [-4.6, 5.0])
+    taken = log_sigma_t[steps]
+    assert abs(float(taken.mean()) + 1.2) < 0.02 and abs(float(taken.std()) - 1.2) < 0.02
+    uniform = _tiny(num_train_timesteps=1000).training_timesteps(200_000, device=torch.device("cpu"))
+    assert float((log_sigma_t[uniform] > 1.2).double().mean()) > 0.45  # uniform steps: half nearly pure noise
+    assert float((taken > 1.2).double().mean()) < 0.03
+
+
 def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
     model = _tiny()
     data = _data()
@@ -180,6 +200,8 @@ def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
     ({"beta_schedule": "cosine"}, "model.beta_schedule"),
     ({"ema_decay": 1.0}, "model.ema_decay"),
     ({"prediction": "sample"}, "model.prediction"),
+    ({"timesteps": "edm"}, "model.timesteps"),
+    ({"timesteps": "lognormal", "lognormal_std": 0.0}, "model.lognormal_std"),
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
