@@ -1,4 +1,4 @@
-"""DP-SGD computed by the clients that hold the data: example-level DP with secure aggregation.
+"""DP-SGD computed by the clients that hold the data, with secure aggregation: example-level or client-level DP.
 
 Each step of DP-SGD (Abadi et al., CCS 2016) needs the sum of clipped per-example gradients over a Poisson
 sample. Here every client samples its own examples (each with probability q, independently: together
@@ -11,10 +11,16 @@ sqrt(m) / scale)`` (see :meth:`~fedgen.federated.FederatedRelease.skellam_sensit
 argument). This is FedSGD with all clients in every round: the data never leaves its client, and no
 client's gradient is ever seen alone.
 
+Client-level DP (``unit="client"``, add/remove a whole client; DP-FedSGD after McMahan et al., ICLR 2018):
+each step includes each client with probability ``client_rate`` (and, from an included client, a Poisson
+sample of its examples); every client clips the sum of its examples' clipped gradients to ``C`` as a whole
+before secure aggregation, and the step is a Poisson-subsampled Gaussian release at rate ``client_rate``
+under add/remove-one-client neighbouring. The generator's mechanism must be a ``DPSGD(unit="user")``, whose
+ledger then reports client-level epsilon. Its noise covers a whole client's contribution, so it pays with
+many clients and small sampling rates; with 10 clients it is far above any signal.
+
 Trust: the noise is central. The server sees the exact total before adding the noise; DP protects
-everything released from then on (the model and the synthetic data). Client-level DP (add/remove a whole
-client) is the other reading of federated privacy; with 10 clients its noise must cover a whole client's
-update, far above any signal, so this generator's federation is example-level.
+everything released from then on (the model and the synthetic data).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedgen.data import IIDPartitioner, Partitioner
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.federated.clients import make_clients
-from fedgen.mechanisms import SecureAggregator
+from fedgen.mechanisms import SecureAggregator, clip_rows
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +65,24 @@ class FederatedDPSGD:
         graph: secure aggregation's neighbour graph: ``"full"`` or ``"k_regular"`` (SecAgg+).
         bits: bits of the modular arithmetic of secure aggregation.
         scale: fixed-point scale of secure aggregation.
+        unit: ``"example"`` (example-level DP: every client takes part in every step) or ``"client"``
+            (client-level DP; the mechanism must have ``unit: user``).
+        client_rate: for ``unit: client``, the probability that a client takes part in a step.
     """
 
     def __init__(self, *, num_clients: int = 10, partitioner: Partitioner | None = None,
                  secure_aggregation: bool = True, graph: Literal["full", "k_regular"] = "full", bits: int = 64,
-                 scale: float = 2.0**20) -> None:
+                 scale: float = 2.0**20, unit: Literal["example", "client"] = "example",
+                 client_rate: float = 1.0) -> None:
         check_at_least_one("federation.num_clients", num_clients, "use e.g. 10")
+        if unit not in ("example", "client"):
+            raise ConfigError("federation.unit", f"unknown unit {unit!r}", "use example or client")
+        if not 0 < client_rate <= 1:
+            raise ConfigError("federation.client_rate", f"must be in (0, 1], got {client_rate}", "use e.g. 0.1")
+        if unit == "example" and client_rate != 1:
+            raise ConfigError("federation.client_rate", "client sampling belongs to client-level DP (example-level "
+                              "steps include every client)", "set unit: client, or client_rate: 1")
+        self.unit, self.client_rate = unit, float(client_rate)
         if secure_aggregation and num_clients < 3:
             raise ConfigError("federation.num_clients", f"secure aggregation needs >= 3 clients, got {num_clients}",
                               "use at least 3 clients or set secure_aggregation: false")
@@ -89,30 +107,50 @@ class FederatedDPSGD:
         owner = torch.empty(len(dataset), dtype=torch.long)
         for client in clients:
             owner[torch.as_tensor(client.indices, dtype=torch.long)] = client.id
-        loader = generator.attach_private_data(ClientTagged(dataset, owner))
+        unit = generator.mechanism.ledger.unit
+        if (self.unit == "client") != (unit == "user"):
+            raise ConfigError("model.init_args.mechanism.init_args.unit",
+                              f"the federation is {self.unit}-level but the mechanism counts add/remove one {unit}",
+                              "use unit: user on the mechanism with unit: client on the federation, else unit: "
+                              "example on both")
+        tagged = ClientTagged(dataset, owner)
+        if self.unit == "client":
+            loader = generator.attach_private_data(tagged, users=[c.indices for c in clients],
+                                                   user_rate=self.client_rate)
+        else:
+            loader = generator.attach_private_data(tagged)
         self._clip_norm = generator.mechanism.max_grad_norm
         sizes = [len(c) for c in clients]
         if self.secure_aggregation:
-            # A client's sum moves by at most C per sampled example: the public bound of its vector's L2 norm.
-            self._aggregator = SecureAggregator(clip_norm=max(sizes) * self._clip_norm, scale=self.scale,
-                                                bits=self.bits, graph=self.graph)
+            # The public bound of a client's vector's L2 norm: C for a client clipped as a whole, else C per
+            # sampled example.
+            bound = self._clip_norm if self.unit == "client" else max(sizes) * self._clip_norm
+            self._aggregator = SecureAggregator(clip_norm=bound, scale=self.scale, bits=self.bits, graph=self.graph)
             self._aggregator.check_range(self.num_clients)
         generator.clients = self
         self.report = {"num_clients": self.num_clients, "partitioner": repr(self.partitioner),
-                       "client_sizes": sizes, "unit": "example", "noise": "central",
-                       "protocol": "every step: each client's clipped sum of its own Poisson sample, "
-                                   + ("secure aggregation" if self.secure_aggregation else "plain sum")
+                       "client_sizes": sizes, "unit": self.unit, "noise": "central",
+                       "protocol": ("every step: each client's clipped sum of its own Poisson sample"
+                                    if self.unit == "example" else
+                                    f"every step: each client with probability {self.client_rate:g}, its clipped "
+                                    "sum of its own Poisson sample clipped to C as a whole")
+                                   + ", " + ("secure aggregation" if self.secure_aggregation else "plain sum")
                                    + ", Gaussian noise on the total"}
+        if self.unit == "client":
+            self.report["client_rate"] = self.client_rate
         log.info("Federated DP-SGD over %d clients (%s), secure aggregation %s", self.num_clients,
                  self.report["partitioner"], "on" if self.secure_aggregation else "off")
         return loader
 
     def secure_sum(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
         """The total of the clients' clipped sums (one per client, in client order) and its L2 sensitivity to
-        one example: ``C + sqrt(m) / scale`` through secure aggregation, ``C`` for a plain sum."""
+        one unit: ``C + sqrt(m) / scale`` through secure aggregation, ``C`` for a plain sum. Client-level: each
+        client first clips its sum to ``C`` as a whole (in float64, which secure aggregation encodes)."""
         if len(parts) != self.num_clients:
             raise ValueError(f"{len(parts)} sums for {self.num_clients} clients")
         device, dtype = parts[0].device, parts[0].dtype
+        if self.unit == "client":
+            parts = list(clip_rows(torch.stack(parts).double(), self._clip_norm))
         if self._aggregator is None:
             return torch.stack(parts).sum(0), self._clip_norm
         start = time.perf_counter()

@@ -225,10 +225,18 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
 
     # -------------------------------------------------------------------------------- training
-    def attach_private_data(self, dataset: Dataset) -> DataLoader:
+    def attach_private_data(self, dataset: Dataset, *, users: list | None = None, user_rate: float = 1.0
+                            ) -> DataLoader:
+        """The Poisson loader of the private data; with ``users`` (each user's indices), the loader of
+        user-level DP-SGD, which includes each user with probability ``user_rate`` (a mechanism with
+        ``unit: user``; see :meth:`~fedgen.mechanisms.DPSGD.user_data_loader`)."""
         self.check_private_data(dataset)
         self._private_data = dataset
-        self._loader = self.mechanism.data_loader(dataset, batch_size=self.hparams.batch_size)
+        if users is None:
+            self._loader = self.mechanism.data_loader(dataset, batch_size=self.hparams.batch_size)
+        else:
+            self._loader = self.mechanism.user_data_loader(dataset, users=users, user_rate=user_rate,
+                                                           batch_size=self.hparams.batch_size)
         return self._loader
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

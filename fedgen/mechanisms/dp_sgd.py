@@ -5,6 +5,12 @@ example's gradient to L2 norm ``C`` (fedgen's clipping engine, or Opacus' ``Grad
 N(0, (sigma C)^2 I) and divides by the expected batch size ``q N``. Under add/remove-one-example
 neighbouring every step is one Poisson-subsampled Gaussian release; the ledger composes them.
 
+User-level DP-SGD (``unit="user"``, e.g. client-level DP in a federation; McMahan et al., ICLR 2018): each step
+includes each user with probability ``q`` (and each example of an included user with a second, free rate),
+every user's contribution to the step is clipped to ``C`` as a whole by whoever sums the users' parts
+(:meth:`DPSGD.put_clipped_sum`), and the step is one Poisson-subsampled Gaussian release at rate ``q`` under
+add/remove-one-user neighbouring (:meth:`DPSGD.user_data_loader`).
+
 Usage from a LightningModule (see :class:`fedgen.evaluation.Classifier`)::
 
     loader = mechanism.data_loader(dataset, batch_size=256)        # Poisson sampling
@@ -20,13 +26,13 @@ import logging
 from typing import Literal
 
 import torch
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.mechanisms.base import Mechanism
@@ -90,6 +96,9 @@ class _EngineDPOptimizer(_LedgerDPOptimizer):
                                "loss.backward()")
         if all(getattr(p, "summed_grad", None) is None for p in self.params):
             raise RuntimeError("no clipped gradients to step with: call mechanism.backward(loss) first")
+        if self._mechanism.ledger.unit == "user" and self._mechanism._step_sensitivity is None:
+            raise RuntimeError("a user-level step adds the users' parts, each clipped to max_grad_norm as a whole: "
+                               "install their total with mechanism.put_clipped_sum before the step")
         for p in self.params:
             if getattr(p, "summed_grad", None) is None:  # not reached by this batch: its per-example gradients are 0
                 p.summed_grad = torch.zeros_like(p)
@@ -102,6 +111,51 @@ class _EngineDPOptimizer(_LedgerDPOptimizer):
             self.step_hook(self)
         self._is_last_step_skipped = False
         return True
+
+
+class _UserPoissonBatches:
+    """The batch sampler of :class:`UserPoissonLoader`: ``steps`` batches of fresh draws on every pass."""
+
+    def __init__(self, users: list[torch.Tensor], user_rate: float, example_rate: float, steps: int,
+                 generator: torch.Generator) -> None:
+        self.users, self.user_rate, self.example_rate = users, user_rate, example_rate
+        self.steps, self.generator = steps, generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            picked = torch.rand(len(self.users), generator=self.generator) < self.user_rate
+            kept = [self.users[u][torch.rand(len(self.users[u]), generator=self.generator) < self.example_rate]
+                    for u in picked.nonzero().flatten().tolist()]
+            yield torch.cat(kept).tolist() if kept else []
+
+
+class UserPoissonLoader(DPDataLoader):
+    """Two-level Poisson sampling for user-level DP-SGD: each step includes each user independently with
+    probability ``user_rate``, and each example of an included user independently with probability
+    ``example_rate``. Under add/remove-one-user neighbouring only the first level counts: the step is a
+    Poisson-subsampled release at rate ``user_rate`` (``sample_rate``), whatever the second level keeps of an
+    included user's data. ``users``: the dataset indices of each user (disjoint). An epoch is
+    ``1 / (user_rate * example_rate)`` steps, the whole dataset in expectation."""
+
+    privacy_unit = "user"
+
+    def __init__(self, dataset: Dataset, *, users: list, user_rate: float, example_rate: float,
+                 generator: torch.Generator) -> None:
+        users = [torch.as_tensor(u, dtype=torch.long).reshape(-1) for u in users]
+        steps = max(1, int(1 / (user_rate * example_rate)))
+        first = dataset[0]
+        DataLoader.__init__(self, dataset, generator=generator,
+                            batch_sampler=_UserPoissonBatches(users, user_rate, example_rate, steps, generator),
+                            collate_fn=wrap_collate_with_empty(collate_fn=default_collate,
+                                                               sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                                                               dtypes=[dtype_safe(x) for x in first]))
+        self.sample_rate = float(user_rate)
+        self.distributed = False
+        self.num_users = len(users)
+        self.expected_batch_size = max(1, round(user_rate * example_rate * len(dataset)))
 
 
 class DPSGD(Mechanism, name="dp_sgd"):
@@ -125,14 +179,22 @@ class DPSGD(Mechanism, name="dp_sgd"):
             ``GradSampleModule`` hooks; the loop calls ``loss.backward()``; more layer types, less memory on
             large models), or ``"auto"``: fedgen's engine when it supports every trainable layer of the model
             given to :meth:`make_private`, else Opacus. ``engine_in_use`` says which one runs.
+        unit: the neighbouring relation: add/remove one ``"example"`` (each example's gradient is clipped to
+            ``max_grad_norm``), or one ``"user"``: each user's whole contribution to a step is clipped to
+            ``max_grad_norm`` by the party that sums the users' parts and installs the total with
+            :meth:`put_clipped_sum` (e.g. :class:`~fedgen.federated.FederatedDPSGD` with ``unit: client``); the
+            loader must sample users (:meth:`user_data_loader`) and the engine must be fedgen's.
     """
 
     def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = 1e-5, max_grad_norm: float = 1.0, accountant: AccountantName = "auto",
                  seed: int | None = None, secure_noise: bool = False,
-                 engine: Literal["auto", "opacus", "fedgen"] = "auto") -> None:
+                 engine: Literal["auto", "opacus", "fedgen"] = "auto",
+                 unit: Literal["example", "user"] = "example") -> None:
+        if unit not in ("example", "user"):
+            raise ConfigError("mechanism.unit", f"unknown neighbouring unit {unit!r}", "use example or user")
         super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
-                         secure_noise=secure_noise)
+                         secure_noise=secure_noise, unit=unit)
         self.check_noise(noise_multiplier, target_epsilon)
         if not max_grad_norm > 0:
             raise ConfigError("mechanism.max_grad_norm", f"must be > 0, got {max_grad_norm}",
@@ -232,6 +294,10 @@ class DPSGD(Mechanism, name="dp_sgd"):
         (Opacus' ``DPDataLoader.from_data_loader`` would use ``1 / ceil(len(dataset) / batch_size)``
         instead, a smaller rate and expected batch size whenever ``batch_size`` does not divide the dataset.)
         """
+        if self.ledger.unit != "example":
+            raise ConfigError("mechanism.unit", f"a loader that samples examples cannot account for add/remove one "
+                              f"{self.ledger.unit}", "use unit: example, or sample users (user_data_loader; "
+                              "FederatedDPSGD with unit: client)")
         if not 1 <= batch_size <= len(dataset):
             raise ConfigError("batch_size", f"{batch_size} for a dataset of {len(dataset)} examples",
                               "use a batch size between 1 and the dataset size")
@@ -244,6 +310,26 @@ class DPSGD(Mechanism, name="dp_sgd"):
                             multiprocessing_context=base.multiprocessing_context,
                             prefetch_factor=base.prefetch_factor, persistent_workers=base.persistent_workers)
 
+    def user_data_loader(self, dataset: Dataset, *, users: list, user_rate: float, batch_size: int
+                         ) -> UserPoissonLoader:
+        """For ``unit="user"``: a loader that includes each user (``users``: each one's dataset indices) with
+        probability ``user_rate`` and each of an included user's examples with the probability that makes the
+        expected batch ``batch_size`` examples (:class:`UserPoissonLoader`)."""
+        if self.ledger.unit != "user":
+            raise ConfigError("mechanism.unit", "a loader that samples users is for user-level DP-SGD",
+                              "set unit: user on the mechanism")
+        if not 0 < user_rate <= 1:
+            raise ConfigError("federation.client_rate", f"must be in (0, 1], got {user_rate}", "use e.g. 0.1")
+        self.check_dataset_size(len(users))
+        example_rate = batch_size / (user_rate * len(dataset))
+        if not batch_size >= 1 or example_rate > 1:
+            raise ConfigError("batch_size", f"{batch_size} examples a step from users sampled at rate {user_rate:g} "
+                              f"({user_rate * len(dataset):.0f} examples expected)",
+                              "lower the batch size or raise the user sampling rate")
+        generator = torch.Generator().manual_seed(self.noise.sampling_seed())
+        return UserPoissonLoader(dataset, users=users, user_rate=user_rate, example_rate=example_rate,
+                                 generator=generator)
+
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader: DataLoader,
                      epochs: int | None = None, steps: int | None = None) -> tuple[nn.Module, DPOptimizer]:
         """Wrap ``module`` for per-example gradients and ``optimizer`` for clipping + noise + ledger.
@@ -254,6 +340,14 @@ class DPSGD(Mechanism, name="dp_sgd"):
         if not isinstance(data_loader, DPDataLoader):
             raise ConfigError("data_loader", "DP-SGD needs Poisson sampling for its accounting",
                               "build the loader with DPSGD.data_loader(dataset, batch_size=...)")
+        unit = getattr(data_loader, "privacy_unit", "example")
+        if unit != self.ledger.unit:
+            raise ConfigError("mechanism.unit", f"the loader samples {unit}s but the ledger counts add/remove one "
+                              f"{self.ledger.unit}", f"use unit: {unit} on the mechanism, or a loader that samples "
+                              f"{self.ledger.unit}s")
+        if unit == "user" and self.engine == "opacus":
+            raise ConfigError("mechanism.engine", "user-level DP-SGD installs each step's per-user clipped sum, "
+                              "which Opacus' optimizer cannot take", "use engine: auto or fedgen")
         self.validate(module)
         sample_rate = data_loader.sample_rate
         if (epochs is None) == (steps is None):
@@ -267,10 +361,14 @@ class DPSGD(Mechanism, name="dp_sgd"):
                 if id(p) not in module_params:
                     raise ConfigError("optimizer", "the optimizer holds parameters outside the private module",
                                       "build the optimizer from the private module's parameters only")
-        expected_batch_size = max(1, round(sample_rate * len(data_loader.dataset)))
+        expected_batch_size = getattr(data_loader, "expected_batch_size", None) or \
+            max(1, round(sample_rate * len(data_loader.dataset)))
         self.engine_in_use = self.engine
         if self.engine == "auto":
             unsupported = unsupported_layers(module)
+            if unsupported and unit == "user":
+                raise ConfigError("model", f"user-level DP-SGD needs fedgen's engine, which cannot clip "
+                                  f"{'; '.join(unsupported)}", "use layers the engine supports")
             self.engine_in_use = "opacus" if unsupported else "fedgen"
             if unsupported:
                 log.info("DPSGD(engine='auto'): Opacus clips this model (fedgen's engine cannot: %s)",
@@ -340,7 +438,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
     def put_clipped_sum(self, total: torch.Tensor, *, sensitivity: float) -> None:
         """fedgen's engine: install a clipped sum computed elsewhere (e.g. the secure-aggregation total of the
         parties' :meth:`take_clipped_sums`) for the next ``optimizer.step()``. ``sensitivity`` is that sum's L2
-        sensitivity to one example (at least ``max_grad_norm``; larger where quantization can move it further):
+        sensitivity to one unit of the ledger, an example or a user (at least ``max_grad_norm``; larger where
+        quantization can move it further):
         the step's noise is ``N(0, (sigma * sensitivity)^2)``, so the recorded noise multiplier stays exact."""
         if sensitivity < self.max_grad_norm:
             raise ValueError(f"sensitivity {sensitivity} is below max_grad_norm {self.max_grad_norm}")

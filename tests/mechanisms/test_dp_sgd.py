@@ -226,6 +226,75 @@ def test_poisson_loader() -> None:
     assert err.value.field == "delta"
 
 
+def test_user_loader_samples_users_at_their_rate_then_their_examples() -> None:
+    """User-level sampling: each step includes each user with probability user_rate (the rate the ledger sees)
+    and, from an included user, each example with the rate that makes the expected batch batch_size; an
+    excluded user contributes nothing."""
+    mechanism = DPSGD(noise_multiplier=1.0, delta=1e-3, unit="user", seed=0)
+    users = [list(range(40 * k, 40 * k + 40)) for k in range(10)]
+    dataset = TensorDataset(torch.arange(400.0), torch.arange(400))
+    loader = mechanism.user_data_loader(dataset, users=users, user_rate=0.3, batch_size=24)  # 2 of 12 kept
+    assert loader.sample_rate == 0.3 and loader.expected_batch_size == 24 and len(loader) == int(400 / 24)
+    user_in, kept, steps = torch.zeros(10), [], 0
+    for _ in range(60):
+        for _, index in loader:
+            steps += 1
+            present = (index // 40).unique()
+            user_in[present] += 1
+            kept += [int((index // 40 == u).sum()) for u in present.tolist()]
+    rate = user_in / steps  # each user's inclusion frequency: 0.3 (binomial sd 0.013 over ~1000 steps)
+    assert float((rate - 0.3).abs().max()) < 0.06
+    assert abs(sum(kept) / len(kept) - 40 * 0.2) < 0.5  # examples of an included user (given at least one)
+    with pytest.raises(ConfigError) as err:
+        mechanism.user_data_loader(dataset, users=users, user_rate=0.05, batch_size=24)  # 20 expected
+    assert err.value.field == "batch_size"
+    with pytest.raises(ConfigError) as err:
+        DPSGD(noise_multiplier=1.0, delta=1e-3).user_data_loader(dataset, users=users, user_rate=0.3, batch_size=24)
+    assert err.value.field == "mechanism.unit"
+    with pytest.raises(ConfigError) as err:  # delta must be below 1 / (number of users)
+        DPSGD(noise_multiplier=1.0, delta=0.2, unit="user").user_data_loader(dataset, users=users, user_rate=0.3,
+                                                                              batch_size=24)
+    assert err.value.field == "delta"
+
+
+def test_a_user_level_step_is_charged_at_the_user_rate_and_needs_the_users_clipped_total() -> None:
+    """The ledger records (sigma, user_rate) per step under add/remove-one-user; the sampling unit of the loader
+    must be the ledger's; and a step on per-example clipped sums alone (whose sensitivity to a user is not C)
+    is refused: the users' parts must be clipped as a whole and installed with put_clipped_sum."""
+    users = [list(range(10 * k, 10 * k + 10)) for k in range(10)]
+    dataset = TensorDataset(torch.randn(100, 3), torch.randint(0, 2, (100,)))
+    model = nn.Linear(3, 2).double()
+    mechanism = DPSGD(noise_multiplier=1.3, delta=1e-3, unit="user", seed=0)
+    loader = mechanism.user_data_loader(dataset, users=users, user_rate=0.5, batch_size=20)
+    with pytest.raises(ConfigError) as err:
+        DPSGD(noise_multiplier=1.0, delta=1e-3, unit="user", engine="opacus").make_private(
+            nn.Linear(3, 2), torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader, steps=3)
+    assert err.value.field == "mechanism.engine"
+    with pytest.raises(ConfigError) as err:  # an example-level ledger on a loader that samples users
+        DPSGD(noise_multiplier=1.0, delta=1e-3).make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                             data_loader=loader, steps=3)
+    assert err.value.field == "mechanism.unit"
+    with pytest.raises(ConfigError) as err:  # a user-level ledger on a loader that samples examples
+        mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               data_loader=DPSGD(noise_multiplier=1.0, delta=1e-3).data_loader(dataset, batch_size=20),
+                               steps=3)
+    assert err.value.field == "mechanism.unit"
+    with pytest.raises(ConfigError) as err:  # nor can it build one
+        mechanism.data_loader(dataset, batch_size=20)
+    assert err.value.field == "mechanism.unit"
+    wrapped, optimizer = mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                data_loader=loader, steps=3)
+    assert optimizer.expected_batch_size == 20
+    x, y = dataset.tensors
+    mechanism.backward(F.cross_entropy(wrapped(x[:8].double()), y[:8]))
+    with pytest.raises(RuntimeError, match="put_clipped_sum"):
+        optimizer.step()
+    mechanism.put_clipped_sum(mechanism.take_clipped_sums()[0].clamp(-0.1, 0.1), sensitivity=1.0)
+    optimizer.step()
+    assert mechanism.ledger.unit == "user"
+    assert [(e.noise_multiplier, e.sample_rate, e.count) for e in mechanism.ledger.events] == [(1.3, 0.5, 1)]
+
+
 def test_make_private_uses_loader_sample_rate() -> None:
     mechanism = DPSGD(noise_multiplier=1.0)
     _, optimizer, loader = _make_private(nn.Linear(3, 2), mechanism, n=90, batch_size=20)
@@ -330,6 +399,9 @@ def test_state_dict_round_trip() -> None:
 
 
 def test_bad_config() -> None:
+    with pytest.raises(ConfigError) as err:
+        DPSGD(noise_multiplier=1.0, unit="client")
+    assert err.value.field == "mechanism.unit"
     with pytest.raises(ConfigError) as err:
         DPSGD()
     assert "noise_multiplier" in err.value.field
