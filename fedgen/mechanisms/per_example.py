@@ -2,8 +2,12 @@
 
 Opacus' hooks let autograd compute every weight gradient and then compute every per-example gradient
 again. Here (after the book-keeping method of Bu et al., ICML 2023) the forward pass records each layer's
-input ``a_l`` and output ``z_l``; one ``torch.autograd.grad(loss, [z_l])`` computes only the output
-gradients ``g_l = dL/dz_l`` (autograd skips the weight gradients nobody asked for). Then:
+input ``a_l`` and puts a hook on its output ``z_l``; one backward pass computes the output gradients
+``g_l = dL/dz_l`` and hands each to its hook as soon as it exists (autograd is asked only for one small
+parameter per layer, a bias or a normalization weight, so it skips the large weight gradients and pins no
+layer output). A layer whose parameters are all small (GroupNorm, LayerNorm, Embedding) turns ``g_l`` into
+its per-example gradients at once and keeps only those; a ``Linear`` or ``Conv2d`` layer keeps ``(a_l, g_l)``
+until the clip factors are known. Then:
 
 1. per-example squared gradient norms over all trainable parameters, summed over layers (flat clipping).
    The weights of ``Linear`` and ``Conv2d`` (a Linear layer over its unfolded positions) are a sum of T outer
@@ -49,7 +53,7 @@ and output gradient ``g``, whose first dimension holds ``batch * K`` rows, the K
 
 
 #: elements of a temporary (unfolded inputs, per-example gradients) above which work is split over examples
-CHUNK_ELEMENTS = 2**26
+CHUNK_ELEMENTS = 2**24
 
 
 def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
@@ -252,10 +256,23 @@ def _group_bounds(groups: torch.Tensor, batch: int, num_groups: int) -> list[int
 @dataclass
 class _Record:
     layer: nn.Module
-    inputs: torch.Tensor
-    output: torch.Tensor
+    inputs: torch.Tensor | None  # released once the layer's output gradient is caught
+    output: torch.Tensor | None  # released once its hook is set
     input_version: int
     output_version: int
+
+
+def _anchor(record: _Record) -> torch.Tensor:
+    """What autograd is asked the gradient of so that it computes this layer's output gradient: a bias (its
+    gradient is one reduction of the output gradient), a normalization layer's weight (a few values), or,
+    for a layer with neither (an Embedding, a Linear or Conv2d without bias), the output itself."""
+    layer = record.layer
+    bias = getattr(layer, "bias", None)
+    if isinstance(bias, nn.Parameter) and bias.requires_grad:
+        return bias
+    if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)) and layer.weight is not None and layer.weight.requires_grad:
+        return layer.weight
+    return record.output
 
 
 class PerExampleClipping:
@@ -334,40 +351,55 @@ class PerExampleClipping:
             return
         batch = rows // draws
         bounds = None if groups is None else _group_bounds(groups, batch, num_groups)
-        output_grads = torch.autograd.grad(loss, [r.output for r in records], allow_unused=True)
-        # g holds gradients of the batch mean; example i's own gradient is batch * (its part). The factor
-        # batch is applied to the norms and the clip factors below, so no scaled copy of g is made.
-        by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for r, g in zip(records, output_grads, strict=True):
-            if g is None:
-                continue
+        for r in records:
             if r.inputs.shape[0] != rows:
                 raise RuntimeError(f"layer {self.layers[r.layer]!r} saw a batch of {r.inputs.shape[0]}, not {rows}: "
                                    "the first dimension of every layer input must index the examples")
-            by_layer.setdefault(r.layer, []).append((exact_float32(r.inputs), exact_float32(g)))
-        del output_grads, records
-        if not by_layer:
+        # g holds gradients of the batch mean; example i's own gradient is batch * (its part). The factor
+        # batch is applied to the norms and the clip factors below, so no scaled copy of g is made.
+        materialized: dict[nn.Parameter, torch.Tensor] = {}
+        by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+        def catch(record: _Record) -> Callable[[torch.Tensor], None]:
+            def hook(g: torch.Tensor) -> None:  # runs inside the backward pass, as soon as g exists
+                a, g = exact_float32(record.inputs), exact_float32(g)
+                record.inputs = None  # kept below only where the layer's weight needs it
+                layer = record.layer
+                with ieee_fp32():
+                    for pname, grad in MATERIALIZED[type(layer)](layer, a, g, batch).items():
+                        param = getattr(layer, pname)
+                        if param.requires_grad:
+                            materialized[param] = materialized[param] + grad if param in materialized else grad
+                if type(layer) in BOOK_KEEPING and layer.weight.requires_grad:
+                    by_layer.setdefault(layer, []).append((a, g))
+            return hook
+
+        handles = [r.output.register_hook(catch(r)) for r in records]
+        anchors = list({id(t): t for t in map(_anchor, records)}.values())
+        for r in records:
+            r.output = None  # the hooks live on in the graph; the outputs are freed as autograd goes
+        del records
+        try:
+            torch.autograd.grad(loss, anchors, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        del anchors
+        if not by_layer and not materialized:
             return
         with ieee_fp32():  # norms and sums from the same per-example gradients (see ieee_fp32)
-            self._clip_and_sum(by_layer, batch, draws, bounds)
+            self._clip_and_sum(by_layer, materialized, batch, draws, bounds)
 
-    def _clip_and_sum(self, by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]], batch: int,
-                      draws: int, bounds: list[int] | None = None) -> None:
-        """Steps 1 to 3 of the module docstring for the recorded ``(input, output gradient)`` pairs of each layer:
+    def _clip_and_sum(self, by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]],
+                      materialized: dict[nn.Parameter, torch.Tensor], batch: int, draws: int,
+                      bounds: list[int] | None = None) -> None:
+        """Steps 1 to 3 of the module docstring for the ``(input, output gradient)`` pairs of each book-keeping
+        layer and the formed per-example gradients (``materialized``, (batch, *shape) per parameter):
         per-example norms, clip factors, clipped sums added to ``summed_grad`` (one per group of examples
         ``bounds[k]:bounds[k + 1]`` where ``bounds`` is given)."""
         # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer, the
         # formed per-example gradients in one (batch, parameters) matrix
-        weight_sq_norms = []
-        materialized: dict[nn.Parameter, torch.Tensor] = {}
-        for layer, calls in by_layer.items():
-            for a, g in calls:
-                for pname, grad in MATERIALIZED[type(layer)](layer, a, g, batch).items():
-                    param = getattr(layer, pname)
-                    if param.requires_grad:
-                        materialized[param] = materialized[param] + grad if param in materialized else grad
-            if type(layer) in BOOK_KEEPING and layer.weight.requires_grad:
-                weight_sq_norms.append(BOOK_KEEPING[type(layer)][0](layer, calls, batch))
+        weight_sq_norms = [BOOK_KEEPING[type(layer)][0](layer, calls, batch) for layer, calls in by_layer.items()]
         formed = list(materialized)
         per_example = torch.cat([materialized.pop(p).reshape(batch, -1) for p in formed], 1) if formed else None
         sq_norms = torch.stack(weight_sq_norms).sum(0) if weight_sq_norms else 0.0
@@ -393,8 +425,6 @@ class PerExampleClipping:
                                                   for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
         for layer in list(by_layer):
             calls = by_layer.pop(layer)  # each layer's output gradients are freed once used
-            if type(layer) not in BOOK_KEEPING or not layer.weight.requires_grad:
-                continue
             weighted_sum = BOOK_KEEPING[type(layer)][1]
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))

@@ -474,3 +474,37 @@ def test_under_autocast_each_example_still_adds_at_most_c(monkeypatch: pytest.Mo
         for p in model.parameters():
             p.summed_grad = None
     assert seen and set(seen) == {(torch.float32, torch.float32, False)}
+
+
+def test_no_layer_output_is_pinned_and_only_weights_keep_their_output_gradients(monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    """Memory: the engine catches each output gradient in a hook during the backward pass. When the clip factors
+    are computed, no layer output is alive any more (autograd freed each once used), and only the layers with a
+    book-keeping weight (Linear, Conv2d) still hold their (input, output gradient); GroupNorm, LayerNorm and
+    Embedding kept only their per-example gradients."""
+    import weakref
+
+    model, gen = _model("image"), torch.Generator().manual_seed(5)
+    x, y = _data("image", 6, gen)
+    engine = PerExampleClipping(model, max_grad_norm=1.0)
+    outputs = []
+    for layer in engine.layers:
+        layer.register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
+    seen = {}
+    clip_and_sum = engine._clip_and_sum
+
+    def spy(by_layer, materialized, *args):
+        seen["alive"] = sum(ref() is not None for ref in outputs)
+        seen["holding"] = {type(layer).__name__ for layer in by_layer}
+        seen["formed"] = {type(layer).__name__ for layer in engine.layers
+                          for p in layer.parameters(recurse=False) if p in materialized}
+        return clip_and_sum(by_layer, materialized, *args)
+
+    monkeypatch.setattr(engine, "_clip_and_sum", spy)
+    engine.backward(_loss(model, x, y))
+    assert len(outputs) == 13 and seen["alive"] == 0  # 12 layers, one of them called twice
+    assert seen["holding"] == {"Conv2d", "Linear"}
+    assert seen["formed"] == {"Conv2d", "Linear", "GroupNorm", "LayerNorm", "Embedding"}  # biases, small layers
+    expected = _clipped_sum(_truth(copy.deepcopy(model), x, y), 1.0)
+    for p, truth in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.summed_grad, truth, atol=1e-10, rtol=1e-8)
