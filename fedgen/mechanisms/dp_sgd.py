@@ -154,7 +154,6 @@ class UserPoissonLoader(DPDataLoader):
                                                                dtypes=[dtype_safe(x) for x in first]))
         self.sample_rate = float(user_rate)
         self.distributed = False
-        self.num_users = len(users)
         self.expected_batch_size = max(1, round(user_rate * example_rate * len(dataset)))
 
 
@@ -319,7 +318,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
             raise ConfigError("mechanism.unit", "a loader that samples users is for user-level DP-SGD",
                               "set unit: user on the mechanism")
         if not 0 < user_rate <= 1:
-            raise ConfigError("federation.client_rate", f"must be in (0, 1], got {user_rate}", "use e.g. 0.1")
+            raise ConfigError("user_rate", f"must be in (0, 1], got {user_rate}", "use e.g. 0.1")
         self.check_dataset_size(len(users))
         example_rate = batch_size / (user_rate * len(dataset))
         if not batch_size >= 1 or example_rate > 1:
