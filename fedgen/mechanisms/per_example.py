@@ -24,6 +24,8 @@ until the clip factors are known. Then:
 
 Steps 1 to 3 run in IEEE float32 (TF32 and autocast off, lower-precision inputs and output gradients
 converted exactly; see :func:`~fedgen.mechanisms.precision.ieee_fp32`), so that each example adds at most C.
+The formed per-example gradients are made in the hooks with autocast off but TF32 allowed: a formed gradient
+is both the norm's input and the sum's, so how its products were rounded cannot move it past its bound.
 
 Every trainable parameter of the module must sit in one of these layers (checked when the engine is
 built), so none escapes clipping. Parameters must be used only through their layer's forward: a direct use
@@ -128,11 +130,13 @@ def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: i
 def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]],
                             batch: int) -> torch.Tensor:
     """Per-example squared norms of the weight gradient, a few examples at a time (the unfolded input is
-    large); the calls of a layer used several times are concatenated as more positions."""
+    large): a chunk's unfolded input holds at most ``max(CHUNK_ELEMENTS, a.numel())`` elements, no more than
+    the layer's input, which the step already holds, or 2^24. The calls of a layer used several times are
+    concatenated as more positions."""
     a0 = calls[0][0]
     draws = a0.shape[0] // batch
     per_example = a0[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws * len(calls)  # unfolded
-    step = max(1, CHUNK_ELEMENTS // per_example)
+    step = max(1, max(CHUNK_ELEMENTS, a0.numel()) // per_example)
     parts = []
     for i in range(0, batch, step):
         b = min(step, batch - i)
@@ -292,6 +296,10 @@ class PerExampleClipping:
                               f"use layers of {sorted(t.__name__ for t in SUPPORTED)}, or DPSGD(engine='opacus')")
         self.layers: dict[nn.Module, str] = {layer: name for name, layer in module.named_modules()
                                              if any(p.requires_grad for p in layer.parameters(recurse=False))}
+        # per layer, once: how its small per-example gradients are formed, its parameters by name, and whether
+        # its weight goes through book-keeping (the hooks of the backward pass only look these up)
+        self._plan = {layer: (MATERIALIZED[type(layer)], dict(layer.named_parameters(recurse=False)),
+                              type(layer) in BOOK_KEEPING) for layer in self.layers}
         self._records: list[_Record] = []
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
 
@@ -361,16 +369,24 @@ class PerExampleClipping:
         by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
         def catch(record: _Record) -> Callable[[torch.Tensor], None]:
+            layer = record.layer
+            form, params, book_keeping = self._plan[layer]
+
             def hook(g: torch.Tensor) -> None:  # runs inside the backward pass, as soon as g exists
                 a, g = exact_float32(record.inputs), exact_float32(g)
                 record.inputs = None  # kept below only where the layer's weight needs it
-                layer = record.layer
-                with ieee_fp32():
-                    for pname, grad in MATERIALIZED[type(layer)](layer, a, g, batch).items():
-                        param = getattr(layer, pname)
-                        if param.requires_grad:
-                            materialized[param] = materialized[param] + grad if param in materialized else grad
-                if type(layer) in BOOK_KEEPING and layer.weight.requires_grad:
+                # A formed per-example gradient is its own norm and its own summand, so the precision of the
+                # products that form it does not touch the bound; only autocast's bfloat16 is kept out
+                if torch.is_autocast_enabled(g.device.type):
+                    with torch.autocast(g.device.type, enabled=False):
+                        grads = form(layer, a, g, batch)
+                else:
+                    grads = form(layer, a, g, batch)
+                for pname, grad in grads.items():
+                    param = params[pname]
+                    if param.requires_grad:
+                        materialized[param] = materialized[param] + grad if param in materialized else grad
+                if book_keeping and layer.weight.requires_grad:
                     by_layer.setdefault(layer, []).append((a, g))
             return hook
 
