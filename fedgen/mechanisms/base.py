@@ -16,6 +16,7 @@ from typing import Literal
 
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.mechanisms.ledger import (
+    UNITS,
     AccountantName,
     PrivacyEvent,
     PrivacyLedger,
@@ -49,6 +50,8 @@ class Mechanism(Registered):
                  unit: Literal["example", "user"] = "example") -> None:
         check_target_epsilon(target_epsilon)
         check_delta(delta)
+        if unit not in UNITS:  # named as the config names it (the ledger, built directly, says "unit")
+            raise ConfigError("mechanism.unit", f"unknown neighbouring unit {unit!r}", f"use one of {list(UNITS)}")
         self.target_epsilon = target_epsilon
         self.delta = delta
         self.ledger = PrivacyLedger(accountant=accountant, unit=unit)

@@ -190,8 +190,6 @@ class DPSGD(Mechanism, name="dp_sgd"):
                  seed: int | None = None, secure_noise: bool = False,
                  engine: Literal["auto", "opacus", "fedgen"] = "auto",
                  unit: Literal["example", "user"] = "example") -> None:
-        if unit not in ("example", "user"):
-            raise ConfigError("mechanism.unit", f"unknown neighbouring unit {unit!r}", "use example or user")
         super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
                          secure_noise=secure_noise, unit=unit)
         self.check_noise(noise_multiplier, target_epsilon)

@@ -253,6 +253,12 @@ def test_bad_noise_multiplier(value: float) -> None:
     assert "noise_multiplier" in _field(err)
 
 
+def test_unknown_unit_is_named_as_the_config_names_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        GaussianMechanism(noise_multiplier=1.0, unit="client")
+    assert _field(err) == "mechanism.unit"
+
+
 def test_unknown_accountant() -> None:
     with pytest.raises(ConfigError) as err:
         GaussianMechanism(noise_multiplier=1.0, accountant="moments")
