@@ -63,6 +63,12 @@ def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
     return t.squeeze(1) if t.shape[1] == 1 else t.sum(1)
 
 
+def _rows_sq_norms(t: torch.Tensor) -> torch.Tensor:
+    """``||t_n||^2`` for each row n of ``t`` (contiguous), as one batched dot product."""
+    flat = t.reshape(t.shape[0], 1, -1)
+    return torch.bmm(flat, flat.transpose(1, 2)).reshape(-1)
+
+
 def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``||g_n^T x_n||_F^2`` for each row n of ``x`` (N, T, d_in) and ``g`` (N, T, d_out), the squared norm of a
     sum of T outer products, by whichever of two exact methods takes fewer multiplications: the ghost norm
@@ -74,8 +80,7 @@ def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
         return torch.bmm(xx.reshape(n, 1, -1), gg.reshape(n, -1, 1)).reshape(n)  # <xx_n, gg_n>, no temporary
     step = max(1, CHUNK_ELEMENTS // (d_in * d_out))
-    parts = [torch.linalg.vector_norm(torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step]), dim=(1, 2)).square()
-             for i in range(0, n, step)]
+    parts = [_rows_sq_norms(torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step])) for i in range(0, n, step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -159,22 +164,23 @@ def _conv2d_bias(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int)
 
 def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """With ``x_hat = (a - mu) r`` (mean ``mu`` and inverse deviation ``r`` of the row's group), the weight's
-    per-example gradient on channel c is ``sum g x_hat = r (sum g a - mu sum g)``, summed over positions and
-    the example's rows: the group statistics, ``sum g a`` and ``sum g`` take three reductions and no full-size
-    temporary (PyTorch's own GroupNorm backward reduces the same way)."""
+    per-example gradient on channel c is ``sum g x_hat`` and the bias's ``sum g``, summed over positions and
+    the example's rows. PyTorch's own GroupNorm backward computes exactly these sums, reduced over the batch;
+    seen as one sample whose channels are all rows' channels (``rows * C`` channels in ``rows * G`` groups) it
+    keeps them per row: one kernel, from the group statistics, with no full-size temporary."""
     rows, channels, groups = a.shape[0], a.shape[1], layer.num_groups
-    by_group = a.unflatten(1, (groups, -1))  # a view, also of a non-contiguous input
-    var, mean = torch.var_mean(by_group, dim=tuple(range(2, by_group.dim())), unbiased=False)
-    g = g.reshape(rows, channels, -1)
-    g_sum = g.sum(2)
+    positions = a.numel() // (rows * channels)
+    a = a.reshape(1, rows * channels, positions)  # one copy if the input is not contiguous, then views
+    var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
+    mask = [False, layer.weight is not None, layer.bias is not None]
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, rows * channels, positions), a, mean.unsqueeze(0), (var + layer.eps).rsqrt().unsqueeze(0),
+        None, 1, rows * channels, positions, rows * groups, mask)
     grads = {}
     if layer.weight is not None:
-        positions = g.shape[2]  # sum g a per (row, channel) as batched dot products: no full-size temporary
-        g_a = torch.bmm(g.reshape(-1, 1, positions), a.reshape(-1, positions, 1)).reshape(rows, groups, -1)
-        g_x_hat = (var + layer.eps).rsqrt().unsqueeze(2) * (g_a - mean.unsqueeze(2) * g_sum.reshape(rows, groups, -1))
-        grads["weight"] = _sum_dim1(g_x_hat.reshape(batch, -1, channels))
+        grads["weight"] = _sum_dim1(weight.reshape(batch, -1, channels))
     if layer.bias is not None:
-        grads["bias"] = _sum_dim1(g_sum.reshape(batch, -1, channels))
+        grads["bias"] = _sum_dim1(bias.reshape(batch, -1, channels))
     return grads
 
 
@@ -420,7 +426,7 @@ class PerExampleClipping:
         per_example = torch.cat([materialized.pop(p).reshape(batch, -1) for p in formed], 1) if formed else None
         sq_norms = torch.stack(weight_sq_norms).sum(0) if weight_sq_norms else 0.0
         if per_example is not None:
-            sq_norms = sq_norms + torch.linalg.vector_norm(per_example, dim=1).square()
+            sq_norms = sq_norms + _rows_sq_norms(per_example)
         # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         # 2. sum_i factor_i grad_i per parameter
