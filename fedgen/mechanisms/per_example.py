@@ -162,6 +162,19 @@ def _conv2d_bias(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int)
     return {} if layer.bias is None else {"bias": g.reshape(batch, -1, layer.out_channels, g[0, 0].numel()).sum((1, 3))}
 
 
+_ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
+    """n ones on ``like``'s device and dtype, a slice of one cached tensor (no kernel launch once it is large
+    enough). Older PyTorch versions refuse an absent GroupNorm scale in the backward call below."""
+    key = (like.device, like.dtype)
+    ones = _ONES.get(key)
+    if ones is None or ones.numel() < n:
+        ones = _ONES[key] = torch.ones(n, device=like.device, dtype=like.dtype)
+    return ones[:n]
+
+
 def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """With ``x_hat = (a - mu) r`` (mean ``mu`` and inverse deviation ``r`` of the row's group), the weight's
     per-example gradient on channel c is ``sum g x_hat`` and the bias's ``sum g``, summed over positions and
@@ -175,7 +188,7 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     mask = [False, layer.weight is not None, layer.bias is not None]
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
         g.reshape(1, rows * channels, positions), a, mean.unsqueeze(0), (var + layer.eps).rsqrt().unsqueeze(0),
-        None, 1, rows * channels, positions, rows * groups, mask)
+        _ones(rows * channels, a), 1, rows * channels, positions, rows * groups, mask)  # its scale only enters dX
     grads = {}
     if layer.weight is not None:
         grads["weight"] = _sum_dim1(weight.reshape(batch, -1, channels))
