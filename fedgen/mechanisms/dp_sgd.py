@@ -175,9 +175,9 @@ class DPSGD(Mechanism, name="dp_sgd"):
             PerExampleClipping`: one backward pass for the layer outputs only, faster than Opacus' hooks in every
             row of ``docs/benchmarks.md``; the loop calls ``mechanism.backward(loss)``, which
             :class:`~fedgen.mechanisms.PrivateModule` does under Lightning), ``"opacus"`` (Opacus'
-            ``GradSampleModule`` hooks; the loop calls ``loss.backward()``; more layer types, less memory on
-            large models), or ``"auto"``: fedgen's engine when it supports every trainable layer of the model
-            given to :meth:`make_private`, else Opacus. ``engine_in_use`` says which one runs.
+            ``GradSampleModule`` hooks; the loop calls ``loss.backward()``; more layer types, slower), or
+            ``"auto"``: fedgen's engine when it supports every trainable layer of the model given to
+            :meth:`make_private`, else Opacus. ``engine_in_use`` says which one runs.
         unit: the neighbouring relation: add/remove one ``"example"`` (each example's gradient is clipped to
             ``max_grad_norm``), or one ``"user"``: each user's whole contribution to a step is clipped to
             ``max_grad_norm`` by the party that sums the users' parts and installs the total with
