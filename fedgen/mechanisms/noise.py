@@ -73,9 +73,17 @@ class NoiseSource:
     def sampling_seed(self) -> int:
         """A seed for a data sampler (e.g. Poisson sampling), derived from this source's seed; from the OS's
         secure generator when ``secure``. The sampler itself is torch's generator, not a cryptographic one."""
+        return self.derived_seed(1)
+
+    def derived_seed(self, stream: int) -> int:
+        """The seed of independent stream number ``stream`` (>= 1) derived from this source's seed, so that two
+        uses of randomness (the noise and the sampling of different releases) never share a stream; from the
+        OS's secure generator when ``secure``."""
+        if stream < 1:
+            raise ValueError(f"streams are numbered from 1, got {stream}")
         if self.secure:
             return int.from_bytes(os.urandom(8), "little") >> 1
-        return (self.seed * 0x9E3779B97F4A7C15 + 1) % 2**63
+        return (self.seed * 0x9E3779B97F4A7C15 + stream) % 2**63
 
     def state_dict(self) -> dict:
         state = {"seed": self.seed, "secure": self.secure,
