@@ -14,6 +14,7 @@ validation data), test once on the real test set, and write a run folder:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -125,6 +126,10 @@ def fit(args: list[str]) -> dict[str, Any]:
                                                          and hasattr(generator, "store_release")):
         raise ConfigError("federation", f"{type(generator).__name__} does not release a single sum",
                           "use a one-release generator such as fedgen.generators.DPMerf, or remove federation")
+    central = getattr(generator, "central_images", None)
+    if central is not None and federation is not None:
+        raise ConfigError("model.central_images", "central images are released from the pooled private data, which "
+                          "a federation does not have", "remove central_images, or the federation")
     public: VisionDataModule | None = cli.config_init.public_data
     if public is not None and dataset_name(config.public_data) == dataset_name(config.data):
         raise ConfigError("public_data", f"is {dataset_name(config.data)}, the private dataset itself",
@@ -161,6 +166,16 @@ def fit(args: list[str]) -> dict[str, Any]:
             generator.pretrain_on_public(public.train_set, steps=config.public_steps)
         log.warning("The generator was pretrained on %s (%d examples), declared PUBLIC: epsilon covers the "
                     "private data only.", public_report["dataset"], public_report["examples"])
+
+    central_report = None
+    if central is not None:
+        central_report = dataclasses.asdict(central)
+        if config.ckpt_path is None:
+            generator.to(trainer.strategy.root_device)
+            central_report |= generator.warm_up_on_central_images(data.train_set)
+        else:
+            central_report["released"] = "by the run's first segment; the checkpoint's ledger holds it"
+            log.info("Resuming: the checkpoint's ledger carries the central images' release; nothing is released.")
 
     federation_report = None
     if isinstance(federation, FederatedDPSGD):
@@ -215,6 +230,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "privacy_ledger": generator.mechanism.ledger.state_dict(),
         "federation": federation_report,
         "public_data": public_report,
+        "central_images": central_report,
         "fid": fid,
         "generator_seconds": generator_seconds,
         "classifier_seconds": time.perf_counter() - start,

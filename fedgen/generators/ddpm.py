@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
+from fedgen.generators.central_images import CentralImages
 from fedgen.mechanisms import DPSGD
 from fedgen.mechanisms.per_example import unsupported_layers
 
@@ -139,6 +140,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         guidance_scale: w of classifier-free guidance at sampling (0: plain conditional sampling).
         sampler: ``"ddim"`` or ``"ddpm"``.
         sampling_steps: denoising steps of the sampler.
+        central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
+            CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up_on_central_images`.
     """
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -149,7 +152,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  lognormal_std: float = 1.2, noise_draws: int = 4, batch_size: int = 256,
                  max_physical_examples: int | None = None, lr: float = 3e-4, ema_decay: float = 0.999,
                  label_dropout: float = 0.1, guidance_scale: float = 0.0,
-                 sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50) -> None:
+                 sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50,
+                 central_images: CentralImages | None = None) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
         if not isinstance(mechanism, DPSGD):
             raise ConfigError("model.mechanism", f"DP diffusion trains with DP-SGD, got {type(mechanism).__name__}",
@@ -186,7 +190,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                               "> 0 (the unconditional model) and must be >= 0", "set label_dropout: 0.1, or 0")
         if not lr > 0:
             raise ConfigError("model.lr", f"must be > 0, got {lr}", "use e.g. 3e-4")
-        self.save_hyperparameters(ignore=["mechanism"])
+        if central_images is not None:
+            central_images.check(mechanism)
+        self.central_images = central_images
+        self.save_hyperparameters(ignore=["mechanism", "central_images"])
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),
                                layers_per_block=layers_per_block, norm_groups=norm_groups)
@@ -326,30 +333,50 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         loss with every label set to the null class (the public classes need not match the private ones).
         It must run before private training; the EMA restarts from the pretrained weights."""
         check_at_least_one("public_steps", steps, "use e.g. 1000")
-        if self.mechanism.owns_backward:
-            raise RuntimeError("public pretraining must run before private training starts")
         image, _ = dataset[0]
         if tuple(image.shape) != self.image_shape:
             raise ConfigError("public_data", f"has images of shape {list(image.shape)}, the private data "
                               f"{list(self.image_shape)}", "declare a public dataset of the same image shape")
+        self._train_without_noise(dataset, steps, labelled=False)
+        log.info("DPDiffusion: %d non-private pretraining steps on %d public examples", steps, len(dataset))
+
+    def warm_up_on_central_images(self, dataset: Dataset) -> dict:
+        """Release the configured central images of the private ``dataset`` (charged to the mechanism's ledger,
+        so DP-SGD then calibrates its noise for the rest of the budget) and train on them, with their labels, for
+        ``central_images.steps`` Adam steps: post-processing of the release, no further privacy cost. It must run
+        before private training; the EMA restarts from the warmed-up weights. Returns the release's report."""
+        if self.central_images is None:
+            raise ConfigError("model.central_images", "is not set", "set central_images to warm up on them")
+        if self.mechanism.owns_backward:
+            raise RuntimeError("the central-image warm-up must run before private training starts")
+        central, report = self.central_images.release(dataset, num_classes=self.num_classes,
+                                                      mechanism=self.mechanism)
+        self._train_without_noise(central, self.central_images.steps, labelled=True)
+        return report
+
+    def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool) -> None:
+        """``steps`` plain Adam steps of the diffusion loss on ``dataset``: with its labels (under label dropout),
+        or with every label set to the null class. Then the EMA restarts from these weights."""
+        if self.mechanism.owns_backward:
+            raise RuntimeError("training without noise must run before private training starts")
         loader = DataLoader(dataset, batch_size=min(self.hparams.batch_size, len(dataset)), shuffle=True,
                             drop_last=True)
         optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
         done = 0
         while done < steps:
-            for images, _ in loader:
+            for images, labels in loader:
                 images = images.to(self.device, self.dtype)
-                null = torch.full((len(images),), self.null_class, device=self.device)
+                labels = labels.to(self.device) if labelled else torch.full((len(images),), self.null_class,
+                                                                             device=self.device)
                 optimizer.zero_grad(set_to_none=True)
-                self.diffusion_loss(images, null).backward()
+                self.diffusion_loss(images, labels).backward()
                 optimizer.step()
                 done += 1
                 if done == steps:
                     break
         self.unet.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.n_averaged.zero_()  # the next update copies the pretrained weights
-        log.info("DPDiffusion: %d non-private pretraining steps on %d public examples", steps, len(dataset))
+            self.ema.n_averaged.zero_()  # the next update copies these weights
 
     # -------------------------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -1,0 +1,112 @@
+"""Central images: noisy class means of Poisson subsamples, a cheap DP warm-up for a generator.
+
+A curriculum from easy to hard (after DP-FETA; Li, Gong, Li, Zhao, Hou, Wang, 2025): before DP-SGD sees single
+examples, the generator learns the coarse shape of each class from a few *central images*, means of many
+private images released with the Gaussian mechanism. Each of ``releases`` rounds draws a Poisson sample of the
+private data (each example with probability ``sample_rate``), clips every sampled image to L2 norm
+``clip_norm`` and releases the per-class sums with Gaussian noise:
+
+    S_c = sum_{i in sample, y_i = c} clip(x_i) + N(0, (sigma clip_norm)^2 I)   for every class c.
+
+Adding or removing one example changes one class's sum by at most ``clip_norm``, so a round is one
+Poisson-subsampled Gaussian release with noise multiplier sigma (one ledger event; the classes share it by
+parallel composition), and ``releases`` rounds are calibrated so that they spend ``epsilon`` on the
+generator's own ledger. The generator's DP-SGD then calibrates its noise for what is left of its
+``target_epsilon`` (the ledger composes both). The central image of class c is ``S_c / (sample_rate * N /
+num_classes)``, clamped to the pixel range: N, the dataset size, is public in DP-SGD's accounting as well,
+and dividing by the expected class size instead of the sampled count spends nothing on counts (with
+unbalanced classes the images are lighter or darker; the warm-up only needs their shape).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.mechanisms import GaussianMechanism, Mechanism
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CentralImages:
+    """The warm-up's settings.
+
+    Args:
+        epsilon: the part of the generator's privacy budget spent on the central images (at its delta).
+        releases: rounds; each gives one central image per class.
+        sample_rate: probability with which each private example joins a round.
+        clip_norm: L2 bound on one image (pixels in [0, 1]; an MNIST digit has norm 7 to 13).
+        steps: non-private Adam steps of the generator on the released central images.
+    """
+
+    epsilon: float = 0.5
+    releases: int = 100
+    sample_rate: float = 0.05
+    clip_norm: float = 10.0
+    steps: int = 500
+
+    def check(self, mechanism: Mechanism) -> None:
+        """Refuse settings that cannot work with the generator's ``mechanism``, before anything is released."""
+        field = "model.central_images"
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"{field}.sample_rate", f"must be in (0, 1], got {self.sample_rate}", "use e.g. 0.05")
+        if not self.clip_norm > 0:
+            raise ConfigError(f"{field}.clip_norm", f"must be > 0, got {self.clip_norm}", "use e.g. 10")
+        check_at_least_one(f"{field}.releases", self.releases, "use e.g. 100")
+        check_at_least_one(f"{field}.steps", self.steps, "use e.g. 500")
+        if mechanism.ledger.unit != "example":
+            raise ConfigError(f"{field}", f"central images are example-level; the generator's ledger is "
+                              f"{mechanism.ledger.unit}-level", "remove central_images for user-level DP")
+        target = mechanism.target_epsilon
+        if not self.epsilon > 0 or (target is not None and not self.epsilon < target):
+            raise ConfigError(f"{field}.epsilon", f"must be > 0 and below the mechanism's target_epsilon "
+                              f"({target}), got {self.epsilon}", "spend a small part of the budget, e.g. 0.1 of it")
+        if mechanism.ledger.events:
+            raise ConfigError(field, "the generator's ledger already records releases",
+                              "release the central images before any other private work")
+
+    def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism) -> tuple[TensorDataset, dict]:
+        """Release ``releases`` central images per class from ``dataset`` ((image, label) pairs), charged to
+        ``mechanism``'s ledger; return them as a labelled dataset (``releases * num_classes`` images) and a
+        report of the release."""
+        self.check(mechanism)
+        images, labels = _stack(dataset)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ConfigError("data", f"labels outside [0, {num_classes})", "check num_classes")
+        # the noise and the sampling get streams of their own, apart from DP-SGD's (stream 1 samples its batches):
+        # subsampled releases compose as accounted only if their samples are drawn independently
+        gaussian = GaussianMechanism(target_epsilon=self.epsilon, delta=mechanism.delta, clip_norm=self.clip_norm,
+                                     num_releases=self.releases, sample_rate=self.sample_rate,
+                                     accountant=mechanism.ledger.accountant, seed=mechanism.noise.derived_seed(2),
+                                     secure_noise=mechanism.noise.secure)
+        gaussian.use_ledger(mechanism.ledger)
+        sampler = torch.Generator().manual_seed(mechanism.noise.derived_seed(3))
+        flat = gaussian.clip(images.flatten(1))
+        expected_class_size = self.sample_rate * len(flat) / num_classes
+        central = []
+        for _ in range(self.releases):
+            picked = torch.rand(len(flat), generator=sampler) < self.sample_rate
+            sums = torch.zeros(num_classes, flat.shape[1], dtype=flat.dtype).index_add_(0, labels[picked],
+                                                                                        flat[picked])
+            central.append(gaussian.release(sums) / expected_class_size)
+        out = torch.cat(central).clamp(0, 1).reshape(-1, *images.shape[1:])
+        report = {"releases": self.releases, "sample_rate": self.sample_rate, "clip_norm": self.clip_norm,
+                  "noise_multiplier": gaussian.noise_multiplier, "epsilon": gaussian.epsilon(),
+                  "images": len(out), "warm_up_steps": self.steps}
+        log.info("Central images: %d released at epsilon %.4g (sigma %.4g, rate %g, %d rounds)", len(out),
+                 report["epsilon"], report["noise_multiplier"], self.sample_rate, self.releases)
+        return TensorDataset(out, torch.arange(num_classes).repeat(self.releases)), report
+
+
+def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (image, label) pairs of ``dataset`` as two tensors."""
+    images, labels = [], []
+    for x, y in DataLoader(dataset, batch_size=4096):
+        images.append(x.float())
+        labels.append(torch.as_tensor(y).long())
+    return torch.cat(images), torch.cat(labels)

@@ -1,0 +1,153 @@
+"""Central images: the release's privacy accounting, its noise, and the warm-up through ``fedgen fit``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fedgen.errors import ConfigError
+from fedgen.generators import CentralImages
+from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent
+
+
+def _two_classes(n: int = 4000) -> TensorDataset:
+    """Class 0: the left half of a 4 x 4 image lit at 0.5, class 1 the right half; n / 2 of each."""
+    images = torch.zeros(n, 1, 4, 4)
+    labels = torch.arange(n) % 2
+    images[labels == 0, :, :, :2] = 0.5
+    images[labels == 1, :, :, 2:] = 0.5
+    return TensorDataset(images, labels)
+
+
+def test_the_release_is_one_subsampled_gaussian_event_per_round_at_the_configured_epsilon() -> None:
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
+    central = CentralImages(epsilon=1.0, releases=5, sample_rate=0.2, clip_norm=2.0, steps=1)
+    images, report = central.release(_two_classes(), num_classes=2, mechanism=mechanism)
+    sigma = report["noise_multiplier"]
+    assert mechanism.ledger.events == (SubsampledGaussianEvent(sigma, 0.2, 5),)
+    assert 0.97 < mechanism.epsilon() <= 1.0 and report["epsilon"] == mechanism.epsilon()
+    assert images.tensors[0].shape == (10, 1, 4, 4) and images.tensors[1].tolist() == [0, 1] * 5
+    # each class's mean shape comes through the noise: sum of 400 images of norm 1.41, noise std sigma * C
+    x = images.tensors[0].flatten(1)
+    left, right = x.reshape(10, 4, 4)[:, :, :2].mean((1, 2)), x.reshape(10, 4, 4)[:, :, 2:].mean((1, 2))
+    assert (left[0::2] > right[0::2]).all() and (right[1::2] > left[1::2]).all()
+
+
+def test_the_noise_is_added_at_the_calibrated_scale() -> None:
+    """Without clamping at the pixel range (dark images), the error of each central pixel around the class mean
+    is the noise: std sigma C / (q N / K), plus the Poisson sampling's own spread."""
+    n, q, clip = 20000, 0.5, 4.0
+    data = TensorDataset(torch.full((n, 1, 8, 8), 0.5), torch.arange(n) % 2)
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=1, accountant="rdp")
+    central = CentralImages(epsilon=0.5, releases=20, sample_rate=q, clip_norm=clip, steps=1)
+    images, report = central.release(data, num_classes=2, mechanism=mechanism)
+    expected = report["noise_multiplier"] * clip / (q * n / 2)
+    spread = 0.5 * math.sqrt((1 - q) / (q * n / 2))  # the sampled count's relative spread, times the pixel
+    error = images.tensors[0] - 0.5
+    assert expected > 2 * spread  # the noise dominates, so the measured std tests it
+    assert 0.85 < float(error.std()) / math.hypot(expected, spread) < 1.15
+
+
+def test_two_mechanisms_with_the_same_seed_release_the_same_images_and_other_seeds_differ() -> None:
+    central = CentralImages(epsilon=1.0, releases=2, sample_rate=0.2, clip_norm=2.0, steps=1)
+    a, _ = central.release(_two_classes(), num_classes=2, mechanism=DPSGD(target_epsilon=10.0, seed=3, accountant="rdp"))
+    b, _ = central.release(_two_classes(), num_classes=2, mechanism=DPSGD(target_epsilon=10.0, seed=3, accountant="rdp"))
+    c, _ = central.release(_two_classes(), num_classes=2, mechanism=DPSGD(target_epsilon=10.0, seed=4, accountant="rdp"))
+    assert torch.equal(a.tensors[0], b.tensors[0]) and not torch.equal(a.tensors[0], c.tensors[0])
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"epsilon": 10.0}, "model.central_images.epsilon"),
+    ({"epsilon": 0.0}, "model.central_images.epsilon"),
+    ({"sample_rate": 0.0}, "model.central_images.sample_rate"),
+    ({"clip_norm": -1.0}, "model.central_images.clip_norm"),
+    ({"releases": 0}, "model.central_images.releases"),
+    ({"steps": 0}, "model.central_images.steps"),
+])
+def test_bad_settings_are_refused_before_anything_is_released(change: dict, field: str) -> None:
+    mechanism = DPSGD(target_epsilon=10.0, seed=0, accountant="rdp")
+    with pytest.raises(ConfigError) as err:
+        CentralImages(**change).release(_two_classes(), num_classes=2, mechanism=mechanism)
+    assert err.value.field == field and mechanism.ledger.events == ()
+
+
+def test_refused_on_a_user_level_ledger_and_after_other_releases() -> None:
+    with pytest.raises(ConfigError, match="user-level"):
+        CentralImages().check(DPSGD(target_epsilon=10.0, unit="user"))
+    mechanism = DPSGD(target_epsilon=10.0, seed=0, accountant="rdp")
+    mechanism.ledger.record(SubsampledGaussianEvent(1.0, 0.01, 10))
+    with pytest.raises(ConfigError, match="already records"):
+        CentralImages().check(mechanism)
+
+
+
+def test_the_warm_up_trains_on_the_released_images_then_dp_sgd_shares_the_ledger() -> None:
+    from tests.generators.test_ddpm import _data, _fit, _tiny
+
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
+    model = _tiny(mechanism=mechanism, central_images=CentralImages(epsilon=1.0, releases=2, sample_rate=0.5,
+                                                                    clip_norm=8.0, steps=3))
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    report = model.warm_up_on_central_images(_data(200))
+    assert report["images"] == 6 and len(mechanism.ledger.events) == 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.unet.parameters(), strict=True))
+    assert int(model.ema.n_averaged) == 0  # the EMA restarts from the warmed-up weights
+    _fit(model, _data(200), max_steps=2)
+    assert len(mechanism.ledger.events) == 2 and mechanism.epsilon() <= 10.0
+    with pytest.raises(RuntimeError, match="before private training"):
+        model.warm_up_on_central_images(_data(200))
+
+def test_fedgen_fit_warms_up_on_central_images_and_calibrates_dp_sgd_for_the_rest(real_data_root, tmp_path) -> None:
+    """The central images' release and the DP-SGD steps sit in one ledger: DP-SGD's noise is calibrated so
+    that both together spend the target epsilon; the metrics report the release."""
+    import json
+
+    from fedgen.cli import fit
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path / "run"
+    central = '{"epsilon": 2.0, "releases": 3, "sample_rate": 0.5, "clip_norm": 10.0, "steps": 2}'
+    metrics = fit(_tiny_cli(real_data_root, 4, f"--run_dir={run}", f"--model.init_args.central_images={central}",
+                            "--model.init_args.mechanism.init_args.accountant=rdp", fixed_noise=False))
+    saved = json.loads((run / "metrics.json").read_text())
+    report = saved["central_images"]
+    assert (report["releases"], report["images"], report["warm_up_steps"]) == (3, 30, 2)
+    assert 1.9 < report["epsilon"] <= 2.0
+    first, steps = saved["privacy_ledger"]["events"]
+    assert (first["count"], first["sample_rate"], first["noise_multiplier"]) == (3, 0.5, report["noise_multiplier"])
+    assert (steps["count"], steps["sample_rate"]) == (4, 0.1)
+    assert 9.0 < metrics["epsilon"] <= 10.0  # both together, at the target
+
+
+def test_a_federation_has_no_pooled_data_to_release_central_images_from(real_data_root, tmp_path) -> None:
+    from pathlib import Path
+
+    from fedgen.cli import fit
+    from tests.generators.test_ddpm import _tiny_cli
+
+    args = _tiny_cli(real_data_root, 1, f"--run_dir={tmp_path / 'run'}", "--federation.init_args.num_clients=3",
+                     '--model.init_args.central_images={"epsilon": 1.0}')
+    args[1] = str(Path(__file__).resolve().parents[2] / "examples" / "federated_mnist_dp_diffusion.yaml")
+    with pytest.raises(ConfigError) as err:
+        fit(args)
+    assert err.value.field == "model.central_images"
+
+
+def test_a_resumed_run_releases_nothing_again(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path / "run"
+    central = '--model.init_args.central_images={"epsilon": 1.0, "releases": 3, "sample_rate": 0.5, "steps": 1}'
+    rdp = "--model.init_args.mechanism.init_args.accountant=rdp"
+    first = fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", central, rdp))
+    (run / "metrics.json").unlink()  # as if the run had stopped after its second step
+    resumed = fit(_tiny_cli(real_data_root, 4, f"--run_dir={run}", central, rdp,
+                            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    released, steps = resumed["privacy_ledger"]["events"]
+    assert released == first["privacy_ledger"]["events"][0] and released["count"] == 3
+    assert (steps["count"], steps["noise_multiplier"]) == (4, 1.5)
+    assert "first segment" in resumed["central_images"]["released"]
