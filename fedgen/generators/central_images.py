@@ -24,8 +24,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
+from fedgen.data import dataset_to_tensors
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.mechanisms import GaussianMechanism, Mechanism
 
@@ -75,7 +76,8 @@ class CentralImages:
         ``mechanism``'s ledger; return them as a labelled dataset (``releases * num_classes`` images) and a
         report of the release."""
         self.check(mechanism)
-        images, labels = _stack(dataset)
+        images, labels = dataset_to_tensors(dataset)
+        mechanism.check_dataset_size(len(images))
         if labels.min() < 0 or labels.max() >= num_classes:
             raise ConfigError("data", f"labels outside [0, {num_classes})", "check num_classes")
         # the noise and the sampling get streams of their own, apart from DP-SGD's (stream 1 samples its batches):
@@ -102,11 +104,3 @@ class CentralImages:
                  report["epsilon"], report["noise_multiplier"], self.sample_rate, self.releases)
         return TensorDataset(out, torch.arange(num_classes).repeat(self.releases)), report
 
-
-def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (image, label) pairs of ``dataset`` as two tensors."""
-    images, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=4096):
-        images.append(x.float())
-        labels.append(torch.as_tensor(y).long())
-    return torch.cat(images), torch.cat(labels)
