@@ -151,3 +151,17 @@ def test_a_resumed_run_releases_nothing_again(real_data_root, tmp_path) -> None:
     assert released == first["privacy_ledger"]["events"][0] and released["count"] == 3
     assert (steps["count"], steps["noise_multiplier"]) == (4, 1.5)
     assert "first segment" in resumed["central_images"]["released"]
+
+
+def test_a_run_started_without_central_images_cannot_resume_with_them(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path / "run"
+    rdp = "--model.init_args.mechanism.init_args.accountant=rdp"
+    fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", rdp))
+    (run / "metrics.json").unlink()
+    with pytest.raises(ConfigError) as err:
+        fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", rdp, '--model.init_args.central_images={"epsilon": 1.0}',
+                      f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    assert err.value.field == "model.central_images" and "started without them" in str(err.value)
