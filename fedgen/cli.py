@@ -37,7 +37,6 @@ from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedDPSGD, FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
-from fedgen.mechanisms.lightning import CHECKPOINT_KEY as PRIVACY_CHECKPOINT_KEY
 from fedgen.cli_attacks import attack, audit, membership
 from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
@@ -106,18 +105,6 @@ def epoch_checkpoint() -> ModelCheckpoint:
     return ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
 
 
-def check_resumed_central_images(ckpt_path: str, central: Any) -> None:
-    """A resumed run does not release central images again: its checkpoint's ledger must open with the release
-    the configured settings describe (their rounds at their sampling rate), else the run was started otherwise."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False).get(PRIVACY_CHECKPOINT_KEY, {})
-    events = state.get("ledger", {}).get("events", [])
-    first = events[0] if events else {}
-    if (first.get("sample_rate"), first.get("count")) != (central.sample_rate, central.releases):
-        raise ConfigError("model.central_images", f"the checkpoint's ledger does not open with {central.releases} "
-                          f"central-image rounds at rate {central.sample_rate:g}: the run was started without them, "
-                          "or with other settings", "resume with the central_images the run was started with, or none")
-
-
 def fit(args: list[str]) -> dict[str, Any]:
     """``fedgen fit``: the whole pipeline; returns the metrics written to ``metrics.json``."""
     # fedgen passes its own argument list to LightningCLI on purpose.
@@ -143,8 +130,6 @@ def fit(args: list[str]) -> dict[str, Any]:
     if central is not None and federation is not None:
         raise ConfigError("model.central_images", "central images are released from the pooled private data, which "
                           "a federation does not have", "remove central_images, or the federation")
-    if central is not None and config.ckpt_path is not None:
-        check_resumed_central_images(config.ckpt_path, central)
     public: VisionDataModule | None = cli.config_init.public_data
     if public is not None and dataset_name(config.public_data) == dataset_name(config.data):
         raise ConfigError("public_data", f"is {dataset_name(config.data)}, the private dataset itself",

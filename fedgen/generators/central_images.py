@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.data import dataset_to_tensors
 from fedgen.errors import ConfigError, check_at_least_one
-from fedgen.mechanisms import GaussianMechanism, Mechanism
+from fedgen.mechanisms import GaussianMechanism, Mechanism, PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,16 @@ class CentralImages:
         if mechanism.ledger.events:
             raise ConfigError(field, "the generator's ledger already records releases",
                               "release the central images before any other private work")
+
+    def check_resumed(self, ledger: PrivacyLedger) -> None:
+        """A resumed run releases nothing again: the ledger restored from its checkpoint must open with the release
+        these settings describe (their rounds at their sampling rate), else the run was started otherwise."""
+        first = ledger.events[0] if ledger.events else None
+        if first is None or (getattr(first, "sample_rate", None), first.count) != (self.sample_rate, self.releases):
+            raise ConfigError("model.central_images", f"the checkpoint's ledger does not open with {self.releases} "
+                              f"central-image rounds at rate {self.sample_rate:g}: the run was started without them, "
+                              "or with other settings",
+                              "resume with the central_images the run was started with, or none")
 
     def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism) -> tuple[TensorDataset, dict]:
         """Release ``releases`` central images per class from ``dataset`` ((image, label) pairs), charged to

@@ -227,9 +227,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             checkpoint[CLIENTS_KEY] = self.clients.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
+        super().on_load_checkpoint(checkpoint)  # restores the ledger, before any step
         if self.clients is not None and CLIENTS_KEY in checkpoint:
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
+        if self.central_images is not None:
+            self.central_images.check_resumed(self.mechanism.ledger)
 
     # -------------------------------------------------------------------------------- training
     def attach_private_data(self, dataset: Dataset, *, users: list | None = None, user_rate: float = 1.0
