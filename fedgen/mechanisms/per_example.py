@@ -183,7 +183,9 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     keeps them per row: one kernel, from the group statistics, with no full-size temporary."""
     rows, channels, groups = a.shape[0], a.shape[1], layer.num_groups
     positions = a.numel() // (rows * channels)
-    a = a.reshape(1, rows * channels, positions)  # one copy if the input is not contiguous, then views
+    # one copy if the input is not contiguous (a one-row transposed or channels-last input reshapes to a strided
+    # view, which the group view below could not take), then views
+    a = a.reshape(1, rows * channels, positions).contiguous()
     var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
     mask = [False, layer.weight is not None, layer.bias is not None]
     _, weight, bias = torch.ops.aten.native_group_norm_backward(

@@ -102,6 +102,40 @@ def _clipped_sum(grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
     return [torch.einsum("i,i...->...", factor, g) for g in grads]
 
 
+
+class StridedNormNet(nn.Module):
+    """GroupNorm on inputs that are not contiguous, as diffusers' attention block (a transposed token sequence) and
+    cuDNN's channels-last convolutions hand it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm_image = nn.GroupNorm(2, 4)
+        self.norm_tokens = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.norm_image(self.conv(x).contiguous(memory_format=torch.channels_last))
+        tokens = h.flatten(2).transpose(1, 2)  # (B, L, C)
+        tokens = self.norm_tokens(tokens.transpose(1, 2)).transpose(1, 2)  # a (B, C, L) view, not contiguous
+        return self.head(tokens.mean(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_group_norm_on_non_contiguous_inputs_equals_ground_truth(n: int) -> None:
+    """A micro-batch of one row is where a strided GroupNorm input stays a view (a Poisson batch one example above
+    the physical size leaves such a chunk); its per-example gradients must still be the micro-batch truth."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    model = StridedNormNet().double()
+    x, y = _data("image", n, gen)
+    truth = _truth(copy.deepcopy(model), x, y)
+    engine = PerExampleClipping(model, 1e6)  # no clipping: the sum of the per-example gradients
+    engine.backward(_loss(model, x, y))
+    for (name, p), want in zip(model.named_parameters(), truth, strict=True):
+        torch.testing.assert_close(p.summed_grad, want.sum(0), atol=1e-10, rtol=1e-8,
+                                   msg=lambda m, k=name: f"{k}: {m}")
+
 @pytest.mark.parametrize("kind", ["image", "tokens"])
 def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
     gen = torch.Generator().manual_seed(0)
