@@ -203,6 +203,9 @@ def _prv_epsilon(events: list[SubsampledGaussianEvent], delta: float) -> float:
     accountant.history = _history(events)
     with warnings.catch_warnings(), _quiet_numpy():
         warnings.simplefilter("ignore", RuntimeWarning)
+        # Opacus sizes the PRV grid with an RDP bound over its own orders and warns when the best is the last
+        # one; that only sizes the grid (PRV's answer comes with its own error bound), so it is not the user's
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         eps = float(accountant.get_epsilon(delta))
     if not math.isfinite(eps) or eps < 0:
         raise ArithmeticError(f"PRV accountant returned {eps}")
