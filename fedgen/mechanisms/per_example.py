@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,10 +49,12 @@ from torch.nn import functional as F
 from fedgen.errors import ConfigError
 from fedgen.mechanisms.precision import exact_float32, ieee_fp32
 
-PerExampleRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
-"""``rule(layer, a, g, batch)``: per-example gradients (first dimension ``batch``) from the layer input ``a``
+PerExampleRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, Any], dict[str, torch.Tensor]]
+"""``rule(layer, a, g, batch, node)``: per-example gradients (first dimension ``batch``) from the layer input ``a``
 and output gradient ``g``, whose first dimension holds ``batch * K`` rows, the K rows of an example together
-(K noise draws per example); the K rows of an example are treated as more positions of one sequence."""
+(K noise draws per example); the K rows of an example are treated as more positions of one sequence. ``node``
+is the autograd node of the layer's output (its ``grad_fn``, or None), from which a rule may read what the
+forward pass saved instead of computing it again."""
 
 
 #: elements of a temporary (unfolded inputs, per-example gradients) above which work is split over examples
@@ -99,7 +102,8 @@ def _linear_weight_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> to
     return g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
 
 
-def _linear_bias(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def _linear_bias(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int,
+                 node: Any = None) -> dict[str, torch.Tensor]:
     return {} if layer.bias is None else {"bias": _sum_dim1(g.reshape(batch, -1, g.shape[-1]))}
 
 
@@ -158,7 +162,8 @@ def _conv2d_weight_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> to
                                        dilation=layer.dilation, groups=layer.groups)
 
 
-def _conv2d_bias(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def _conv2d_bias(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int,
+                 node: Any = None) -> dict[str, torch.Tensor]:
     return {} if layer.bias is None else {"bias": g.reshape(batch, -1, layer.out_channels, g[0, 0].numel()).sum((1, 3))}
 
 
@@ -175,21 +180,39 @@ def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
     return ones[:n]
 
 
-def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def _saved_group_stats(node: Any, rows: int, groups: int, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The group means and inverse deviations that the forward pass computed and autograd saved for GroupNorm's
+    backward, (rows * groups,) each, or None where ``node`` is not PyTorch's GroupNorm backward of such rows."""
+    if type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    mean, rstd = node._saved_result1, node._saved_result2
+    if mean.shape != (rows, groups) or rstd.shape != (rows, groups) or mean.dtype != dtype or rstd.dtype != dtype:
+        return None
+    return mean.detach().reshape(-1), rstd.detach().reshape(-1)
+
+
+def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int,
+                node: Any = None) -> dict[str, torch.Tensor]:
     """With ``x_hat = (a - mu) r`` (mean ``mu`` and inverse deviation ``r`` of the row's group), the weight's
     per-example gradient on channel c is ``sum g x_hat`` and the bias's ``sum g``, summed over positions and
     the example's rows. PyTorch's own GroupNorm backward computes exactly these sums, reduced over the batch;
     seen as one sample whose channels are all rows' channels (``rows * C`` channels in ``rows * G`` groups) it
-    keeps them per row: one kernel, from the group statistics, with no full-size temporary."""
+    keeps them per row: one kernel, from the group statistics (those the forward pass saved, else computed
+    again), with no full-size temporary."""
     rows, channels, groups = a.shape[0], a.shape[1], layer.num_groups
     positions = a.numel() // (rows * channels)
     # one copy if the input is not contiguous (a one-row transposed or channels-last input reshapes to a strided
     # view, which the group view below could not take), then views
     a = a.reshape(1, rows * channels, positions).contiguous()
-    var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
+    stats = _saved_group_stats(node, rows, groups, a.dtype)
+    if stats is None:
+        var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
+        stats = mean, (var + layer.eps).rsqrt()
+    mean, rstd = stats
     mask = [False, layer.weight is not None, layer.bias is not None]
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
-        g.reshape(1, rows * channels, positions), a, mean.unsqueeze(0), (var + layer.eps).rsqrt().unsqueeze(0),
+        g.reshape(1, rows * channels, positions), a, mean.unsqueeze(0), rstd.unsqueeze(0),
         _ones(rows * channels, a), 1, rows * channels, positions, rows * groups, mask)  # its scale only enters dX
     grads = {}
     if layer.weight is not None:
@@ -199,7 +222,8 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     return grads
 
 
-def _layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def _layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, batch: int,
+                node: Any = None) -> dict[str, torch.Tensor]:
     """Per-example affine gradients ``sum g x_hat`` and ``sum g`` over every dimension but the normalized ones."""
     x_hat = F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
 
@@ -214,7 +238,8 @@ def _layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     return grads
 
 
-def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, batch: int,
+               node: Any = None) -> dict[str, torch.Tensor]:
     rows = ids.reshape(batch, -1) + torch.arange(batch, device=ids.device).unsqueeze(1) * layer.num_embeddings
     weight = torch.zeros(batch * layer.num_embeddings, layer.embedding_dim, device=g.device, dtype=g.dtype)
     weight.index_add_(0, rows.flatten(), g.reshape(-1, layer.embedding_dim))
@@ -283,6 +308,7 @@ class _Record:
     layer: nn.Module
     inputs: torch.Tensor | None  # released once the layer's output gradient is caught
     output: torch.Tensor | None  # released once its hook is set
+    node: Any  # the output's autograd node (what the forward pass saved), released with the inputs
     input_version: int
     output_version: int
 
@@ -326,7 +352,8 @@ class PerExampleClipping:
 
     def _record(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if torch.is_grad_enabled() and output.requires_grad:
-            self._records.append(_Record(layer, inputs[0].detach(), output, inputs[0]._version, output._version))
+            self._records.append(_Record(layer, inputs[0].detach(), output, output.grad_fn, inputs[0]._version,
+                                         output._version))
 
     @property
     def pending(self) -> bool:
@@ -394,15 +421,15 @@ class PerExampleClipping:
             form, params, book_keeping = self._plan[layer]
 
             def hook(g: torch.Tensor) -> None:  # runs inside the backward pass, as soon as g exists
-                a, g = exact_float32(record.inputs), exact_float32(g)
-                record.inputs = None  # kept below only where the layer's weight needs it
+                a, g, node = exact_float32(record.inputs), exact_float32(g), record.node
+                record.inputs = record.node = None  # kept below only where the layer's weight needs them
                 # A formed per-example gradient is its own norm and its own summand, so the precision of the
                 # products that form it does not touch the bound; only autocast's bfloat16 is kept out
                 if torch.is_autocast_enabled(g.device.type):
                     with torch.autocast(g.device.type, enabled=False):
-                        grads = form(layer, a, g, batch)
+                        grads = form(layer, a, g, batch, node)
                 else:
-                    grads = form(layer, a, g, batch)
+                    grads = form(layer, a, g, batch, node)
                 for pname, grad in grads.items():
                     param = params[pname]
                     if param.requires_grad:

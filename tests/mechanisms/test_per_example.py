@@ -136,6 +136,35 @@ def test_group_norm_on_non_contiguous_inputs_equals_ground_truth(n: int) -> None
         torch.testing.assert_close(p.summed_grad, want.sum(0), atol=1e-10, rtol=1e-8,
                                    msg=lambda m, k=name: f"{k}: {m}")
 
+
+def test_group_norm_reads_the_statistics_the_forward_pass_saved(monkeypatch) -> None:
+    """The GroupNorm rule takes the group means and inverse deviations from the layer output's autograd node
+    (what PyTorch saved for its own backward) instead of computing them again, and gets the same per-example
+    gradients as the rule that computes them (no node)."""
+    from fedgen.mechanisms import per_example
+
+    torch.manual_seed(0)
+    model = StridedNormNet().double()
+    x, y = _data("image", 4, torch.Generator().manual_seed(2))
+    engine = PerExampleClipping(model, 1e6)
+    loss = _loss(model, x, y)
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("GroupNorm's statistics were computed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "var_mean", no_statistics)
+        engine.backward(loss)
+    layer = model.norm_image
+    a = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = layer(a)
+    g = torch.randn_like(out)
+    saved = per_example._group_norm(layer, a.detach(), g, 3, out.grad_fn)
+    computed = per_example._group_norm(layer, a.detach(), g, 3, None)
+    assert saved.keys() == computed.keys() == {"weight", "bias"}
+    for name in saved:
+        torch.testing.assert_close(saved[name], computed[name], atol=1e-12, rtol=1e-10)
+
 @pytest.mark.parametrize("kind", ["image", "tokens"])
 def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
     gen = torch.Generator().manual_seed(0)
