@@ -186,7 +186,9 @@ def _saved_group_stats(node: Any, rows: int, groups: int, dtype: torch.dtype
     backward, (rows * groups,) each, or None where ``node`` is not PyTorch's GroupNorm backward of such rows."""
     if type(node).__name__ != "NativeGroupNormBackward0":
         return None
-    mean, rstd = node._saved_result1, node._saved_result2
+    mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(rstd, torch.Tensor):
+        return None
     if mean.shape != (rows, groups) or rstd.shape != (rows, groups) or mean.dtype != dtype or rstd.dtype != dtype:
         return None
     return mean.detach().reshape(-1), rstd.detach().reshape(-1)
