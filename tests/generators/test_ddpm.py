@@ -242,7 +242,8 @@ def _tiny_cli(root, steps: int, *extra: str, fixed_noise: bool = True) -> list[s
             *(["--model.init_args.mechanism.init_args.noise_multiplier=1.5"] if fixed_noise else []),
             "--model.init_args.mechanism.init_args.delta=1e-3", f"--trainer.max_steps={steps}",
             "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--num_synthetic=20",
-            "--evaluation.classifier=mlp", "--evaluation.epochs=1", "--evaluation.progress_bar=false", *extra]
+            "--evaluation.classifier=mlp", "--evaluation.epochs=1", "--evaluation.progress_bar=false",
+            "--model.init_args.central_images=null", *extra]  # the example's warm-up: its own tests set it
 
 
 def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> None:
