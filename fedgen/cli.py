@@ -105,19 +105,24 @@ def epoch_checkpoint() -> ModelCheckpoint:
     return ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
 
 
-def fit(args: list[str]) -> dict[str, Any]:
-    """``fedgen fit``: the whole pipeline; returns the metrics written to ``metrics.json``."""
+def build_fit_cli(args: list[str]) -> FedgenCLI:
+    """``fedgen fit``'s parser and the objects it configures (generator, mechanism, data, trainer), built from
+    ``args`` without running anything; a config that cannot be built raises :class:`ConfigError`."""
     # fedgen passes its own argument list to LightningCLI on purpose.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     try:
-        cli = FedgenCLI(Generator, VisionDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        run=False, args=args, save_config_callback=None, seed_everything_default=0,
-                        auto_configure_optimizers=False,
-                        trainer_defaults={"logger": False, "max_epochs": 5,
-                                          "callbacks": [epoch_checkpoint()]},
-                        parser_kwargs={"prog": "fedgen fit"})
+        return FedgenCLI(Generator, VisionDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         run=False, args=args, save_config_callback=None, seed_everything_default=0,
+                         auto_configure_optimizers=False,
+                         trainer_defaults={"logger": False, "max_epochs": 5, "callbacks": [epoch_checkpoint()]},
+                         parser_kwargs={"prog": "fedgen fit"})
     except ValueError as err:  # building the configured objects failed: report the config error inside
         raise config_error(err) from err
+
+
+def fit(args: list[str]) -> dict[str, Any]:
+    """``fedgen fit``: the whole pipeline; returns the metrics written to ``metrics.json``."""
+    cli = build_fit_cli(args)
     config, generator, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     run_dir = Path(config.run_dir)
     evaluation: TrainOnSynthetic = cli.config_init.evaluation

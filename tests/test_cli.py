@@ -130,7 +130,6 @@ def test_federated_example_runs_end_to_end_with_one_release(real_data_root, tmp_
 
 
 
-@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 @pytest.mark.parametrize("name", ["mnist_dp_merf", "federated_mnist_dp_merf", "mnist_dp_diffusion",
                                   "federated_mnist_dp_diffusion"])
 def test_every_fit_example_builds_as_written(name, tmp_path):
@@ -138,14 +137,10 @@ def test_every_fit_example_builds_as_written(name, tmp_path):
     states (nothing is trained or loaded): an example edited into an invalid setting fails here, not on a GPU."""
     import yaml
 
-    from fedgen.cli import FedgenCLI
-    from fedgen.data import VisionDataModule
-    from fedgen.generators.base import Generator
+    from fedgen.cli import build_fit_cli
 
     example = EXAMPLE.parent / f"{name}.yaml"
-    cli = FedgenCLI(Generator, VisionDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                    args=["--config", str(example), f"--run_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu"],
-                    save_config_callback=None, auto_configure_optimizers=False, trainer_defaults={"logger": False})
+    cli = build_fit_cli(["--config", str(example), f"--run_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu"])
     written = yaml.safe_load(example.read_text())["model"]
     assert f"{type(cli.model).__module__.rsplit('.', 1)[0]}.{type(cli.model).__name__}" == written["class_path"]
     plain = {k: v for k, v in written["init_args"].items() if not isinstance(v, dict)}

@@ -165,6 +165,7 @@ def test_group_norm_reads_the_statistics_the_forward_pass_saved(monkeypatch) -> 
     for name in saved:
         torch.testing.assert_close(saved[name], computed[name], atol=1e-12, rtol=1e-10)
 
+
 @pytest.mark.parametrize("kind", ["image", "tokens"])
 def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
     gen = torch.Generator().manual_seed(0)
