@@ -1,0 +1,66 @@
+"""Per-example conv weight-gradient squared norms on a GPU: the engine's unfold path against the fused Triton kernel
+(fedgen.mechanisms.fused_norms) over tile sizes and float32 product precisions, for the UNet's and the
+ConvNet's layer shapes. Prints, per shape, each variant's time and its largest relative difference from the
+unfold path (both IEEE float32 reference and the variant are float32).
+
+    python benchmarks/fused_norms.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+from torch import nn
+
+from fedgen.mechanisms import fused_norms, per_example
+from fedgen.mechanisms.precision import ieee_fp32
+
+SHAPES = [  # in, out channels, size, batch, K
+    (32, 32, 32, 1024, 1), (64, 64, 16, 1024, 1), (64, 64, 8, 1024, 1), (128, 128, 14, 1024, 1),
+    (128, 128, 7, 1024, 1), (1, 128, 28, 1024, 1), (32, 32, 32, 256, 4),
+]
+TILES = [(32, 64, 32), (64, 64, 32), (32, 32, 64), (64, 128, 32), (32, 128, 64), (16, 64, 64)]
+
+
+def cuda_ms(fn, repeats: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precisions", nargs="+", default=["ieee", "tf32x3"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    for c_in, c_out, size, batch, draws in SHAPES:
+        layer = nn.Conv2d(c_in, c_out, 3, padding=1).cuda()
+        a = torch.randn(batch * draws, c_in, size, size, device="cuda")
+        g = torch.randn(batch * draws, c_out, size, size, device="cuda")
+        with ieee_fp32():
+            fused_norms.ENABLED = False
+            ref = per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)
+            line = [f"unfold {cuda_ms(lambda: per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)):.2f}"]
+        for tile, precision in itertools.product(TILES, args.precisions):
+            def run(tile=tile, precision=precision):
+                return fused_norms.conv2d_weight_sq_norms(layer, a, g, batch, tile=tile, precision=precision)
+            try:
+                diff = ((run() - ref).abs() / ref).max().item()
+                line.append(f"{tile}/{precision} {cuda_ms(run):.2f} ({diff:.0e})")
+            except Exception as err:  # a tile the compiler refuses for this shape
+                line.append(f"{tile}/{precision} fails: {type(err).__name__}")
+        print(f"conv {c_in}->{c_out} {size}x{size} batch {batch} K {draws}: " + "; ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

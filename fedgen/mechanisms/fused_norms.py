@@ -1,0 +1,129 @@
+"""Per-example squared norms of a convolution's weight gradient in one GPU kernel, with nothing formed in memory.
+
+The weight gradient of example i is ``G_i = sum_r g_r x_r^T`` over its R = K T rows and positions, with ``g_r``
+the output gradient at a position and ``x_r`` the unfolded input window there. The engine's default path
+writes the unfolded input (k_h k_w times the layer input) and ``G_i`` to memory and reads both back; on a GPU
+that traffic, not the arithmetic, is most of the cost (docs/benchmarks.md, "Where the extra time goes").
+This kernel (Triton) computes each tile of ``G_i`` in registers, reading the input windows by address
+arithmetic (an implicit GEMM), and keeps only the tile's sum of squares:
+
+    ||G_i||_F^2 = sum over tiles (m, n) of sum_{(o, j) in tile} (sum_r g_r[o] x_r[j])^2.
+
+Its products are IEEE float32 multiply-adds (``input_precision="ieee"``, never TF32), as the engine's other
+norm products, so the clipping bound is argued as before. It runs where :func:`applies` says (float32 CUDA
+tensors, ungrouped convolutions with zero padding); elsewhere the engine keeps its own path.
+
+The engine uses it where it was measured faster than the unfold path (:func:`tile_for`). Per layer on an H200
+(2026-11-30, batch 1024, ms, unfold path / this kernel with its tile): 32 to 32 channels at 32x32 2.10 / 1.36;
+64 to 64 at 16x16 1.66 / 1.00; 64 to 64 at 8x8 0.53 / 0.38; 128 to 128 at 14x14 4.26 / 3.85; 32 to 32 at 32x32,
+batch 256, K = 4: 3.64 / 1.34. Slower, and left to the unfold path: 128 to 128 at 7x7 (0.66 / 1.65) and one input
+channel (0.24 / 0.52). Three TF32 tensor-core products per float32 product (``precision="tf32x3"``) were never
+faster than the IEEE multiply-adds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+#: whether the engine may use the kernel (set False for A/B measurements against the unfold path)
+ENABLED = True
+#: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path
+MIN_WINDOW, MIN_POSITIONS = 288, 64
+_MAX_INDEX = 2**31 - 1  # the kernel's offsets are 32-bit
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the kernel computes this convolution's norms: float32 tensors, one group, numeric zero padding,
+    and offsets that fit in 32 bits."""
+    return (isinstance(layer, nn.Conv2d) and a.dtype == torch.float32 and g.dtype == torch.float32
+            and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+            and max(a.numel(), g.numel()) <= _MAX_INDEX)
+
+
+def tile_for(layer: nn.Conv2d, g: torch.Tensor) -> tuple[int, int, int] | None:
+    """The tile (output channels, window entries, rows per product) measured fastest for this layer's shape, or
+    None where the unfold path was faster: fewer than ``MIN_WINDOW`` window entries or ``MIN_POSITIONS`` output
+    positions (see the module docstring)."""
+    kh, kw = layer.kernel_size
+    if layer.in_channels * kh * kw < MIN_WINDOW or g.shape[-2] * g.shape[-1] < MIN_POSITIONS:
+        return None
+    return (64, 64, 32) if layer.out_channels >= 64 else (32, 32, 64)
+
+
+def applies(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the engine uses the kernel: on CUDA tensors it :func:`supports`, of a shape where it is faster
+    (:func:`tile_for`), with Triton installed."""
+    return (ENABLED and a.is_cuda and supports(layer, a, g) and tile_for(layer, g) is not None
+            and triton_available())
+
+
+@functools.cache
+def _kernel():  # built on first use, so that importing fedgen never needs Triton
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv2d_weight_sq_norms_kernel(a_ptr, g_ptr, out_ptr, c_in, height, width, c_out, out_w, positions,
+                                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, draws, d_in, rows,
+                                      tiles_in, KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
+                                      BN: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr):
+        tile = tl.program_id(0)  # the tiles of one example run side by side and share its data in cache
+        example = tl.program_id(1)
+        o = (tile // tiles_in) * BM + tl.arange(0, BM)  # output channels
+        j = (tile % tiles_in) * BN + tl.arange(0, BN)  # window entries (input channel, kernel row, column)
+        channel, kernel_row, kernel_col = j // (KH * KW), (j % (KH * KW)) // KW, j % KW
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for start in range(0, rows, BR):
+            r = start + tl.arange(0, BR)  # (draw, output row, output column) of the example
+            row = example * draws + r // positions
+            position = r % positions
+            out_row, out_col = position // out_w, position % out_w
+            # both tiles are loaded with the positions as their last (fastest) dimension, along which neighbouring
+            # output columns sit next to each other in memory
+            g = tl.load(g_ptr + (row[None, :] * c_out + o[:, None]) * positions + position[None, :],
+                        mask=(o[:, None] < c_out) & (r[None, :] < rows), other=0.0)  # (BM, BR)
+            in_row = kernel_row[:, None] * dil_h + out_row[None, :] * stride_h - pad_h  # (BN, BR)
+            in_col = kernel_col[:, None] * dil_w + out_col[None, :] * stride_w - pad_w
+            inside = ((j[:, None] < d_in) & (r[None, :] < rows) & (in_row >= 0) & (in_row < height)
+                      & (in_col >= 0) & (in_col < width))
+            x = tl.load(a_ptr + ((row[None, :] * c_in + channel[:, None]) * height + in_row) * width + in_col,
+                        mask=inside, other=0.0)  # (BN, BR)
+            acc += tl.dot(g, tl.trans(x), input_precision=PRECISION)
+        tl.store(out_ptr + example * tl.num_programs(0) + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+    return conv2d_weight_sq_norms_kernel
+
+
+def conv2d_weight_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, *,
+                           tile: tuple[int, int, int] | None = None, precision: str = "ieee") -> torch.Tensor:
+    """``||G_i||_F^2`` for each of ``batch`` examples, from the layer input ``a`` (batch K rows) and output
+    gradient ``g``; the K rows of an example count as more positions. Only where :func:`applies` holds (or on
+    the CPU under Triton's interpreter, for tests). ``tile`` (output channels, window entries, rows; powers of
+    two, at least 16; default :func:`tile_for`'s) and ``precision`` (Triton's ``input_precision``: ``"ieee"``, or ``"tf32x3"``, float32
+    accuracy from three TF32 tensor-core products) are for measurements."""
+    a, g = a.contiguous(), g.contiguous()
+    rows, c_in, height, width = a.shape
+    _, c_out, out_h, out_w = g.shape
+    draws = rows // batch
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    block_out, block_in, block_rows = tile or tile_for(layer, g) or (32, 32, 64)
+    d_in = c_in * kh * kw
+    tiles_in = -(-d_in // block_in)
+    tiles = -(-c_out // block_out) * tiles_in
+    partial = torch.empty(batch, tiles, device=a.device, dtype=torch.float32)
+    _kernel()[(tiles, batch)](a, g, partial, c_in, height, width, c_out, out_w, out_h * out_w, sh, sw, ph, pw, dh,
+                              dw, draws, d_in, draws * out_h * out_w, tiles_in, KH=kh, KW=kw, BM=block_out,
+                              BN=block_in, BR=block_rows, PRECISION=precision)
+    return partial.sum(1)

@@ -1,0 +1,115 @@
+"""The fused per-example conv norm kernel (Triton) against the engine's unfold path: the same squared norms for
+strides, padding, dilation, rectangular kernels, several tiles, and K rows per example. The kernel runs under
+Triton's CPU interpreter, in a process of its own (Triton reads that switch when it is imported); on a GPU the
+same code compiles. Triton comes with PyTorch on Linux."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from fedgen.mechanisms import fused_norms
+
+CASES = [  # in, out channels, kernel, stride, padding, dilation, input size, examples, rows per example
+    (3, 5, 3, 1, 1, 1, (6, 7), 3, 1),
+    (4, 40, 3, 2, 1, 1, (7, 8), 2, 2),  # two tiles of output channels, K = 2
+    (2, 3, 2, 1, 0, 2, (5, 6), 2, 3),  # dilation, no padding, K = 3
+    (70, 6, 1, 1, 0, 1, (4, 5), 2, 1),  # two tiles of window entries
+    (3, 4, (3, 2), (2, 1), (1, 0), 1, (5, 6), 2, 1),  # rectangular kernel, stride and padding
+]
+
+COMPARE = """
+import json, sys, torch
+from torch import nn
+from fedgen.mechanisms import fused_norms, per_example
+out = []
+for c_in, c_out, kernel, stride, padding, dilation, size, batch, draws in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    a = torch.randn(batch * draws, c_in, *size, dtype=torch.float64)
+    g = torch.randn_like(layer(a))
+    expected = per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)  # float64, the engine's own path
+    layer = layer.float()
+    got = fused_norms.conv2d_weight_sq_norms(layer, a.float(), g.float(), batch)
+    small = fused_norms.conv2d_weight_sq_norms(layer, a.float(), g.float(), batch, tile=(16, 16, 16))
+    out.append({"expected": expected.tolist(), "got": got.tolist(), "small tiles": small.tolist(),
+                "dtype": str(got.dtype)})
+print(json.dumps(out))
+"""
+
+
+def test_fused_norms_equal_the_unfold_path() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", COMPARE, json.dumps(CASES)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(CASES)
+    for case, result in zip(CASES, results, strict=True):
+        assert result["dtype"] == "torch.float32"
+        assert len(result["got"]) == case[7]
+        for key in ("got", "small tiles"):
+            torch.testing.assert_close(torch.tensor(result[key], dtype=torch.float64),
+                                       torch.tensor(result["expected"], dtype=torch.float64), rtol=1e-5, atol=0,
+                                       msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
+
+
+def test_the_kernel_is_used_only_where_it_supports_the_layer() -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    a, g = torch.randn(2, 2, 5, 5), torch.randn(2, 3, 5, 5)
+    assert fused_norms.supports(conv, a, g)
+    assert not fused_norms.supports(nn.Conv2d(2, 4, 3, groups=2), a, torch.randn(2, 4, 3, 3))
+    assert not fused_norms.supports(nn.Conv2d(2, 3, 3, padding="same"), a, g)
+    assert not fused_norms.supports(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), a, g)
+    assert not fused_norms.supports(conv, a.double(), g.double())  # float64: the engine's own path
+    assert not fused_norms.supports(nn.Linear(5, 5), a, g)
+    assert not fused_norms.applies(conv, a, g)  # CPU tensors: the engine's own path
+
+
+def test_the_tile_follows_the_measured_shapes() -> None:
+    """The kernel takes the layers it was measured faster on (32+ input channels of a 3x3 kernel, 64+ output
+    positions), with the tile measured fastest for their output channels; the others keep the unfold path."""
+    def tile(c_in, c_out, kernel, size):
+        return fused_norms.tile_for(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2),
+                                    torch.empty(1, c_out, size, size))
+    assert tile(32, 32, 3, 32) == (32, 32, 64)
+    assert tile(64, 64, 3, 8) == (64, 64, 32)
+    assert tile(128, 128, 3, 14) == (64, 64, 32)
+    assert tile(128, 128, 3, 7) is None  # 49 positions
+    assert tile(1, 128, 3, 28) is None  # 9 window entries
+    assert tile(128, 64, 1, 16) is None  # a 1x1 convolution: 128 window entries
+
+
+ENGINE = """
+import json, torch
+from torch import nn
+from fedgen.mechanisms import fused_norms, per_example
+fused_norms.applies = lambda layer, a, g: fused_norms.supports(layer, a, g) and fused_norms.tile_for(layer, g) is not None
+torch.manual_seed(0)
+layer = nn.Conv2d(32, 8, 3, padding=1)
+a, g = torch.randn(4, 32, 8, 8), torch.randn(4, 8, 8, 8)  # two examples, K = 2
+used = []
+kernel = fused_norms.conv2d_weight_sq_norms
+fused_norms.conv2d_weight_sq_norms = lambda *args, **kw: used.append(1) or kernel(*args, **kw)
+fused = per_example._conv2d_weight_sq_norms(layer, [(a, g)], 2)
+fused_norms.ENABLED = False
+fused_norms.applies = lambda layer, a, g: False
+unfold = per_example._conv2d_weight_sq_norms(layer, [(a, g)], 2)
+print(json.dumps({"used": len(used), "fused": fused.tolist(), "unfold": unfold.tolist()}))
+"""
+
+
+def test_the_engine_takes_the_kernel_where_it_applies() -> None:
+    """The engine's conv norms go through the kernel where it applies (here forced on the CPU, under the
+    interpreter) and give the unfold path's values."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", ENGINE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["used"] == 1
+    torch.testing.assert_close(torch.tensor(result["fused"]), torch.tensor(result["unfold"]), rtol=1e-5, atol=0)
