@@ -130,8 +130,20 @@ def test_federated_example_runs_end_to_end_with_one_release(real_data_root, tmp_
 
 
 
-@pytest.mark.parametrize("name", ["mnist_dp_merf", "federated_mnist_dp_merf", "mnist_dp_diffusion",
-                                  "federated_mnist_dp_diffusion"])
+def _fit_examples() -> list[str]:
+    """The examples written for ``fedgen fit``: those that name a generator (``model``) and a ``trainer``."""
+    import yaml
+
+    return sorted(p.stem for p in EXAMPLE.parent.glob("*.yaml")
+                  if {"model", "trainer"} <= set(yaml.safe_load(p.read_text())))
+
+
+def test_the_fit_examples_are_found():
+    assert {"mnist_dp_merf", "federated_mnist_dp_merf", "mnist_dp_diffusion", "mnist_dp_diffusion_eps1",
+            "federated_mnist_dp_diffusion"} <= set(_fit_examples())
+
+
+@pytest.mark.parametrize("name", _fit_examples())
 def test_every_fit_example_builds_as_written(name, tmp_path):
     """Each ``fedgen fit`` example parses and builds its generator, mechanism, data and trainer with the values it
     states (nothing is trained or loaded): an example edited into an invalid setting fails here, not on a GPU."""
