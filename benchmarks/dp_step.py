@@ -15,6 +15,7 @@ why instead of a number. Usage:
 
     python benchmarks/dp_step.py --models convnet unet --batches 256 1024 --draws 1 4
     python benchmarks/dp_step.py --autocast bf16  # every method under bfloat16 autocast
+    python benchmarks/dp_step.py --methods nonprivate fedgen --cuda_graph   # forward and backward from a graph
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
 """
@@ -84,7 +85,9 @@ def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
 TASKS = {"convnet": convnet_task, "unet": unet_task}
 
 
-def make_step(method: str, task: Task, batch_size: int, autocast: str = "off") -> Callable[[], None]:
+def make_parts(method: str, task: Task, batch_size: int
+               ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Tensor], None]]:
+    """The model, optimizer and backward call of ``method`` for ``task``."""
     model = task.model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
@@ -110,17 +113,98 @@ def make_step(method: str, task: Task, batch_size: int, autocast: str = "off") -
             mechanism.backward(loss, draws=task.draws)
     else:
         raise ValueError(f"unknown method {method!r}")
+    return model, optimizer, backward
 
+
+def make_step(method: str, task: Task, batch_size: int, autocast: str = "off", cuda_graph: bool = False
+              ) -> Callable[[], None]:
+    """One training step of ``method``: eager, or with forward and backward replayed from a CUDA graph."""
+    model, optimizer, backward = make_parts(method, task, batch_size)
     device_type = task.batch[0].device.type
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def forward_backward() -> None:
         # autocast around forward and backward, as Lightning's precision="bf16-mixed" puts it around a step
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
             backward(task.loss(model, *task.batch))
+
+    if cuda_graph:
+        if method == "opacus_hooks":
+            raise NotImplementedError("CUDA graphs here: nonprivate and fedgen only")
+        return graphed_step(model, optimizer, forward_backward, "summed_grad" if method == "fedgen" else "grad")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
         optimizer.step()
 
     return step
+
+
+def capture(model: nn.Module, optimizer: torch.optim.Optimizer, forward_backward: Callable[[], None],
+            attr: str) -> Callable[[], None]:
+    """Forward and backward (with fedgen's per-example clipping, which writes ``p.summed_grad``) captured once as
+    a CUDA graph; returns the replay, which refills the captured gradients (``p.<attr>``, in the graph's memory)
+    and hands them to the parameters. Every shape is fixed by the capture; random numbers drawn inside the
+    graph (the diffusion loss's noise and steps) advance at every replay."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    params = [p for p in model.parameters() if p.requires_grad]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps on a side stream before the capture, as PyTorch asks
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward()
+    captured = [getattr(p, attr) for p in params]
+
+    def replay() -> None:
+        graph.replay()
+        for p, grad in zip(params, captured, strict=True):
+            if hasattr(grad, "_processed"):
+                del grad._processed  # the optimizer marks a sum it has used; the replay has refilled it
+            setattr(p, attr, grad)
+
+    return replay
+
+
+def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer, forward_backward: Callable[[], None],
+                 attr: str) -> Callable[[], None]:
+    """A step that replays the captured forward and backward (:func:`capture`), then takes the optimizer step
+    (noise, ledger and update) eagerly."""
+    replay = capture(model, optimizer, forward_backward, attr)
+
+    def step() -> None:
+        replay()
+        optimizer.step()
+
+    return step
+
+
+def check_graphed_sums(batch_size: int = 256) -> float:
+    """The largest relative difference between fedgen's clipped sums replayed from a CUDA graph and computed
+    eagerly with the same weights and batch, on the ConvNet (whose loss draws no random numbers)."""
+    torch.manual_seed(0)
+    task = convnet_task(batch_size, 1, torch.device("cuda"))
+    model, optimizer, backward = make_parts("fedgen", task, batch_size)
+
+    def forward_backward() -> None:
+        backward(task.loss(model, *task.batch))
+
+    replay = capture(model, optimizer, forward_backward, "summed_grad")
+    replay()
+    params = [p for p in model.parameters() if p.requires_grad]
+    replayed = [p.summed_grad.clone() for p in params]
+    for p in params:
+        p.summed_grad = None
+    forward_backward()
+    return max(((p.summed_grad - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
+               for p, r in zip(params, replayed, strict=True))
 
 
 def measure(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float]:
@@ -213,6 +297,9 @@ def main() -> None:
                         help="bf16: every method's forward and backward under bfloat16 autocast")
     parser.add_argument("--profile", default=None, metavar="METHOD",
                         help="profile METHOD on the first model, batch and K given, and print where the time goes")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="replay forward and backward (and fedgen's clipping) from a CUDA graph, the optimizer "
+                             "step eager; nonprivate and fedgen only")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     args = parser.parse_args()
@@ -230,7 +317,10 @@ def main() -> None:
         raise SystemExit("dp_step.py times GPU steps: no CUDA device found")
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.steps} steps "
-          f"after {args.warmup}; autocast {args.autocast}\n")
+          f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}\n")
+    if args.cuda_graph:
+        print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
+              f"{check_graphed_sums():.1e}\n")
     print("| model | batch | K | method | ms / step | x non-private | peak MB | x non-private |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
@@ -245,7 +335,8 @@ def main() -> None:
                     torch.manual_seed(0)
                     try:
                         task = TASKS[name](batch_size, draws, device)
-                        ms, mb = measure(make_step(method, task, batch_size, args.autocast), args.warmup, args.steps)
+                        ms, mb = measure(make_step(method, task, batch_size, args.autocast, args.cuda_graph),
+                                         args.warmup, args.steps)
                     except Exception as err:  # a method that cannot run this row says why, the table goes on
                         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
                         if not isinstance(err, NotImplementedError):

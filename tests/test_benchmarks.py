@@ -1,0 +1,28 @@
+"""The step benchmark's building blocks on the CPU (the timings themselves need a GPU): each method's step
+trains, and CUDA graphs are refused without a CUDA device, with a message that says so."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+DP_STEP = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "dp_step.py"))
+
+
+@pytest.mark.parametrize("method", ["nonprivate", "opacus_hooks", "fedgen"])
+def test_each_method_steps_the_convnet(method):
+    torch.manual_seed(0)
+    task = DP_STEP["TASKS"]["convnet"](4, 1, torch.device("cpu"))
+    before = [p.detach().clone() for p in task.model.parameters()]
+    DP_STEP["make_step"](method, task, 4)()
+    assert any(not torch.equal(b, p) for b, p in zip(before, task.model.parameters(), strict=True))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_graphs_are_refused_without_cuda():
+    task = DP_STEP["TASKS"]["convnet"](4, 1, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        DP_STEP["make_step"]("fedgen", task, 4, cuda_graph=True)
