@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from fedgen.evaluation import ConvNet
-from fedgen.mechanisms import DPSGD
+from fedgen.mechanisms import DPSGD, CapturedBackward
 
 DATASET_SIZE = 60000
 
@@ -86,9 +86,10 @@ TASKS = {"convnet": convnet_task, "unet": unet_task}
 
 
 def make_parts(method: str, task: Task, batch_size: int
-               ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Tensor], None]]:
-    """The model, optimizer and backward call of ``method`` for ``task``."""
+               ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Tensor], None], DPSGD | None]:
+    """The model, optimizer, backward call and (for fedgen) mechanism of ``method`` for ``task``."""
     model = task.model
+    mechanism = None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
     if method == "nonprivate":
@@ -113,24 +114,30 @@ def make_parts(method: str, task: Task, batch_size: int
             mechanism.backward(loss, draws=task.draws)
     else:
         raise ValueError(f"unknown method {method!r}")
-    return model, optimizer, backward
+    return model, optimizer, backward, mechanism
 
 
 def make_step(method: str, task: Task, batch_size: int, autocast: str = "off", cuda_graph: bool = False
               ) -> Callable[[], None]:
     """One training step of ``method``: eager, or with forward and backward replayed from a CUDA graph."""
-    model, optimizer, backward = make_parts(method, task, batch_size)
+    model, optimizer, backward, mechanism = make_parts(method, task, batch_size)
+    if cuda_graph and method == "opacus_hooks":
+        raise NotImplementedError("CUDA graphs here: nonprivate and fedgen only")
+    if cuda_graph and method == "fedgen":  # the library's captured backward pass, one micro-batch of the batch
+        captured = CapturedBackward(mechanism, lambda *batch: task.loss(model, *batch), size=batch_size,
+                                    draws=task.draws)
+        run_backward = lambda: captured(*task.batch)  # noqa: E731
+    else:
+        run_backward = lambda: backward(task.loss(model, *task.batch))  # noqa: E731
     device_type = task.batch[0].device.type
 
     def forward_backward() -> None:
         # autocast around forward and backward, as Lightning's precision="bf16-mixed" puts it around a step
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-            backward(task.loss(model, *task.batch))
+            run_backward()
 
-    if cuda_graph:
-        if method == "opacus_hooks":
-            raise NotImplementedError("CUDA graphs here: nonprivate and fedgen only")
-        return graphed_step(model, optimizer, forward_backward, "summed_grad" if method == "fedgen" else "grad")
+    if cuda_graph and method == "nonprivate":
+        return graphed_step(model, optimizer, forward_backward)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -140,12 +147,11 @@ def make_step(method: str, task: Task, batch_size: int, autocast: str = "off", c
     return step
 
 
-def capture(model: nn.Module, optimizer: torch.optim.Optimizer, forward_backward: Callable[[], None],
-            attr: str) -> Callable[[], None]:
-    """Forward and backward (with fedgen's per-example clipping, which writes ``p.summed_grad``) captured once as
-    a CUDA graph; returns the replay, which refills the captured gradients (``p.<attr>``, in the graph's memory)
-    and hands them to the parameters. Every shape is fixed by the capture; random numbers drawn inside the
-    graph (the diffusion loss's noise and steps) advance at every replay."""
+def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer, forward_backward: Callable[[], None]
+                 ) -> Callable[[], None]:
+    """The non-private baseline for ``--cuda_graph``: forward and backward captured once as a CUDA graph and
+    replayed, the gradients (in the graph's memory, refilled by every replay) handed to the parameters, the
+    optimizer step eager. (fedgen's private step uses the library's ``CapturedBackward``.)"""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA graphs need a CUDA device")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -161,26 +167,12 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer, forward_backward
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         forward_backward()
-    captured = [getattr(p, attr) for p in params]
-
-    def replay() -> None:
-        graph.replay()
-        for p, grad in zip(params, captured, strict=True):
-            if hasattr(grad, "_processed"):
-                del grad._processed  # the optimizer marks a sum it has used; the replay has refilled it
-            setattr(p, attr, grad)
-
-    return replay
-
-
-def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer, forward_backward: Callable[[], None],
-                 attr: str) -> Callable[[], None]:
-    """A step that replays the captured forward and backward (:func:`capture`), then takes the optimizer step
-    (noise, ledger and update) eagerly."""
-    replay = capture(model, optimizer, forward_backward, attr)
+    captured = [p.grad for p in params]
 
     def step() -> None:
-        replay()
+        graph.replay()
+        for p, grad in zip(params, captured, strict=True):
+            p.grad = grad
         optimizer.step()
 
     return step
@@ -188,23 +180,18 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer, forward_bac
 
 def check_graphed_sums(batch_size: int = 256) -> float:
     """The largest relative difference between fedgen's clipped sums replayed from a CUDA graph and computed
-    eagerly with the same weights and batch, on the ConvNet (whose loss draws no random numbers)."""
-    torch.manual_seed(0)
-    task = convnet_task(batch_size, 1, torch.device("cuda"))
-    model, optimizer, backward = make_parts("fedgen", task, batch_size)
-
-    def forward_backward() -> None:
-        backward(task.loss(model, *task.batch))
-
-    replay = capture(model, optimizer, forward_backward, "summed_grad")
-    replay()
-    params = [p for p in model.parameters() if p.requires_grad]
-    replayed = [p.summed_grad.clone() for p in params]
-    for p in params:
-        p.summed_grad = None
-    forward_backward()
-    return max(((p.summed_grad - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
-               for p, r in zip(params, replayed, strict=True))
+    eagerly (``CapturedBackward(graph=False)``) from the same weights and batch, on the ConvNet (whose loss
+    draws no random numbers)."""
+    sums = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        task = convnet_task(batch_size, 1, torch.device("cuda"))
+        model, _, _, mechanism = make_parts("fedgen", task, batch_size)
+        CapturedBackward(mechanism, lambda *batch, m=model: task.loss(m, *batch), size=batch_size,
+                         graph=graph)(*task.batch)
+        sums.append([p.summed_grad for p in model.parameters() if p.requires_grad])
+    return max(((r - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
+               for e, r in zip(*sums, strict=True))
 
 
 def measure(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float]:

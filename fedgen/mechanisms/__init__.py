@@ -1,6 +1,7 @@
 """Privacy mechanisms and the privacy ledger."""
 
 from fedgen.mechanisms.base import Mechanism
+from fedgen.mechanisms.cuda_graphs import CapturedBackward
 from fedgen.mechanisms.dp_sgd import DPSGD
 from fedgen.mechanisms.gaussian import GaussianMechanism, clip_rows
 from fedgen.mechanisms.ledger import (
@@ -24,6 +25,7 @@ from fedgen.mechanisms.secure_aggregation import (
 
 __all__ = [
     "AggregationResult",
+    "CapturedBackward",
     "SecureAggregationError",
     "SecureAggregator",
     "shamir_reconstruct",

@@ -390,16 +390,17 @@ class DPSGD(Mechanism, name="dp_sgd"):
         return self.engine_in_use == "fedgen"
 
     def backward(self, loss: torch.Tensor, *, draws: int = 1, groups: torch.Tensor | None = None,
-                 num_groups: int = 1) -> None:
+                 num_groups: int = 1, weights: torch.Tensor | None = None) -> None:
         """``engine="fedgen"``: turn the mean ``loss`` of the last forward pass into clipped per-example gradient
         sums (``p.summed_grad``); call once per physical micro-batch, then ``optimizer.step()``. With
         ``draws = K`` each example fills K consecutive rows and its loss is the mean over them (noise
         multiplicity). With ``groups`` (each example's group, sorted) one sum is kept per group, for
-        :meth:`take_clipped_sums`; see :meth:`PerExampleClipping.backward`."""
+        :meth:`take_clipped_sums`. With ``weights`` (one per example, in [0, 1]) example i adds ``w_i`` times
+        its clipped gradient (0 for rows that only pad a micro-batch); see :meth:`PerExampleClipping.backward`."""
         if self._clipping is None:
             raise RuntimeError("DPSGD.backward needs fedgen's clipping engine (engine='fedgen', or 'auto' on a "
                                "model it supports) and make_private first")
-        self._clipping.backward(loss, draws=draws, groups=groups, num_groups=num_groups)
+        self._clipping.backward(loss, draws=draws, groups=groups, num_groups=num_groups, weights=weights)
 
     def empty_batch(self) -> None:
         """fedgen's engine: the Poisson sample of this step is empty (a model need not accept zero rows); the

@@ -293,6 +293,11 @@ def unsupported_layers(module: nn.Module) -> list[str]:
     return problems
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device (no host reads then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _group_bounds(groups: torch.Tensor, batch: int, num_groups: int) -> list[int]:
     """``bounds`` with group k's examples at ``bounds[k]:bounds[k + 1]``, after checking ``groups`` (read from
     the device once)."""
@@ -385,7 +390,7 @@ class PerExampleClipping:
                     param.summed_grad = torch.zeros_like(param)
 
     def backward(self, loss: torch.Tensor, *, draws: int = 1, groups: torch.Tensor | None = None,
-                 num_groups: int = 1) -> None:
+                 num_groups: int = 1, weights: torch.Tensor | None = None) -> None:
         """Add ``sum_i clip_C(grad_i)`` of the recorded forward pass to each parameter's ``summed_grad``.
 
         ``loss`` is the mean over the rows of the batch. With ``draws = K`` the rows are ``B`` examples times
@@ -397,6 +402,11 @@ class PerExampleClipping:
         federated step): ``summed_grad`` then has shape ``(num_groups, *p.shape)``, its row k the sum over
         group k's examples. The forward pass, the backward pass and the norms are shared; only the clipped
         sums are taken group by group.
+
+        ``weights`` (B,), each in [0, 1]: add ``sum_i w_i clip_C(grad_i)`` instead, so that no example adds
+        more than C. A weight of 0 leaves a row out exactly (its norm is computed, its factor is 0): rows that
+        only pad a micro-batch to a fixed shape (:class:`~fedgen.mechanisms.cuda_graphs.CapturedBackward`).
+        The range is checked unless a CUDA graph is being captured, where the caller builds the weights.
         """
         records, self._records = self._records, []
         if not records:
@@ -412,6 +422,13 @@ class PerExampleClipping:
             self.add_empty_batch()
             return
         batch = rows // draws
+        if weights is not None:
+            if weights.shape != (batch,) or not weights.is_floating_point():
+                raise ValueError(f"weights must be a float tensor of shape ({batch},), one per example; got "
+                                 f"{weights.dtype} of shape {tuple(weights.shape)}")
+            if not _capturing(weights) and not bool(((weights >= 0) & (weights <= 1)).all()):
+                raise ValueError("every example's weight must be in [0, 1], or it could add more than "
+                                 "max_grad_norm to the sum")
         bounds = None if groups is None else _group_bounds(groups, batch, num_groups)
         for r in records:
             if r.inputs.shape[0] != rows:
@@ -458,11 +475,11 @@ class PerExampleClipping:
         if not by_layer and not materialized:
             return
         with ieee_fp32():  # norms and sums from the same per-example gradients (see ieee_fp32)
-            self._clip_and_sum(by_layer, materialized, batch, draws, bounds)
+            self._clip_and_sum(by_layer, materialized, batch, draws, bounds, weights)
 
     def _clip_and_sum(self, by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]],
                       materialized: dict[nn.Parameter, torch.Tensor], batch: int, draws: int,
-                      bounds: list[int] | None = None) -> None:
+                      bounds: list[int] | None = None, weights: torch.Tensor | None = None) -> None:
         """Steps 1 to 3 of the module docstring for the ``(input, output gradient)`` pairs of each book-keeping
         layer and the formed per-example gradients (``materialized``, (batch, *shape) per parameter):
         per-example norms, clip factors, clipped sums added to ``summed_grad`` (one per group of examples
@@ -477,14 +494,16 @@ class PerExampleClipping:
             sq_norms = sq_norms + _rows_sq_norms(per_example)
         # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
+        if weights is not None:
+            factor = factor * weights.to(factor.dtype)
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
         if per_example is not None:
-            weights = factor.to(per_example.dtype)
+            coefficients = factor.to(per_example.dtype)
             if bounds is not None:  # (groups, batch): row k holds the factors of group k's examples
-                weights = torch.block_diag(*weights.split([end - start for start, end in
-                                                           zip(bounds[:-1], bounds[1:], strict=True)]))
-            sums = weights @ per_example
+                coefficients = torch.block_diag(*coefficients.split([end - start for start, end in
+                                                                     zip(bounds[:-1], bounds[1:], strict=True)]))
+            sums = coefficients @ per_example
             shape = () if bounds is None else (len(bounds) - 1,)
             clipped.update(zip(formed, (t.reshape(*shape, *p.shape) for t, p in
                                         zip(sums.split([p.numel() for p in formed], dim=-1), formed, strict=True))))
