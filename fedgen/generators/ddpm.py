@@ -36,6 +36,7 @@ The network is diffusers' ``UNet2DModel`` with class embeddings; the schedulers 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -134,6 +135,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
             processed in micro-batches. Default: the whole logical batch at once.
         lr: Adam learning rate.
+        lr_schedule: ``"constant"``, or ``"cosine"``: ``lr (1 + cos(pi s / S)) / 2`` at DP-SGD step s of the S
+            steps the mechanism planned (Loshchilov & Hutter, 2017), so the last steps, whose noise the EMA
+            would otherwise average over, move the weights less.
         ema_decay: decay of the exponential moving average of the weights, reached after a warm-up (0 disables
             it); see :func:`ema_with_warmup`.
         label_dropout: probability of replacing a label by the null class during training (for guidance).
@@ -150,7 +154,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
                  timesteps: Literal["uniform", "lognormal"] = "uniform", lognormal_mean: float = -1.2,
                  lognormal_std: float = 1.2, noise_draws: int = 4, batch_size: int = 256,
-                 max_physical_examples: int | None = None, lr: float = 3e-4, ema_decay: float = 0.999,
+                 max_physical_examples: int | None = None, lr: float = 3e-4,
+                 lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
                  label_dropout: float = 0.1, guidance_scale: float = 0.0,
                  sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50,
                  central_images: CentralImages | None = None) -> None:
@@ -190,6 +195,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                               "> 0 (the unconditional model) and must be >= 0", "set label_dropout: 0.1, or 0")
         if not lr > 0:
             raise ConfigError("model.lr", f"must be > 0, got {lr}", "use e.g. 3e-4")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError("model.lr_schedule", f"unknown schedule {lr_schedule!r}", "use constant or cosine")
         if central_images is not None:
             central_images.check(mechanism)
         self.central_images = central_images
@@ -248,7 +255,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                                                            batch_size=self.hparams.batch_size)
         return self._loader
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         if self._loader is None:
             raise RuntimeError("call attach_private_data(dataset) before fitting DPDiffusion")
         optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
@@ -261,7 +268,12 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("trainer.max_epochs", "DP-SGD plans its noise for a known number of steps",
                               "set trainer.max_epochs or trainer.max_steps")
         _, optimizer = self.mechanism.make_private(self.unet, optimizer, data_loader=self._loader, **plan)
-        return optimizer
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        steps = self.mechanism.planned_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps)
+                                                                                               / steps)))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}  # stepped after each DP step, in training_step
 
     def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor, *,
                        reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
@@ -311,6 +323,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             total, sensitivity = self.clients.secure_sum(parts)
             self.mechanism.put_clipped_sum(total, sensitivity=sensitivity)
         optimizer.step()
+        if self.hparams.lr_schedule != "constant":
+            self.lr_schedulers().step()
         if self.ema is not None:
             self.ema.update_parameters(self.unet)
 

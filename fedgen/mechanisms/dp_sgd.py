@@ -207,6 +207,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
         self.max_grad_norm = float(max_grad_norm)
         self.sample_rate: float | None = None
         self.max_steps: int | None = None
+        #: the steps the run was planned for (set by :meth:`plan`), e.g. the length of a learning-rate schedule
+        self.planned_steps: int | None = None
         self.steps_taken = 0
         self._budget_key_seen: tuple | None = None
 
@@ -240,6 +242,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
         if steps < 1:
             raise ConfigError("epochs", f"planned {steps} steps", "train for at least one step")
         self.sample_rate = float(sample_rate)
+        self.planned_steps = int(steps)
         if self.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=sample_rate, steps=steps,

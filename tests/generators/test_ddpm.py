@@ -202,6 +202,7 @@ def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
     ({"prediction": "sample"}, "model.prediction"),
     ({"timesteps": "edm"}, "model.timesteps"),
     ({"timesteps": "lognormal", "lognormal_std": 0.0}, "model.lognormal_std"),
+    ({"lr_schedule": "step"}, "model.lr_schedule"),
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -244,6 +245,17 @@ def _tiny_cli(root, steps: int, *extra: str, fixed_noise: bool = True) -> list[s
             "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--num_synthetic=20",
             "--evaluation.classifier=mlp", "--evaluation.epochs=1", "--evaluation.progress_bar=false",
             "--model.init_args.central_images=null", *extra]  # the example's warm-up: its own tests set it
+
+
+def test_a_cosine_learning_rate_falls_to_zero_over_the_planned_steps(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+
+    for schedule, final in (("constant", 1e-3), ("cosine", 0.0)):
+        run = tmp_path / schedule
+        fit(_tiny_cli(real_data_root, 3, f"--run_dir={run}", f"--model.init_args.lr_schedule={schedule}"))
+        state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert state["global_step"] == 3
+        assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(final, abs=1e-12)
 
 
 def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> None:
