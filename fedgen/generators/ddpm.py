@@ -340,8 +340,14 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         groups = clients.split(size) if clients is not None else [None] * len(chunks)
         num_groups = 1 if clients is None else self.clients.num_clients
         for (x, y), group in zip(chunks, groups, strict=True):
-            loss = self.diffusion_loss(x, y)
-            self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group, num_groups=num_groups)
+            try:
+                loss = self.diffusion_loss(x, y)
+                self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group, num_groups=num_groups)
+            except torch.OutOfMemoryError as err:  # nothing of this step was released or charged yet
+                raise ConfigError("model.max_physical_examples", f"a micro-batch of {len(x)} examples x "
+                                  f"{self.hparams.noise_draws} noise draws does not fit in the device's memory",
+                                  f"set model.init_args.max_physical_examples to {max(1, len(x) // 2)} or lower: "
+                                  "the logical batch, the noise and the privacy accounting stay the same") from err
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
 
     def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:

@@ -258,6 +258,20 @@ def test_a_cosine_learning_rate_falls_to_zero_over_the_planned_steps(real_data_r
         assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(final, abs=1e-12)
 
 
+def test_a_micro_batch_too_large_for_memory_names_the_setting_to_lower(real_data_root, tmp_path,
+                                                                     monkeypatch) -> None:
+    from fedgen.cli import fit
+
+    def out_of_memory(self, images, labels, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(DPDiffusion, "diffusion_loss", out_of_memory)
+    with pytest.raises(ConfigError, match="max_physical_examples to [0-9]+ or lower") as err:
+        fit(_tiny_cli(real_data_root, 2, f"--run_dir={tmp_path / 'run'}"))
+    assert err.value.field == "model.max_physical_examples"
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+
+
 def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> None:
     from fedgen.cli import fit
 
