@@ -81,6 +81,9 @@ class CapturedBackward:
             device = chunk[0].device
             self._positions = torch.arange(self.size, device=device)
             self._weights = torch.empty(self.size, device=device)
+        if len(chunk) != len(self._static):
+            raise ValueError(f"the first call gave {len(self._static)} input tensors, this one {len(chunk)}: a captured "
+                             "pass takes the same inputs every time")
         for static, t in zip(self._static, chunk, strict=True):
             if t.shape[1:] != static.shape[1:] or t.dtype != static.dtype or t.device != static.device:
                 raise ValueError(f"the inputs changed from {tuple(static.shape[1:])} {static.dtype} on {static.device} "

@@ -107,6 +107,8 @@ def test_an_empty_sample_leaves_a_zero_sum_and_other_shapes_are_refused() -> Non
         captured(x[:, :, :4], y)
     with pytest.raises(ValueError, match="same examples"):
         captured(x, y[:2])
+    with pytest.raises(ValueError, match="same inputs"):
+        captured(x)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
