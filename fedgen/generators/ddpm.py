@@ -42,6 +42,9 @@ from typing import Any, Literal, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
@@ -58,8 +61,14 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_channels: tuple[int, ...],
-               attention: tuple[bool, ...], layers_per_block: int, norm_groups: int) -> UNet2DModel:
-    """diffusers' UNet2DModel with one class embedding per class plus a null class (index ``num_classes``)."""
+               attention: tuple[bool, ...], layers_per_block: int, norm_groups: int,
+               zero_init_residual: bool = False) -> UNet2DModel:
+    """diffusers' UNet2DModel with one class embedding per class plus a null class (index ``num_classes``).
+
+    ``zero_init_residual``: the last layer of every residual branch (each ResNet block's second convolution, each
+    attention block's output projection) and the output convolution start at zero, so that every block starts
+    as the identity and the UNet's first output is 0: the initialization of the DDPM++ network (Song et al.,
+    ICLR 2021) that DPDM trains (its ``init_scale`` of 0)."""
     c, h, w = image_shape
     levels = len(block_channels)
     if len(attention) != levels:
@@ -72,12 +81,23 @@ def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_cha
     if h % factor or w % factor:
         raise ConfigError("model.block_channels", f"{levels} levels halve the {h}x{w} images {levels - 1} times, "
                           "which needs sizes divisible by " + str(factor), "use fewer levels (28x28 takes 3)")
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=tuple(block_channels),
         layers_per_block=layers_per_block, norm_num_groups=norm_groups, num_class_embeds=num_classes + 1,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
     )
+    if zero_init_residual:
+        last_layers = [unet.conv_out]
+        for module in unet.modules():
+            if isinstance(module, ResnetBlock2D):
+                last_layers.append(module.conv2)
+            elif isinstance(module, Attention):
+                last_layers.append(module.to_out[0])
+        for layer in last_layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return unet
 
 
 def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
@@ -119,6 +139,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         block_channels: channels of the UNet's levels (each level but the last halves the resolution).
         attention: per level, whether its blocks have self-attention.
         layers_per_block: residual blocks per level.
+        zero_init_residual: start every residual branch and the output at zero, as DPDM's DDPM++ network does
+            (see :func:`build_unet`).
         norm_groups: GroupNorm groups.
         num_train_timesteps: T, diffusion steps of the training schedule.
         beta_schedule: the variance schedule (diffusers' names).
@@ -150,7 +172,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
-                 layers_per_block: int = 1, norm_groups: int = 8, num_train_timesteps: int = 1000,
+                 layers_per_block: int = 1, norm_groups: int = 8, zero_init_residual: bool = False,
+                 num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
                  timesteps: Literal["uniform", "lognormal"] = "uniform", lognormal_mean: float = -1.2,
                  lognormal_std: float = 1.2, noise_draws: int = 4, batch_size: int = 256,
@@ -203,7 +226,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self.save_hyperparameters(ignore=["mechanism", "central_images"])
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),
-                               layers_per_block=layers_per_block, norm_groups=norm_groups)
+                               layers_per_block=layers_per_block, norm_groups=norm_groups,
+                               zero_init_residual=zero_init_residual)
         unsupported = unsupported_layers(self.unet)
         if unsupported:  # engine "auto" would fall back to Opacus, which has no noise multiplicity
             raise ConfigError("model", f"fedgen's clipping engine cannot clip {'; '.join(unsupported)}",

@@ -189,6 +189,22 @@ def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
     assert all(not torch.equal(p, b) for p, b in zip(model.unet.parameters(), before, strict=True))
 
 
+def test_zero_init_residual_starts_every_block_as_the_identity_and_the_output_at_zero() -> None:
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    x, t, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 3])
+    zero = _tiny(zero_init_residual=True).unet
+    assert torch.count_nonzero(zero(x, t, class_labels=y).sample) == 0
+    blocks = [m for m in zero.modules() if isinstance(m, ResnetBlock2D | Attention)]
+    assert any(isinstance(m, Attention) for m in blocks) and any(isinstance(m, ResnetBlock2D) for m in blocks)
+    for block in blocks:
+        last = block.conv2 if isinstance(block, ResnetBlock2D) else block.to_out[0]
+        assert torch.count_nonzero(last.weight) == 0 and torch.count_nonzero(last.bias) == 0
+        assert any(torch.count_nonzero(p) for p in block.parameters())  # the rest keeps its initialization
+    assert torch.count_nonzero(_tiny().unet(x, t, class_labels=y).sample) > 0  # the default does not
+
+
 @pytest.mark.parametrize(("overrides", "field"), [
     ({"mechanism": DPSGD(noise_multiplier=1.0, engine="opacus")}, "model.mechanism.engine"),
     ({"attention": (False,)}, "model.attention"),
