@@ -35,6 +35,7 @@ from torch.utils.data import TensorDataset
 
 from fedgen.evaluation import ConvNet
 from fedgen.mechanisms import DPSGD, CapturedBackward
+from fedgen.mechanisms.cuda_graphs import capture_graph
 
 DATASET_SIZE = 60000
 
@@ -155,18 +156,13 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer, forward_bac
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA graphs need a CUDA device")
     params = [p for p in model.parameters() if p.requires_grad]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up steps on a side stream before the capture, as PyTorch asks
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            forward_backward()
-            optimizer.step()
-    torch.cuda.current_stream().wait_stream(side)
+
+    def step_and_clear() -> None:  # the warm-up runs are whole steps
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward_backward()
+    graph = capture_graph(forward_backward, warmup=3, after_warmup=step_and_clear)
     captured = [p.grad for p in params]
 
     def step() -> None:

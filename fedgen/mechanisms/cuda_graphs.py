@@ -26,6 +26,22 @@ import torch
 from fedgen.mechanisms.dp_sgd import DPSGD
 
 
+def capture_graph(run: Callable[[], None], *, warmup: int, after_warmup: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """``run`` captured as a CUDA graph, after ``warmup`` eager runs on a side stream, each followed by
+    ``after_warmup`` (e.g. dropping the gradients it left): PyTorch's recipe for capturing a backward pass."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            run()
+            after_warmup()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
 class CapturedBackward:
     """``DPSGD.backward`` for the examples of ``inputs``, in padded micro-batches of ``size``, replayed from a
     CUDA graph captured at the first call.
@@ -53,6 +69,7 @@ class CapturedBackward:
                                "eagerly")
         self.mechanism, self.loss_fn, self.size, self.draws = mechanism, loss_fn, size, draws
         self.graph, self.warmup = graph, warmup
+        self._params = mechanism.private_parameters  # those whose summed_grad the engine fills
         self._static: list[torch.Tensor] | None = None  # the micro-batch buffers the graph reads
         self._weights: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
@@ -104,22 +121,24 @@ class CapturedBackward:
     def _apart(self, run: Callable[[], None]) -> list[torch.Tensor | None]:
         """Run ``run`` (a pass, or its capture) with the parameters' sums set aside; returns the sums it wrote,
         one per parameter, and puts the earlier ones back."""
-        params = self._parameters()
-        kept = [getattr(p, "summed_grad", None) for p in params]
-        for p in params:
-            p.summed_grad = None
+        kept = [getattr(p, "summed_grad", None) for p in self._params]
+        self._drop_sums()
         try:
             run()
-            return [getattr(p, "summed_grad", None) for p in params]
+            return [getattr(p, "summed_grad", None) for p in self._params]
         finally:
-            for p, summed in zip(params, kept, strict=True):
+            for p, summed in zip(self._params, kept, strict=True):
                 p.summed_grad = summed
+
+    def _drop_sums(self) -> None:
+        for p in self._params:
+            p.summed_grad = None
 
     def _add_sums(self) -> None:
         """Add the sums of the last pass (a replay's live in the graph's memory, which the next replay
         overwrites) to the parameters' ``summed_grad``: a copy at the first micro-batch of a step, else a sum,
         each one batched operation over all parameters (a loop would launch a kernel per parameter)."""
-        pairs = [(p, total) for p, total in zip(self._parameters(), self._sums, strict=True) if total is not None]
+        pairs = [(p, total) for p, total in zip(self._params, self._sums, strict=True) if total is not None]
         fresh = [(p, t) for p, t in pairs if getattr(p, "summed_grad", None) is None]
         held = [(p, t) for p, t in pairs if getattr(p, "summed_grad", None) is not None]
         if fresh:
@@ -135,23 +154,8 @@ class CapturedBackward:
         self.mechanism.backward(loss, draws=self.draws, weights=self._weights)
         self._loss = loss.detach()
 
-    def _parameters(self) -> list[torch.nn.Parameter]:
-        return [p for layer in self.mechanism._clipping.layers for p in layer.parameters(recurse=False)
-                if p.requires_grad]
-
     def _capture(self) -> None:
-        def warm_up_and_capture() -> None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):  # their sums are dropped
-                    self._forward_backward()
-                    for p in self._parameters():
-                        p.summed_grad = None
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                self._forward_backward()
+        def capture() -> None:
+            self._captured = capture_graph(self._forward_backward, warmup=self.warmup, after_warmup=self._drop_sums)
 
-        graph = torch.cuda.CUDAGraph()
-        self._sums = self._apart(warm_up_and_capture)
-        self._captured = graph
+        self._sums = self._apart(capture)

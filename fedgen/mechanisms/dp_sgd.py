@@ -389,6 +389,12 @@ class DPSGD(Mechanism, name="dp_sgd"):
         return grad_sample_module, dp_optimizer
 
     @property
+    def private_parameters(self) -> list[nn.Parameter]:
+        """fedgen's engine: the trainable parameters of the private module, in order (set by :meth:`make_private`);
+        the parameters whose ``summed_grad`` :meth:`backward` fills."""
+        return self._private_params
+
+    @property
     def owns_backward(self) -> bool:
         return self.engine_in_use == "fedgen"
 
