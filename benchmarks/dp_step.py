@@ -16,6 +16,7 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --models convnet unet --batches 256 1024 --draws 1 4
     python benchmarks/dp_step.py --autocast bf16  # every method under bfloat16 autocast
     python benchmarks/dp_step.py --methods nonprivate fedgen --cuda_graph   # forward and backward from a graph
+    python benchmarks/dp_step.py --compile inductor   # every method's model through torch.compile
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
 """
@@ -118,10 +119,17 @@ def make_parts(method: str, task: Task, batch_size: int
     return model, optimizer, backward, mechanism
 
 
-def make_step(method: str, task: Task, batch_size: int, autocast: str = "off", cuda_graph: bool = False
-              ) -> Callable[[], None]:
-    """One training step of ``method``: eager, or with forward and backward replayed from a CUDA graph."""
+def make_step(method: str, task: Task, batch_size: int, autocast: str = "off", cuda_graph: bool = False,
+              compile_backend: str | None = None) -> Callable[[], None]:
+    """One training step of ``method``: eager, with forward and backward replayed from a CUDA graph, or with the
+    model (after make_private) run through ``torch.compile(backend=compile_backend)``."""
     model, optimizer, backward, mechanism = make_parts(method, task, batch_size)
+    if compile_backend is not None:
+        if cuda_graph:
+            raise NotImplementedError("--compile and --cuda_graph: one at a time")
+        # code compiled for the previous row's model would be reused without this one's hooks
+        torch.compiler.reset()
+        model = torch.compile(model, backend=compile_backend)
     if cuda_graph and method == "opacus_hooks":
         raise NotImplementedError("CUDA graphs here: nonprivate and fedgen only")
     if cuda_graph and method == "fedgen":  # the library's captured backward pass, one micro-batch of the batch
@@ -283,6 +291,8 @@ def main() -> None:
     parser.add_argument("--cuda_graph", action="store_true",
                         help="replay forward and backward (and fedgen's clipping) from a CUDA graph, the optimizer "
                              "step eager; nonprivate and fedgen only")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="run each method's model through torch.compile with this backend (e.g. inductor)")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     args = parser.parse_args()
@@ -300,7 +310,8 @@ def main() -> None:
         raise SystemExit("dp_step.py times GPU steps: no CUDA device found")
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.steps} steps "
-          f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}\n")
+          f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}; "
+          f"torch.compile {args.compile or 'off'}\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")
@@ -318,8 +329,8 @@ def main() -> None:
                     torch.manual_seed(0)
                     try:
                         task = TASKS[name](batch_size, draws, device)
-                        ms, mb = measure(make_step(method, task, batch_size, args.autocast, args.cuda_graph),
-                                         args.warmup, args.steps)
+                        ms, mb = measure(make_step(method, task, batch_size, args.autocast, args.cuda_graph,
+                                                   args.compile), args.warmup, args.steps)
                     except Exception as err:  # a method that cannot run this row says why, the table goes on
                         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
                         if not isinstance(err, NotImplementedError):

@@ -21,6 +21,19 @@ def test_each_method_steps_the_convnet(method):
     assert any(not torch.equal(b, p) for b, p in zip(before, task.model.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("method", ["nonprivate", "fedgen"])
+def test_each_method_steps_the_convnet_through_torch_compile(method):
+    """--compile: the model made private, then compiled (a backend without code generation, for speed here)."""
+    torch.manual_seed(0)
+    task = DP_STEP["TASKS"]["convnet"](4, 1, torch.device("cpu"))
+    before = [p.detach().clone() for p in task.model.parameters()]
+    try:
+        DP_STEP["make_step"](method, task, 4, compile_backend="aot_eager")()
+    finally:
+        torch.compiler.reset()
+    assert any(not torch.equal(b, p) for b, p in zip(before, task.model.parameters(), strict=True))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_graphs_are_refused_without_cuda():
     task = DP_STEP["TASKS"]["convnet"](4, 1, torch.device("cpu"))

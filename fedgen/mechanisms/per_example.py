@@ -410,7 +410,10 @@ class PerExampleClipping:
         """
         records, self._records = self._records, []
         if not records:
-            raise RuntimeError("no forward pass was recorded: run the model with gradients enabled before backward")
+            raise RuntimeError("no forward pass was recorded: run the model with gradients enabled before backward. "
+                               "Under torch.compile, the forward may run code compiled before make_private added "
+                               "the engine's recording hooks (Dynamo does not guard on module hooks): call "
+                               "torch.compiler.reset() before the first compiled forward of the private model")
         for r in records:
             if r.output._version != r.output_version or r.inputs._version != r.input_version:
                 raise RuntimeError(f"the input or output of layer {self.layers[r.layer]!r} was modified in place after "

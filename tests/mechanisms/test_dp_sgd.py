@@ -451,6 +451,52 @@ def test_batchnorm_is_refused_and_fixed() -> None:
     assert mechanism.steps_taken == 1
 
 
+def _clipped_sums_of_conv_net(backend: str | None, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """One backward pass of fedgen's engine on a fresh ConvNet (the same weights each call), the model run
+    as make_private returned it, or compiled afterwards with ``backend``."""
+    mechanism = DPSGD(noise_multiplier=1.0, max_grad_norm=0.1, seed=0, engine="fedgen")
+    torch.manual_seed(3)
+    wrapped, _, _ = _make_private(ConvNet(), mechanism, n=60, batch_size=6)
+    run = wrapped if backend is None else torch.compile(wrapped, backend=backend)
+    mechanism.backward(F.cross_entropy(run(x), y))
+    return [p.summed_grad.clone() for p in wrapped.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_model_compiled_after_make_private_gets_the_same_clipped_sums(backend: str) -> None:
+    """torch.compile traces the engine's recording hooks into its graph and replays what they record."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = _conv_data(6, gen, dtype=torch.float32)
+    torch.compiler.reset()
+    try:
+        eager = _clipped_sums_of_conv_net(None, x, y)
+        compiled = _clipped_sums_of_conv_net(backend, x, y)
+    finally:
+        torch.compiler.reset()
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert max(float(s.norm()) for s in eager) > 1e-3
+
+
+def test_code_compiled_before_the_hooks_existed_is_stopped_with_the_fix() -> None:
+    """Dynamo reuses code compiled for a model without the engine's hooks (it does not guard on module hooks):
+    nothing is recorded, and the step stops with an error that names torch.compiler.reset(); after it, the same
+    compiled private model is clipped exactly."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = _conv_data(6, gen, dtype=torch.float32)
+    torch.compiler.reset()
+    try:
+        torch.compile(ConvNet(), backend="aot_eager")(x)  # compiled before any hook exists
+        with pytest.raises(RuntimeError, match=r"torch\.compiler\.reset\(\)"):
+            _clipped_sums_of_conv_net("aot_eager", x, y)
+        torch.compiler.reset()
+        compiled = _clipped_sums_of_conv_net("aot_eager", x, y)
+    finally:
+        torch.compiler.reset()
+    for a, b in zip(_clipped_sums_of_conv_net(None, x, y), compiled, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------- Lightning
 class _TinyPrivateModule(PrivateModule):
     """PrivateModule's on_train_batch_start ends training once ``mechanism.exhausted()``."""
