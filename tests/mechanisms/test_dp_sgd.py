@@ -226,6 +226,38 @@ def test_poisson_loader() -> None:
     assert err.value.field == "delta"
 
 
+class _RowByRow(torch.utils.data.Dataset):
+    """The same rows as a TensorDataset, fetched one example at a time (DataLoader's default path)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[i] for t in self.tensors)
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])  # 1 of 30: a third of the Poisson batches are empty
+def test_an_in_memory_dataset_is_fetched_a_batch_at_a_time_with_the_same_rows(batch_size: int) -> None:
+    images = torch.randn(30, 1, 4, 4)
+    labels = torch.arange(30) % 3
+    batches = []
+    for dataset in (TensorDataset(images, labels), _RowByRow(images, labels)):
+        loader = DPSGD(noise_multiplier=1.0, seed=7).data_loader(dataset, batch_size=batch_size)
+        assert hasattr(loader.dataset, "__getitems__") == isinstance(dataset, TensorDataset)  # the path taken
+        batches.append([batch for _ in range(20) for batch in loader])
+    fetched, row_by_row = batches
+    assert len(fetched) == len(row_by_row) == 20 * len(loader) >= 20
+    for a, b in zip(fetched, row_by_row, strict=True):
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    sizes = [len(b[0]) for b in fetched]
+    assert (0 in sizes) == (batch_size == 1) and max(sizes) > 1
+
+
 def test_user_loader_samples_users_at_their_rate_then_their_examples() -> None:
     """User-level sampling: each step includes each user with probability user_rate (the rate the ledger sees)
     and, from an included user, each example with the rate that makes the expected batch batch_size; an
