@@ -31,7 +31,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedgen.data import IIDPartitioner, Partitioner
 from fedgen.errors import ConfigError, check_at_least_one
@@ -113,7 +113,9 @@ class FederatedDPSGD:
                               f"the federation is {self.unit}-level but the mechanism counts add/remove one {unit}",
                               "use unit: user on the mechanism with unit: client on the federation, else unit: "
                               "example on both")
-        tagged = ClientTagged(dataset, owner)
+        # in memory, the owners join the tensors, so that the Poisson loader fetches whole batches
+        tagged = TensorDataset(*dataset.tensors, owner) if type(dataset) is TensorDataset else \
+            ClientTagged(dataset, owner)
         if self.unit == "client":
             loader = generator.attach_private_data(tagged, users=[c.indices for c in clients],
                                                    user_rate=self.client_rate)

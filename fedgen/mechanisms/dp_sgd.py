@@ -23,6 +23,7 @@ training cleanly when the budget is spent and keeps the ledger in checkpoints.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -131,6 +132,14 @@ def _collate_fetched(batch: _FetchedBatch | list) -> list:
     return list(batch) if isinstance(batch, _FetchedBatch) else default_collate(batch)
 
 
+def _fetch_whole_batches(dataset: Dataset, collate_fn: Callable) -> tuple[Dataset, Callable]:
+    """``(dataset, collate_fn)`` of a Poisson loader: a plain in-memory ``TensorDataset`` with the default collation
+    is fetched a batch at a time (:class:`_BatchedTensorDataset`); anything else as given."""
+    if type(dataset) is TensorDataset and collate_fn is default_collate:
+        return _BatchedTensorDataset(*dataset.tensors), _collate_fetched
+    return dataset, collate_fn
+
+
 class _UserPoissonBatches:
     """The batch sampler of :class:`UserPoissonLoader`: ``steps`` batches of fresh draws on every pass."""
 
@@ -165,9 +174,10 @@ class UserPoissonLoader(DPDataLoader):
         users = [torch.as_tensor(u, dtype=torch.long).reshape(-1) for u in users]
         steps = max(1, int(1 / (user_rate * example_rate)))
         first = dataset[0]
+        dataset, collate_fn = _fetch_whole_batches(dataset, default_collate)
         DataLoader.__init__(self, dataset, generator=generator,
                             batch_sampler=_UserPoissonBatches(users, user_rate, example_rate, steps, generator),
-                            collate_fn=wrap_collate_with_empty(collate_fn=default_collate,
+                            collate_fn=wrap_collate_with_empty(collate_fn=collate_fn,
                                                                sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
                                                                dtypes=[dtype_safe(x) for x in first]))
         self.sample_rate = float(user_rate)
@@ -322,9 +332,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
         self.check_dataset_size(len(dataset))
         generator = torch.Generator().manual_seed(self.noise.sampling_seed())
         base = DataLoader(dataset, batch_size=batch_size, **kwargs)  # validates the DataLoader options
-        collate_fn = base.collate_fn
-        if type(dataset) is TensorDataset and "collate_fn" not in kwargs:  # in memory: fetch each batch whole
-            dataset, collate_fn = _BatchedTensorDataset(*dataset.tensors), _collate_fetched
+        dataset, collate_fn = _fetch_whole_batches(dataset, base.collate_fn)
         return DPDataLoader(dataset, sample_rate=batch_size / len(dataset), generator=generator,
                             num_workers=base.num_workers, collate_fn=collate_fn, pin_memory=base.pin_memory,
                             drop_last=base.drop_last, timeout=base.timeout, worker_init_fn=base.worker_init_fn,
