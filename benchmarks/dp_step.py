@@ -6,7 +6,9 @@ fixed batch already on the device, timed with CUDA events: the median of ``--ste
 
 - ``convnet``: fedgen's ConvNet 3 x [conv 128, GroupNorm, ReLU, avg-pool] on 28 x 28 x 1, cross-entropy;
 - ``unet``: diffusers ``UNet2DModel`` (channels 32, 64, 64; attention at the middle level) on 32 x 32 x 1,
-  the DDPM noise-prediction loss with ``K`` noise draws per example.
+  the DDPM noise-prediction loss with ``K`` noise draws per example;
+- ``unet_eps1``: the class-conditional UNet that ``examples/mnist_dp_diffusion_eps1.yaml`` trains (built by
+  ``fedgen.generators.ddpm.build_unet`` from the example's own settings) on 28 x 28 x 1, the same loss with labels.
 
 Methods: ``nonprivate`` (plain SGD; with K draws the batch holds B x K noisy copies), ``opacus_hooks``
 (Opacus' ``GradSampleModule`` + ``DPOptimizer``; no noise multiplicity), ``fedgen`` (``DPSGD(engine="fedgen")``:
@@ -28,6 +30,7 @@ import gc
 import statistics
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,7 +87,43 @@ def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
     return Task(model, (x,), loss, draws)
 
 
-TASKS = {"convnet": convnet_task, "unet": unet_task}
+EPS1_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_dp_diffusion_eps1.yaml"
+
+
+def eps1_unet(device: torch.device) -> nn.Module:
+    """The UNet of ``examples/mnist_dp_diffusion_eps1.yaml``, read from the example, so the row follows it."""
+    import yaml
+
+    from fedgen.generators.ddpm import build_unet
+
+    settings = yaml.safe_load(EPS1_EXAMPLE.read_text())["model"]["init_args"]
+    keys = ("num_classes", "image_shape", "block_channels", "attention", "layers_per_block", "norm_groups")
+    kwargs = {key: settings[key] for key in keys}
+    kwargs["zero_init_residual"] = settings.get("zero_init_residual", False)
+    return build_unet(**kwargs).to(device)
+
+
+def unet_eps1_task(batch_size: int, draws: int, device: torch.device) -> Task:
+    from diffusers import DDPMScheduler
+
+    model = eps1_unet(device)
+    classes = model.config.num_class_embeds
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    x = torch.rand(batch_size, model.config.in_channels, *model.config.sample_size, device=device) * 2 - 1
+    y = torch.randint(0, classes - 1, (batch_size,), device=device)
+
+    def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)
+        noise = torch.randn_like(x)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
+        return F.mse_loss(m(scheduler.add_noise(x, noise, t), t, class_labels=y).sample, noise)
+
+    return Task(model, (x, y), loss, draws)
+
+
+TASKS = {"convnet": convnet_task, "unet": unet_task, "unet_eps1": unet_eps1_task}
+#: the models trained with the diffusion loss, where noise draws K apply
+DIFFUSION = ("unet", "unet_eps1")
 
 
 def make_parts(method: str, task: Task, batch_size: int
@@ -246,7 +285,7 @@ def count_kernel_ops(step: Callable[[], None]) -> int:
 def print_op_counts(models: list[str], draws: list[int], methods: list[str]) -> None:
     print("| model | K | method | kernel-launching operators per step | x non-private |\n|---|---|---|---|---|")
     for name in models:
-        for k in (draws if name == "unet" else [1]):
+        for k in (draws if name in DIFFUSION else [1]):
             base = None
             for method in methods:
                 torch.manual_seed(0)
@@ -280,7 +319,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["convnet", "unet"], choices=sorted(TASKS))
     parser.add_argument("--batches", nargs="+", type=int, default=[256, 1024])
-    parser.add_argument("--draws", nargs="+", type=int, default=[1, 4], help="noise draws K (UNet only)")
+    parser.add_argument("--draws", nargs="+", type=int, default=[1, 4], help="noise draws K (UNets only)")
     parser.add_argument("--methods", nargs="+", default=["nonprivate", "opacus_hooks", "fedgen"])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
@@ -302,7 +341,7 @@ def main() -> None:
     if args.profile:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         name, batch_size = args.models[0], args.batches[0]
-        task = TASKS[name](batch_size, args.draws[0] if name == "unet" else 1, device)
+        task = TASKS[name](batch_size, args.draws[0] if name in DIFFUSION else 1, device)
         print(f"profile: {args.profile} on {name}, batch {batch_size}, {device}, autocast {args.autocast}")
         print_profile(make_step(args.profile, task, batch_size, args.autocast), steps=5, rows=30)
         return
@@ -319,7 +358,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         for batch_size in args.batches:
-            for draws in (args.draws if name == "unet" else [1]):
+            for draws in (args.draws if name in DIFFUSION else [1]):
                 base = None
                 for method in args.methods:
                     # Opacus' hooks hold the module in reference cycles: collect the previous row's model and

@@ -39,3 +39,18 @@ def test_cuda_graphs_are_refused_without_cuda():
     task = DP_STEP["TASKS"]["convnet"](4, 1, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         DP_STEP["make_step"]("fedgen", task, 4, cuda_graph=True)
+
+
+@pytest.mark.parametrize("method", ["nonprivate", "fedgen"])
+def test_each_method_steps_the_eps1_examples_unet_with_noise_draws(method):
+    """The ``unet_eps1`` row trains the UNet that examples/mnist_dp_diffusion_eps1.yaml states, K draws per example."""
+    import yaml
+
+    torch.manual_seed(0)
+    task = DP_STEP["TASKS"]["unet_eps1"](2, 2, torch.device("cpu"))
+    settings = yaml.safe_load(DP_STEP["EPS1_EXAMPLE"].read_text())["model"]["init_args"]
+    assert list(task.model.config.block_out_channels) == settings["block_channels"]
+    assert task.batch[0].shape == (2, *settings["image_shape"]) and task.draws == 2
+    before = [p.detach().clone() for p in task.model.parameters()]
+    DP_STEP["make_step"](method, task, 2)()
+    assert any(not torch.equal(b, p) for b, p in zip(before, task.model.parameters(), strict=True))
