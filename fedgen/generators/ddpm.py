@@ -21,6 +21,13 @@ one example still moves the clipped sum by at most C, so the privacy cost is tha
 independent of K, while the gradient's variance drops. fedgen's clipping engine does this without K per-draw
 gradients (:meth:`fedgen.mechanisms.DPSGD.backward` with ``draws=K``).
 
+Stratified draws (``stratified_draws``): instead of K independent steps, draw k of an example takes its step from
+the k-th of K equal-probability strata of the ``timesteps`` distribution, ``u_k = (k + U_k) / K`` with
+``U_k ~ U[0, 1)`` mapped through the distribution's inverse CDF. Every row is still distributed as before, so the
+loss is unbiased, and the part of the K-draw loss's variance that comes from which steps were drawn shrinks to the
+spread within a stratum (stratified sampling; the per-batch low-discrepancy steps of Kingma et al., NeurIPS 2021,
+taken inside each example). The draws stay inside the example's clipped loss: no privacy cost.
+
 - DP-SGD (:class:`~fedgen.mechanisms.DPSGD`): Poisson sampling with expected batch ``batch_size``. A logical
   batch may be processed in physical micro-batches of at most ``max_physical_examples`` examples; their
   clipped sums add up and the step adds its noise once, so the sampling and the accounting are unchanged.
@@ -153,6 +160,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         lognormal_mean: P_mean, the mean of ``log sigma`` for ``timesteps: lognormal``.
         lognormal_std: P_std, its standard deviation.
         noise_draws: K, noise draws averaged inside each example's loss.
+        stratified_draws: draw the K steps of an example from the K strata of ``timesteps``, one each (see the
+            module's docstring); with K = 1 the one stratum is the whole distribution.
         batch_size: expected logical batch size of the Poisson sampler.
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
             processed in micro-batches. Default: the whole logical batch at once.
@@ -176,7 +185,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
                  timesteps: Literal["uniform", "lognormal"] = "uniform", lognormal_mean: float = -1.2,
-                 lognormal_std: float = 1.2, noise_draws: int = 4, batch_size: int = 256,
+                 lognormal_std: float = 1.2, noise_draws: int = 4, stratified_draws: bool = False,
+                 batch_size: int = 256,
                  max_physical_examples: int | None = None, lr: float = 3e-4,
                  lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
                  label_dropout: float = 0.1, guidance_scale: float = 0.0,
@@ -311,20 +321,31 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         noise = torch.randn_like(x0)
-        t = self.training_timesteps(x0.shape[0], device=x0.device)
+        t = self.training_timesteps(x0.shape[0], device=x0.device,
+                                    strata=draws if self.hparams.stratified_draws else 1)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         target = noise if self.hparams.prediction == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
         error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, target, reduction="none")
         return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
 
-    def training_timesteps(self, n: int, *, device: torch.device) -> torch.Tensor:
-        """``n`` training steps drawn from the ``timesteps`` distribution (see the module's docstring)."""
-        if self.hparams.timesteps == "uniform":
-            return torch.randint(0, self.hparams.num_train_timesteps, (n,), device=device)
+    def training_timesteps(self, n: int, *, device: torch.device, strata: int = 1) -> torch.Tensor:
+        """``n`` training steps drawn from the ``timesteps`` distribution (see the module's docstring). With
+        ``strata = K > 1`` row r is drawn from stratum ``r mod K`` of K equal-probability strata: the K rows of an
+        example (consecutive, as ``repeat_interleave`` makes them) cover the distribution, one stratum each."""
+        steps = self.hparams.num_train_timesteps
         midpoints = self._log_sigma_midpoints.to(device)
-        log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * torch.randn(
-            n, device=device, dtype=midpoints.dtype)
-        return torch.searchsorted(midpoints, log_sigma)
+        if strata == 1:
+            if self.hparams.timesteps == "uniform":
+                return torch.randint(0, steps, (n,), device=device)
+            log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * torch.randn(
+                n, device=device, dtype=midpoints.dtype)
+            return torch.searchsorted(midpoints, log_sigma)
+        u = (torch.arange(n, device=device, dtype=torch.float64) % strata
+             + torch.rand(n, device=device, dtype=torch.float64)) / strata  # in [0, 1)
+        if self.hparams.timesteps == "uniform":
+            return (u * steps).long().clamp_(max=steps - 1)
+        log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * torch.special.ndtri(u)
+        return torch.searchsorted(midpoints, log_sigma.to(midpoints.dtype))
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """One DP-SGD step on the Poisson sample. Central: the clipped sum of all micro-batches gets the noise.

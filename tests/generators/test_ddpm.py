@@ -176,6 +176,46 @@ def test_lognormal_timesteps_draw_log_sigma_from_the_normal_and_take_the_nearest
     assert float((taken > 1.2).double().mean()) < 0.03
 
 
+@pytest.mark.parametrize("timesteps", ["uniform", "lognormal"])
+def test_stratified_draws_give_each_of_an_examples_k_rows_its_own_stratum(timesteps: str) -> None:
+    """stratified_draws: row r of an example falls in stratum r mod K of the timesteps distribution (quarters of
+    the steps for uniform, quarters of the normal for log sigma), each row still distributed as before, and the
+    mean step of an example's K rows varies far less than with independent draws."""
+    model = _tiny(timesteps=timesteps, num_train_timesteps=1000, noise_draws=4, stratified_draws=True)
+    torch.manual_seed(0)
+    steps = model.training_timesteps(40_000, device=torch.device("cpu"), strata=4).reshape(-1, 4)
+    torch.manual_seed(0)
+    independent = model.training_timesteps(40_000, device=torch.device("cpu")).reshape(-1, 4)
+    abar = model.noise_scheduler.alphas_cumprod.double()
+    log_sigma_t = 0.5 * torch.log((1 - abar) / abar)
+    if timesteps == "uniform":
+        for k in range(4):
+            assert int(steps[:, k].min()) >= 250 * k and int(steps[:, k].max()) < 250 * (k + 1)
+        assert abs(float(steps.double().mean()) - 499.5) < 3 and abs(float(steps.double().std()) - 288.7) < 3
+    else:
+        cuts = -1.2 + 1.2 * torch.special.ndtri(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        edges = torch.cat([torch.tensor([-torch.inf]), cuts, torch.tensor([torch.inf])]).double()
+        taken = log_sigma_t[steps]
+        step_width = float((log_sigma_t[1:] - log_sigma_t[:-1]).abs().max())  # nearest step: within half of it
+        for k in range(4):
+            assert float(taken[:, k].min()) >= float(edges[k]) - step_width
+            assert float(taken[:, k].max()) <= float(edges[k + 1]) + step_width
+        assert abs(float(taken.mean()) + 1.2) < 0.03 and abs(float(taken.std()) - 1.2) < 0.03
+    assert float(steps.double().mean(1).std()) < 0.5 * float(independent.double().mean(1).std())
+
+
+def test_stratified_draws_train_through_the_loss() -> None:
+    """The option reaches the loss: the steps the UNet sees are the stratified ones."""
+    model = _tiny(noise_draws=2, stratified_draws=True, num_train_timesteps=100, ema_decay=0.0)
+    seen = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, **kw: (seen.append(t.clone()), forward(x, t, **kw))[1]
+    x, y = _data(6).tensors
+    model.diffusion_loss(x, y)
+    t = seen[0].reshape(-1, 2)
+    assert bool((t[:, 0] < 50).all()) and bool((t[:, 1] >= 50).all())
+
+
 def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
     model = _tiny()
     data = _data()
