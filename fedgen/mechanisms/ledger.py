@@ -26,9 +26,10 @@ one user (user-level DP, as in DP-FedAvg). Every epsilon the ledger reports refe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -186,16 +187,31 @@ def _mixed_rdp_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
         if isinstance(e, SkellamEvent):
             rdp += e.rdp(orders)
         else:
-            rdp += np.asarray(compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.count,
-                                          orders=orders))
+            rdp += _step_rdp(e.sample_rate, e.noise_multiplier, tuple(orders)) * e.count
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
 
+@functools.lru_cache(maxsize=1024)
+def _step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]) -> np.ndarray:
+    """Opacus' RDP of one subsampled Gaussian step at each order, computed once per mechanism and orders.
+
+    Opacus' ``compute_rdp`` returns the one-step RDP times the step count, so ``_step_rdp(...) * count`` is its
+    value to the bit; a search over counts (:meth:`PrivacyLedger.max_count`) then costs one RDP evaluation instead
+    of one per count tried (each is a sum of series at every order, about 0.2 s on a CPU)."""
+    rdp = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)),
+                     dtype=float)
+    rdp.setflags(write=False)
+    return rdp
+
+
 def _rdp_epsilon(events: list[SubsampledGaussianEvent], delta: float) -> float:
-    accountant = RDPAccountant()
-    accountant.history = _history(events)
-    return float(accountant.get_epsilon(delta, alphas=RDP_ORDERS))
+    """Opacus' RDP accountant (``RDPAccountant.get_epsilon`` over ``RDP_ORDERS``), with each event's one-step RDP
+    cached: the same sum of per-event RDP and the same conversion, so the same epsilon."""
+    orders = tuple(RDP_ORDERS)
+    rdp = sum([_step_rdp(q, sigma, orders) * steps for sigma, q, steps in _history(events)])
+    eps, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def _prv_epsilon(events: list[SubsampledGaussianEvent], delta: float) -> float:
@@ -247,6 +263,22 @@ def compute_epsilon(events: Sequence[PrivacyEvent], delta: float, accountant: Ac
         return min(rdp, _prv_epsilon(events, delta))
     except (ArithmeticError, ValueError, RuntimeError, MemoryError):  # e.g. a near-zero noise: PRV's grid explodes
         return rdp
+
+
+def _largest_fitting(fits: Callable[[int], bool], lo: int) -> int:
+    """The largest ``n >= lo`` with ``fits(n)``, for ``fits`` true up to some count and false beyond, given that
+    ``fits(lo)`` holds (or ``lo = 0``): steps up from ``lo`` by doubling strides, then bisects the last stride."""
+    stride = max(1, lo // 8)
+    hi = lo + stride
+    while fits(hi):
+        lo, stride = hi, 2 * stride
+        hi = lo + stride
+        if lo > 10**9:
+            return lo
+    while hi - lo > 1:  # fits(lo) (or lo = 0), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 class PrivacyLedger:
@@ -306,23 +338,19 @@ class PrivacyLedger:
         return self._epsilon((*self._events, event), delta, self.accountant)
 
     def max_count(self, event: PrivacyEvent, target_epsilon: float, delta: float) -> int:
-        """The largest number of further releases of ``event``'s mechanism that stays within ``target_epsilon``."""
+        """The largest number of further releases of ``event``'s mechanism that stays within ``target_epsilon``.
 
-        def fits(n: int) -> bool:
-            return self.epsilon_with(dataclasses.replace(event, count=n), delta) <= target_epsilon
+        Under ``"auto"`` (the smaller of RDP and PRV, so never above RDP) the count RDP alone allows is found first,
+        which is cheap (:func:`_step_rdp`), and fits under ``"auto"`` too; the search for the count PRV may add
+        starts there, so it evaluates PRV, the slow accountant, about half as often as a search from 1."""
 
-        if not fits(1):
-            return 0
-        hi = 1
-        while fits(2 * hi):
-            hi *= 2
-            if hi > 10**9:
-                return hi
-        lo, hi = hi, 2 * hi  # fits(lo), not fits(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+        def fits_under(accountant: AccountantName) -> Callable[[int], bool]:
+            events = tuple(self._events)
+            return lambda n: self._epsilon((*events, dataclasses.replace(event, count=n)), delta,
+                                           accountant) <= target_epsilon
+
+        start = _largest_fitting(fits_under("rdp"), 0) if self.accountant == "auto" else 0
+        return _largest_fitting(fits_under(self.accountant), start)
 
     def summary(self, delta: float) -> str:
         eps = self.epsilon(delta)

@@ -304,6 +304,27 @@ def test_max_count_is_exact(accountant: str) -> None:
     assert ledger.epsilon_with(SubsampledGaussianEvent(1.0, 0.01, n + 1), DELTA) > target
 
 
+def test_the_count_search_finds_the_last_fitting_count_from_any_fitting_start() -> None:
+    from fedgen.mechanisms.ledger import _largest_fitting
+
+    for limit in (0, 1, 2, 7, 8, 9, 100, 1023, 1024, 12345):
+        for start in sorted({0, 1, limit // 3, limit // 2, limit} - ({1} if limit < 1 else set())):
+            calls = []
+            assert _largest_fitting(lambda n: calls.append(n) or n <= limit, start) == limit
+            assert len(calls) <= 2 * max(1, limit).bit_length() + 2
+
+
+def test_auto_counts_at_least_what_rdp_allows_and_exactly_what_it_allows_itself() -> None:
+    """Under "auto" the search starts at RDP's count; PRV allows more here, and the count is still exact."""
+    event = SubsampledGaussianEvent(1.0, 0.01)
+    rdp = _ledger(SubsampledGaussianEvent(8.0, 1.0, 1), accountant="rdp").max_count(event, 2.0, DELTA)
+    auto = _ledger(SubsampledGaussianEvent(8.0, 1.0, 1), accountant="auto")
+    n = auto.max_count(event, 2.0, DELTA)
+    assert n > rdp
+    assert auto.epsilon_with(SubsampledGaussianEvent(1.0, 0.01, n), DELTA) <= 2.0
+    assert auto.epsilon_with(SubsampledGaussianEvent(1.0, 0.01, n + 1), DELTA) > 2.0
+
+
 def test_max_count_zero_when_nothing_fits() -> None:
     ledger = PrivacyLedger(accountant="rdp")
     assert ledger.max_count(SubsampledGaussianEvent(0.5, 1.0), 1.0, DELTA) == 0
