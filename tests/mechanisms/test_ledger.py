@@ -14,6 +14,7 @@ import math
 import warnings
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
@@ -129,6 +130,21 @@ def test_epsilon_equals_opacus_exactly(name: str) -> None:
     assert ledger.epsilon(DELTA) == min(expected_rdp, expected_prv)  # "auto" is the default
     assert compute_epsilon(events, DELTA, "rdp") == expected_rdp
     assert expected_prv != expected_rdp  # otherwise the "auto" check could not tell them apart
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_epsilon_equals_opacus_exactly_on_random_histories(seed: int) -> None:
+    """The cached one-step RDP (and the PRV grid sized from it) against Opacus' own accountants, on histories of
+    one to three events with noise from 0.8 to 4, rates from 1e-3 to 0.07 and up to 1,000 steps, at two deltas."""
+    rng = np.random.default_rng(seed)
+    events = [SubsampledGaussianEvent(float(rng.uniform(0.8, 4.0)), float(rng.choice([1e-3, 0.01, 0.07])),
+                                      int(rng.integers(1, 1000))) for _ in range(int(rng.integers(1, 4)))]
+    history = [(e.noise_multiplier, e.sample_rate, e.count) for e in events]
+    for delta in (1e-5, 1e-3):
+        rdp, prv = RDPAccountant(), PRVAccountant()
+        rdp.history, prv.history = list(history), list(history)
+        assert compute_epsilon(events, delta, "rdp") == rdp.get_epsilon(delta, alphas=RDP_ORDERS)
+        assert compute_epsilon(events, delta, "prv") == prv.get_epsilon(delta)
 
 
 def test_no_events_spend_nothing() -> None:
