@@ -332,19 +332,19 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         """``n`` training steps drawn from the ``timesteps`` distribution (see the module's docstring). With
         ``strata = K > 1`` row r is drawn from stratum ``r mod K`` of K equal-probability strata: the K rows of an
         example (consecutive, as ``repeat_interleave`` makes them) cover the distribution, one stratum each."""
-        steps = self.hparams.num_train_timesteps
+        steps, uniform = self.hparams.num_train_timesteps, self.hparams.timesteps == "uniform"
+        if strata == 1 and uniform:
+            return torch.randint(0, steps, (n,), device=device)
         midpoints = self._log_sigma_midpoints.to(device)
         if strata == 1:
-            if self.hparams.timesteps == "uniform":
-                return torch.randint(0, steps, (n,), device=device)
-            log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * torch.randn(
-                n, device=device, dtype=midpoints.dtype)
-            return torch.searchsorted(midpoints, log_sigma)
-        u = (torch.arange(n, device=device, dtype=torch.float64) % strata
-             + torch.rand(n, device=device, dtype=torch.float64)) / strata  # in [0, 1)
-        if self.hparams.timesteps == "uniform":
-            return (u * steps).long().clamp_(max=steps - 1)
-        log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * torch.special.ndtri(u)
+            z = torch.randn(n, device=device, dtype=midpoints.dtype)  # the standard normal of log sigma
+        else:
+            u = (torch.arange(n, device=device, dtype=torch.float64) % strata
+                 + torch.rand(n, device=device, dtype=torch.float64)) / strata  # in [0, 1)
+            if uniform:
+                return (u * steps).long().clamp_(max=steps - 1)
+            z = torch.special.ndtri(u)
+        log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * z
         return torch.searchsorted(midpoints, log_sigma.to(midpoints.dtype))
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:

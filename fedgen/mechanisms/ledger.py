@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv.domain import Domain
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedgen.errors import ConfigError
@@ -207,7 +208,8 @@ def _step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, 
 
 def _rdp_of_history(history: list[tuple[float, float, int]], delta: float, orders: list[float]) -> float:
     """Opacus' ``RDPAccountant(history).get_epsilon(delta, alphas=orders)`` from the cached one-step RDP."""
-    rdp = sum([_step_rdp(q, sigma, tuple(orders)) * steps for sigma, q, steps in history])
+    key = tuple(orders)
+    rdp = sum([_step_rdp(q, sigma, key) * steps for sigma, q, steps in history])
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
@@ -228,8 +230,6 @@ class _PRVAccountant(PRVAccountant):
 
     def _get_domain(self, prvs: list, num_self_compositions: list[int], eps_error: float,
                     delta_error: float) -> Any:
-        from opacus.accountants.analysis.prv.domain import Domain
-
         orders = RDPAccountant.DEFAULT_ALPHAS
         total = sum(num_self_compositions)
         bound = _rdp_of_history([(prv.noise_multiplier, prv.sample_rate, n)
