@@ -143,11 +143,12 @@ class _Oracle(torch.nn.Module):
         return SimpleNamespace(sample=out)
 
 
-@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
-def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction: str) -> None:
+@pytest.mark.parametrize("prediction, beta_schedule", [("v_prediction", "linear"), ("epsilon", "linear"),
+                                                      ("v_prediction", "squaredcos_cap_v2")])
+def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction: str, beta_schedule: str) -> None:
     """With the exact denoiser of a one-image dataset the loss is 0 (the target is the one configured) and the
-    sampler lands on that image (it reads the UNet's output as that same quantity)."""
-    model = _tiny(prediction=prediction, ema_decay=0.0, guidance_scale=0.0)
+    sampler lands on that image (it reads the UNet's output as that same quantity), on either schedule."""
+    model = _tiny(prediction=prediction, beta_schedule=beta_schedule, ema_decay=0.0, guidance_scale=0.0)
     image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     model.unet = _Oracle(model, image)
     loss = model.diffusion_loss(image.expand(5, -1, -1, -1), torch.zeros(5, dtype=torch.long))
