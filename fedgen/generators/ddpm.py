@@ -333,10 +333,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         ``strata = K > 1`` row r is drawn from stratum ``r mod K`` of K equal-probability strata: the K rows of an
         example (consecutive, as ``repeat_interleave`` makes them) cover the distribution, one stratum each."""
         steps, uniform = self.hparams.num_train_timesteps, self.hparams.timesteps == "uniform"
-        if strata == 1 and uniform:
-            return torch.randint(0, steps, (n,), device=device)
-        midpoints = self._log_sigma_midpoints.to(device)
+        midpoints = self._log_sigma_midpoints
         if strata == 1:
+            if uniform:
+                return torch.randint(0, steps, (n,), device=device)
             z = torch.randn(n, device=device, dtype=midpoints.dtype)  # the standard normal of log sigma
         else:
             u = (torch.arange(n, device=device, dtype=torch.float64) % strata
@@ -345,7 +345,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 return (u * steps).long().clamp_(max=steps - 1)
             z = torch.special.ndtri(u)
         log_sigma = self.hparams.lognormal_mean + self.hparams.lognormal_std * z
-        return torch.searchsorted(midpoints, log_sigma.to(midpoints.dtype))
+        return torch.searchsorted(midpoints.to(device), log_sigma.to(midpoints.dtype))
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """One DP-SGD step on the Poisson sample. Central: the clipped sum of all micro-batches gets the noise.
