@@ -98,23 +98,53 @@ def test_the_ledger_is_charged_per_step_whatever_the_number_of_draws() -> None:
     assert ledgers[0] == ledgers[1]  # K draws cost nothing extra
 
 
-def test_the_ema_starts_at_the_trained_weights_and_warms_up_to_its_decay() -> None:
+@pytest.mark.parametrize("power", [None, 8.0, 2.0])
+def test_the_ema_starts_at_the_trained_weights_and_warms_up_to_its_decay(power: float | None) -> None:
     from torch import nn
     from torch.optim.swa_utils import AveragedModel
 
     from fedgen.generators.ddpm import ema_with_warmup
 
     weight = nn.Parameter(torch.zeros(3))
-    ema = AveragedModel(nn.ParameterList([weight]), multi_avg_fn=ema_with_warmup(0.99))
+    update = ema_with_warmup(0.99) if power is None else ema_with_warmup(0.99, power)
+    ema = AveragedModel(nn.ParameterList([weight]), multi_avg_fn=update)
+    gamma = 8.0 if power is None else power  # the default is the warm-up (1 + n) / (10 + n)
     expected = None
     for n in range(200):
         with torch.no_grad():
             weight.fill_(float(n + 1))
         ema.update_parameters(nn.ParameterList([weight]))
-        rate = min(0.99, (1 + n) / (10 + n))  # n updates averaged so far (the first one copies the weights)
+        rate = min(0.99, (1 + n) / (gamma + 2 + n))  # n updates averaged so far (the first one copies the weights)
         expected = float(n + 1) if n == 0 else rate * expected + (1 - rate) * (n + 1)
         torch.testing.assert_close(ema.module[0].detach(), torch.full((3,), expected))
-    assert 170 < expected < 190  # it lags the weights by about r / (1 - r) updates (r = 201/210), nothing more
+    if gamma == 8.0:
+        assert 170 < expected < 190  # it lags the weights by about r / (1 - r) updates (r = 201/210), nothing more
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 8.0])
+def test_the_ema_power_weighs_step_t_by_about_t_to_the_power(power: float) -> None:
+    """Before the cap, the average of the weights w_t = t (t = 1..N) is about the power-function average
+    sum t^(g+1) / sum t^g (Karras et al., 2024); for g = 0 it is exactly the mean with the first update counted
+    twice, (2 + 2 + 3 + ... + N) / (N + 1)."""
+    from torch import nn
+    from torch.optim.swa_utils import AveragedModel
+
+    from fedgen.generators.ddpm import ema_with_warmup
+
+    weight = nn.Parameter(torch.zeros((), dtype=torch.float64))
+    ema = AveragedModel(nn.ParameterList([weight]), multi_avg_fn=ema_with_warmup(0.99999, power))
+    steps = 400
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            weight.fill_(float(t))
+        ema.update_parameters(nn.ParameterList([weight]))
+    t = torch.arange(1, steps + 1, dtype=torch.float64)
+    power_average = float((t ** (power + 1)).sum() / (t ** power).sum())
+    got = float(ema.module[0])
+    if power == 0.0:
+        assert got == pytest.approx(steps / 2 + 1 / (steps + 1), rel=1e-12)
+    assert got == pytest.approx(power_average, rel=0.01)
+    assert got == pytest.approx(steps * (power + 1) / (power + 2), rel=0.01)  # mean age: a (g + 2)-th of the run
 
 
 def test_sampling_gives_images_of_the_requested_classes_shape() -> None:
@@ -256,6 +286,8 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_the_output_at
     ({"sampler": "ddpm"}, "model.sampling_steps"),
     ({"beta_schedule": "cosine"}, "model.beta_schedule"),
     ({"ema_decay": 1.0}, "model.ema_decay"),
+    ({"ema_power": -0.5}, "model.ema_power"),
+    ({"ema_power": float("inf")}, "model.ema_power"),
     ({"prediction": "sample"}, "model.prediction"),
     ({"timesteps": "edm"}, "model.timesteps"),
     ({"timesteps": "lognormal", "lognormal_std": 0.0}, "model.lognormal_std"),
