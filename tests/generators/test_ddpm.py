@@ -147,6 +147,17 @@ def test_the_ema_power_weighs_step_t_by_about_t_to_the_power(power: float) -> No
     assert got == pytest.approx(steps * (power + 1) / (power + 2), rel=0.01)  # mean age: a (g + 2)-th of the run
 
 
+def test_the_generator_averages_with_its_configured_ema_power() -> None:
+    model = _tiny(ema_power=0.0, ema_decay=0.9999)
+    weight = next(model.unet.parameters())
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            weight.fill_(value)
+        model.ema.update_parameters(model.unet)
+    # gamma 0: the mean with the first update counted twice, (1 + 1 + 2 + 3) / 4 (the default 8 gives 2.67)
+    torch.testing.assert_close(next(model.ema.module.parameters()), torch.full_like(weight, 1.75))
+
+
 def test_sampling_gives_images_of_the_requested_classes_shape() -> None:
     model = _tiny(guidance_scale=2.0)
     images = model.sample(4, torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
