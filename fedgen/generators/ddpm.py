@@ -33,8 +33,8 @@ taken inside each example). The draws stay inside the example's clipped loss: no
   clipped sums add up and the step adds its noise once, so the sampling and the accounting are unchanged.
 - Classifier-free guidance (Ho and Salimans, 2021): during training each row's label is replaced by a null class
   with probability ``label_dropout``; sampling uses ``eps = (1 + w) eps(x, y) - w eps(x, null)``.
-- EMA of the weights (``ema_decay``): post-processing of the privatized updates, no privacy cost. Samples come
-  from the EMA weights.
+- EMA of the weights (``ema_decay``, its warm-up's power ``ema_power``): post-processing of the privatized updates,
+  no privacy cost. Samples come from the EMA weights.
 - Sampling: DDIM (Song, Meng, Ermon, ICLR 2021) with ``sampling_steps`` steps, or the DDPM ancestral sampler.
 
 The network is diffusers' ``UNet2DModel`` with class embeddings; the schedulers are diffusers'.
