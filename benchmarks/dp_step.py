@@ -20,6 +20,7 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --methods nonprivate fedgen --cuda_graph   # forward and backward from a graph
     python benchmarks/dp_step.py --compile inductor   # every method's model through torch.compile
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
+    python benchmarks/dp_step.py --methods nonprivate fedgen --book_keep_all   # no per-example weights formed
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
 """
 
@@ -38,7 +39,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from fedgen.evaluation import ConvNet
-from fedgen.mechanisms import DPSGD, CapturedBackward
+from fedgen.mechanisms import DPSGD, CapturedBackward, per_example
 from fedgen.mechanisms.cuda_graphs import capture_graph
 
 DATASET_SIZE = 60000
@@ -332,9 +333,13 @@ def main() -> None:
                              "step eager; nonprivate and fedgen only")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="run each method's model through torch.compile with this backend (e.g. inductor)")
+    parser.add_argument("--book_keep_all", action="store_true",
+                        help="fedgen book-keeps every Linear and Conv2d weight, forming none (per_example.FORM_WEIGHTS"
+                             " = False), for an A/B against the default")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     args = parser.parse_args()
+    per_example.FORM_WEIGHTS = not args.book_keep_all
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods)
         return
@@ -350,7 +355,8 @@ def main() -> None:
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.steps} steps "
           f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}; "
-          f"torch.compile {args.compile or 'off'}\n")
+          f"torch.compile {args.compile or 'off'}; fedgen forms small weights' per-example gradients: "
+          f"{'no' if args.book_keep_all else 'yes'}\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")

@@ -1,4 +1,5 @@
-"""Per-example squared norms of a convolution's weight gradient in one GPU kernel, with nothing formed in memory.
+"""Per-example squared norms of a convolution's weight gradient in one GPU kernel, with nothing formed in memory,
+or the per-example gradients themselves.
 
 The weight gradient of example i is ``G_i = sum_r g_r x_r^T`` over its R = K T rows and positions, with ``g_r``
 the output gradient at a position and ``x_r`` the unfolded input window there. The engine's default path
@@ -8,6 +9,9 @@ This kernel (Triton) computes each tile of ``G_i`` in registers, reading the inp
 arithmetic (an implicit GEMM), and keeps only the tile's sum of squares:
 
     ||G_i||_F^2 = sum over tiles (m, n) of sum_{(o, j) in tile} (sum_r g_r[o] x_r[j])^2.
+
+Where the engine forms a layer's per-example gradients (few weights, many positions: ``per_example.forms_weight``)
+the same kernel writes each tile of ``G_i`` out instead (:func:`conv2d_weight_per_example`).
 
 Its products are IEEE float32 multiply-adds (``input_precision="ieee"``, never TF32), as the engine's other
 norm products, so the clipping bound is argued as before. It runs where :func:`applies` says (float32 CUDA
@@ -69,16 +73,23 @@ def applies(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
             and triton_available())
 
 
+def forms(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, batch: int) -> bool:
+    """Whether the engine forms this layer's ``batch`` per-example gradients with the kernel: where it
+    :func:`applies` and their offsets fit in 32 bits."""
+    return applies(layer, a, g) and batch * layer.weight.numel() <= _MAX_INDEX
+
+
 @functools.cache
 def _kernel():  # built on first use, so that importing fedgen never needs Triton
     import triton
     import triton.language as tl
 
     @triton.jit
-    def conv2d_weight_sq_norms_kernel(a_ptr, g_ptr, out_ptr, c_in, height, width, c_out, out_w, positions,
-                                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, draws, d_in, rows,
-                                      tiles_in, KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
-                                      BN: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr):
+    def conv2d_weight_per_example_kernel(a_ptr, g_ptr, out_ptr, c_in, height, width, c_out, out_w, positions,
+                                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, draws, d_in, rows,
+                                         tiles_in, KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
+                                         BN: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+                                         FORM: tl.constexpr):
         tile = tl.program_id(0)  # the tiles of one example run side by side and share its data in cache
         example = tl.program_id(1)
         o = (tile // tiles_in) * BM + tl.arange(0, BM)  # output channels
@@ -101,18 +112,18 @@ def _kernel():  # built on first use, so that importing fedgen never needs Trito
             x = tl.load(a_ptr + ((row[None, :] * c_in + channel[:, None]) * height + in_row) * width + in_col,
                         mask=inside, other=0.0)  # (BN, BR)
             acc += tl.dot(g, tl.trans(x), input_precision=PRECISION)
-        tl.store(out_ptr + example * tl.num_programs(0) + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+        if FORM:  # the tile of G_i itself, at (example, output channel, window entry)
+            tl.store(out_ptr + (example * c_out + o[:, None]) * d_in + j[None, :], acc,
+                     mask=(o[:, None] < c_out) & (j[None, :] < d_in))
+        else:  # the tile's sum of squares
+            tl.store(out_ptr + example * tl.num_programs(0) + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
-    return conv2d_weight_sq_norms_kernel
+    return conv2d_weight_per_example_kernel
 
 
-def conv2d_weight_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, *,
-                           tile: tuple[int, int, int] | None = None, precision: str = "ieee") -> torch.Tensor:
-    """``||G_i||_F^2`` for each of ``batch`` examples, from the layer input ``a`` (batch K rows) and output
-    gradient ``g``; the K rows of an example count as more positions. Only where :func:`applies` holds (or on
-    the CPU under Triton's interpreter, for tests). ``tile`` (output channels, window entries, rows; powers of
-    two, at least 16; default :func:`tile_for`'s) and ``precision`` (Triton's ``input_precision``: ``"ieee"``, or ``"tf32x3"``, float32
-    accuracy from three TF32 tensor-core products) are for measurements."""
+def _launch(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, tile: tuple[int, int, int] | None,
+            precision: str, form: bool) -> torch.Tensor:
+    """Run the kernel: per example, each tile's sum of squares (batch, tiles), or ``G_i`` (batch, c_out, d_in)."""
     a, g = a.contiguous(), g.contiguous()
     rows, c_in, height, width = a.shape
     _, c_out, out_h, out_w = g.shape
@@ -122,8 +133,28 @@ def conv2d_weight_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, b
     d_in = c_in * kh * kw
     tiles_in = -(-d_in // block_in)
     tiles = -(-c_out // block_out) * tiles_in
-    partial = torch.empty(batch, tiles, device=a.device, dtype=torch.float32)
-    _kernel()[(tiles, batch)](a, g, partial, c_in, height, width, c_out, out_w, out_h * out_w, sh, sw, ph, pw, dh,
+    if form and batch * c_out * d_in > _MAX_INDEX:
+        raise ValueError(f"{batch} per-example gradients of {c_out * d_in} values exceed the kernel's 32-bit offsets")
+    out = torch.empty((batch, c_out, d_in) if form else (batch, tiles), device=a.device, dtype=torch.float32)
+    _kernel()[(tiles, batch)](a, g, out, c_in, height, width, c_out, out_w, out_h * out_w, sh, sw, ph, pw, dh,
                               dw, draws, d_in, draws * out_h * out_w, tiles_in, KH=kh, KW=kw, BM=block_out,
-                              BN=block_in, BR=block_rows, PRECISION=precision)
-    return partial.sum(1)
+                              BN=block_in, BR=block_rows, PRECISION=precision, FORM=form)
+    return out
+
+
+def conv2d_weight_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, *,
+                           tile: tuple[int, int, int] | None = None, precision: str = "ieee") -> torch.Tensor:
+    """``||G_i||_F^2`` for each of ``batch`` examples, from the layer input ``a`` (batch K rows) and output
+    gradient ``g``; the K rows of an example count as more positions. Only where :func:`applies` holds (or on
+    the CPU under Triton's interpreter, for tests). ``tile`` (output channels, window entries, rows; powers of
+    two, at least 16; default :func:`tile_for`'s) and ``precision`` (Triton's ``input_precision``: ``"ieee"``, or
+    ``"tf32x3"``, float32 accuracy from three TF32 tensor-core products) are for measurements."""
+    return _launch(layer, a, g, batch, tile, precision, form=False).sum(1)
+
+
+def conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, *,
+                              tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``G_i`` itself for each of ``batch`` examples, (batch, *weight.shape): the same tiles as
+    :func:`conv2d_weight_sq_norms`, each written out instead of reduced (the engine forms a layer's
+    per-example gradients where they are small, see ``per_example.forms_weight``)."""
+    return _launch(layer, a, g, batch, tile, "ieee", form=True).view(batch, *layer.weight.shape)

@@ -7,7 +7,9 @@ input ``a_l`` and puts a hook on its output ``z_l``; one backward pass computes 
 parameter per layer, a bias or a normalization weight, so it skips the large weight gradients and pins no
 layer output). A layer whose parameters are all small (GroupNorm, LayerNorm, Embedding) turns ``g_l`` into
 its per-example gradients at once and keeps only those; a ``Linear`` or ``Conv2d`` layer keeps ``(a_l, g_l)``
-until the clip factors are known. Then:
+until the clip factors are known, unless its per-example weight gradients hold no more values than that pair
+(:func:`forms_weight`: few weights, many positions, e.g. a UNet's high-resolution convolutions): then it forms
+them at once too, and they are both the norms' input and the sums' (no second weight-gradient product). Then:
 
 1. per-example squared gradient norms over all trainable parameters, summed over layers (flat clipping).
    The weights of ``Linear`` and ``Conv2d`` (a Linear layer over its unfolded positions) are a sum of T outer
@@ -18,8 +20,8 @@ until the clip factors are known. Then:
    affine parameters of ``GroupNorm`` and ``LayerNorm`` (``sum g_i * x_hat_i`` with ``x_hat`` the normalized
    input) and ``Embedding`` (``g_i`` scattered into the rows example i used);
 2. the clip factors ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' rule);
-3. the clipped sums: for the weights of ``Linear`` and ``Conv2d`` one weight-gradient product of the output
-   gradients scaled row by row by ``c_i`` (the kernel non-private training runs, e.g. cuDNN's for
+3. the clipped sums: for the book-kept weights of ``Linear`` and ``Conv2d`` one weight-gradient product of the
+   output gradients scaled row by row by ``c_i`` (the kernel non-private training runs, e.g. cuDNN's for
    convolutions); for the formed gradients one product ``c^T G``. They are added to ``p.summed_grad``.
 
 Steps 1 to 3 run in IEEE float32 (TF32 and autocast off, lower-precision inputs and output gradients
@@ -37,8 +39,9 @@ gradients over the calls. The loss is the *mean* over the batch (as in Opacus wi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +101,11 @@ def _linear_weight_sq_norms(layer: nn.Linear, calls: list[tuple[torch.Tensor, to
     return _positions_sq_norms(x, g)
 
 
+def _linear_weight_per_example(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    """Example i's weight gradient ``sum_t g_t a_t^T`` over its positions (and K rows), (batch, d_out, d_in)."""
+    return torch.bmm(g.reshape(batch, -1, g.shape[-1]).transpose(1, 2), a.reshape(batch, -1, a.shape[-1]))
+
+
 def _linear_weight_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``sum_rows g_r^T a_r`` with ``g`` already scaled per row by the clip factors."""
     return g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
@@ -137,27 +145,44 @@ def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: i
     return by_example(cols), by_example(g)
 
 
-def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]],
-                            batch: int) -> torch.Tensor:
-    """Per-example squared norms of the weight gradient, a few examples at a time (the unfolded input is
-    large): a chunk's unfolded input holds at most ``max(CHUNK_ELEMENTS, a.numel())`` elements, no more than
-    the layer's input, which the step already holds, or 2^24. The calls of a layer used several times are
-    concatenated as more positions. On a GPU, one fused kernel computes the norms of a layer called once, where
-    it was measured faster, without forming anything (:mod:`fedgen.mechanisms.fused_norms`)."""
+def _conv_chunks(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+                 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(first example, examples, x, g)`` over the examples a few at a time, with ``x`` and ``g`` as
+    :func:`_conv_positions` gives them (the calls of a layer used several times concatenated as more
+    positions). A chunk's unfolded input holds at most ``max(CHUNK_ELEMENTS, a.numel())`` elements, no more
+    than the layer's input, which the step already holds, or 2^24."""
     a0 = calls[0][0]
-    if len(calls) == 1 and fused_norms.applies(layer, a0, calls[0][1]):
-        return fused_norms.conv2d_weight_sq_norms(layer, a0, calls[0][1], batch)
     draws = a0.shape[0] // batch
     per_example = a0[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws * len(calls)  # unfolded
     step = max(1, max(CHUNK_ELEMENTS, a0.numel()) // per_example)
-    parts = []
     for i in range(0, batch, step):
         b = min(step, batch - i)
         rows = slice(i * draws, (i + b) * draws)
         xs, gs = zip(*(_conv_positions(layer, a[rows], g[rows], b) for a, g in calls), strict=True)
-        x, g = (xs[0], gs[0]) if len(calls) == 1 else (torch.cat(xs, 1), torch.cat(gs, 1))
-        parts.append(_sum_dim1(_positions_sq_norms(x, g).reshape(b, layer.groups)))
+        yield (i, b, xs[0], gs[0]) if len(calls) == 1 else (i, b, torch.cat(xs, 1), torch.cat(gs, 1))
+
+
+def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]],
+                            batch: int) -> torch.Tensor:
+    """Per-example squared norms of the weight gradient, a few examples at a time (:func:`_conv_chunks`). On a
+    GPU, one fused kernel computes the norms of a layer called once, where it was measured faster, without
+    forming anything (:mod:`fedgen.mechanisms.fused_norms`)."""
+    if len(calls) == 1 and fused_norms.applies(layer, *calls[0]):
+        return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch)
+    parts = [_sum_dim1(_positions_sq_norms(x, g).reshape(b, layer.groups))
+             for _, b, x, g in _conv_chunks(layer, calls, batch)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    """Example i's weight gradient, (batch, *weight.shape): by the fused kernel where it applies, else a few
+    examples at a time from the unfolded input (``g_n^T x_n`` per example and group)."""
+    if fused_norms.forms(layer, a, g, batch):
+        return fused_norms.conv2d_weight_per_example(layer, a, g, batch)
+    out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=torch.promote_types(a.dtype, g.dtype))
+    for i, b, x, gg in _conv_chunks(layer, [(a, g)], batch):
+        torch.bmm(gg.transpose(1, 2), x, out=out[i:i + b].view(b * layer.groups, -1, x.shape[-1]))
+    return out
 
 
 def _conv2d_weight_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -267,7 +292,25 @@ BOOK_KEEPING: dict[type[nn.Module], tuple[Callable, Callable]] = {
     nn.Linear: (_linear_weight_sq_norms, _linear_weight_sum),
     nn.Conv2d: (_conv2d_weight_sq_norms, _conv2d_weight_sum),
 }
+#: the same weights' per-example gradients, formed: ``per_example(layer, a, g, batch)``, (batch, *weight.shape)
+FORMED_WEIGHT: dict[type[nn.Module], Callable] = {
+    nn.Linear: _linear_weight_per_example,
+    nn.Conv2d: _conv2d_weight_per_example,
+}
+#: whether a weight whose per-example gradients take no more memory than book-keeping's (input, output gradient)
+#: pair is formed instead (:func:`forms_weight`); False keeps book-keeping for every weight (A/B measurements)
+FORM_WEIGHTS = True
 SUPPORTED: tuple[type[nn.Module], ...] = tuple(MATERIALIZED)
+
+
+def forms_weight(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, batch: int) -> bool:
+    """Whether the engine forms this layer's per-example weight gradients ``G_i`` during the backward pass rather
+    than book-keep them: where the ``batch`` gradients hold no more values than the input and output gradient
+    that book-keeping would keep until the clip factors are known (``B |W| <= |a| + |g|``: many positions,
+    few weights, e.g. a UNet's high-resolution convolutions). The formed gradients are then both the norms'
+    input and the clipped sums' (``c^T G``), which saves the second weight-gradient product, and the input
+    and output gradient are freed as soon as autograd is done with them."""
+    return FORM_WEIGHTS and batch * layer.weight.numel() <= a.numel() + g.numel()
 
 
 def _why_unsupported(layer: nn.Module) -> str | None:
@@ -441,6 +484,7 @@ class PerExampleClipping:
         # batch is applied to the norms and the clip factors below, so no scaled copy of g is made.
         materialized: dict[nn.Parameter, torch.Tensor] = {}
         by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        formed_weight: dict[nn.Module, bool] = {}  # per layer, decided at its first call and kept for the others
 
         def catch(record: _Record) -> Callable[[torch.Tensor], None]:
             layer = record.layer
@@ -449,18 +493,20 @@ class PerExampleClipping:
             def hook(g: torch.Tensor) -> None:  # runs inside the backward pass, as soon as g exists
                 a, g, node = exact_float32(record.inputs), exact_float32(g), record.node
                 record.inputs = record.node = None  # kept below only where the layer's weight needs them
+                weight = book_keeping and layer.weight.requires_grad
+                formed = weight and formed_weight.setdefault(layer, forms_weight(layer, a, g, batch))
                 # A formed per-example gradient is its own norm and its own summand, so the precision of the
                 # products that form it does not touch the bound; only autocast's bfloat16 is kept out
-                if torch.is_autocast_enabled(g.device.type):
-                    with torch.autocast(g.device.type, enabled=False):
-                        grads = form(layer, a, g, batch, node)
-                else:
+                with (torch.autocast(g.device.type, enabled=False) if torch.is_autocast_enabled(g.device.type)
+                      else contextlib.nullcontext()):
                     grads = form(layer, a, g, batch, node)
+                    if formed:
+                        grads["weight"] = FORMED_WEIGHT[type(layer)](layer, a, g, batch)
                 for pname, grad in grads.items():
                     param = params[pname]
                     if param.requires_grad:
                         materialized[param] = materialized[param] + grad if param in materialized else grad
-                if book_keeping and layer.weight.requires_grad:
+                if weight and not formed:
                     by_layer.setdefault(layer, []).append((a, g))
             return hook
 
@@ -487,30 +533,37 @@ class PerExampleClipping:
         layer and the formed per-example gradients (``materialized``, (batch, *shape) per parameter):
         per-example norms, clip factors, clipped sums added to ``summed_grad`` (one per group of examples
         ``bounds[k]:bounds[k + 1]`` where ``bounds`` is given)."""
-        # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer, the
-        # formed per-example gradients in one (batch, parameters) matrix
+        # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer; of the
+        # formed per-example gradients, the vectors (biases, normalization parameters) in one (batch, parameters)
+        # matrix, each formed weight (an Embedding's, and a Linear's or Conv2d's where forms_weight held) on its
+        # own, so that no large one is copied
         weight_sq_norms = [BOOK_KEEPING[type(layer)][0](layer, calls, batch) for layer, calls in by_layer.items()]
-        formed = list(materialized)
-        per_example = torch.cat([materialized.pop(p).reshape(batch, -1) for p in formed], 1) if formed else None
+        vectors = [p for p in materialized if p.dim() == 1]
+        blocks = [(vectors, torch.cat([materialized.pop(p).reshape(batch, -1) for p in vectors], 1))] if vectors \
+            else []
+        blocks += [([p], materialized.pop(p).reshape(batch, -1)) for p in list(materialized)]
         sq_norms = torch.stack(weight_sq_norms).sum(0) if weight_sq_norms else 0.0
-        if per_example is not None:
-            sq_norms = sq_norms + _rows_sq_norms(per_example)
+        for _, grads in blocks:
+            sq_norms = sq_norms + _rows_sq_norms(grads)
         # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         if weights is not None:
             factor = factor * weights.to(factor.dtype)
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
-        if per_example is not None:
-            coefficients = factor.to(per_example.dtype)
+        if blocks:
+            coefficients = factor.to(blocks[0][1].dtype)
             if bounds is not None:  # (groups, batch): row k holds the factors of group k's examples
                 coefficients = torch.block_diag(*coefficients.split([end - start for start, end in
                                                                      zip(bounds[:-1], bounds[1:], strict=True)]))
-            sums = coefficients @ per_example
             shape = () if bounds is None else (len(bounds) - 1,)
-            clipped.update(zip(formed, (t.reshape(*shape, *p.shape) for t, p in
-                                        zip(sums.split([p.numel() for p in formed], dim=-1), formed, strict=True))))
-            del per_example
+            while blocks:  # each block is freed once summed
+                params, grads = blocks.pop(0)
+                sums = coefficients @ grads
+                del grads
+                clipped.update(zip(params, (t.reshape(*shape, *p.shape) for t, p in
+                                            zip(sums.split([p.numel() for p in params], dim=-1), params,
+                                                strict=True))))
         row_factor = factor.repeat_interleave(draws)
         # the rows of group k are contiguous: K rows for each of its examples
         group_rows = None if bounds is None else [slice(start * draws, end * draws)

@@ -1,7 +1,7 @@
-"""The fused per-example conv norm kernel (Triton) against the engine's unfold path: the same squared norms for
-strides, padding, dilation, rectangular kernels, several tiles, and K rows per example. The kernel runs under
-Triton's CPU interpreter, in a process of its own (Triton reads that switch when it is imported); on a GPU the
-same code compiles. Triton comes with PyTorch on Linux."""
+"""The fused per-example conv norm kernel (Triton) against the engine's unfold path: the same squared norms, and
+the same per-example gradients where it forms them, for strides, padding, dilation, rectangular kernels, several
+tiles, and K rows per example. The kernel runs under Triton's CPU interpreter, in a process of its own (Triton
+reads that switch when it is imported); on a GPU the same code compiles. Triton comes with PyTorch on Linux."""
 
 from __future__ import annotations
 
@@ -34,11 +34,15 @@ for c_in, c_out, kernel, stride, padding, dilation, size, batch, draws in json.l
     a = torch.randn(batch * draws, c_in, *size, dtype=torch.float64)
     g = torch.randn_like(layer(a))
     expected = per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)  # float64, the engine's own path
+    expected_formed = per_example._conv2d_weight_per_example(layer, a, g, batch)
     layer = layer.float()
     got = fused_norms.conv2d_weight_sq_norms(layer, a.float(), g.float(), batch)
     small = fused_norms.conv2d_weight_sq_norms(layer, a.float(), g.float(), batch, tile=(16, 16, 16))
+    formed = fused_norms.conv2d_weight_per_example(layer, a.float(), g.float(), batch)
+    formed_small = fused_norms.conv2d_weight_per_example(layer, a.float(), g.float(), batch, tile=(16, 16, 16))
     out.append({"expected": expected.tolist(), "got": got.tolist(), "small tiles": small.tolist(),
-                "dtype": str(got.dtype)})
+                "dtype": str(got.dtype), "expected formed": expected_formed.tolist(), "formed": formed.tolist(),
+                "formed, small tiles": formed_small.tolist(), "formed dtype": str(formed.dtype)})
 print(json.dumps(out))
 """
 
@@ -56,6 +60,13 @@ def test_fused_norms_equal_the_unfold_path() -> None:
         for key in ("got", "small tiles"):
             torch.testing.assert_close(torch.tensor(result[key], dtype=torch.float64),
                                        torch.tensor(result["expected"], dtype=torch.float64), rtol=1e-5, atol=0,
+                                       msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
+        # the per-example gradients themselves, (examples, *weight shape), where the engine forms them
+        assert result["formed dtype"] == "torch.float32"
+        want = torch.tensor(result["expected formed"], dtype=torch.float64)
+        assert want.shape[0] == case[7] and want.abs().max() > 0
+        for key in ("formed", "formed, small tiles"):
+            torch.testing.assert_close(torch.tensor(result[key], dtype=torch.float64), want, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
 
 
@@ -97,19 +108,26 @@ used = []
 kernel = fused_norms.conv2d_weight_sq_norms
 fused_norms.conv2d_weight_sq_norms = lambda *args, **kw: used.append(1) or kernel(*args, **kw)
 fused = per_example._conv2d_weight_sq_norms(layer, [(a, g)], 2)
+former = fused_norms.conv2d_weight_per_example
+fused_norms.conv2d_weight_per_example = lambda *args, **kw: used.append(2) or former(*args, **kw)
+fused_formed = per_example._conv2d_weight_per_example(layer, a, g, 2)
 fused_norms.ENABLED = False
 fused_norms.applies = lambda layer, a, g: False
 unfold = per_example._conv2d_weight_sq_norms(layer, [(a, g)], 2)
-print(json.dumps({"used": len(used), "fused": fused.tolist(), "unfold": unfold.tolist()}))
+unfold_formed = per_example._conv2d_weight_per_example(layer, a, g, 2)
+print(json.dumps({"used": used, "fused": fused.tolist(), "unfold": unfold.tolist(),
+                  "fused formed": fused_formed.tolist(), "unfold formed": unfold_formed.tolist()}))
 """
 
 
 def test_the_engine_takes_the_kernel_where_it_applies() -> None:
-    """The engine's conv norms go through the kernel where it applies (here forced on the CPU, under the
-    interpreter) and give the unfold path's values."""
+    """The engine's conv norms and formed per-example gradients go through the kernel where it applies (here
+    forced on the CPU, under the interpreter) and give the unfold path's values."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", ENGINE], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["used"] == 1
+    assert result["used"] == [1, 2]  # the norms, then the formed gradients, each by the kernel once
     torch.testing.assert_close(torch.tensor(result["fused"]), torch.tensor(result["unfold"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(result["fused formed"]), torch.tensor(result["unfold formed"]),
+                               rtol=1e-5, atol=1e-5)

@@ -96,6 +96,16 @@ def _truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Ten
     return [torch.stack(slot) for slot in per_param]
 
 
+@pytest.fixture(params=[True, False], ids=["weights formed where small", "every weight book-kept"])
+def form_weights(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways of the Linear and Conv2d weights: formed per example where :func:`forms_weight` holds (several
+    of these test models' layers), or book-kept everywhere."""
+    from fedgen.mechanisms import per_example
+
+    monkeypatch.setattr(per_example, "FORM_WEIGHTS", request.param)
+    return request.param
+
+
 def _clipped_sum(grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
     norms = torch.cat([g.flatten(1) for g in grads], dim=1).norm(dim=1)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
@@ -167,6 +177,7 @@ def test_group_norm_reads_the_statistics_the_forward_pass_saved(monkeypatch) -> 
 
 
 @pytest.mark.parametrize("kind", ["image", "tokens"])
+@pytest.mark.usefixtures("form_weights")
 def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
     gen = torch.Generator().manual_seed(0)
     model = _model(kind)
@@ -186,6 +197,7 @@ def test_clipped_sums_equal_microbatch_ground_truth(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["image", "tokens"])
+@pytest.mark.usefixtures("form_weights")
 def test_group_sums_equal_each_groups_microbatch_ground_truth(kind: str) -> None:
     """One pass, one clipped sum per group (the clients of a federated step): group k's row is the clipped sum
     of its own examples (an empty group gets zeros), also with K rows per example; bad groups are refused."""
@@ -218,6 +230,7 @@ def test_group_sums_equal_each_groups_microbatch_ground_truth(kind: str) -> None
         engine.backward(_loss(model, x, y), groups=groups, num_groups=4)
 
 
+@pytest.mark.usefixtures("form_weights")
 def test_frozen_parameters_are_neither_clipped_nor_counted_in_the_norms() -> None:
     gen = torch.Generator().manual_seed(10)
     model = _model("image")
@@ -242,6 +255,7 @@ def test_frozen_parameters_are_neither_clipped_nor_counted_in_the_norms() -> Non
 
 
 @pytest.mark.parametrize("kind", ["image", "tokens"])
+@pytest.mark.usefixtures("form_weights")
 def test_clipped_sums_equal_opacus(kind: str) -> None:
     gen = torch.Generator().manual_seed(1)
     model = _model(kind)
@@ -348,6 +362,7 @@ def test_the_fedgen_engine_refuses_a_plain_backward() -> None:
 
 
 @pytest.mark.parametrize("kind", ["image", "tokens"])
+@pytest.mark.usefixtures("form_weights")
 def test_noise_multiplicity_clips_the_mean_over_k_draws_of_each_example(kind: str) -> None:
     gen = torch.Generator().manual_seed(4)
     draws = 3
@@ -375,6 +390,7 @@ def test_noise_multiplicity_clips_the_mean_over_k_draws_of_each_example(kind: st
         engine.backward(_loss(model, rows_x[:5], rows_y[:5]), draws=draws)
 
 
+@pytest.mark.usefixtures("form_weights")
 def test_a_diffusers_unet_with_attention_and_class_embeddings_matches_microbatches() -> None:
     from diffusers import UNet2DModel
 
@@ -441,6 +457,7 @@ class TwiceConv(nn.Module):
         return self.head(self.conv(F.silu(self.conv(x)))[:, :, ::2, ::2].mean((2, 3)))  # conv called twice
 
 
+@pytest.mark.usefixtures("form_weights")
 def test_a_convolution_called_twice_and_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     from fedgen.mechanisms import per_example
 
@@ -572,3 +589,56 @@ def test_no_layer_output_is_pinned_and_only_weights_keep_their_output_gradients(
     expected = _clipped_sum(_truth(copy.deepcopy(model), x, y), 1.0)
     for p, truth in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.summed_grad, truth, atol=1e-10, rtol=1e-8)
+
+
+def test_weights_are_formed_where_they_take_no_more_memory_than_book_keeping(monkeypatch: pytest.MonkeyPatch
+                                                                            ) -> None:
+    """The rule ``B |W| <= |a| + |g|`` on a UNet's shapes at batch 1024: its 32x32 convolutions are formed, its
+    64-channel ones at 16x16 only with K = 4 rows per example, and a plain MLP layer never (one position)."""
+    from fedgen.mechanisms import per_example
+
+    def forms(layer: nn.Module, a_shape: tuple[int, ...], g_shape: tuple[int, ...], batch: int = 1024) -> bool:
+        return per_example.forms_weight(layer, torch.empty(a_shape, device="meta"),
+                                        torch.empty(g_shape, device="meta"), batch)
+
+    conv32, conv64 = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+    assert forms(conv32, (1024, 32, 32, 32), (1024, 32, 32, 32))
+    assert not forms(conv64, (1024, 64, 16, 16), (1024, 64, 16, 16))
+    assert forms(conv64, (4096, 64, 16, 16), (4096, 64, 16, 16))  # K = 4
+    assert forms(nn.Linear(64, 64), (1024, 64, 64), (1024, 64, 64))  # attention over 64 positions
+    assert not forms(nn.Linear(256, 256), (1024, 256), (1024, 256))
+    monkeypatch.setattr(per_example, "FORM_WEIGHTS", False)
+    assert not forms(conv32, (1024, 32, 32, 32), (1024, 32, 32, 32))
+
+
+def test_a_formed_weight_keeps_neither_input_nor_output_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a weight is formed, the layer's (input, output gradient) pair is not kept for the clipped sum: the
+    formed gradients are both the norms' input and the sums' (no second weight-gradient product)."""
+    from fedgen.mechanisms import per_example
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(3 * 64, 3)).double()
+    x, y = torch.randn(5, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    seen = {}
+    engine = PerExampleClipping(model, 1e-3)
+    clip_and_sum = engine._clip_and_sum
+
+    def spy(by_layer, materialized, *args):
+        seen["holding"] = [type(layer).__name__ for layer in by_layer]
+        seen["formed"] = [tuple(p.shape) for p in materialized if p.dim() > 1]
+        return clip_and_sum(by_layer, materialized, *args)
+
+    monkeypatch.setattr(engine, "_clip_and_sum", spy)
+    monkeypatch.setattr(per_example, "BOOK_KEEPING", {nn.Linear: per_example.BOOK_KEEPING[nn.Linear]})
+    engine.backward(F.cross_entropy(model(x), y))  # a Conv2d book-kept would fail: it has no entry now
+    assert seen == {"holding": ["Linear"], "formed": [(3, 2, 3, 3)]}
+    summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    reference = copy.deepcopy(model)
+    want = []
+    for i in range(len(x)):
+        reference.zero_grad()
+        F.cross_entropy(reference(x[i:i + 1]), y[i:i + 1]).backward()
+        want.append(torch.cat([p.grad.flatten() for p in reference.parameters()]))
+    grads = torch.stack(want)
+    expected = (grads * (1e-3 / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)).sum(0)
+    torch.testing.assert_close(summed, expected, atol=1e-12, rtol=1e-8)
