@@ -258,7 +258,8 @@ def measure(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, f
 #: aten operators that launch no kernel (views, metadata, allocation)
 NO_KERNEL = {"view", "_unsafe_view", "reshape", "detach", "alias", "transpose", "t", "permute", "expand", "slice",
              "select", "unsqueeze", "squeeze", "as_strided", "split", "split_with_sizes", "unbind", "empty",
-             "empty_like", "new_empty", "_record_function_enter_new", "_record_function_exit"}
+             "empty_like", "new_empty", "empty_strided", "new_empty_strided", "squeeze_", "unsqueeze_",
+             "promote_types", "_record_function_enter_new", "_record_function_exit"}
 
 
 def count_kernel_ops(step: Callable[[], None]) -> int:

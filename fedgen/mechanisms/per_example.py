@@ -179,7 +179,7 @@ def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
     examples at a time from the unfolded input (``g_n^T x_n`` per example and group)."""
     if fused_norms.forms(layer, a, g, batch):
         return fused_norms.conv2d_weight_per_example(layer, a, g, batch)
-    out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=torch.promote_types(a.dtype, g.dtype))
+    out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=g.dtype)  # a and g share a dtype
     for i, b, x, gg in _conv_chunks(layer, [(a, g)], batch):
         torch.bmm(gg.transpose(1, 2), x, out=out[i:i + b].view(b * layer.groups, -1, x.shape[-1]))
     return out
@@ -542,9 +542,8 @@ class PerExampleClipping:
         blocks = [(vectors, torch.cat([materialized.pop(p).reshape(batch, -1) for p in vectors], 1))] if vectors \
             else []
         blocks += [([p], materialized.pop(p).reshape(batch, -1)) for p in list(materialized)]
-        sq_norms = torch.stack(weight_sq_norms).sum(0) if weight_sq_norms else 0.0
-        for _, grads in blocks:
-            sq_norms = sq_norms + _rows_sq_norms(grads)
+        # one stack and one sum over all layers' and blocks' norms (a running sum would launch a kernel per term)
+        sq_norms = torch.stack(weight_sq_norms + [_rows_sq_norms(grads) for _, grads in blocks]).sum(0)
         # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         if weights is not None:
