@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -131,3 +132,17 @@ def test_the_engine_takes_the_kernel_where_it_applies() -> None:
     torch.testing.assert_close(torch.tensor(result["fused"]), torch.tensor(result["unfold"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(result["fused formed"]), torch.tensor(result["unfold formed"]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_forms_gradients_only_where_their_offsets_fit(monkeypatch) -> None:
+    """The kernel writes formed gradients at 32-bit offsets: past 2^31 - 1 values the engine forms them on its
+    own path instead (and the kernel's launcher refuses)."""
+    monkeypatch.setattr(fused_norms, "applies", lambda layer, a, g: True)
+    conv = nn.Conv2d(64, 64, 3, padding=1)  # 36,864 weights
+    a = g = torch.empty(1, 64, 16, 16, device="meta")
+    assert fused_norms.forms(conv, a, g, 58_000)  # 2.14e9 values
+    assert not fused_norms.forms(conv, a, g, 59_000)  # 2.17e9 > 2^31 - 1
+    monkeypatch.setattr(fused_norms, "_kernel", lambda: pytest.fail("the kernel was launched"))
+    with pytest.raises(ValueError, match="32-bit"):
+        fused_norms.conv2d_weight_per_example(conv, torch.empty(59_000, 64, 16, 16, device="meta"),
+                                              torch.empty(59_000, 64, 16, 16, device="meta"), 59_000)
