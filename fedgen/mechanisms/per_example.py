@@ -293,7 +293,7 @@ BOOK_KEEPING: dict[type[nn.Module], tuple[Callable, Callable]] = {
     nn.Conv2d: (_conv2d_weight_sq_norms, _conv2d_weight_sum),
 }
 #: the same weights' per-example gradients, formed: ``per_example(layer, a, g, batch)``, (batch, *weight.shape)
-FORMED_WEIGHT: dict[type[nn.Module], Callable] = {
+PER_EXAMPLE_WEIGHT: dict[type[nn.Module], Callable] = {
     nn.Linear: _linear_weight_per_example,
     nn.Conv2d: _conv2d_weight_per_example,
 }
@@ -501,7 +501,7 @@ class PerExampleClipping:
                       else contextlib.nullcontext()):
                     grads = form(layer, a, g, batch, node)
                     if formed:
-                        grads["weight"] = FORMED_WEIGHT[type(layer)](layer, a, g, batch)
+                        grads["weight"] = PER_EXAMPLE_WEIGHT[type(layer)](layer, a, g, batch)
                 for pname, grad in grads.items():
                     param = params[pname]
                     if param.requires_grad:

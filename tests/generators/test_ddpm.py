@@ -462,7 +462,7 @@ def test_bf16_mixed_precision_trains_with_the_engine_in_float32(real_data_root, 
     seen = []
     real_norms, real_sum = per_example.BOOK_KEEPING[nn.Conv2d]
 
-    real_formed = per_example.FORMED_WEIGHT[nn.Conv2d]
+    real_formed = per_example.PER_EXAMPLE_WEIGHT[nn.Conv2d]
 
     def spy_sum(layer, a, g):
         seen.append((a.dtype, g.dtype, torch.is_autocast_enabled("cpu")))
@@ -480,7 +480,7 @@ def test_bf16_mixed_precision_trains_with_the_engine_in_float32(real_data_root, 
 
     per_example_convert = per_example.exact_float32
     monkeypatch.setitem(per_example.BOOK_KEEPING, nn.Conv2d, (real_norms, spy_sum))
-    monkeypatch.setitem(per_example.FORMED_WEIGHT, nn.Conv2d, spy_formed)
+    monkeypatch.setitem(per_example.PER_EXAMPLE_WEIGHT, nn.Conv2d, spy_formed)
     monkeypatch.setattr(per_example, "exact_float32", spy_convert)
     metrics = fit(_tiny_cli(real_data_root, 2, f"--run_dir={tmp_path / 'run'}", "--trainer.precision=bf16-mixed"))
     assert torch.bfloat16 in recorded  # the layers really ran in bfloat16
