@@ -335,12 +335,19 @@ def main() -> None:
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="run each method's model through torch.compile with this backend (e.g. inductor)")
     parser.add_argument("--book_keep_all", action="store_true",
-                        help="fedgen book-keeps every Linear and Conv2d weight, forming none (per_example.FORM_WEIGHTS"
-                             " = False), for an A/B against the default")
+                        help="fedgen book-keeps every Linear and Conv2d weight, forming none (per_example.FORM_RATIO"
+                             " = 0), for an A/B against the default")
+    parser.add_argument("--form_ratio", type=float, default=per_example.FORM_RATIO,
+                        help="fedgen forms a weight's per-example gradients where they hold at most this many times "
+                             "the values of its (input, output gradient) pair (per_example.FORM_RATIO)")
+    parser.add_argument("--no_gram_norms", action="store_true",
+                        help="fedgen never takes a convolution's norms from its padded input's Gram matrix "
+                             "(per_example.GRAM_NORMS = False), for an A/B against the default")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     args = parser.parse_args()
-    per_example.FORM_WEIGHTS = not args.book_keep_all
+    per_example.FORM_RATIO = 0.0 if args.book_keep_all else args.form_ratio
+    per_example.GRAM_NORMS = not args.no_gram_norms
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods)
         return
@@ -356,8 +363,8 @@ def main() -> None:
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.steps} steps "
           f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}; "
-          f"torch.compile {args.compile or 'off'}; fedgen forms small weights' per-example gradients: "
-          f"{'no' if args.book_keep_all else 'yes'}\n")
+          f"torch.compile {args.compile or 'off'}; fedgen forms per-example weight gradients up to "
+          f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms {'on' if per_example.GRAM_NORMS else 'off'}\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")

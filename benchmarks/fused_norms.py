@@ -1,5 +1,6 @@
 """Per-example conv weight-gradient squared norms on a GPU: the engine's unfold path against the fused Triton kernel
-(fedgen.mechanisms.fused_norms) over tile sizes and float32 product precisions, for the UNet's and the
+(fedgen.mechanisms.fused_norms) over tile sizes and float32 product precisions, and the padded input's Gram
+matrix (per_example._conv2d_gram_sq_norms, with the way the engine picks by multiplications), for the UNet's and the
 ConvNet's layer shapes. Prints, per shape, each variant's time and its largest relative difference from the
 unfold path (both IEEE float32 reference and the variant are float32).
 
@@ -48,9 +49,13 @@ def main() -> None:
         a = torch.randn(batch * draws, c_in, size, size, device="cuda")
         g = torch.randn(batch * draws, c_out, size, size, device="cuda")
         with ieee_fp32():
-            fused_norms.ENABLED = False
+            fused_norms.ENABLED, per_example.GRAM_NORMS = False, False  # the unfold path
             ref = per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)
             line = [f"unfold {cuda_ms(lambda: per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)):.2f}"]
+            gram = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
+            count = per_example._conv_multiplications(layer, a, g, batch)
+            line.append(f"gram {cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
+                        f"({((gram - ref).abs() / ref).max().item():.0e}; engine: {min(count, key=count.get)})")
         for tile, precision in itertools.product(TILES, args.precisions):
             def run(tile=tile, precision=precision):
                 return fused_norms.conv2d_weight_sq_norms(layer, a, g, batch, tile=tile, precision=precision)

@@ -7,9 +7,9 @@ input ``a_l`` and puts a hook on its output ``z_l``; one backward pass computes 
 parameter per layer, a bias or a normalization weight, so it skips the large weight gradients and pins no
 layer output). A layer whose parameters are all small (GroupNorm, LayerNorm, Embedding) turns ``g_l`` into
 its per-example gradients at once and keeps only those; a ``Linear`` or ``Conv2d`` layer keeps ``(a_l, g_l)``
-until the clip factors are known, unless its per-example weight gradients hold no more values than that pair
-(:func:`forms_weight`: few weights, many positions, e.g. a UNet's high-resolution convolutions): then it forms
-them at once too, and they are both the norms' input and the sums' (no second weight-gradient product). Then:
+until the clip factors are known, unless its per-example weight gradients hold at most ``FORM_RATIO`` times the
+values of that pair (:func:`forms_weight`: few weights, many positions, e.g. a UNet's high-resolution
+convolutions): then it forms them at once too, and they are both the norms' input and the sums' (no second weight-gradient product). Then:
 
 1. per-example squared gradient norms over all trainable parameters, summed over layers (flat clipping).
    The weights of ``Linear`` and ``Conv2d`` (a Linear layer over its unfolded positions) are a sum of T outer
@@ -162,11 +162,75 @@ def _conv_chunks(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]
         yield (i, b, xs[0], gs[0]) if len(calls) == 1 else (i, b, torch.cat(xs, 1), torch.cat(gs, 1))
 
 
+def _conv_multiplications(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict[str, int]:
+    """Multiplications per example of the three exact ways to the squared norm of a convolution's weight gradient
+    (one group; R = K T rows and positions of an example, P the pixels of its padded input, d_in = C_in k_h k_w):
+    forming it (``R d_in C_out``), the ghost norm of the unfolded input (``R^2 (d_in + C_out)``) and the ghost
+    norm from the padded input's own Gram matrix (:func:`_conv2d_gram_sq_norms`, ``(K P)^2 C_in + R^2 (C_out +
+    k_h k_w)``)."""
+    draws = a.shape[0] // batch
+    (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+    c_in, height, width = a.shape[1:]
+    rows = draws * g.shape[-2] * g.shape[-1]
+    pixels = draws * (height + 2 * ph) * (width + 2 * pw)
+    d_in, c_out = c_in * kh * kw, layer.out_channels
+    return {"form": rows * d_in * c_out, "ghost": rows * rows * (d_in + c_out),
+            "gram": pixels * pixels * c_in + rows * rows * (c_out + kh * kw)}
+
+
+def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    """The ghost norm of a convolution (one group) from the Gram matrix of its zero-padded input rather than of
+    the unfolded one. The unfolded windows at output positions t and s overlap the padded input ``x`` at pixels
+    shifted by each kernel offset ``d``, so ``a_t . a_s = sum_d x_{p(t) + d} . x_{p(s) + d}`` (``p(t)`` the
+    window's corner) and
+
+        ||G_i||_F^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) = < sum_d M_i[p(T) + d, p(T) + d], Gamma_i >,
+
+    with ``M_i = X_i^T X_i`` over the example's K P padded pixels (its K rows as more pixels, the kernel offsets
+    taken within a row) and ``Gamma_i = g_i^T g_i`` over its K T positions: ``(K P)^2 C_in + (K T)^2 C_out``
+    multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The k_h k_w shifted
+    windows of ``M_i`` are strided views, summed by one reduction. A few examples at a time, so that a chunk's
+    Gram matrices hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    draws = a.shape[0] // batch
+    x = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    c_in, height, width = x.shape[1:]
+    c_out, out_h, out_w = g.shape[1:]
+    pixels, positions = draws * height * width, draws * out_h * out_w
+    step = max(1, max(CHUNK_ELEMENTS, a.numel()) // (pixels * pixels + positions * positions))
+    parts = []
+    for i in range(0, batch, step):
+        b = min(step, batch - i)
+        rows = slice(i * draws, (i + b) * draws)
+        # (b, channels, K pixels): the K rows of an example side by side (a copy only for K > 1)
+        xs = x[rows].reshape(b, draws, c_in, -1).transpose(1, 2).reshape(b, c_in, pixels)
+        gs = g[rows].reshape(b, draws, c_out, -1).transpose(1, 2).reshape(b, c_out, positions)
+        gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
+        # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
+        # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
+        s0, row, col = pixels * pixels, height * width, width
+        windows = gram.as_strided(
+            (b, kh, kw, draws, out_h, out_w, draws, out_h, out_w),
+            (s0, dh * col * (pixels + 1), dw * (pixels + 1), row * pixels, sh * col * pixels, sw * pixels,
+             row, sh * col, sw))
+        shifted = windows.sum((1, 2)).reshape(b, 1, positions * positions)
+        del gram, windows
+        gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
+        parts.append(torch.bmm(shifted, gamma).reshape(b))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]],
                             batch: int) -> torch.Tensor:
-    """Per-example squared norms of the weight gradient, a few examples at a time (:func:`_conv_chunks`). On a
-    GPU, one fused kernel computes the norms of a layer called once, where it was measured faster, without
-    forming anything (:mod:`fedgen.mechanisms.fused_norms`)."""
+    """Per-example squared norms of the weight gradient of a layer called once, by whichever exact way takes the
+    fewest multiplications (:func:`_conv_multiplications`): the padded input's Gram matrix
+    (:func:`_conv2d_gram_sq_norms`), or else, on a GPU where it was measured faster, one fused kernel that
+    forms nothing in memory (:mod:`fedgen.mechanisms.fused_norms`), or else the unfold path, a few examples at
+    a time (:func:`_conv_chunks`), which also serves layers called several times."""
+    if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS:
+        count = _conv_multiplications(layer, *calls[0], batch)
+        if count["gram"] < min(count["form"], count["ghost"]):
+            return _conv2d_gram_sq_norms(layer, *calls[0], batch)
     if len(calls) == 1 and fused_norms.applies(layer, *calls[0]):
         return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch)
     parts = [_sum_dim1(_positions_sq_norms(x, g).reshape(b, layer.groups))
@@ -297,20 +361,28 @@ PER_EXAMPLE_WEIGHT: dict[type[nn.Module], Callable] = {
     nn.Linear: _linear_weight_per_example,
     nn.Conv2d: _conv2d_weight_per_example,
 }
-#: whether a weight whose per-example gradients take no more memory than book-keeping's (input, output gradient)
-#: pair is formed instead (:func:`forms_weight`); False keeps book-keeping for every weight (A/B measurements)
-FORM_WEIGHTS = True
+#: a Linear or Conv2d weight's per-example gradients are formed where they hold at most this many times the values
+#: of the (input, output gradient) pair that book-keeping would keep (:func:`forms_weight`); 0 book-keeps every
+#: weight (A/B measurements)
+FORM_RATIO = 2.0
+#: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
+#: where that takes the fewest multiplications; False for A/B measurements
+GRAM_NORMS = True
 SUPPORTED: tuple[type[nn.Module], ...] = tuple(MATERIALIZED)
 
 
 def forms_weight(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, batch: int) -> bool:
     """Whether the engine forms this layer's per-example weight gradients ``G_i`` during the backward pass rather
-    than book-keep them: where the ``batch`` gradients hold no more values than the input and output gradient
-    that book-keeping would keep until the clip factors are known (``B |W| <= |a| + |g|``: many positions,
-    few weights, e.g. a UNet's high-resolution convolutions). The formed gradients are then both the norms'
-    input and the clipped sums' (``c^T G``), which saves the second weight-gradient product, and the input
-    and output gradient are freed as soon as autograd is done with them."""
-    return FORM_WEIGHTS and batch * layer.weight.numel() <= a.numel() + g.numel()
+    than book-keep them: where the ``batch`` gradients hold at most ``FORM_RATIO`` (rho) times the values of the
+    input and output gradient that book-keeping would keep until the clip factors are known
+    (``B |W| <= rho (|a| + |g|)``: many positions, few weights, e.g. a UNet's convolutions at 32x32 and 16x16).
+    The formed gradients are then both the norms' input and the clipped sums' (``c^T G``), which saves the
+    second weight-gradient product and the output gradient scaled by the clip factors, and the input and output
+    gradient are freed as soon as autograd is done with them. What the engine holds for a layer until the clip
+    factors are known is thus at most rho times what book-keeping holds. Forming never takes more
+    multiplications: ``K T d_in d_out`` once, where book-keeping takes its norms' and then the same
+    ``K T d_in d_out`` again for its weighted sum."""
+    return batch * layer.weight.numel() <= FORM_RATIO * (a.numel() + g.numel())
 
 
 def _why_unsupported(layer: nn.Module) -> str | None:

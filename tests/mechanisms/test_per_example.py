@@ -96,13 +96,16 @@ def _truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Ten
     return [torch.stack(slot) for slot in per_param]
 
 
-@pytest.fixture(params=[True, False], ids=["weights formed where small", "every weight book-kept"])
-def form_weights(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both ways of the Linear and Conv2d weights: formed per example where :func:`forms_weight` holds (several
-    of these test models' layers), or book-kept everywhere."""
+@pytest.fixture(params=[(2.0, True), (0.0, True), (0.0, False)],
+                ids=["weights formed where small", "every weight book-kept", "book-kept, no Gram norms"])
+def form_weights(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[float, bool]:
+    """Every way of the Linear and Conv2d weights: formed per example where :func:`forms_weight` holds (several
+    of these test models' layers), or book-kept everywhere, with convolution norms from the padded input's Gram
+    matrix where it is cheapest or never."""
     from fedgen.mechanisms import per_example
 
-    monkeypatch.setattr(per_example, "FORM_WEIGHTS", request.param)
+    monkeypatch.setattr(per_example, "FORM_RATIO", request.param[0])
+    monkeypatch.setattr(per_example, "GRAM_NORMS", request.param[1])
     return request.param
 
 
@@ -437,6 +440,54 @@ def test_both_norm_methods_are_exact_and_work_in_chunks(monkeypatch: pytest.Monk
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,padding,draws", [
+    (3, 1, 1, 1, 1), (3, 2, 1, 0, 1), (2, 1, 2, 2, 3), ((3, 2), (2, 1), (1, 2), (1, 0), 2), (1, 1, 1, 0, 1)])
+def test_the_padded_input_gram_gives_the_exact_norms(monkeypatch: pytest.MonkeyPatch, kernel, stride, dilation,
+                                                     padding, draws) -> None:
+    """The Gram-matrix ghost norm of a convolution equals the squared norms of the per-example weight gradients
+    formed by autograd, one example at a time, over strides, dilation, padding, rectangular kernels and K rows per
+    example; also a few examples at a time."""
+    from fedgen.mechanisms import per_example
+
+    gen = torch.Generator().manual_seed(10)
+    layer = nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding, bias=False).double()
+    a = torch.randn(5 * draws, 3, 7, 6, generator=gen, dtype=torch.float64)
+    out = layer(a)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    want = torch.stack([torch.autograd.grad(out[i * draws:(i + 1) * draws], layer.weight, g[i * draws:(i + 1) * draws],
+                                            retain_graph=True)[0].pow(2).sum() for i in range(5)])
+    torch.testing.assert_close(per_example._conv2d_gram_sq_norms(layer, a, g, 5), want)
+    monkeypatch.setattr(per_example, "CHUNK_ELEMENTS", 1)  # one example at a time (a chunk is at least |a|)
+    torch.testing.assert_close(per_example._conv2d_gram_sq_norms(layer, a[:draws * 2], g[:draws * 2], 2), want[:2])
+
+
+def test_convolution_norms_take_the_way_of_fewest_multiplications(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Gram matrix of the padded input serves the ConvNet's 128-channel convolutions at 14x14 and 7x7 and a
+    UNet's at 8x8, not a UNet's 32-channel ones at 32x32 (forming is cheaper) nor a stride-2 convolution (the
+    unfolded input's Gram is smaller there)."""
+    from fedgen.mechanisms import per_example
+
+    def way(c_in: int, c_out: int, size: int, stride: int = 1, rows: int = 8) -> str:
+        layer = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        a = torch.empty(rows, c_in, size, size, device="meta")
+        count = per_example._conv_multiplications(layer, a, layer(a), 8)
+        return min(count, key=count.get)
+
+    assert way(128, 128, 14) == way(128, 128, 7) == way(64, 64, 8) == way(128, 64, 8) == "gram"
+    assert way(32, 32, 32) == way(64, 64, 16) == "form"
+    assert way(64, 64, 8, rows=32) == "form"  # K = 4: the Gram grows as K^2, forming as K
+    assert way(128, 128, 8, stride=2) == "ghost"
+    calls = []
+    monkeypatch.setattr(per_example, "_conv2d_gram_sq_norms", lambda *args: calls.append(args) or torch.zeros(2))
+    layer = nn.Conv2d(64, 64, 3, padding=1)  # at 4x4 the Gram is cheapest
+    a = torch.randn(2, 64, 4, 4)
+    per_example._conv2d_weight_sq_norms(layer, [(a, layer(a).detach())], 2)
+    assert len(calls) == 1
+    monkeypatch.setattr(per_example, "GRAM_NORMS", False)
+    per_example._conv2d_weight_sq_norms(layer, [(a, layer(a).detach())], 2)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("kernel,stride,dilation,padding", [(3, 1, 1, 1), (3, 2, 1, 0), (2, 1, 2, 2), ((3, 2), (2, 1), (1, 2), (1, 0))])
 def test_the_strided_unfold_equals_torch_unfold(kernel, stride, dilation, padding) -> None:
     from fedgen.mechanisms import per_example
@@ -502,6 +553,7 @@ def test_norms_and_clipped_sums_run_in_ieee_float32_even_when_tf32_is_on(monkeyp
         return real_sum(*args)
 
     monkeypatch.setitem(per_example.BOOK_KEEPING, nn.Conv2d, (spy_norms, spy_sum))
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)  # book-keep the convolution, whose products are watched
     try:
         matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
         model = _model("image")
@@ -562,9 +614,12 @@ def test_no_layer_output_is_pinned_and_only_weights_keep_their_output_gradients(
     """Memory: the engine catches each output gradient in a hook during the backward pass. When the clip factors
     are computed, no layer output is alive any more (autograd freed each once used), and only the layers with a
     book-keeping weight (Linear, Conv2d) still hold their (input, output gradient); GroupNorm, LayerNorm and
-    Embedding kept only their per-example gradients."""
+    Embedding kept only their per-example gradients. (Every weight book-kept here; the next test forms one.)"""
     import weakref
 
+    from fedgen.mechanisms import per_example
+
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)
     model, gen = _model("image"), torch.Generator().manual_seed(5)
     x, y = _data("image", 6, gen)
     engine = PerExampleClipping(model, max_grad_norm=1.0)
@@ -591,23 +646,29 @@ def test_no_layer_output_is_pinned_and_only_weights_keep_their_output_gradients(
         torch.testing.assert_close(p.summed_grad, truth, atol=1e-10, rtol=1e-8)
 
 
-def test_weights_are_formed_where_they_take_no_more_memory_than_book_keeping(monkeypatch: pytest.MonkeyPatch
-                                                                            ) -> None:
-    """The rule ``B |W| <= |a| + |g|`` on a UNet's shapes at batch 1024: its 32x32 convolutions are formed, its
-    64-channel ones at 16x16 only with K = 4 rows per example, and a plain MLP layer never (one position)."""
+def test_weights_are_formed_where_they_take_at_most_twice_the_memory_of_book_keeping(monkeypatch: pytest.MonkeyPatch
+                                                                                    ) -> None:
+    """The rule ``B |W| <= rho (|a| + |g|)`` on a UNet's shapes at batch 1024, rho = 2 by default: its convolutions
+    at 32x32 and 16x16 are formed (the 64-channel ones at 16x16 hold 1.125 times their pair), those at 8x8 only with
+    K = 4 rows per example, and a plain MLP layer never (one position)."""
     from fedgen.mechanisms import per_example
 
     def forms(layer: nn.Module, a_shape: tuple[int, ...], g_shape: tuple[int, ...], batch: int = 1024) -> bool:
         return per_example.forms_weight(layer, torch.empty(a_shape, device="meta"),
                                         torch.empty(g_shape, device="meta"), batch)
 
+    assert per_example.FORM_RATIO == 2.0
     conv32, conv64 = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
     assert forms(conv32, (1024, 32, 32, 32), (1024, 32, 32, 32))
-    assert not forms(conv64, (1024, 64, 16, 16), (1024, 64, 16, 16))
-    assert forms(conv64, (4096, 64, 16, 16), (4096, 64, 16, 16))  # K = 4
+    assert forms(conv64, (1024, 64, 16, 16), (1024, 64, 16, 16))
+    assert not forms(conv64, (1024, 64, 8, 8), (1024, 64, 8, 8))  # 4.5 times the pair
+    assert forms(conv64, (4096, 64, 8, 8), (4096, 64, 8, 8))  # K = 4
     assert forms(nn.Linear(64, 64), (1024, 64, 64), (1024, 64, 64))  # attention over 64 positions
     assert not forms(nn.Linear(256, 256), (1024, 256), (1024, 256))
-    monkeypatch.setattr(per_example, "FORM_WEIGHTS", False)
+    monkeypatch.setattr(per_example, "FORM_RATIO", 1.0)  # no more values than the pair
+    assert not forms(conv64, (1024, 64, 16, 16), (1024, 64, 16, 16))
+    assert forms(conv32, (1024, 32, 32, 32), (1024, 32, 32, 32))
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)
     assert not forms(conv32, (1024, 32, 32, 32), (1024, 32, 32, 32))
 
 
