@@ -15,7 +15,9 @@ convolutions): then it forms them at once too, and they are both the norms' inpu
    The weights of ``Linear`` and ``Conv2d`` (a Linear layer over its unfolded positions) are a sum of T outer
    products per example, whose norm is taken by the ghost norm ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when
    ``T (d_in + d_out) <= d_in d_out`` (fewer multiplications; Li et al., ICLR 2022) and otherwise by forming
-   the example's gradient, a few examples at a time (nothing is kept). Parameters with few values per
+   the example's gradient, a few examples at a time (nothing is kept). A convolution takes the cheapest of
+   these and a third: the ghost norm from the Gram matrix of its padded input, whose shifted windows give
+   the unfolded input's (:func:`_conv2d_gram_sq_norms`). Parameters with few values per
    example have their per-example gradients formed, all in one (B, P) matrix: the biases (``sum g_i``), the
    affine parameters of ``GroupNorm`` and ``LayerNorm`` (``sum g_i * x_hat_i`` with ``x_hat`` the normalized
    input) and ``Embedding`` (``g_i`` scattered into the rows example i used);
