@@ -364,7 +364,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {args.steps} steps "
           f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}; "
           f"torch.compile {args.compile or 'off'}; fedgen forms per-example weight gradients up to "
-          f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms {'on' if per_example.GRAM_NORMS else 'off'}\n")
+          f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms "
+          f"{'on' if per_example.GRAM_NORMS else 'off'}\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")

@@ -9,7 +9,8 @@ layer output). A layer whose parameters are all small (GroupNorm, LayerNorm, Emb
 its per-example gradients at once and keeps only those; a ``Linear`` or ``Conv2d`` layer keeps ``(a_l, g_l)``
 until the clip factors are known, unless its per-example weight gradients hold at most ``FORM_RATIO`` times the
 values of that pair (:func:`forms_weight`: few weights, many positions, e.g. a UNet's high-resolution
-convolutions): then it forms them at once too, and they are both the norms' input and the sums' (no second weight-gradient product). Then:
+convolutions): then it forms them at once too, and they are both the norms' input and the sums' (no second
+weight-gradient product). Then:
 
 1. per-example squared gradient norms over all trainable parameters, summed over layers (flat clipping).
    The weights of ``Linear`` and ``Conv2d`` (a Linear layer over its unfolded positions) are a sum of T outer
