@@ -35,7 +35,8 @@ taken inside each example). The draws stay inside the example's clipped loss: no
   with probability ``label_dropout``; sampling uses ``eps = (1 + w) eps(x, y) - w eps(x, null)``.
 - EMA of the weights (``ema_decay``, its warm-up's power ``ema_power``): post-processing of the privatized updates,
   no privacy cost. Samples come from the EMA weights.
-- Sampling: DDIM (Song, Meng, Ermon, ICLR 2021) with ``sampling_steps`` steps, or the DDPM ancestral sampler.
+- Sampling: DDIM (Song, Meng, Ermon, ICLR 2021) with ``sampling_steps`` steps and ``sampling_eta`` of DDPM's
+  posterior noise at each (0: deterministic), or the DDPM ancestral sampler.
 
 The network is diffusers' ``UNet2DModel`` with class embeddings; the schedulers are diffusers'.
 """
@@ -183,6 +184,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         guidance_scale: w of classifier-free guidance at sampling (0: plain conditional sampling).
         sampler: ``"ddim"`` or ``"ddpm"``.
         sampling_steps: denoising steps of the sampler.
+        sampling_eta: DDIM's eta, how much fresh noise each sampling step draws: 0 none (deterministic DDIM), 1
+            the variance of DDPM's posterior between the sampler's two steps (ancestral sampling on DDIM's
+            stride), in between a share of it (Song, Meng and Ermon, 2021, eq. 16). For ``sampler: ddim``.
         central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
             CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up_on_central_images`.
     """
@@ -198,7 +202,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  max_physical_examples: int | None = None, lr: float = 3e-4,
                  lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
                  ema_power: float = 8.0, label_dropout: float = 0.1, guidance_scale: float = 0.0,
-                 sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50,
+                 sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
                  central_images: CentralImages | None = None) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
         if not isinstance(mechanism, DPSGD):
@@ -227,6 +231,12 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if sampler == "ddpm" and sampling_steps != num_train_timesteps:
             raise ConfigError("model.sampling_steps", f"the DDPM sampler runs all {num_train_timesteps} steps, "
                               f"got {sampling_steps}", "use sampler: ddim for fewer steps")
+        if not 0 <= sampling_eta <= 1:
+            raise ConfigError("model.sampling_eta", f"must be in [0, 1], got {sampling_eta}",
+                              "use 0 (deterministic DDIM) to 1 (ancestral)")
+        if sampler == "ddpm" and sampling_eta:
+            raise ConfigError("model.sampling_eta", "applies to the DDIM sampler (DDPM's steps always draw their "
+                              "posterior's noise)", "use sampler: ddim, or sampling_eta: 0")
         if not 0 <= ema_decay < 1:
             raise ConfigError("model.ema_decay", f"must be in [0, 1), got {ema_decay}", "use e.g. 0.999, or 0")
         if not 0 <= ema_power < float("inf"):
@@ -468,8 +478,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         net.eval()
         if self.hparams.sampler == "ddim":
             scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+            eta = {"eta": self.hparams.sampling_eta}
         else:
-            scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
+            scheduler, eta = DDPMScheduler.from_config(self.noise_scheduler.config), {}
         scheduler.set_timesteps(self.hparams.sampling_steps, device=self.device)
         x = torch.randn((n, *self.image_shape), generator=generator, device=self.device, dtype=self.dtype)
         w = self.hparams.guidance_scale
@@ -482,6 +493,6 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 eps = (1 + w) * conditional - w * unconditional
             else:
                 eps = net(x, steps, class_labels=labels).sample
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            x = scheduler.step(eps, t, x, generator=generator, **eta).prev_sample
         net.train(was_training)
         return ((x + 1) / 2).clamp(0, 1)

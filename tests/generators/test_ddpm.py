@@ -166,6 +166,21 @@ def test_sampling_gives_images_of_the_requested_classes_shape() -> None:
     assert ddpm.sample(2).shape == (2, 1, 8, 8)
 
 
+def test_sampling_eta_draws_fresh_noise_at_each_ddim_step() -> None:
+    """eta 0 is deterministic DDIM: the same start gives the same images. eta 1 draws DDPM's posterior noise at each
+    step, from the generator given, so the same seed repeats and the images differ from eta 0's."""
+    labels = torch.tensor([0, 1, 2])
+
+    def draw(eta: float, seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = _tiny(sampling_eta=eta, ema_decay=0.0)
+        return model.sample(3, labels, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(1.0, 5), draw(1.0, 5))
+    assert not torch.allclose(draw(1.0, 5), draw(0.0, 5), atol=1e-3)
+    assert not torch.allclose(draw(1.0, 5), draw(1.0, 6), atol=1e-3)
+
+
 class _Oracle(torch.nn.Module):
     """The exact denoiser of a one-image dataset: from ``x_t = a x_0 + s eps`` it knows x_0, hence eps and
     ``v = a eps - s x_0 = (a x_t - x_0) / s``; it returns the model's target for the model's ``prediction``."""
@@ -184,12 +199,16 @@ class _Oracle(torch.nn.Module):
         return SimpleNamespace(sample=out)
 
 
-@pytest.mark.parametrize("prediction, beta_schedule", [("v_prediction", "linear"), ("epsilon", "linear"),
-                                                      ("v_prediction", "squaredcos_cap_v2")])
-def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction: str, beta_schedule: str) -> None:
+@pytest.mark.parametrize("prediction, beta_schedule, eta", [("v_prediction", "linear", 0.0), ("epsilon", "linear", 0.0),
+                                                           ("v_prediction", "squaredcos_cap_v2", 0.0),
+                                                           ("v_prediction", "linear", 1.0)])
+def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction: str, beta_schedule: str,
+                                                                     eta: float) -> None:
     """With the exact denoiser of a one-image dataset the loss is 0 (the target is the one configured) and the
-    sampler lands on that image (it reads the UNet's output as that same quantity), on either schedule."""
-    model = _tiny(prediction=prediction, beta_schedule=beta_schedule, ema_decay=0.0, guidance_scale=0.0)
+    sampler lands on that image (it reads the UNet's output as that same quantity), on either schedule, with or
+    without fresh noise at each DDIM step (the last step draws none)."""
+    model = _tiny(prediction=prediction, beta_schedule=beta_schedule, ema_decay=0.0, guidance_scale=0.0,
+                  sampling_eta=eta)
     image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     model.unet = _Oracle(model, image)
     loss = model.diffusion_loss(image.expand(5, -1, -1, -1), torch.zeros(5, dtype=torch.long))
@@ -303,6 +322,8 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_the_output_at
     ({"timesteps": "edm"}, "model.timesteps"),
     ({"timesteps": "lognormal", "lognormal_std": 0.0}, "model.lognormal_std"),
     ({"lr_schedule": "step"}, "model.lr_schedule"),
+    ({"sampling_eta": 1.5}, "model.sampling_eta"),
+    ({"sampler": "ddpm", "num_train_timesteps": 6, "sampling_steps": 6, "sampling_eta": 1.0}, "model.sampling_eta"),
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
