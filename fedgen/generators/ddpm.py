@@ -141,6 +141,20 @@ class StepClients(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def shift_randomly(images: torch.Tensor, shift: int) -> torch.Tensor:
+    """Each image of ``images`` (N, C, H, W) moved by its own random offset (dy, dx) in ``[-shift, shift]^2`` pixels,
+    uniform over the (2 shift + 1)^2 offsets, the uncovered border filled with zeros; ``images`` itself for 0."""
+    if shift == 0:
+        return images
+    n, _, height, width = images.shape
+    padded = F.pad(images, (shift,) * 4)
+    dy, dx = (torch.randint(0, 2 * shift + 1, (2, n, 1), device=images.device)).unbind(0)
+    rows = dy + torch.arange(height, device=images.device)  # (N, H): the padded rows each image keeps
+    cols = dx + torch.arange(width, device=images.device)
+    picked = padded[torch.arange(n, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return picked.permute(0, 3, 1, 2)  # advanced indexing put the channels last
+
+
 class DPDiffusion(Generator, name="dp_diffusion"):
     """Class-conditional DDPM trained with DP-SGD and noise multiplicity (DPDM, Dockhorn et al., TMLR 2023).
 
@@ -168,6 +182,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         noise_draws: K, noise draws averaged inside each example's loss.
         stratified_draws: draw the K steps of an example from the K strata of ``timesteps``, one each (see the
             module's docstring); with K = 1 the one stratum is the whole distribution.
+        augment_shift: s > 0 shifts the image of each of an example's K rows by its own random offset in
+            ``[-s, s]^2`` pixels, zero-filled, before its noise (augmentation multiplicity, De et al., 2022): the
+            example's loss then averages over K views as well as K noise draws. An example still changes only its
+            own K rows, so the privacy cost is unchanged; the generator learns the shifted images' distribution.
+            For images on a zero background (MNIST, Fashion-MNIST); 0 turns it off.
         batch_size: expected logical batch size of the Poisson sampler.
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
             processed in micro-batches. Default: the whole logical batch at once.
@@ -198,6 +217,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
                  timesteps: Literal["uniform", "lognormal"] = "uniform", lognormal_mean: float = -1.2,
                  lognormal_std: float = 1.2, noise_draws: int = 4, stratified_draws: bool = False,
+                 augment_shift: int = 0,
                  batch_size: int = 256,
                  max_physical_examples: int | None = None, lr: float = 3e-4,
                  lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
@@ -226,6 +246,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("model.timesteps", f"unknown distribution {timesteps!r}", "use uniform or lognormal")
         if not lognormal_std > 0:
             raise ConfigError("model.lognormal_std", f"must be > 0, got {lognormal_std}", "use e.g. 1.2")
+        if not 0 <= augment_shift < min(image_shape[1:]):
+            raise ConfigError("model.augment_shift", f"{augment_shift} is not between 0 and the image size "
+                              f"{tuple(image_shape[1:])} (exclusive)", "use e.g. 2, or 0 for no shifts")
         if sampler not in ("ddim", "ddpm"):
             raise ConfigError("model.sampler", f"unknown sampler {sampler!r}", "use ddim or ddpm")
         if sampler == "ddpm" and sampling_steps != num_train_timesteps:
@@ -336,7 +359,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         ``i K .. i K + K - 1`` are example i's draws): their mean, which is the mean over examples of their K-draw losses, or each row's
         (``reduction="none"``, shape (B K,))."""
         draws = self.hparams.noise_draws
-        x0 = (images * 2 - 1).repeat_interleave(draws, dim=0)
+        x0 = shift_randomly(images.repeat_interleave(draws, dim=0), self.hparams.augment_shift) * 2 - 1
         labels = labels.repeat_interleave(draws, dim=0)
         if self.hparams.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout

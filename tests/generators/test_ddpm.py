@@ -323,6 +323,8 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_the_output_at
     ({"timesteps": "lognormal", "lognormal_std": 0.0}, "model.lognormal_std"),
     ({"lr_schedule": "step"}, "model.lr_schedule"),
     ({"sampling_eta": 1.5}, "model.sampling_eta"),
+    ({"augment_shift": -1}, "model.augment_shift"),
+    ({"augment_shift": 8}, "model.augment_shift"),  # the tiny model's images are 8x8
     ({"sampler": "ddpm", "num_train_timesteps": 6, "sampling_steps": 6, "sampling_eta": 1.0}, "model.sampling_eta"),
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
@@ -570,3 +572,39 @@ def test_federated_dp_sgd_refuses_a_one_release_generator_before_any_work(real_d
              "--model.init_args.mechanism.init_args.delta=1e-3", "--trainer.accelerator=cpu",
              "--federation=fedgen.federated.FederatedDPSGD", f"--run_dir={tmp_path / 'run'}"])
     assert err.value.field == "federation" and not (tmp_path / "run").exists()
+
+
+def test_random_shifts_move_each_image_by_its_own_offset_with_zero_fill() -> None:
+    """Each output is its input moved by an offset in [-s, s]^2 (the pixels moved out are dropped, the uncovered
+    border is 0), and the offsets of many images cover all (2 s + 1)^2 values about evenly."""
+    from fedgen.generators.ddpm import shift_randomly
+
+    gen = torch.Generator().manual_seed(4)
+    images = torch.zeros(2000, 2, 9, 9)
+    images[:, :, 3:6, 3:6] = torch.rand(2000, 2, 3, 3, generator=gen) + 0.1  # a patch well inside the border
+    assert shift_randomly(images, 0) is images
+    torch.manual_seed(0)
+    moved = shift_randomly(images, 2)
+    offsets = []
+    for original, shifted in zip(images, moved, strict=True):
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(shifted, torch.roll(original, (dy, dx), dims=(1, 2)))]
+        assert len(found) == 1
+        offsets.append(found[0])
+    counts = torch.tensor([offsets.count((dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3)])
+    assert int(counts.min()) > 40 and int(counts.max()) < 120  # 80 expected for each of the 25 offsets
+
+
+def test_augment_shift_reaches_the_loss_with_each_example_s_own_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The K rows of example i are shifted copies of image i (one example changes only its own rows, so the
+    privacy accounting is that of the K noise draws); without the option nothing is shifted."""
+    import fedgen.generators.ddpm as ddpm
+
+    seen = []
+    real = ddpm.shift_randomly
+    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s: (seen.append((x.clone(), s)), real(x, s))[1])
+    x, y = _data(5).tensors
+    _tiny(noise_draws=3, augment_shift=2).diffusion_loss(x, y)
+    _tiny(noise_draws=3).diffusion_loss(x, y)
+    assert [s for _, s in seen] == [2, 0]
+    torch.testing.assert_close(seen[0][0], x.repeat_interleave(3, dim=0), atol=0, rtol=0)
