@@ -119,12 +119,25 @@ def _linear_bias(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int,
     return {} if layer.bias is None else {"bias": _sum_dim1(g.reshape(batch, -1, g.shape[-1]))}
 
 
+def _padded(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """The layer input with the convolution's zero padding, as the kernel sees it."""
+    ph, pw = layer.padding
+    return F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+
+
+def _by_example(t: torch.Tensor, batch: int, groups: int = 1) -> torch.Tensor:
+    """(B K, G c, *positions) -> (B G, c, K T): the K rows of each example side by side as more positions, one
+    example and group per matrix (a copy only for K > 1)."""
+    draws = t.shape[0] // batch
+    t = t.reshape(batch, draws, groups, t.shape[1] // groups, -1).permute(0, 2, 3, 1, 4)
+    return t.reshape(batch * groups, t.shape[2], -1)
+
+
 def _unfold(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """``F.unfold(a)`` for the layer's kernel, stride, dilation and padding: (N, C k_h k_w, T), made by one
     strided copy of the padded input (``F.unfold`` on CUDA launches one kernel per example)."""
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    if ph or pw:
-        a = F.pad(a, (pw, pw, ph, ph))
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    a = _padded(layer, a)
     n, c, h, w = a.shape
     out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     s = a.stride()
@@ -137,15 +150,8 @@ def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: i
     """The unfolded input (B G, K T, C_in/G k k) and output gradient (B G, K T, C_out/G) of ``batch``
     examples (K rows each): a convolution is a Linear layer over its K T positions, one per group. Both are
     transposed views of (B G, channels, K T) tensors, which need no copy for K = 1."""
-    groups, draws = layer.groups, a.shape[0] // batch
-    cols = _unfold(layer, a)
-    positions = cols.shape[-1]
-
-    def by_example(t: torch.Tensor) -> torch.Tensor:  # (B K, G c, T) -> (B G, K T, c)
-        t = t.reshape(batch, draws, groups, -1, positions).permute(0, 2, 3, 1, 4)
-        return t.reshape(batch * groups, t.shape[2], draws * positions).transpose(1, 2)
-
-    return by_example(cols), by_example(g)
+    return (_by_example(_unfold(layer, a), batch, layer.groups).transpose(1, 2),
+            _by_example(g, batch, layer.groups).transpose(1, 2))
 
 
 def _conv_chunks(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
@@ -194,20 +200,18 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The k_h k_w shifted
     windows of ``M_i`` are strided views, summed by one reduction. A few examples at a time, so that a chunk's
     Gram matrices hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
-    x = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
-    c_in, height, width = x.shape[1:]
-    c_out, out_h, out_w = g.shape[1:]
+    x = _padded(layer, a)
+    height, width = x.shape[2:]
+    out_h, out_w = g.shape[2:]
     pixels, positions = draws * height * width, draws * out_h * out_w
     step = max(1, max(CHUNK_ELEMENTS, a.numel()) // (pixels * pixels + positions * positions))
     parts = []
     for i in range(0, batch, step):
         b = min(step, batch - i)
         rows = slice(i * draws, (i + b) * draws)
-        # (b, channels, K pixels): the K rows of an example side by side (a copy only for K > 1)
-        xs = x[rows].reshape(b, draws, c_in, -1).transpose(1, 2).reshape(b, c_in, pixels)
-        gs = g[rows].reshape(b, draws, c_out, -1).transpose(1, 2).reshape(b, c_out, positions)
+        xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
         # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
         # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
