@@ -49,9 +49,11 @@ def main() -> None:
         a = torch.randn(batch * draws, c_in, size, size, device="cuda")
         g = torch.randn(batch * draws, c_out, size, size, device="cuda")
         with ieee_fp32():
+            saved = fused_norms.ENABLED, per_example.GRAM_NORMS
             fused_norms.ENABLED, per_example.GRAM_NORMS = False, False  # the unfold path
             ref = per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)
             line = [f"unfold {cuda_ms(lambda: per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)):.2f}"]
+            fused_norms.ENABLED, per_example.GRAM_NORMS = saved
             gram = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
             count = per_example._conv_multiplications(layer, a, g, batch)
             line.append(f"gram {cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
