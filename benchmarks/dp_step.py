@@ -7,8 +7,9 @@ fixed batch already on the device, timed with CUDA events: the median of ``--ste
 - ``convnet``: fedgen's ConvNet 3 x [conv 128, GroupNorm, ReLU, avg-pool] on 28 x 28 x 1, cross-entropy;
 - ``unet``: diffusers ``UNet2DModel`` (channels 32, 64, 64; attention at the middle level) on 32 x 32 x 1,
   the DDPM noise-prediction loss with ``K`` noise draws per example;
-- ``unet_eps1``: the class-conditional UNet that ``examples/mnist_dp_diffusion_eps1.yaml`` trains (built by
-  ``fedgen.generators.ddpm.build_unet`` from the example's own settings) on 28 x 28 x 1, the same loss with labels.
+- ``unet_eps1`` and ``unet_eps10``: the class-conditional UNets that ``examples/mnist_dp_diffusion_eps1.yaml`` and
+  ``examples/mnist_dp_diffusion.yaml`` train (built by ``fedgen.generators.ddpm.build_unet`` from the example's own
+  settings) on 28 x 28 x 1, the same loss with labels.
 
 Methods: ``nonprivate`` (plain SGD; with K draws the batch holds B x K noisy copies), ``opacus_hooks``
 (Opacus' ``GradSampleModule`` + ``DPOptimizer``; no noise multiplicity), ``fedgen`` (``DPSGD(engine="fedgen")``:
@@ -88,43 +89,50 @@ def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
     return Task(model, (x,), loss, draws)
 
 
-EPS1_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_dp_diffusion_eps1.yaml"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def eps1_unet(device: torch.device) -> nn.Module:
-    """The UNet of ``examples/mnist_dp_diffusion_eps1.yaml``, read from the example, so the row follows it."""
+def example_unet(example: str, device: torch.device) -> nn.Module:
+    """The UNet of ``examples/<example>``, read from the example, so the row follows it."""
     import yaml
 
     from fedgen.generators.ddpm import build_unet
 
-    settings = yaml.safe_load(EPS1_EXAMPLE.read_text())["model"]["init_args"]
+    settings = yaml.safe_load((EXAMPLES / example).read_text())["model"]["init_args"]
     keys = ("num_classes", "image_shape", "block_channels", "attention", "layers_per_block", "norm_groups")
     kwargs = {key: settings[key] for key in keys}
     kwargs["zero_init_residual"] = settings.get("zero_init_residual", False)
     return build_unet(**kwargs).to(device)
 
 
-def unet_eps1_task(batch_size: int, draws: int, device: torch.device) -> Task:
-    from diffusers import DDPMScheduler
+def example_unet_task(example: str) -> Callable[[int, int, torch.device], Task]:
+    """The task of training ``examples/<example>``'s UNet with the class-conditional diffusion loss."""
 
-    model = eps1_unet(device)
-    classes = model.config.num_class_embeds
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    x = torch.rand(batch_size, model.config.in_channels, *model.config.sample_size, device=device) * 2 - 1
-    y = torch.randint(0, classes - 1, (batch_size,), device=device)
+    def task(batch_size: int, draws: int, device: torch.device) -> Task:
+        from diffusers import DDPMScheduler
 
-    def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)
-        noise = torch.randn_like(x)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
-        return F.mse_loss(m(scheduler.add_noise(x, noise, t), t, class_labels=y).sample, noise)
+        model = example_unet(example, device)
+        classes = model.config.num_class_embeds
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+        x = torch.rand(batch_size, model.config.in_channels, *model.config.sample_size, device=device) * 2 - 1
+        y = torch.randint(0, classes - 1, (batch_size,), device=device)
 
-    return Task(model, (x, y), loss, draws)
+        def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            x, y = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)
+            noise = torch.randn_like(x)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
+            return F.mse_loss(m(scheduler.add_noise(x, noise, t), t, class_labels=y).sample, noise)
+
+        return Task(model, (x, y), loss, draws)
+
+    return task
 
 
-TASKS = {"convnet": convnet_task, "unet": unet_task, "unet_eps1": unet_eps1_task}
+TASKS = {"convnet": convnet_task, "unet": unet_task,
+         "unet_eps1": example_unet_task("mnist_dp_diffusion_eps1.yaml"),
+         "unet_eps10": example_unet_task("mnist_dp_diffusion.yaml")}
 #: the models trained with the diffusion loss, where noise draws K apply
-DIFFUSION = ("unet", "unet_eps1")
+DIFFUSION = ("unet", "unet_eps1", "unet_eps10")
 
 
 def make_parts(method: str, task: Task, batch_size: int

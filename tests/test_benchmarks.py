@@ -42,13 +42,15 @@ def test_cuda_graphs_are_refused_without_cuda():
 
 
 @pytest.mark.parametrize("method", ["nonprivate", "fedgen"])
-def test_each_method_steps_the_eps1_examples_unet_with_noise_draws(method):
-    """The ``unet_eps1`` row trains the UNet that examples/mnist_dp_diffusion_eps1.yaml states, K draws per example."""
+@pytest.mark.parametrize(("row", "example"), [("unet_eps1", "mnist_dp_diffusion_eps1.yaml"),
+                                              ("unet_eps10", "mnist_dp_diffusion.yaml")])
+def test_each_method_steps_the_examples_unet_with_noise_draws(method, row, example):
+    """The ``unet_eps1`` and ``unet_eps10`` rows train the UNets that their examples state, K draws per example."""
     import yaml
 
     torch.manual_seed(0)
-    task = DP_STEP["TASKS"]["unet_eps1"](2, 2, torch.device("cpu"))
-    settings = yaml.safe_load(DP_STEP["EPS1_EXAMPLE"].read_text())["model"]["init_args"]
+    task = DP_STEP["TASKS"][row](2, 2, torch.device("cpu"))
+    settings = yaml.safe_load((DP_STEP["EXAMPLES"] / example).read_text())["model"]["init_args"]
     assert list(task.model.config.block_out_channels) == settings["block_channels"]
     assert task.batch[0].shape == (2, *settings["image_shape"]) and task.draws == 2
     before = [p.detach().clone() for p in task.model.parameters()]
