@@ -140,7 +140,7 @@ def _fit_examples() -> list[str]:
 
 def test_the_fit_examples_are_found():
     assert {"mnist_dp_merf", "federated_mnist_dp_merf", "mnist_dp_diffusion", "mnist_dp_diffusion_eps1",
-            "federated_mnist_dp_diffusion"} <= set(_fit_examples())
+            "fashion_mnist_dp_diffusion", "federated_mnist_dp_diffusion"} <= set(_fit_examples())
 
 
 @pytest.mark.parametrize("name", _fit_examples())
