@@ -23,12 +23,14 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
     python benchmarks/dp_step.py --methods nonprivate fedgen --book_keep_all   # no per-example weights formed
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
+    python benchmarks/dp_step.py --models unet_eps10 --unet_settings '{"attention_head_dim": null}'  # an A/B row
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import traceback
 from collections.abc import Callable
@@ -90,6 +92,8 @@ def unet_task(batch_size: int, draws: int, device: torch.device) -> Task:
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+#: settings of the example UNets that replace the examples' own (``--unet_settings``), for A/B rows
+UNET_SETTINGS: dict = {}
 
 
 def example_unet(example: str, device: torch.device) -> nn.Module:
@@ -101,8 +105,10 @@ def example_unet(example: str, device: torch.device) -> nn.Module:
     settings = yaml.safe_load((EXAMPLES / example).read_text())["model"]["init_args"]
     keys = ("num_classes", "image_shape", "block_channels", "attention", "layers_per_block", "norm_groups")
     kwargs = {key: settings[key] for key in keys}
-    kwargs["zero_init_residual"] = settings.get("zero_init_residual", False)
-    return build_unet(**kwargs).to(device)
+    for key in ("zero_init_residual", "attention_head_dim"):
+        if key in settings:
+            kwargs[key] = settings[key]
+    return build_unet(**{**kwargs, **UNET_SETTINGS}).to(device)
 
 
 def example_unet_task(example: str) -> Callable[[int, int, torch.device], Task]:
@@ -353,7 +359,11 @@ def main() -> None:
                              "(per_example.GRAM_NORMS = False), for an A/B against the default")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
+    parser.add_argument("--unet_settings", type=json.loads, default={}, metavar="JSON",
+                        help="settings of build_unet that replace the example UNets' own, e.g. "
+                             "'{\"attention_head_dim\": null}' (one attention head per block)")
     args = parser.parse_args()
+    UNET_SETTINGS.update(args.unet_settings)
     per_example.FORM_RATIO = 0.0 if args.book_keep_all else args.form_ratio
     per_example.GRAM_NORMS = not args.no_gram_norms
     if args.count_ops:

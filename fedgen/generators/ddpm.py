@@ -70,8 +70,12 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_channels: tuple[int, ...],
                attention: tuple[bool, ...], layers_per_block: int, norm_groups: int,
-               zero_init_residual: bool = False) -> UNet2DModel:
+               zero_init_residual: bool = False, attention_head_dim: int | None = 8) -> UNet2DModel:
     """diffusers' UNet2DModel with one class embedding per class plus a null class (index ``num_classes``).
+
+    Self-attention runs at the levels that ``attention`` names and always in the middle block (the last level's
+    resolution), with heads of ``attention_head_dim`` channels each; ``None``: one head as wide as its block, the
+    single-head attention of DDPM++ (Song et al., ICLR 2021).
 
     ``zero_init_residual``: the last layer of every residual branch (each ResNet block's second convolution, each
     attention block's output projection) and the output convolution start at zero, so that every block starts
@@ -85,6 +89,13 @@ def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_cha
     if any(ch % norm_groups for ch in block_channels):
         raise ConfigError("model.norm_groups", f"{norm_groups} does not divide every channel count of "
                           f"{list(block_channels)}", "use e.g. 8 or 32 with channels that are multiples of it")
+    if attention_head_dim is not None:
+        check_at_least_one("model.attention_head_dim", attention_head_dim, "use e.g. 8, or null for one head")
+        attending = [ch for ch, a in zip(block_channels, attention, strict=True) if a] + [block_channels[-1]]
+        if any(ch % attention_head_dim for ch in attending):
+            raise ConfigError("model.attention_head_dim", f"{attention_head_dim} channels per head do not divide "
+                              f"the attention blocks' channels {sorted(set(attending))}",
+                              "use a divisor of each, or null for one head per block")
     factor = 2 ** (levels - 1)
     if h % factor or w % factor:
         raise ConfigError("model.block_channels", f"{levels} levels halve the {h}x{w} images {levels - 1} times, "
@@ -92,6 +103,7 @@ def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_cha
     unet = UNet2DModel(
         sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=tuple(block_channels),
         layers_per_block=layers_per_block, norm_num_groups=norm_groups, num_class_embeds=num_classes + 1,
+        attention_head_dim=attention_head_dim,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
     )
@@ -164,7 +176,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         num_classes: number of classes.
         image_shape: (channels, height, width).
         block_channels: channels of the UNet's levels (each level but the last halves the resolution).
-        attention: per level, whether its blocks have self-attention.
+        attention: per level, whether its blocks have self-attention (the middle block always has it).
+        attention_head_dim: channels per attention head; ``None``: one head per attention block, as wide as it.
         layers_per_block: residual blocks per level.
         zero_init_residual: start every residual branch and the output at zero, as DPDM's DDPM++ network does
             (see :func:`build_unet`).
@@ -212,6 +225,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
+                 attention_head_dim: int | None = 8,
                  layers_per_block: int = 1, norm_groups: int = 8, zero_init_residual: bool = False,
                  num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
@@ -280,7 +294,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),
                                layers_per_block=layers_per_block, norm_groups=norm_groups,
-                               zero_init_residual=zero_init_residual)
+                               zero_init_residual=zero_init_residual, attention_head_dim=attention_head_dim)
         unsupported = unsupported_layers(self.unet)
         if unsupported:  # engine "auto" would fall back to Opacus, which has no noise multiplicity
             raise ConfigError("model", f"fedgen's clipping engine cannot clip {'; '.join(unsupported)}",

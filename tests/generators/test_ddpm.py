@@ -37,10 +37,11 @@ def _fit(model: DPDiffusion, data: TensorDataset, **trainer) -> L.Trainer:
     return fit
 
 
-def test_each_example_is_clipped_on_the_mean_of_its_k_draws() -> None:
+@pytest.mark.parametrize("attention_head_dim", [8, None])
+def test_each_example_is_clipped_on_the_mean_of_its_k_draws(attention_head_dim: int | None) -> None:
     data = _data()
     x, y = data.tensors[0][:5], data.tensors[1][:5]
-    reference = _tiny(label_dropout=0.3)
+    reference = _tiny(label_dropout=0.3, attention_head_dim=attention_head_dim)
     draws = reference.hparams.noise_draws
 
     # the truth: each example's loss is the mean of its K rows, differentiated alone
@@ -62,7 +63,8 @@ def test_each_example_is_clipped_on_the_mean_of_its_k_draws() -> None:
             for j in range(len(params))]
 
     # the engine, with the same weights and the same random draws in the same order
-    model = _tiny(label_dropout=0.3, mechanism=DPSGD(noise_multiplier=1.0, max_grad_norm=clip, seed=0))
+    model = _tiny(label_dropout=0.3, attention_head_dim=attention_head_dim,
+                  mechanism=DPSGD(noise_multiplier=1.0, max_grad_norm=clip, seed=0))
     optimizer = torch.optim.SGD(model.unet.parameters(), lr=0.0)
     model.mechanism.make_private(model.unet, optimizer, data_loader=model.attach_private_data(data), steps=5)
     torch.manual_seed(3)
@@ -306,7 +308,18 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_the_output_at
     assert torch.count_nonzero(_tiny().unet(x, t, class_labels=y).sample) > 0  # the default does not
 
 
+def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block() -> None:
+    from diffusers.models.attention_processor import Attention
+
+    # the tiny UNet attends at its second level (16 channels) and in its middle block (16 channels)
+    for head_dim, heads in ((8, 2), (4, 4), (None, 1)):
+        attentions = [m for m in _tiny(attention_head_dim=head_dim).unet.modules() if isinstance(m, Attention)]
+        assert len(attentions) == 4 and {m.heads for m in attentions} == {heads}, head_dim
+
+
 @pytest.mark.parametrize(("overrides", "field"), [
+    ({"attention_head_dim": 3}, "model.attention_head_dim"),  # 3 does not divide 16
+    ({"attention_head_dim": 0}, "model.attention_head_dim"),
     ({"mechanism": DPSGD(noise_multiplier=1.0, engine="opacus")}, "model.mechanism.engine"),
     ({"attention": (False,)}, "model.attention"),
     ({"norm_groups": 3}, "model.norm_groups"),
