@@ -6,9 +6,12 @@ unit-norm clipped gradients, E ||S||^2 = B + B (B - 1) rho^2, where rho is the n
 part of the sum that does not cancel. DP-SGD adds noise of norm about sigma sqrt(P) (P parameters), so one
 step's signal to noise ratio at sigma = 1 is about B rho / sqrt(P). The script prints rho, that ratio and
 the time of the clipping pass, at initialisation and after ``--train_steps`` non-private steps (clipped,
-no noise; lr 1e-3, batch 512, K = 2), for each UNet in ``--channels`` and each K in ``--draws``.
+no noise; lr 1e-3, batch 512, K = 2), for each UNet in ``--channels`` and each K in ``--draws``, with the
+generator's shifted views, stratified draws and zero initialization where asked.
 
     python benchmarks/dp_diffusion_signal.py --channels 16,32,32 32,64,64 --draws 1 4 16
+    python benchmarks/dp_diffusion_signal.py --channels 16,32,32 --draws 1 2 4 --augment_shift 2 --stratified_draws \
+        --zero_init_residual   # the epsilon-10 example's UNet and draws
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--draws", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--train_steps", type=int, default=300)
+    parser.add_argument("--augment_shift", type=int, default=0, help="DPDiffusion's augment_shift (pixels)")
+    parser.add_argument("--stratified_draws", action="store_true", help="DPDiffusion's stratified_draws")
+    parser.add_argument("--zero_init_residual", action="store_true", help="DPDiffusion's zero_init_residual")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = MNISTDataModule()
@@ -67,7 +73,9 @@ def main() -> None:
         torch.manual_seed(0)
         model = DPDiffusion(mechanism=DPSGD(noise_multiplier=1e-6, seed=0),
                             block_channels=tuple(int(c) for c in channels.split(",")), noise_draws=2,
-                            batch_size=512, lr=1e-3).to(device)
+                            batch_size=512, lr=1e-3, augment_shift=args.augment_shift,
+                            stratified_draws=args.stratified_draws,
+                            zero_init_residual=args.zero_init_residual).to(device)
         loader = model.attach_private_data(placeholder)
         _, optimizer = model.mechanism.make_private(model.unet, torch.optim.Adam(model.unet.parameters(), 1e-3),
                                                     data_loader=loader, steps=10**6)
