@@ -97,17 +97,16 @@ UNET_SETTINGS: dict = {}
 
 
 def example_unet(example: str, device: torch.device) -> nn.Module:
-    """The UNet of ``examples/<example>``, read from the example, so the row follows it."""
+    """The UNet of ``examples/<example>``, read from the example, so the row follows it: every setting of the
+    example that ``build_unet`` takes."""
+    import inspect
+
     import yaml
 
     from fedgen.generators.ddpm import build_unet
 
     settings = yaml.safe_load((EXAMPLES / example).read_text())["model"]["init_args"]
-    keys = ("num_classes", "image_shape", "block_channels", "attention", "layers_per_block", "norm_groups")
-    kwargs = {key: settings[key] for key in keys}
-    for key in ("zero_init_residual", "attention_head_dim"):
-        if key in settings:
-            kwargs[key] = settings[key]
+    kwargs = {key: settings[key] for key in inspect.signature(build_unet).parameters if key in settings}
     return build_unet(**{**kwargs, **UNET_SETTINGS}).to(device)
 
 
