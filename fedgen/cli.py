@@ -201,6 +201,7 @@ def fit(args: list[str]) -> dict[str, Any]:
              generator.mechanism.ledger.summary(generator.mechanism.delta))
 
     synthetic = generator.synthesize(config.num_synthetic)
+    sampling_report = generator.sampling_report()  # of the saved set, before the grid's samples
     images_u8 = (synthetic.tensors[0] * 255).round().to(torch.uint8)
     torch.save({"images": images_u8, "labels": synthetic.tensors[1]}, run_dir / "synthetic.pt")
     save_samples(generator, run_dir / "samples.png")
@@ -237,6 +238,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "public_data": public_report,
         "central_images": central_report,
         "fid": fid,
+        "sampling": sampling_report,
         "generator_seconds": generator_seconds,
         "classifier_seconds": time.perf_counter() - start,
     }

@@ -116,6 +116,11 @@ class Generator(PrivateModule, Registered):
         """``n`` images in [0, 1] of shape ``(n, *image_shape)``, of the given ``labels`` (drawn if None)."""
         raise NotImplementedError
 
+    def sampling_report(self) -> dict[str, Any] | None:
+        """What sampling did beyond drawing, for ``metrics.json`` (e.g. samples rejected and drawn again); None if
+        nothing."""
+        return None
+
     @torch.no_grad()
     def synthesize(self, n: int, *, batch_size: int = 1000) -> TensorDataset:
         """A labelled synthetic dataset of ``n`` images, labels in the proportions of :meth:`label_distribution`.

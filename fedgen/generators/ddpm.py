@@ -37,15 +37,20 @@ taken inside each example). The draws stay inside the example's clipped loss: no
   no privacy cost. Samples come from the EMA weights.
 - Sampling: DDIM (Song, Meng, Ermon, ICLR 2021) with ``sampling_steps`` steps and ``sampling_eta`` of DDPM's
   posterior noise at each (0: deterministic), or the DDPM ancestral sampler.
+- Label check (``label_check_steps``): the generator classifies its own samples by Bayes' rule,
+  ``p(c | x) ∝ p(x | c)``, with the prediction error under label c, averaged over a few steps, standing in for
+  ``-log p(x | c)`` (the diffusion classifier of Li et al., ICCV 2023, and Clark & Jaini, NeurIPS 2023); a sample
+  whose class is not its label is drawn again. Post-processing of the trained generator: no privacy cost.
 
 The network is diffusers' ``UNet2DModel`` with class embeddings; the schedulers are diffusers'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol
 
 import torch
@@ -219,6 +224,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         sampling_eta: DDIM's eta, how much fresh noise each sampling step draws: 0 none (deterministic DDIM), 1
             the variance of DDPM's posterior between the sampler's two steps (ancestral sampling on DDIM's
             stride), in between a share of it (Song, Meng and Ermon, 2021, eq. 16). For ``sampler: ddim``.
+        label_check_steps: the diffusion steps at which :meth:`classify` reads the generator's own class of each
+            sample; a sample whose class is not its label is drawn again (see :meth:`sample`). ``None`` (the
+            default): no check. E.g. ``[100, 200, ..., 900]`` for T = 1000.
+        label_check_rounds: the most times a sample that fails the check is drawn again; one that still fails is
+            kept as last drawn, so the labels' proportions never change.
         central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
             CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up_on_central_images`.
     """
@@ -237,6 +247,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
                  ema_power: float = 8.0, label_dropout: float = 0.1, guidance_scale: float = 0.0,
                  sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
+                 label_check_steps: list[int] | None = None, label_check_rounds: int = 3,
                  central_images: CentralImages | None = None) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
         if not isinstance(mechanism, DPSGD):
@@ -274,6 +285,12 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if sampler == "ddpm" and sampling_eta:
             raise ConfigError("model.sampling_eta", "applies to the DDIM sampler (DDPM's steps always draw their "
                               "posterior's noise)", "use sampler: ddim, or sampling_eta: 0")
+        if label_check_steps is not None and (not label_check_steps or
+                                              not all(0 <= step < num_train_timesteps for step in label_check_steps)):
+            raise ConfigError("model.label_check_steps", f"{label_check_steps} is not a non-empty list of steps in "
+                              f"[0, {num_train_timesteps})", "use e.g. [100, 200, 300, 400, 500, 600, 700, 800, 900], "
+                              "or null for no check")
+        check_at_least_one("model.label_check_rounds", label_check_rounds, "use e.g. 3")
         if not 0 <= ema_decay < 1:
             raise ConfigError("model.ema_decay", f"must be in [0, 1), got {ema_decay}", "use e.g. 0.999, or 0")
         if not 0 <= ema_power < float("inf"):
@@ -315,6 +332,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self._loader: DataLoader | None = None
         #: set by a federation (e.g. :class:`~fedgen.federated.FederatedDPSGD`): the clients that compute each step
         self.clients: StepClients | None = None
+        #: the label check's counts over every :meth:`sample` since the generator was built (see sampling_report)
+        self.label_check_counts = {"images": 0, "failed_first_draw": 0, "redraws": 0, "kept_failing": 0}
 
     @property
     def null_class(self) -> int:
@@ -507,12 +526,83 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, *, generator: torch.Generator | None = None
                ) -> torch.Tensor:
+        """``n`` images of the given ``labels`` (drawn from :meth:`label_distribution` if None). With
+        ``label_check_steps``, each image whose own class (:meth:`classify`) is not its label is drawn again, up
+        to ``label_check_rounds`` times; one that still fails is kept as last drawn."""
         if labels is None:
             labels = torch.multinomial(self.label_distribution(), n, replacement=True)
         labels = labels.to(self.device)
+        images = self._draw(labels, generator)
+        if self.hparams.label_check_steps is None:
+            return images
+        pending = torch.arange(n, device=self.device)
+        failed = self.classify(images, generator=generator) != labels
+        counts = self.label_check_counts
+        counts["images"] += n
+        counts["failed_first_draw"] += int(failed.sum())
+        for _ in range(self.hparams.label_check_rounds):
+            pending = pending[failed]
+            if len(pending) == 0:
+                break
+            images[pending] = self._draw(labels[pending], generator)
+            counts["redraws"] += len(pending)
+            failed = self.classify(images[pending], generator=generator) != labels[pending]
+        counts["kept_failing"] += int(failed.sum())  # none if every sample passed before the last round
+        return images
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, *, steps: list[int] | None = None,
+                 generator: torch.Generator | None = None, batch_size: int = 1000) -> torch.Tensor:
+        """The generator's own class of each image in [0, 1]: ``argmin_c sum_t e_t(x, c)``, where ``e_t(x, c)`` is
+        the mean squared error of the sampling network's prediction (the training target) under label c, for
+        ``x_t = a_t x + s_t eps_t`` with one noise draw per step ``t`` in ``steps`` (default:
+        ``label_check_steps``), shared by all classes so that the classes are compared on the same noise. The
+        error stands in for ``-log p(x | c)`` in Bayes' rule (Li et al., ICCV 2023; Clark & Jaini, NeurIPS 2023).
+        Post-processing: no privacy cost."""
+        steps = steps if steps is not None else self.hparams.label_check_steps
+        if not steps:
+            raise ValueError("classify needs the diffusion steps to compare the classes at: pass steps, or set "
+                             "label_check_steps")
+        classes = self.num_classes
+        with self._sampling_network() as net:
+            found = []
+            for chunk in images.split(batch_size):
+                x0 = chunk.to(self.device, self.dtype) * 2 - 1
+                n = len(x0)
+                labels = torch.arange(classes, device=self.device).repeat_interleave(n)  # row c n + i: image i, label c
+                error = torch.zeros(classes, n, device=self.device, dtype=x0.dtype)
+                for step in steps:
+                    t = torch.full((n,), step, device=self.device, dtype=torch.long)
+                    noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+                    noisy = self.noise_scheduler.add_noise(x0, noise, t)
+                    target = (noise if self.hparams.prediction == "epsilon"
+                              else self.noise_scheduler.get_velocity(x0, noise, t))
+                    out = net(noisy.repeat(classes, 1, 1, 1), t.repeat(classes), class_labels=labels).sample
+                    error += (out - target.repeat(classes, 1, 1, 1)).square().flatten(1).mean(1).view(classes, n)
+                found.append(error.argmin(0))
+        return torch.cat(found)
+
+    def sampling_report(self) -> dict[str, Any] | None:
+        """The label check's settings and counts (None without a check)."""
+        if self.hparams.label_check_steps is None:
+            return None
+        return {"label_check_steps": list(self.hparams.label_check_steps),
+                "label_check_rounds": self.hparams.label_check_rounds} | self.label_check_counts
+
+    @contextlib.contextmanager
+    def _sampling_network(self) -> Iterator[nn.Module]:
+        """The network samples come from (the EMA weights if kept), in eval mode for the block."""
         net = self.ema.module if self.ema is not None else self.unet
         was_training = net.training
         net.eval()
+        try:
+            yield net
+        finally:
+            net.train(was_training)
+
+    def _draw(self, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One image per label from the sampler, in [0, 1]."""
+        n = len(labels)
         if self.hparams.sampler == "ddim":
             scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
             eta = {"eta": self.hparams.sampling_eta}
@@ -522,14 +612,15 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         x = torch.randn((n, *self.image_shape), generator=generator, device=self.device, dtype=self.dtype)
         w = self.hparams.guidance_scale
         null = torch.full_like(labels, self.null_class)
-        for t in scheduler.timesteps:
-            steps = t.expand(n)
-            if w > 0:
-                both = net(torch.cat([x, x]), torch.cat([steps, steps]), class_labels=torch.cat([labels, null])).sample
-                conditional, unconditional = both.chunk(2)
-                eps = (1 + w) * conditional - w * unconditional
-            else:
-                eps = net(x, steps, class_labels=labels).sample
-            x = scheduler.step(eps, t, x, generator=generator, **eta).prev_sample
-        net.train(was_training)
+        with self._sampling_network() as net:
+            for t in scheduler.timesteps:
+                steps = t.expand(n)
+                if w > 0:
+                    both = net(torch.cat([x, x]), torch.cat([steps, steps]),
+                               class_labels=torch.cat([labels, null])).sample
+                    conditional, unconditional = both.chunk(2)
+                    eps = (1 + w) * conditional - w * unconditional
+                else:
+                    eps = net(x, steps, class_labels=labels).sample
+                x = scheduler.step(eps, t, x, generator=generator, **eta).prev_sample
         return ((x + 1) / 2).clamp(0, 1)

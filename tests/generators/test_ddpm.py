@@ -219,6 +219,66 @@ def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction:
     torch.testing.assert_close(samples, image.expand(3, -1, -1, -1), atol=1e-6, rtol=0)
 
 
+class _ClassOracle(torch.nn.Module):
+    """The exact denoiser of a dataset with one image per class: under label c it takes ``x_0`` to be class c's
+    image and returns the target that ``x_t`` then implies."""
+
+    def __init__(self, model: DPDiffusion, images: torch.Tensor) -> None:
+        super().__init__()
+        self.x0, self.model = images * 2 - 1, [model]
+
+    def forward(self, x_t, t, class_labels=None):
+        from types import SimpleNamespace
+
+        abar = self.model[0].noise_scheduler.alphas_cumprod.to(x_t)[t.long()].view(-1, 1, 1, 1)
+        a, s, x0 = abar.sqrt(), (1 - abar).sqrt(), self.x0[class_labels]
+        eps = (x_t - a * x0) / s
+        return SimpleNamespace(sample=eps if self.model[0].hparams.prediction == "epsilon" else a * eps - s * x0)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_classify_gives_each_image_the_label_whose_prediction_error_is_lowest(prediction: str) -> None:
+    """With the exact denoiser of one image per class, an image of class k has zero error under label k and a
+    positive one under any other: classify must give every image its own class, in any order and chunking."""
+    model = _tiny(prediction=prediction, ema_decay=0.0)
+    prototypes = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model.unet = _ClassOracle(model, prototypes)
+    truth = torch.tensor([2, 0, 1, 1, 2, 0, 0])
+    found = model.classify(prototypes[truth], steps=[100, 500, 900], batch_size=3,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(found, truth)
+    with pytest.raises(ValueError, match="label_check_steps"):
+        model.classify(prototypes)  # no steps given or configured
+
+
+def test_a_sample_that_fails_the_label_check_is_drawn_again_and_the_labels_never_change(monkeypatch) -> None:
+    """Images whose own class is not their label are drawn again (up to label_check_rounds times); one that still
+    fails is kept. Here the check fails image 1 once and image 3 always: image 1 comes from its second draw,
+    image 3 from its third (the last of two rounds), the others from the first, and the counts say so."""
+    model = _tiny(label_check_steps=[1, 2], label_check_rounds=2)
+    draws = iter(range(100))
+    monkeypatch.setattr(DPDiffusion, "_draw", lambda self, labels, generator: torch.tensor(
+        [float(next(draws)) for _ in labels], dtype=torch.float64).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone())
+    fails = {1: 1, 3: 99}  # image i (its first draw's number) fails this many checks
+
+    def classify(self, images, **kwargs):
+        first_draw = {0: 0, 1: 1, 2: 2, 3: 3, 4: 1, 5: 3, 6: 3}  # draw number -> image index
+        out = []
+        for image in images:
+            i = first_draw[int(image[0, 0, 0])]
+            out.append(-1 if fails.get(i, 0) > 0 else labels[i])
+            fails[i] = fails.get(i, 0) - 1
+        return torch.tensor(out)
+
+    monkeypatch.setattr(DPDiffusion, "classify", classify)
+    labels = torch.tensor([0, 1, 2, 0])
+    images = model.sample(4, labels.clone())
+    assert [int(v) for v in images[:, 0, 0, 0]] == [0, 4, 2, 6]  # draws 4 (image 1), 5 then 6 (image 3)
+    assert model.sampling_report() == {"label_check_steps": [1, 2], "label_check_rounds": 2, "images": 4,
+                                       "failed_first_draw": 2, "redraws": 3, "kept_failing": 1}
+    assert _tiny().sampling_report() is None
+
+
 def test_lognormal_timesteps_draw_log_sigma_from_the_normal_and_take_the_nearest_step() -> None:
     """EDM's training distribution on the DDPM schedule: log sigma ~ N(P_mean, P_std^2), mapped to the step whose
     log sigma_t = log sqrt((1 - abar_t) / abar_t) is nearest."""
@@ -339,6 +399,9 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"augment_shift": -1}, "model.augment_shift"),
     ({"augment_shift": 8}, "model.augment_shift"),  # the tiny model's images are 8x8
     ({"sampler": "ddpm", "num_train_timesteps": 6, "sampling_steps": 6, "sampling_eta": 1.0}, "model.sampling_eta"),
+    ({"label_check_steps": []}, "model.label_check_steps"),
+    ({"label_check_steps": [100, 1000]}, "model.label_check_steps"),  # T = 1000: steps 0 to 999
+    ({"label_check_rounds": 0}, "model.label_check_rounds"),
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -353,9 +416,13 @@ def test_fedgen_fit_trains_a_tiny_ddpm_end_to_end(real_data_root, tmp_path) -> N
 
     run = tmp_path / "run"
     metrics = fit(_tiny_cli(real_data_root, 4, "--model.init_args.max_physical_examples=20", f"--run_dir={run}",
-                            "--fid_samples=4", fixed_noise=False))
+                            "--fid_samples=4", "--model.init_args.label_check_steps=[100, 600]", fixed_noise=False))
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["generator"] == "DPDiffusion" and 0 <= saved["test_accuracy"] <= 1
+    # the label check ran on the 20 saved samples (the grid's samples are not counted)
+    check = saved["sampling"]
+    assert check["label_check_steps"] == [100, 600] and check["images"] == 20
+    assert check["redraws"] >= check["failed_first_draw"] >= check["kept_failing"] >= 0
     assert saved["public_data"] is None
     assert saved["fid"]["value"] > 0 and saved["fid"]["synthetic_images"] == saved["fid"]["real_images"] == 4
     # four planned steps at q = 30 / 300, calibrated to the target epsilon = 10
