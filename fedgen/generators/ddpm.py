@@ -401,9 +401,13 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         t = self.training_timesteps(x0.shape[0], device=x0.device,
                                     strata=draws if self.hparams.stratified_draws else 1)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        target = noise if self.hparams.prediction == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
+        target = self.prediction_target(x0, noise, t)
         error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, target, reduction="none")
         return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet predicts from ``x_t = a_t x0 + s_t noise``: the noise, or ``v = a_t noise - s_t x0``."""
+        return noise if self.hparams.prediction == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
 
     def training_timesteps(self, n: int, *, device: torch.device, strata: int = 1) -> torch.Tensor:
         """``n`` training steps drawn from the ``timesteps`` distribution (see the module's docstring). With
@@ -575,8 +579,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                     t = torch.full((n,), step, device=self.device, dtype=torch.long)
                     noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
                     noisy = self.noise_scheduler.add_noise(x0, noise, t)
-                    target = (noise if self.hparams.prediction == "epsilon"
-                              else self.noise_scheduler.get_velocity(x0, noise, t))
+                    target = self.prediction_target(x0, noise, t)
                     out = net(noisy.repeat(classes, 1, 1, 1), t.repeat(classes), class_labels=labels).sample
                     error += (out - target.repeat(classes, 1, 1, 1)).square().flatten(1).mean(1).view(classes, n)
                 found.append(error.argmin(0))
