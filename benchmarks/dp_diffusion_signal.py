@@ -1,17 +1,19 @@
 """How much signal a DP diffusion step carries, per UNet size and number of noise draws K.
 
-For a logical batch of B real MNIST examples, fedgen's clipping engine forms the clipped per-example
+For a logical batch of B real MNIST (or Fashion-MNIST) examples, fedgen's clipping engine forms the clipped per-example
 gradients (each the gradient of the example's K-draw loss, clipped to C = 1) and their sum S. With
 unit-norm clipped gradients, E ||S||^2 = B + B (B - 1) rho^2, where rho is the norm of their mean: the
 part of the sum that does not cancel. DP-SGD adds noise of norm about sigma sqrt(P) (P parameters), so one
 step's signal to noise ratio at sigma = 1 is about B rho / sqrt(P). The script prints rho, that ratio and
 the time of the clipping pass, at initialisation and after ``--train_steps`` non-private steps (clipped,
 no noise; lr 1e-3, batch 512, K = 2), for each UNet in ``--channels`` and each K in ``--draws``, with the
-generator's shifted views, stratified draws and zero initialization where asked.
+generator's shifted or mirrored views, stratified draws and zero initialization where asked.
 
     python benchmarks/dp_diffusion_signal.py --channels 16,32,32 32,64,64 --draws 1 4 16
     python benchmarks/dp_diffusion_signal.py --channels 16,32,32 --draws 1 2 4 --augment_shift 2 --stratified_draws \
         --zero_init_residual   # the epsilon-10 example's UNet and draws
+    python benchmarks/dp_diffusion_signal.py --dataset fashion_mnist --channels 32,64,64 --draws 1 2 \
+        --zero_init_residual --stratified_draws --augment_flip   # mirrored views of garments
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from fedgen.data import MNISTDataModule
+from fedgen.data import FashionMNISTDataModule, MNISTDataModule
 from fedgen.data.datamodules import dataset_to_tensors
 from fedgen.generators import DPDiffusion
 from fedgen.mechanisms import DPSGD
@@ -57,12 +59,14 @@ def main() -> None:
     parser.add_argument("--draws", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--train_steps", type=int, default=300)
+    parser.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist")
     parser.add_argument("--augment_shift", type=int, default=0, help="DPDiffusion's augment_shift (pixels)")
+    parser.add_argument("--augment_flip", action="store_true", help="DPDiffusion's augment_flip")
     parser.add_argument("--stratified_draws", action="store_true", help="DPDiffusion's stratified_draws")
     parser.add_argument("--zero_init_residual", action="store_true", help="DPDiffusion's zero_init_residual")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = MNISTDataModule()
+    data = MNISTDataModule() if args.dataset == "mnist" else FashionMNISTDataModule()
     data.prepare_data()
     data.setup("fit")
     images, labels = (t.to(device) for t in dataset_to_tensors(data.train_set))
@@ -74,6 +78,7 @@ def main() -> None:
         model = DPDiffusion(mechanism=DPSGD(noise_multiplier=1e-6, seed=0),
                             block_channels=tuple(int(c) for c in channels.split(",")), noise_draws=2,
                             batch_size=512, lr=1e-3, augment_shift=args.augment_shift,
+                            augment_flip=args.augment_flip,
                             stratified_draws=args.stratified_draws,
                             zero_init_residual=args.zero_init_residual).to(device)
         loader = model.attach_private_data(placeholder)

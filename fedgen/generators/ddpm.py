@@ -172,6 +172,15 @@ def shift_randomly(images: torch.Tensor, shift: int) -> torch.Tensor:
     return picked.permute(0, 3, 1, 2)  # advanced indexing put the channels last
 
 
+def flip_randomly(images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Each image of ``images`` (N, C, H, W) mirrored left to right with probability 1/2, on its own coin;
+    ``images`` itself when ``flip`` is false."""
+    if not flip:
+        return images
+    mirrored = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
+    return torch.where(mirrored, images.flip(-1), images)
+
+
 class DPDiffusion(Generator, name="dp_diffusion"):
     """Class-conditional DDPM trained with DP-SGD and noise multiplicity (DPDM, Dockhorn et al., TMLR 2023).
 
@@ -205,6 +214,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             example's loss then averages over K views as well as K noise draws. An example still changes only its
             own K rows, so the privacy cost is unchanged; the generator learns the shifted images' distribution.
             For images on a zero background (MNIST, Fashion-MNIST); 0 turns it off.
+        augment_flip: mirror the image of each of an example's K rows left to right on its own coin (after the
+            shift), augmentation multiplicity as ``augment_shift``, privacy unchanged. Only for data whose classes
+            keep their meaning in a mirror (garments; not digits or letters): the generator learns both
+            orientations.
         batch_size: expected logical batch size of the Poisson sampler.
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
             processed in micro-batches. Default: the whole logical batch at once.
@@ -241,7 +254,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
                  timesteps: Literal["uniform", "lognormal"] = "uniform", lognormal_mean: float = -1.2,
                  lognormal_std: float = 1.2, noise_draws: int = 4, stratified_draws: bool = False,
-                 augment_shift: int = 0,
+                 augment_shift: int = 0, augment_flip: bool = False,
                  batch_size: int = 256,
                  max_physical_examples: int | None = None, lr: float = 3e-4,
                  lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
@@ -389,10 +402,12 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor, *,
                        reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
         """The prediction error (of the noise or of v; see ``prediction``) of the batch's B x K rows (rows
-        ``i K .. i K + K - 1`` are example i's draws): their mean, which is the mean over examples of their K-draw losses, or each row's
+        ``i K .. i K + K - 1`` are example i's draws, each its own view when ``augment_shift`` or ``augment_flip``
+        is set): their mean, which is the mean over examples of their K-draw losses, or each row's
         (``reduction="none"``, shape (B K,))."""
         draws = self.hparams.noise_draws
-        x0 = shift_randomly(images.repeat_interleave(draws, dim=0), self.hparams.augment_shift) * 2 - 1
+        views = shift_randomly(images.repeat_interleave(draws, dim=0), self.hparams.augment_shift)
+        x0 = flip_randomly(views, self.hparams.augment_flip) * 2 - 1
         labels = labels.repeat_interleave(draws, dim=0)
         if self.hparams.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout

@@ -675,6 +675,34 @@ def test_random_shifts_move_each_image_by_its_own_offset_with_zero_fill() -> Non
     assert int(counts.min()) > 40 and int(counts.max()) < 120  # 80 expected for each of the 25 offsets
 
 
+def test_random_flips_mirror_about_half_of_the_images_each_on_its_own_coin() -> None:
+    """Each output is its input or its left-right mirror; about half are mirrored; no flag, no change."""
+    from fedgen.generators.ddpm import flip_randomly
+
+    images = torch.rand(2000, 2, 5, 7, generator=torch.Generator().manual_seed(5))
+    assert flip_randomly(images, False) is images
+    torch.manual_seed(0)
+    out = flip_randomly(images, True)
+    same = (out == images).flatten(1).all(1)
+    mirrored = (out == images.flip(-1)).flatten(1).all(1)
+    assert bool((same ^ mirrored).all())  # one or the other, never a mix (random images have no symmetric one)
+    assert 900 < int(mirrored.sum()) < 1100  # 1000 expected
+
+
+def test_augment_flip_reaches_the_loss_after_the_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss mirrors the shifted K rows when asked, and leaves them alone otherwise."""
+    import fedgen.generators.ddpm as ddpm
+
+    seen = []
+    real = ddpm.flip_randomly
+    monkeypatch.setattr(ddpm, "flip_randomly", lambda x, f: (seen.append((x.clone(), f)), real(x, f))[1])
+    x, y = _data(5).tensors
+    _tiny(noise_draws=3, augment_flip=True).diffusion_loss(x, y)
+    _tiny(noise_draws=3).diffusion_loss(x, y)
+    assert [f for _, f in seen] == [True, False]
+    torch.testing.assert_close(seen[0][0], x.repeat_interleave(3, dim=0), atol=0, rtol=0)  # no shift asked
+
+
 def test_augment_shift_reaches_the_loss_with_each_example_s_own_image(monkeypatch: pytest.MonkeyPatch) -> None:
     """The K rows of example i are shifted copies of image i (one example changes only its own rows, so the
     privacy accounting is that of the K noise draws); without the option nothing is shifted."""
