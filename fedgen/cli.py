@@ -229,6 +229,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "synthetic_val_accuracy": result["synthetic_val_accuracy"],
         "selected_epoch": result["selected_epoch"],
         "classifier": result["classifier"],
+        "per_classifier": result["per_classifier"],
         "num_synthetic": config.num_synthetic,
         "num_private": len(data.train_set),
         "generator": type(generator).__name__,
@@ -243,9 +244,10 @@ def fit(args: list[str]) -> dict[str, Any]:
         "classifier_seconds": time.perf_counter() - start,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    mean_of = f", the mean of {evaluation.repeats} classifiers" if evaluation.repeats > 1 else ""
     print(f"fedgen: epsilon={epsilon:.4f} delta={metrics['delta']:g} ({metrics['neighbouring']}), "
           f"test_accuracy={metrics['test_accuracy']:.4f} ({metrics['classifier']} trained on "
-          f"{config.num_synthetic} synthetic examples); run folder: {run_dir}")
+          f"{config.num_synthetic} synthetic examples{mean_of}); run folder: {run_dir}")
     return metrics
 
 

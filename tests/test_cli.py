@@ -27,11 +27,13 @@ def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def test_fit_writes_the_run_folder(real_data_root, tmp_path):
     run = tmp_path / "run"
-    metrics = fit(tiny_args(real_data_root, run))
+    metrics = fit(tiny_args(real_data_root, run, "--evaluation.repeats=2"))
     assert {"config.yaml", "metrics.json", "samples.png", "synthetic.pt", "generator.ckpt", "checkpoints"} <= {
         p.name for p in run.iterdir()}
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["test_accuracy"] == metrics["test_accuracy"] and 0 <= saved["test_accuracy"] <= 1
+    each = [r["test_accuracy"] for r in saved["per_classifier"]]
+    assert len(each) == 2 and saved["test_accuracy"] == pytest.approx(sum(each) / 2)
     assert 0.99 < saved["epsilon"] <= 1.0 and saved["delta"] == 1e-4 and saved["num_synthetic"] == 100
     synthetic = torch.load(run / "synthetic.pt")
     assert synthetic["images"].shape == (100, 1, 28, 28) and synthetic["images"].dtype == torch.uint8
@@ -55,6 +57,7 @@ def test_resume_continues_the_same_ledger(real_data_root, tmp_path):
 
 
 BAD_CONFIGS = [
+    (["--evaluation.repeats=0"], "evaluation.repeats"),
     (["--model.init_args.mechanism.init_args.target_epsilon=0"], "target_epsilon"),
     (["--model.init_args.mechanism.init_args.target_epsilon=-1"], "target_epsilon"),
     (["--model.init_args.mechanism.init_args.delta=1.5"], "delta"),

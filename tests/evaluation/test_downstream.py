@@ -60,6 +60,27 @@ def test_learns_separable_data_and_reads_the_real_test_set_exactly_once():
     assert 0 <= result["selected_epoch"] < 4 and result["synthetic_val_accuracy"] > 0.9
 
 
+def test_repeats_train_that_many_classifiers_and_report_their_means():
+    """Each repeat tests once on the real set; the first classifier is the one a single run trains (same seed);
+    the reported accuracies are the means of the per-classifier ones."""
+    def run(repeats: int, real_test):
+        torch.manual_seed(3)
+        return TrainOnSynthetic(classifier="mlp", epochs=2, progress_bar=False, accelerator="cpu", repeats=repeats
+                                ).run(separable(400, seed=0, shuffle_labels=True), real_test, num_classes=10,
+                                      image_shape=(1, 28, 28))
+
+    single = run(1, separable(300, seed=1))
+    real_test = CountingDataset(separable(300, seed=1))
+    result = run(3, real_test)
+    assert torch.equal(real_test.reads, torch.full((300,), 3, dtype=torch.long))
+    each = result["per_classifier"]
+    assert len(each) == 3 and each[0] == single["per_classifier"][0]
+    assert len({r["test_accuracy"] for r in each}) > 1  # their own splits, initializations and batch orders
+    assert result["test_accuracy"] == pytest.approx(sum(r["test_accuracy"] for r in each) / 3)
+    assert result["synthetic_val_accuracy"] == pytest.approx(sum(r["synthetic_val_accuracy"] for r in each) / 3)
+    assert result["selected_epoch"] == each[0]["selected_epoch"]
+
+
 def test_labels_unrelated_to_images_give_chance_accuracy():
     result = TrainOnSynthetic(classifier="mlp", epochs=2, progress_bar=False, accelerator="cpu").run(
         separable(1000, seed=0, shuffle_labels=True), separable(500, seed=1), num_classes=10, image_shape=(1, 28, 28))
@@ -69,6 +90,7 @@ def test_labels_unrelated_to_images_give_chance_accuracy():
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"classifier": "resnet9000"}, "classifier"), ({"epochs": 0}, "evaluation.epochs"),
     ({"val_fraction": 1.0}, "evaluation.val_fraction"), ({"batch_size": 0}, "evaluation.batch_size"),
+    ({"repeats": 0}, "evaluation.repeats"),
 ])
 def test_bad_evaluation_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
