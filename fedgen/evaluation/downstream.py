@@ -122,8 +122,8 @@ class TrainOnSynthetic:
         accelerator: Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``).
         progress_bar: show progress bars.
         repeats: classifiers trained one after another on the same synthetic set, each with its own validation
-            split, initialization and batch order; the reported accuracies are their means. One classifier's
-            accuracy moves by tenths of a point (points at epsilon 1) with its seed; the mean of several moves less.
+            split, initialization and batch order; the reported accuracies are their means, which move less
+            with the seed than one classifier's.
     """
 
     def __init__(self, *, classifier: Literal["convnet", "mlp"] = "convnet", epochs: int = 10,
