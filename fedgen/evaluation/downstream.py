@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 from typing import Any, Literal
 
 import lightning as L
@@ -158,8 +159,10 @@ class TrainOnSynthetic:
             net, report = self.fit_classifier(synthetic, num_classes=num_classes, image_shape=image_shape)
             per_classifier.append({"test_accuracy": evaluate_accuracy(net, real_test, num_classes=num_classes),
                                    **report})
-        return {"test_accuracy": sum(r["test_accuracy"] for r in per_classifier) / self.repeats,
-                "synthetic_val_accuracy": sum(r["synthetic_val_accuracy"] for r in per_classifier) / self.repeats,
+        def mean(key: str) -> float:
+            return statistics.fmean(r[key] for r in per_classifier)
+
+        return {"test_accuracy": mean("test_accuracy"), "synthetic_val_accuracy": mean("synthetic_val_accuracy"),
                 "selected_epoch": per_classifier[0]["selected_epoch"], "classifier": self.classifier,
                 "per_classifier": per_classifier}
 

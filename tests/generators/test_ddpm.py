@@ -689,7 +689,7 @@ def test_random_flips_mirror_about_half_of_the_images_each_on_its_own_coin() -> 
     assert 900 < int(mirrored.sum()) < 1100  # 1000 expected
 
 
-def test_augment_flip_reaches_the_loss_after_the_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_augment_flip_reaches_the_loss_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss mirrors the shifted K rows when asked, and leaves them alone otherwise."""
     import fedgen.generators.ddpm as ddpm
 
