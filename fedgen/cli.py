@@ -38,6 +38,7 @@ from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedDPSGD, FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
 from fedgen.cli_attacks import attack, audit, membership
+from fedgen.cli_sample import sample
 from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
@@ -47,6 +48,8 @@ USAGE = """usage: fedgen <command> [options]
 commands:
   fit       train a private generator, synthesize data, train and test a classifier on it
             (fedgen fit --config examples/mnist_dp_merf.yaml; fedgen fit --help for all options)
+  sample    draw a labelled synthetic dataset from a finished fit run's generator (post-processing)
+            (fedgen sample --run runs/<fit run> --num 60000)
   federate  train a classifier directly across clients (FedAvg, FedProx, DP-FedAvg), test it on real data
             (fedgen federate --config examples/federated_mnist_dp_fedavg.yaml)
   audit     audit DP-SGD in one run with canaries: an empirical lower bound on epsilon beside the claim
@@ -344,7 +347,8 @@ def federate(args: list[str]) -> dict[str, Any]:
     return metrics
 
 
-COMMANDS = {"fit": fit, "federate": federate, "audit": audit, "attack": attack, "membership": membership}
+COMMANDS = {"fit": fit, "sample": sample, "federate": federate, "audit": audit, "attack": attack,
+            "membership": membership}
 
 
 def _configure_logging() -> None:

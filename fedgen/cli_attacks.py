@@ -15,7 +15,6 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchvision
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fedgen.attacks.audit import audit_dp_sgd, check_audit_plan
@@ -27,9 +26,10 @@ from fedgen.attacks.gradient_inversion import (
     dp_sgd_update,
     lenet_for_inversion,
 )
+from fedgen.cli_sample import check_fit_run, load_fit_run
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one
-from fedgen.generators import DPMerf, Generator
+from fedgen.generators import DPMerf
 from fedgen.mechanisms import DPSGD, GaussianMechanism, SecureAggregator, SubsampledGaussianEvent, compute_epsilon
 from fedgen.runs import dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
@@ -315,12 +315,7 @@ def membership(args: list[str]) -> dict[str, Any]:
     check_at_least_one("members", config.members, "use e.g. 2000")
     check_at_least_one("non_members", config.non_members, "use e.g. 2000")
     check_at_least_one("repeats", config.repeats, "use e.g. 8")
-    attacked = Path(config.run or "")
-    missing = [f for f in ("config.yaml", "generator.ckpt", "synthetic.pt") if not (attacked / f).exists()]
-    if not config.run or missing:
-        raise ConfigError("run", f"{attacked} is not a finished `fedgen fit` run folder (missing {missing})",
-                          "give the folder a `fedgen fit` run wrote (it holds config.yaml, generator.ckpt and "
-                          "synthetic.pt)")
+    attacked = check_fit_run(config.run, ("config.yaml", "generator.ckpt", "synthetic.pt"))
     generator, data = load_fit_run(attacked)
     data.prepare_data()
     data.setup("fit")
@@ -355,20 +350,6 @@ def membership(args: list[str]) -> dict[str, Any]:
     summary = "; ".join(f"{k} AUC {v.auc:.3f}, TPR@0.1%FPR {v.tpr_at_fpr[0.001]:.2%}" for k, v in results.items())
     print(f"fedgen: membership inference against {attacked}: {summary}; run folder: {run_dir}")
     return metrics
-
-
-def load_fit_run(run: Path) -> tuple[Generator, VisionDataModule]:
-    """The generator (weights of ``generator.ckpt``) and the data module of a ``fedgen fit`` run folder,
-    built from the run's own ``config.yaml``."""
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--model", type=Generator)
-    parser.add_argument("--data", type=VisionDataModule)
-    built = instantiate(parser, parse_args(parser, ["--model", json.dumps(saved["model"]),
-                                                    "--data", json.dumps(saved["data"])]))
-    checkpoint = torch.load(run / "generator.ckpt", map_location="cpu", weights_only=False)
-    built.model.load_state_dict(checkpoint["state_dict"])
-    return built.model.eval(), built.data
 
 
 def _stack(dataset: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,117 @@
+"""The ``fedgen sample`` command: draw a labelled synthetic dataset from a finished ``fedgen fit`` run.
+
+    fedgen sample --run runs/<a fedgen fit run> --num 60000
+
+Drawing from a trained generator is post-processing of what the run released: it reads the privacy the run
+spent from the checkpoint's ledger and adds none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torchvision
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from fedgen.data import VisionDataModule
+from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.generators import Generator
+from fedgen.runs import instantiate, parse_args
+
+log = logging.getLogger("fedgen")
+
+
+def load_fit_run(run: Path) -> tuple[Generator, VisionDataModule]:
+    """The generator of a ``fedgen fit`` run folder, built from the run's own ``config.yaml`` with the weights
+    and privacy ledger of its ``generator.ckpt``, and the run's data module (built, nothing loaded)."""
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=Generator)
+    parser.add_argument("--data", type=VisionDataModule)
+    built = instantiate(parser, parse_args(parser, ["--model", json.dumps(saved["model"]),
+                                                    "--data", json.dumps(saved["data"])]))
+    checkpoint = torch.load(run / "generator.ckpt", map_location="cpu", weights_only=False)
+    built.model.load_state_dict(checkpoint["state_dict"])
+    built.model.on_load_checkpoint(checkpoint)  # the ledger: what the run spent
+    return built.model.eval(), built.data
+
+
+def check_fit_run(run: str | None, needs: tuple[str, ...]) -> Path:
+    """``run`` as a path, after checking that it is a ``fedgen fit`` run folder holding the files ``needs``."""
+    folder = Path(run or "")
+    missing = [f for f in needs if not (folder / f).exists()]
+    if not run or missing:
+        raise ConfigError("run", f"{folder} is not a finished `fedgen fit` run folder (missing {missing})",
+                          f"give the folder a `fedgen fit` run wrote (it holds {', '.join(needs)})")
+    return folder
+
+
+def sample_parser() -> ArgumentParser:
+    """The options of ``fedgen sample``."""
+    parser = ArgumentParser(prog="fedgen sample", description=sample.__doc__, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with the options below.")
+    parser.add_argument("--run", type=str, help="The `fedgen fit` run folder whose generator draws.")
+    parser.add_argument("--num", type=int, default=10000,
+                        help="Images to draw, labels in the generator's class proportions (at least one a class).")
+    parser.add_argument("--out", type=str | None, default=None,
+                        help="The .pt file to write (default: <run>/samples-<num>-seed<seed>.pt); never overwritten.")
+    parser.add_argument("--seed_everything", type=int, default=0, help="Seed of the labels' order and the draws.")
+    parser.add_argument("--accelerator", type=Literal["auto", "cpu", "gpu"], default="auto",
+                        help="Where to draw: auto takes a GPU when there is one.")
+    parser.add_argument("--batch_size", type=int, default=1000, help="Images drawn at once.")
+    return parser
+
+
+def sample(args: list[str]) -> dict[str, Any]:
+    """``fedgen sample``: draw ``num`` labelled images from a finished ``fedgen fit`` run's generator (for a
+    DP diffusion run, from its averaged weights with the run's sampler settings).
+
+    Writes ``out`` as ``{"images": uint8 (N, C, H, W), "labels": int64 (N,)}``, the layout of the run's own
+    ``synthetic.pt``, and beside it ``<out>.png``, a grid of the first images of each class. The run folder's
+    existing files are only read. Sampling is post-processing: the privacy printed is what the run spent.
+    """
+    parser = sample_parser()
+    config = parse_args(parser, args)
+    check_at_least_one("num", config.num, "use e.g. 10000")
+    check_at_least_one("batch_size", config.batch_size, "use e.g. 1000")
+    run = check_fit_run(config.run, ("config.yaml", "generator.ckpt"))
+    out = Path(config.out) if config.out else run / f"samples-{config.num}-seed{config.seed_everything}.pt"
+    if out.suffix != ".pt":
+        raise ConfigError("out", f"{out} does not end in .pt", "name a .pt file, e.g. samples.pt")
+    for path in (out, out.with_suffix(".png")):
+        if path.exists():
+            raise ConfigError("out", f"{path} exists already", "name a new file; fedgen sample never overwrites")
+    if config.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("accelerator", "gpu asked, but torch sees no CUDA device", "use auto or cpu")
+    generator, _ = load_fit_run(run)
+    if config.num < generator.num_classes:
+        raise ConfigError("num", f"{config.num} is fewer than one image per class ({generator.num_classes})",
+                          f"draw at least {generator.num_classes}")
+
+    L.seed_everything(config.seed_everything, verbose=False)
+    use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and torch.cuda.is_available())
+    generator.to("cuda" if use_gpu else "cpu")
+    synthetic = generator.synthesize(config.num, batch_size=config.batch_size)
+    images, labels = (synthetic.tensors[0] * 255).round().to(torch.uint8), synthetic.tensors[1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": images, "labels": labels}, out)
+    per_class = 10  # a row a class; a class with fewer images in the file leaves its row's end blank
+    rows = [images[labels == c][:per_class] for c in range(generator.num_classes)]
+    grid = torch.cat([torch.cat([row, row.new_zeros((per_class - len(row), *row.shape[1:]))]) for row in rows])
+    torchvision.utils.save_image(grid.float() / 255, out.with_suffix(".png"), nrow=per_class, padding=2)
+
+    mechanism = generator.mechanism
+    metrics = {"run": str(run), "out": str(out), "images": config.num, "seed": config.seed_everything,
+               "generator": type(generator).__name__, "epsilon": mechanism.epsilon(), "delta": mechanism.delta,
+               "sampling": generator.sampling_report()}
+    log.info("Drew %d images from %s; privacy as the run spent it: %s", config.num, run,
+             mechanism.ledger.summary(mechanism.delta))
+    print(f"fedgen: drew {config.num} images from {run} (post-processing: epsilon={metrics['epsilon']:.4f} "
+          f"delta={metrics['delta']:g}, as the run spent); wrote {out}")
+    return metrics

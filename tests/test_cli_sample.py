@@ -1,0 +1,98 @@
+"""`fedgen sample`: draws from a finished fit run's generator, reproducibly, without touching the run or its
+privacy; bad input fails before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fedgen.cli import main
+from fedgen.cli_sample import sample
+from fedgen.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def fit_run(real_data_root, tmp_path_factory) -> Path:
+    """A tiny DP diffusion run of ``fedgen fit`` (two DP-SGD steps)."""
+    from fedgen.cli import fit
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path_factory.mktemp("sample") / "fit"
+    fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", "--evaluation.repeats=1"))
+    return run
+
+
+def _files(run: Path) -> dict[str, int]:
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*")}
+
+
+def test_sample_writes_labelled_images_and_reports_the_runs_epsilon(fit_run, tmp_path) -> None:
+    before = _files(fit_run)
+    metrics = sample([f"--run={fit_run}", "--num=25", f"--out={tmp_path / 'a.pt'}", "--accelerator=cpu"])
+    drawn = torch.load(tmp_path / "a.pt")
+    assert drawn["images"].dtype == torch.uint8 and drawn["images"].shape == (25, 1, 28, 28)
+    assert drawn["labels"].dtype == torch.int64 and sorted(drawn["labels"].unique().tolist()) == list(range(10))
+    assert Image.open(tmp_path / "a.png").size == (10 * 30 + 2, 10 * 30 + 2)  # a row a class, 28 px + padding
+    # sampling is post-processing: the epsilon printed is the one the run's ledger holds, and nothing in the
+    # run folder changes
+    spent = json.loads((fit_run / "metrics.json").read_text())["epsilon"]
+    assert metrics["epsilon"] == pytest.approx(spent) and metrics["epsilon"] > 0
+    assert metrics["generator"] == "DPDiffusion" and metrics["images"] == 25
+    assert _files(fit_run) == before
+
+
+def test_sample_is_reproducible_by_seed(fit_run, tmp_path) -> None:
+    draws = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        sample([f"--run={fit_run}", "--num=12", f"--out={tmp_path / name}.pt", f"--seed_everything={seed}",
+                "--accelerator=cpu"])
+        draws[name] = torch.load(tmp_path / f"{name}.pt")
+    assert torch.equal(draws["a"]["images"], draws["b"]["images"])
+    assert torch.equal(draws["a"]["labels"], draws["b"]["labels"])
+    assert not torch.equal(draws["a"]["images"], draws["c"]["images"])
+
+
+def test_sample_writes_beside_the_run_by_default_and_never_overwrites(fit_run, capsys) -> None:
+    main(["sample", f"--run={fit_run}", "--num=10", "--seed_everything=7", "--accelerator=cpu"])
+    out = fit_run / "samples-10-seed7.pt"
+    assert out.exists() and out.with_suffix(".png").exists()
+    assert f"wrote {out}" in capsys.readouterr().out
+    written = out.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exited:
+        main(["sample", f"--run={fit_run}", "--num=10", "--seed_everything=7", "--accelerator=cpu"])
+    assert exited.value.code == 2
+    assert "out: " in capsys.readouterr().err and out.stat().st_mtime_ns == written
+    for f in (out, out.with_suffix(".png")):
+        f.unlink()  # the other tests compare the run folder's files
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    (["--num=5"], "num"),  # fewer than one a class
+    (["--num=0"], "num"),
+    (["--batch_size=0"], "batch_size"),
+    (["--out=drawn.npy"], "out"),
+])
+def test_sample_refuses_bad_input_before_drawing(fit_run, tmp_path, extra, field) -> None:
+    extra = [e.replace("drawn.npy", str(tmp_path / "drawn.npy")) for e in extra]  # a later --out wins
+    with pytest.raises(ConfigError) as err:
+        sample([f"--run={fit_run}", f"--out={tmp_path / 'x.pt'}", "--accelerator=cpu", *extra])
+    assert err.value.field == field
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_refuses_a_folder_that_is_not_a_fit_run(tmp_path) -> None:
+    with pytest.raises(ConfigError) as err:
+        sample([f"--run={tmp_path}", f"--out={tmp_path / 'x.pt'}"])
+    assert err.value.field == "run" and "generator.ckpt" in str(err.value)
+
+
+def test_sample_refuses_an_existing_png_beside_the_out_file(fit_run, tmp_path) -> None:
+    (tmp_path / "x.png").write_bytes(b"kept")
+    with pytest.raises(ConfigError) as err:
+        sample([f"--run={fit_run}", f"--out={tmp_path / 'x.pt'}", "--accelerator=cpu"])
+    assert err.value.field == "out" and (tmp_path / "x.png").read_bytes() == b"kept"
+    assert not (tmp_path / "x.pt").exists()
