@@ -247,12 +247,27 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
 
 def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
     """Example i's weight gradient, (batch, *weight.shape): by the fused kernel where it applies, else a few
-    examples at a time from the unfolded input (``g_n^T x_n`` per example and group)."""
+    examples at a time from the unfolded input: ``g_r x_r^T`` for each of the example's K rows r and each
+    group, summed over the K rows. Row by row, the unfolded input and the output gradient are used in the layout
+    the layer made them, where setting an example's K rows side by side as more positions (:func:`_by_example`)
+    would copy both; the K per-row gradients it adds instead hold ``C_out / T`` of the unfolded input's values."""
     if fused_norms.forms(layer, a, g, batch):
         return fused_norms.conv2d_weight_per_example(layer, a, g, batch)
     out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=g.dtype)  # a and g share a dtype
-    for i, b, x, gg in _conv_chunks(layer, [(a, g)], batch):
-        torch.bmm(gg.transpose(1, 2), x, out=out[i:i + b].view(b * layer.groups, -1, x.shape[-1]))
+    draws, groups = a.shape[0] // batch, layer.groups
+    c_out, d_in = layer.out_channels // groups, layer.weight[0].numel()  # per group: C_out / G by C_in / G k_h k_w
+    per_example = a[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws  # unfolded values
+    step = max(1, max(CHUNK_ELEMENTS, a.numel()) // per_example)
+    for i in range(0, batch, step):
+        b = min(step, batch - i)
+        rows = slice(i * draws, (i + b) * draws)
+        x = _unfold(layer, a[rows])  # (b K, C_in k_h k_w, T), the groups' blocks of channels in turn
+        x = x.view(b * draws * groups, d_in, x.shape[-1])
+        gg = g[rows].reshape(b * draws * groups, c_out, -1)  # a view of the layer's own output gradient
+        if draws == 1:
+            torch.bmm(gg, x.transpose(1, 2), out=out[i:i + b].view(b * groups, c_out, d_in))
+        else:
+            torch.sum(torch.bmm(gg, x.transpose(1, 2)).view(b, draws, -1), 1, out=out[i:i + b].view(b, -1))
     return out
 
 
