@@ -8,7 +8,9 @@ every example is clipped, and reports ``||contribution_i|| / C`` over the exampl
 
 - ``ieee``: the engine as it ships (its norms and sums in IEEE float32, see ``fedgen.mechanisms.precision.ieee_fp32``);
 - ``tf32``: the same with the engine's products left to the global TF32 settings, as cuDNN's default
-  (TF32 convolutions) and ``torch.set_float32_matmul_precision("high")`` make them.
+  (TF32 convolutions) and ``torch.set_float32_matmul_precision("high")`` make them;
+- ``tf32-formed``: the engine with ``per_example.FORM_PRECISION = "tf32"``: the per-example gradients it forms
+  in TF32 (each is its example's norm and summand), its two-computation norms and sums still in IEEE float32.
 
 A ratio above 1 + 1e-5 means an example added more than C. Usage:
 
@@ -56,13 +58,15 @@ MODELS = {"convnet": convnet, "unet": unet}
 def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: int, precision: str) -> torch.Tensor:
     """``||clipped contribution of example i|| / C`` for the first ``examples`` examples of the batch."""
     clipping = PerExampleClipping(model, max_grad_norm=CLIP)
-    context = per_example.ieee_fp32 if precision == "ieee" else contextlib.nullcontext
+    context = contextlib.nullcontext if precision == "tf32" else per_example.ieee_fp32
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     saved = matmul.fp32_precision, conv.fp32_precision
     if precision == "tf32":
         matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
-    original = per_example.ieee_fp32
+    original, form_precision = per_example.ieee_fp32, per_example.FORM_PRECISION
     per_example.ieee_fp32 = context
+    if precision == "tf32-formed":
+        per_example.FORM_PRECISION = "tf32"
     ratios = []
     try:
         for i in range(examples):
@@ -75,7 +79,7 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
             for p in params:
                 p.summed_grad = None
     finally:
-        per_example.ieee_fp32 = original
+        per_example.ieee_fp32, per_example.FORM_PRECISION = original, form_precision
         matmul.fp32_precision, conv.fp32_precision = saved
         clipping.remove()
     return torch.tensor(ratios, dtype=torch.float64)
@@ -95,7 +99,7 @@ def main() -> None:
     print("| model | engine products | max ||contribution|| / C | median | examples above 1 + 1e-5 |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        for precision in ("ieee", "tf32"):
+        for precision in ("ieee", "tf32", "tf32-formed"):
             torch.manual_seed(0)
             model, per_row_loss = MODELS[name](args.batch, device)
             r = contribution_ratios(model, per_row_loss, args.batch, args.examples, precision)

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from fedgen.evaluation import ConvNet
-from fedgen.mechanisms import DPSGD, CapturedBackward, per_example
+from fedgen.mechanisms import DPSGD, CapturedBackward, fused_norms, per_example
 from fedgen.mechanisms.cuda_graphs import capture_graph
 
 DATASET_SIZE = 60000
@@ -356,6 +356,14 @@ def main() -> None:
     parser.add_argument("--no_gram_norms", action="store_true",
                         help="fedgen never takes a convolution's norms from its padded input's Gram matrix "
                              "(per_example.GRAM_NORMS = False), for an A/B against the default")
+    parser.add_argument("--form_precision", choices=["ieee", "tf32"], default=per_example.FORM_PRECISION,
+                        help="the products that form per-example gradients (per_example.FORM_PRECISION), for an "
+                             "A/B against the default")
+    parser.add_argument("--kernel_min_window", type=int, default=fused_norms.MIN_WINDOW,
+                        help="on a GPU, fedgen's fused kernel takes convolutions with at least this many window "
+                             "entries C_in k_h k_w (fused_norms.MIN_WINDOW), for an A/B against the default")
+    parser.add_argument("--kernel_min_positions", type=int, default=fused_norms.MIN_POSITIONS,
+                        help="... and at least this many output positions (fused_norms.MIN_POSITIONS)")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
     parser.add_argument("--unet_settings", type=json.loads, default={}, metavar="JSON",
@@ -365,6 +373,8 @@ def main() -> None:
     UNET_SETTINGS.update(args.unet_settings)
     per_example.FORM_RATIO = 0.0 if args.book_keep_all else args.form_ratio
     per_example.GRAM_NORMS = not args.no_gram_norms
+    fused_norms.MIN_WINDOW, fused_norms.MIN_POSITIONS = args.kernel_min_window, args.kernel_min_positions
+    per_example.FORM_PRECISION = args.form_precision
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods)
         return
@@ -382,7 +392,8 @@ def main() -> None:
           f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}; "
           f"torch.compile {args.compile or 'off'}; fedgen forms per-example weight gradients up to "
           f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms "
-          f"{'on' if per_example.GRAM_NORMS else 'off'}\n")
+          f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
+          f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")

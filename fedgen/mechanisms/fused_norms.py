@@ -153,8 +153,9 @@ def conv2d_weight_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, b
 
 
 def conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, *,
-                              tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                              tile: tuple[int, int, int] | None = None, precision: str = "ieee") -> torch.Tensor:
     """``G_i`` itself for each of ``batch`` examples, (batch, *weight.shape): the same tiles as
     :func:`conv2d_weight_sq_norms`, each written out instead of reduced (the engine forms a layer's
-    per-example gradients where they are small, see ``per_example.forms_weight``)."""
-    return _launch(layer, a, g, batch, tile, "ieee", form=True).view(batch, *layer.weight.shape)
+    per-example gradients where they are small, see ``per_example.forms_weight``). ``precision``: Triton's
+    ``input_precision``, "ieee" or "tf32" (``per_example.FORM_PRECISION``)."""
+    return _launch(layer, a, g, batch, tile, precision, form=True).view(batch, *layer.weight.shape)

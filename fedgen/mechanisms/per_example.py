@@ -42,7 +42,6 @@ gradients over the calls. The loss is the *mean* over the batch (as in Opacus wi
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from torch.nn import functional as F
 
 from fedgen.errors import ConfigError
 from fedgen.mechanisms import fused_norms
-from fedgen.mechanisms.precision import exact_float32, ieee_fp32
+from fedgen.mechanisms.precision import exact_float32, float32_products, ieee_fp32
 
 PerExampleRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, Any], dict[str, torch.Tensor]]
 """``rule(layer, a, g, batch, node)``: per-example gradients (first dimension ``batch``) from the layer input ``a``
@@ -252,7 +251,7 @@ def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
     the layer made them, where setting an example's K rows side by side as more positions (:func:`_by_example`)
     would copy both; the K per-row gradients it adds instead hold ``C_out / T`` of the unfolded input's values."""
     if fused_norms.forms(layer, a, g, batch):
-        return fused_norms.conv2d_weight_per_example(layer, a, g, batch)
+        return fused_norms.conv2d_weight_per_example(layer, a, g, batch, precision=FORM_PRECISION)
     out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=g.dtype)  # a and g share a dtype
     draws, groups = a.shape[0] // batch, layer.groups
     c_out, d_in = layer.out_channels // groups, layer.weight[0].numel()  # per group: C_out / G by C_in / G k_h k_w
@@ -387,6 +386,11 @@ PER_EXAMPLE_WEIGHT: dict[type[nn.Module], Callable] = {
 #: of the (input, output gradient) pair that book-keeping would keep (:func:`forms_weight`); 0 book-keeps every
 #: weight (A/B measurements)
 FORM_RATIO = 2.0
+#: the precision of the products that form per-example gradients on a GPU (the weights of :func:`forms_weight`, biases,
+#: normalization layers): "ieee", or "tf32" (tensor cores, inputs rounded to a 10-bit mantissa, as cuDNN's
+#: convolutions are by default). Either keeps the bound, since a formed gradient is both its example's norm and
+#: its summand; norms and sums that come from two computations (book-keeping) are IEEE float32 in any case
+FORM_PRECISION = "ieee"
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
 GRAM_NORMS = True
@@ -590,9 +594,8 @@ class PerExampleClipping:
                 weight = book_keeping and layer.weight.requires_grad
                 formed = weight and formed_weight.setdefault(layer, forms_weight(layer, a, g, batch))
                 # A formed per-example gradient is its own norm and its own summand, so the precision of the
-                # products that form it does not touch the bound; only autocast's bfloat16 is kept out
-                with (torch.autocast(g.device.type, enabled=False) if torch.is_autocast_enabled(g.device.type)
-                      else contextlib.nullcontext()):
+                # products that form it does not touch the bound (FORM_PRECISION); autocast's bfloat16 is kept out
+                with float32_products(FORM_PRECISION):
                     grads = form(layer, a, g, batch, node)
                     if formed:
                         grads["weight"] = PER_EXAMPLE_WEIGHT[type(layer)](layer, a, g, batch)

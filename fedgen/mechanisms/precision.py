@@ -16,6 +16,23 @@ import torch
 
 
 @contextmanager
+def float32_products(precision: str) -> Iterator[None]:
+    """Run float32 matrix products and convolutions at ``precision`` ("ieee", or "tf32": tensor-core products of
+    inputs rounded to a 10-bit mantissa), whatever the global settings, and none in a lower precision chosen by
+    autocast."""
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', not {precision!r}")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = precision
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+@contextmanager
 def ieee_fp32() -> Iterator[None]:
     """Run float32 matrix products and convolutions in IEEE float32: not TF32 (10-bit mantissa inputs), and
     not in a lower precision chosen by autocast (``torch.autocast``, Lightning's ``precision="bf16-mixed"``).
@@ -27,14 +44,8 @@ def ieee_fp32() -> Iterator[None]:
     turn into a much larger relative change of the sum: an example clipped to C by one computation of its norm
     could add more than C through a weight-gradient kernel that rounds differently. Inside this context both
     run in IEEE float32, whose rounding every DP-SGD implementation takes as exact."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "ieee"
-    try:
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            yield
-    finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+    with float32_products("ieee"):
+        yield
 
 
 def exact_float32(t: torch.Tensor) -> torch.Tensor:

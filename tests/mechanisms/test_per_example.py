@@ -574,6 +574,55 @@ def test_norms_and_clipped_sums_run_in_ieee_float32_even_when_tf32_is_on(monkeyp
         matmul.fp32_precision, conv.fp32_precision = saved
 
 
+@pytest.mark.parametrize("form_precision", ["ieee", "tf32"])
+def test_formed_gradients_take_form_precision_whatever_the_global_setting(monkeypatch: pytest.MonkeyPatch,
+                                                                         form_precision: str) -> None:
+    """Per-example gradients formed in the backward pass (each its example's norm and summand, so either precision
+    keeps the bound) are computed at ``FORM_PRECISION``, against the global setting, while the book-kept norms and
+    sums stay in IEEE float32; the user's settings come back afterwards."""
+    from fedgen.mechanisms import per_example
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    formed: list[tuple[str, str]] = []
+    kept: list[tuple[str, str]] = []
+    real_form = per_example.PER_EXAMPLE_WEIGHT[nn.Conv2d]
+    real_norms, real_sum = per_example.BOOK_KEEPING[nn.Linear]
+
+    def spy_form(*args):
+        formed.append((matmul.fp32_precision, conv.fp32_precision))
+        return real_form(*args)
+
+    def spy_norms(*args):
+        kept.append((matmul.fp32_precision, conv.fp32_precision))
+        return real_norms(*args)
+
+    monkeypatch.setitem(per_example.PER_EXAMPLE_WEIGHT, nn.Conv2d, spy_form)
+    monkeypatch.setitem(per_example.BOOK_KEEPING, nn.Linear, (spy_norms, real_sum))
+    monkeypatch.setattr(per_example, "FORM_PRECISION", form_precision)
+    # form every convolution's gradients, book-keep every Linear layer's
+    monkeypatch.setattr(per_example, "forms_weight", lambda layer, *args: isinstance(layer, nn.Conv2d))
+    other = "ieee" if form_precision == "tf32" else "tf32"
+    try:
+        matmul.fp32_precision, conv.fp32_precision = other, other
+        model = _model("image")
+        x, y = _data("image", 4, torch.Generator().manual_seed(0))
+        clipping = PerExampleClipping(model, max_grad_norm=0.5)
+        clipping.backward(_loss(model, x, y))
+        assert formed and set(formed) == {(form_precision, form_precision)}
+        assert kept and set(kept) == {("ieee", "ieee")}
+        assert (matmul.fp32_precision, conv.fp32_precision) == (other, other)
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_float32_products_refuses_other_precisions() -> None:
+    from fedgen.mechanisms.precision import float32_products
+
+    with pytest.raises(ValueError, match="'ieee' or 'tf32'"), float32_products("bf16"):
+        pass
+
+
 def test_under_autocast_each_example_still_adds_at_most_c(monkeypatch: pytest.MonkeyPatch) -> None:
     """With autocast on (e.g. Lightning's precision="bf16-mixed"), the layers give bfloat16 outputs and output
     gradients, and autocast would run the engine's own products in bfloat16: the norm and the clipped sum would
