@@ -96,3 +96,20 @@ def test_sample_refuses_an_existing_png_beside_the_out_file(fit_run, tmp_path) -
         sample([f"--run={fit_run}", f"--out={tmp_path / 'x.pt'}", "--accelerator=cpu"])
     assert err.value.field == "out" and (tmp_path / "x.png").read_bytes() == b"kept"
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_sample_draws_a_dp_merf_run_in_its_released_label_proportions(real_data_root, tmp_path) -> None:
+    """DP-Merf releases its class counts with its embedding: the drawn labels follow those noisy proportions
+    (largest remainders), as the run's own synthetic set did."""
+    from fedgen.cli import fit
+    from fedgen.cli_sample import load_fit_run
+    from fedgen.generators.base import stratified_labels
+    from tests.test_cli import tiny_args
+
+    run = tmp_path / "merf"
+    spent = fit(tiny_args(real_data_root, run))["epsilon"]
+    metrics = sample([f"--run={run}", "--num=200", f"--out={tmp_path / 'm.pt'}", "--accelerator=cpu"])
+    assert metrics["generator"] == "DPMerf" and metrics["epsilon"] == pytest.approx(spent)
+    generator, _ = load_fit_run(run)
+    expected = stratified_labels(generator.label_distribution(), 200).bincount(minlength=10)
+    assert torch.equal(torch.load(tmp_path / "m.pt")["labels"].bincount(minlength=10), expected)
