@@ -42,6 +42,7 @@ gradients over the calls. The loss is the *mean* over the batch (as in Opacus wi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from torch.nn import functional as F
 
 from fedgen.errors import ConfigError
 from fedgen.mechanisms import fused_norms
-from fedgen.mechanisms.precision import exact_float32, float32_products, ieee_fp32
+from fedgen.mechanisms.precision import exact_float32, float32_products, ieee_fp32, matmul_precision
 
 PerExampleRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, Any], dict[str, torch.Tensor]]
 """``rule(layer, a, g, batch, node)``: per-example gradients (first dimension ``batch``) from the layer input ``a``
@@ -583,6 +584,7 @@ class PerExampleClipping:
         materialized: dict[nn.Parameter, torch.Tensor] = {}
         by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         formed_weight: dict[nn.Module, bool] = {}  # per layer, decided at its first call and kept for the others
+        switch = matmul_precision() != FORM_PRECISION  # the hooks' products are matrix products (and Triton's)
 
         def catch(record: _Record) -> Callable[[torch.Tensor], None]:
             layer = record.layer
@@ -594,8 +596,11 @@ class PerExampleClipping:
                 weight = book_keeping and layer.weight.requires_grad
                 formed = weight and formed_weight.setdefault(layer, forms_weight(layer, a, g, batch))
                 # A formed per-example gradient is its own norm and its own summand, so the precision of the
-                # products that form it does not touch the bound (FORM_PRECISION); autocast's bfloat16 is kept out
-                with float32_products(FORM_PRECISION):
+                # products that form it (matrix products and the fused kernel) does not touch the bound
+                # (FORM_PRECISION); autocast's bfloat16 is kept out. The switch costs microseconds a layer, so it is
+                # made only where the settings differ.
+                with (float32_products(FORM_PRECISION) if switch or torch.is_autocast_enabled(g.device.type)
+                      else contextlib.nullcontext()):
                     grads = form(layer, a, g, batch, node)
                     if formed:
                         grads["weight"] = PER_EXAMPLE_WEIGHT[type(layer)](layer, a, g, batch)

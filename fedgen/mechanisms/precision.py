@@ -32,6 +32,13 @@ def float32_products(precision: str) -> Iterator[None]:
         matmul.fp32_precision, conv.fp32_precision = saved
 
 
+def matmul_precision() -> str:
+    """The precision float32 matrix products run at now: "ieee" unless TF32 was switched on (by
+    ``torch.backends.cuda.matmul.fp32_precision`` or ``torch.set_float32_matmul_precision``)."""
+    setting = torch.backends.cuda.matmul.fp32_precision
+    return "ieee" if setting in ("none", "ieee") else setting
+
+
 @contextmanager
 def ieee_fp32() -> Iterator[None]:
     """Run float32 matrix products and convolutions in IEEE float32: not TF32 (10-bit mantissa inputs), and

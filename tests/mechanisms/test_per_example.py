@@ -574,27 +574,30 @@ def test_norms_and_clipped_sums_run_in_ieee_float32_even_when_tf32_is_on(monkeyp
         matmul.fp32_precision, conv.fp32_precision = saved
 
 
-@pytest.mark.parametrize("form_precision", ["ieee", "tf32"])
+@pytest.mark.parametrize(("form_precision", "global_matmul"), [("ieee", "tf32"), ("tf32", "ieee"), ("ieee", "none"),
+                                                           ("tf32", "tf32")])
 def test_formed_gradients_take_form_precision_whatever_the_global_setting(monkeypatch: pytest.MonkeyPatch,
-                                                                         form_precision: str) -> None:
+                                                                         form_precision: str,
+                                                                         global_matmul: str) -> None:
     """Per-example gradients formed in the backward pass (each its example's norm and summand, so either precision
-    keeps the bound) are computed at ``FORM_PRECISION``, against the global setting, while the book-kept norms and
-    sums stay in IEEE float32; the user's settings come back afterwards."""
+    keeps the bound) are computed with matrix products at ``FORM_PRECISION``, against the global setting ("none",
+    PyTorch's default, is IEEE), while the book-kept norms and sums stay in IEEE float32; the user's settings come
+    back afterwards."""
     from fedgen.mechanisms import per_example
 
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    formed: list[tuple[str, str]] = []
-    kept: list[tuple[str, str]] = []
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    formed: list[str] = []
+    kept: list[str] = []
     real_form = per_example.PER_EXAMPLE_WEIGHT[nn.Conv2d]
     real_norms, real_sum = per_example.BOOK_KEEPING[nn.Linear]
 
     def spy_form(*args):
-        formed.append((matmul.fp32_precision, conv.fp32_precision))
+        formed.append(per_example.matmul_precision())
         return real_form(*args)
 
     def spy_norms(*args):
-        kept.append((matmul.fp32_precision, conv.fp32_precision))
+        kept.append(per_example.matmul_precision())
         return real_norms(*args)
 
     monkeypatch.setitem(per_example.PER_EXAMPLE_WEIGHT, nn.Conv2d, spy_form)
@@ -602,18 +605,27 @@ def test_formed_gradients_take_form_precision_whatever_the_global_setting(monkey
     monkeypatch.setattr(per_example, "FORM_PRECISION", form_precision)
     # form every convolution's gradients, book-keep every Linear layer's
     monkeypatch.setattr(per_example, "forms_weight", lambda layer, *args: isinstance(layer, nn.Conv2d))
-    other = "ieee" if form_precision == "tf32" else "tf32"
+    switches = []
+    real_switch = per_example.float32_products
+
+    def spy_switch(precision):
+        switches.append(precision)
+        return real_switch(precision)
+
+    monkeypatch.setattr(per_example, "float32_products", spy_switch)
     try:
-        matmul.fp32_precision, conv.fp32_precision = other, other
+        matmul.fp32_precision = global_matmul
         model = _model("image")
         x, y = _data("image", 4, torch.Generator().manual_seed(0))
         clipping = PerExampleClipping(model, max_grad_norm=0.5)
         clipping.backward(_loss(model, x, y))
-        assert formed and set(formed) == {(form_precision, form_precision)}
-        assert kept and set(kept) == {("ieee", "ieee")}
-        assert (matmul.fp32_precision, conv.fp32_precision) == (other, other)
+        assert formed and set(formed) == {form_precision}
+        assert kept and set(kept) == {"ieee"}
+        assert matmul.fp32_precision == global_matmul
+        # the hooks switch (microseconds a layer) only where the global setting differs
+        assert bool(switches) == (per_example.matmul_precision() != form_precision)
     finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+        matmul.fp32_precision = saved
 
 
 def test_float32_products_refuses_other_precisions() -> None:
