@@ -65,7 +65,7 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
         matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
     original, form_precision = per_example.ieee_fp32, per_example.FORM_PRECISION
     per_example.ieee_fp32 = context
-    if precision == "tf32-formed":
+    if precision in ("tf32", "tf32-formed"):
         per_example.FORM_PRECISION = "tf32"
     ratios = []
     try:
