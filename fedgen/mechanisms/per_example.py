@@ -154,6 +154,17 @@ def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: i
             _by_example(g, batch, layer.groups).transpose(1, 2))
 
 
+def _example_chunks(a: torch.Tensor, batch: int, values_per_example: int) -> Iterator[tuple[int, int, slice]]:
+    """``(first example, examples, their rows of a)`` over ``batch`` examples (K rows each) a few at a time, so that
+    a chunk's working values (``values_per_example`` each) number at most ``max(CHUNK_ELEMENTS, a.numel())``: no
+    more than the layer's input, which the step already holds, or 2^24."""
+    draws = a.shape[0] // batch
+    step = max(1, max(CHUNK_ELEMENTS, a.numel()) // values_per_example)
+    for i in range(0, batch, step):
+        b = min(step, batch - i)
+        yield i, b, slice(i * draws, (i + b) * draws)
+
+
 def _conv_chunks(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
                  ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """``(first example, examples, x, g)`` over the examples a few at a time, with ``x`` and ``g`` as
@@ -161,12 +172,8 @@ def _conv_chunks(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]
     positions). A chunk's unfolded input holds at most ``max(CHUNK_ELEMENTS, a.numel())`` elements, no more
     than the layer's input, which the step already holds, or 2^24."""
     a0 = calls[0][0]
-    draws = a0.shape[0] // batch
-    per_example = a0[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws * len(calls)  # unfolded
-    step = max(1, max(CHUNK_ELEMENTS, a0.numel()) // per_example)
-    for i in range(0, batch, step):
-        b = min(step, batch - i)
-        rows = slice(i * draws, (i + b) * draws)
+    unfolded = a0[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * (a0.shape[0] // batch) * len(calls)
+    for i, b, rows in _example_chunks(a0, batch, unfolded):
         xs, gs = zip(*(_conv_positions(layer, a[rows], g[rows], b) for a, g in calls), strict=True)
         yield (i, b, xs[0], gs[0]) if len(calls) == 1 else (i, b, torch.cat(xs, 1), torch.cat(gs, 1))
 
@@ -206,11 +213,8 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     height, width = x.shape[2:]
     out_h, out_w = g.shape[2:]
     pixels, positions = draws * height * width, draws * out_h * out_w
-    step = max(1, max(CHUNK_ELEMENTS, a.numel()) // (pixels * pixels + positions * positions))
     parts = []
-    for i in range(0, batch, step):
-        b = min(step, batch - i)
-        rows = slice(i * draws, (i + b) * draws)
+    for _, b, rows in _example_chunks(a, batch, pixels * pixels + positions * positions):
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
         # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
@@ -256,11 +260,8 @@ def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
     out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=g.dtype)  # a and g share a dtype
     draws, groups = a.shape[0] // batch, layer.groups
     c_out, d_in = layer.out_channels // groups, layer.weight[0].numel()  # per group: C_out / G by C_in / G k_h k_w
-    per_example = a[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws  # unfolded values
-    step = max(1, max(CHUNK_ELEMENTS, a.numel()) // per_example)
-    for i in range(0, batch, step):
-        b = min(step, batch - i)
-        rows = slice(i * draws, (i + b) * draws)
+    unfolded = a[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * draws
+    for i, b, rows in _example_chunks(a, batch, unfolded):
         x = _unfold(layer, a[rows])  # (b K, C_in k_h k_w, T), the groups' blocks of channels in turn
         x = x.view(b * draws * groups, d_in, x.shape[-1])
         gg = g[rows].reshape(b * draws * groups, c_out, -1)  # a view of the layer's own output gradient
