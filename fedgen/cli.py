@@ -38,7 +38,7 @@ from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedDPSGD, FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import Generator
 from fedgen.cli_attacks import attack, audit, membership
-from fedgen.cli_sample import sample
+from fedgen.cli_sample import sample, save_synthetic
 from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
@@ -205,8 +205,7 @@ def fit(args: list[str]) -> dict[str, Any]:
 
     synthetic = generator.synthesize(config.num_synthetic)
     sampling_report = generator.sampling_report()  # of the saved set, before the grid's samples
-    images_u8 = (synthetic.tensors[0] * 255).round().to(torch.uint8)
-    torch.save({"images": images_u8, "labels": synthetic.tensors[1]}, run_dir / "synthetic.pt")
+    images_u8 = save_synthetic(synthetic, run_dir / "synthetic.pt")
     save_samples(generator, run_dir / "samples.png")
     # The classifier is trained on exactly what was saved (8-bit images).
     synthetic = torch.utils.data.TensorDataset(images_u8.float() / 255, synthetic.tensors[1])

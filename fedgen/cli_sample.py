@@ -42,6 +42,14 @@ def load_fit_run(run: Path) -> tuple[Generator, VisionDataModule]:
     return built.model.eval(), built.data
 
 
+def save_synthetic(synthetic: torch.utils.data.TensorDataset, path: Path) -> torch.Tensor:
+    """Save a synthetic set as 8-bit images with their labels, ``{"images": uint8 (N, C, H, W), "labels": int64
+    (N,)}`` (the layout of a run's ``synthetic.pt``); returns the 8-bit images."""
+    images = (synthetic.tensors[0] * 255).round().to(torch.uint8)
+    torch.save({"images": images, "labels": synthetic.tensors[1]}, path)
+    return images
+
+
 def check_fit_run(run: str | None, needs: tuple[str, ...]) -> Path:
     """``run`` as a path, after checking that it is a ``fedgen fit`` run folder holding the files ``needs``."""
     folder = Path(run or "")
@@ -98,9 +106,8 @@ def sample(args: list[str]) -> dict[str, Any]:
     use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and torch.cuda.is_available())
     generator.to("cuda" if use_gpu else "cpu")
     synthetic = generator.synthesize(config.num, batch_size=config.batch_size)
-    images, labels = (synthetic.tensors[0] * 255).round().to(torch.uint8), synthetic.tensors[1]
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images, "labels": labels}, out)
+    images, labels = save_synthetic(synthetic, out), synthetic.tensors[1]
     per_class = 10  # a row a class; a class with fewer images in the file leaves its row's end blank
     rows = [images[labels == c][:per_class] for c in range(generator.num_classes)]
     grid = torch.cat([torch.cat([row, row.new_zeros((per_class - len(row), *row.shape[1:]))]) for row in rows])
