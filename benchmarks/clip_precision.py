@@ -6,11 +6,12 @@ agree. This script isolates example i inside a full batch (every other example's
 output gradients are exact zeros and the kernels run at the batch's shapes), clips with a small C so that
 every example is clipped, and reports ``||contribution_i|| / C`` over the examples:
 
-- ``ieee``: the engine as it ships (its norms and sums in IEEE float32, see ``fedgen.mechanisms.precision.ieee_fp32``);
-- ``tf32``: the same with the engine's products left to the global TF32 settings, as cuDNN's default
-  (TF32 convolutions) and ``torch.set_float32_matmul_precision("high")`` make them;
-- ``tf32-formed``: the engine with ``per_example.FORM_PRECISION = "tf32"``: the per-example gradients it forms
-  in TF32 (each is its example's norm and summand), its two-computation norms and sums still in IEEE float32.
+- ``ieee``: every product of the engine in IEEE float32: its two-computation norms and sums (see
+  ``fedgen.mechanisms.precision.ieee_fp32``) and the per-example gradients it forms (``FORM_PRECISION = "ieee"``);
+- ``tf32``: the engine's products left to the global TF32 settings, as cuDNN's default (TF32 convolutions) and
+  ``torch.set_float32_matmul_precision("high")`` make them, and its formed gradients in TF32;
+- ``tf32-formed``: the engine as it ships (``per_example.FORM_PRECISION = "tf32"``): the per-example gradients it
+  forms in TF32 (each is its example's norm and summand), its two-computation norms and sums in IEEE float32.
 
 A ratio above 1 + 1e-5 means an example added more than C. Usage:
 
@@ -65,8 +66,7 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
         matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
     original, form_precision = per_example.ieee_fp32, per_example.FORM_PRECISION
     per_example.ieee_fp32 = context
-    if precision in ("tf32", "tf32-formed"):
-        per_example.FORM_PRECISION = "tf32"
+    per_example.FORM_PRECISION = "ieee" if precision == "ieee" else "tf32"
     ratios = []
     try:
         for i in range(examples):

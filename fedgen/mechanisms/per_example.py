@@ -391,8 +391,10 @@ FORM_RATIO = 2.0
 #: the precision of the products that form per-example gradients on a GPU (the weights of :func:`forms_weight`, biases,
 #: normalization layers): "ieee", or "tf32" (tensor cores, inputs rounded to a 10-bit mantissa, as cuDNN's
 #: convolutions are by default). Either keeps the bound, since a formed gradient is both its example's norm and
-#: its summand; norms and sums that come from two computations (book-keeping) are IEEE float32 in any case
-FORM_PRECISION = "ieee"
+#: its summand; norms and sums that come from two computations (book-keeping) are IEEE float32 in any case.
+#: TF32 by default: the weight gradients of a non-private step are TF32 already where cuDNN computes them, and the
+#: epsilon-10 example's DP step took 488 ms in TF32 against 513 ms in IEEE (one H200, docs/benchmarks.md)
+FORM_PRECISION = "tf32"
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
 GRAM_NORMS = True
