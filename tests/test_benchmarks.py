@@ -56,3 +56,17 @@ def test_each_method_steps_the_examples_unet_with_noise_draws(method, row, examp
     before = [p.detach().clone() for p in task.model.parameters()]
     DP_STEP["make_step"](method, task, 2)()
     assert any(not torch.equal(b, p) for b, p in zip(before, task.model.parameters(), strict=True))
+
+
+def test_the_unet_operator_benchmark_compares_equal_computations():
+    """unet_ops.py times pairs that compute the same values: its forward-and-backward runs agree on the CPU."""
+    ops = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "unet_ops.py"))
+    x = torch.randn(3, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    up_grad = torch.randn(3, 16, 10, 10, dtype=torch.float64)
+    up = [ops["forward_backward"](op, [x], up_grad)() for op in (ops["interpolate_2x"], ops["repeat_2x"])]
+    weight, bias = (torch.randn(16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out_grad = torch.randn_like(x)
+    norm = [ops["forward_backward"](op, [x, weight, bias], out_grad)()
+            for op in (ops["group_norm"], ops["group_norm_as_batch_norm"])]
+    for first, second in (up, norm):
+        torch.testing.assert_close(first, second)

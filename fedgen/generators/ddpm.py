@@ -57,6 +57,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
@@ -73,10 +74,43 @@ log = logging.getLogger(__name__)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
+def repeat_2x(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel of ``x`` (N, C, H, W) repeated over a 2x2 square (nearest-neighbour upsampling by 2), as the copy
+    of a broadcast view: its backward is a plain sum over each square."""
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")``, by :func:`repeat_2x` on CUDA. There the backward of
+    ``upsample_nearest2d`` was the slow part: on one H200, at the epsilon-10 example's shapes (16,384 rows of 32
+    channels at 14x14 and 7x7), it took 17.8 and 14.6 ms against 3.2 and 0.8 ms for the sum over the squares
+    (docs/benchmarks.md). On the CPU, where interpolate's backward was the faster one, interpolate."""
+    return repeat_2x(x) if x.is_cuda else F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class NearestUpsample2D(nn.Module):
+    """diffusers' ``Upsample2D`` with a convolution (nearest-neighbour upsampling by 2, then ``conv``), upsampling
+    by :func:`upsample_nearest_2x`. The convolution keeps its attribute name, so the state dict and the
+    checkpoints are those of ``Upsample2D``."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is None:
+            hidden_states = upsample_nearest_2x(hidden_states)
+        else:
+            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+        return self.conv(hidden_states)
+
+
 def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_channels: tuple[int, ...],
                attention: tuple[bool, ...], layers_per_block: int, norm_groups: int,
                zero_init_residual: bool = False, attention_head_dim: int | None = 8) -> UNet2DModel:
-    """diffusers' UNet2DModel with one class embedding per class plus a null class (index ``num_classes``).
+    """diffusers' UNet2DModel with one class embedding per class plus a null class (index ``num_classes``), its
+    upsamplers on :class:`NearestUpsample2D`.
 
     Self-attention runs at the levels that ``attention`` names and always in the middle block (the last level's
     resolution), with heads of ``attention_head_dim`` channels each; ``None``: one head as wide as its block, the
@@ -112,6 +146,11 @@ def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_cha
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
     )
+    for block in unet.up_blocks:
+        for i, up in enumerate(block.upsamplers or ()):
+            if (type(up) is Upsample2D and up.use_conv and up.interpolate and not up.use_conv_transpose
+                    and up.norm is None and up.name == "conv"):
+                block.upsamplers[i] = NearestUpsample2D(up.conv)
     if zero_init_residual:
         last_layers = [unet.conv_out]
         for module in unet.modules():

@@ -368,6 +368,42 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_the_output_at
     assert torch.count_nonzero(_tiny().unet(x, t, class_labels=y).sample) > 0  # the default does not
 
 
+def test_repeat_2x_is_nearest_upsampling_forward_and_backward() -> None:
+    from torch.nn import functional as F
+
+    from fedgen.generators.ddpm import repeat_2x
+
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(3, 5, 8, 12, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(repeat_2x(x), x, go)
+    (expected,) = torch.autograd.grad(F.interpolate(x, scale_factor=2.0, mode="nearest"), x, go)
+    assert torch.equal(repeat_2x(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(grad, expected)
+    assert torch.equal(grad[0, 0, 1, 2], go[0, 0, 2:4, 4:6].sum())  # each pixel's gradient sums its 2x2 square
+
+
+def test_the_unet_upsamples_by_repeat_2x_with_diffusers_weights_and_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_unet's upsamplers hold diffusers' parameter names (checkpoints load either way) and compute what
+    diffusers' Upsample2D computes, on the CUDA path (repeat_2x) too."""
+    from diffusers import UNet2DModel
+
+    from fedgen.generators import ddpm
+
+    ours = _tiny().unet.double()
+    upsamplers = [up for block in ours.up_blocks for up in block.upsamplers or ()]
+    assert upsamplers and all(isinstance(up, ddpm.NearestUpsample2D) for up in upsamplers)
+    plain = UNet2DModel.from_config(ours.config).double()
+    assert list(plain.state_dict()) == list(ours.state_dict())
+    plain.load_state_dict(ours.state_dict())
+    x, t, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 3])
+    monkeypatch.setattr(ddpm, "upsample_nearest_2x", ddpm.repeat_2x)
+    outputs = []
+    for unet in (ours, plain):
+        out = unet(x, t, class_labels=y).sample
+        outputs.append((out, torch.autograd.grad(out.square().sum(), list(unet.parameters()))))
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
 def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block() -> None:
     from diffusers.models.attention_processor import Attention
 
