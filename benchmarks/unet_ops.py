@@ -1,7 +1,8 @@
 """Two memory-bound operators of the DP diffusion UNet, forward and backward, at the epsilon-10 example's shapes
 (16,384 rows: batch 4096 with K = 4 noise draws), on a GPU: nearest-neighbour upsampling by 2 as
 ``F.interpolate`` against fedgen's ``repeat_2x`` (``fedgen.generators.ddpm``), and GroupNorm (8 groups) as
-``F.group_norm`` against a batch norm over a view of the groups. Prints each one's median milliseconds (10 timings
+``F.group_norm`` against a batch norm over a view of the groups and against ``F.group_norm`` compiled by
+``torch.compile`` (dynamic shapes, as Poisson batches vary; the compilation is left out of the timings). Prints each one's median milliseconds (10 timings
 after 3 warm-up calls, CUDA events) and the largest difference from the first.
 
     python benchmarks/unet_ops.py [--rows 16384]
@@ -58,6 +59,11 @@ def group_norm_as_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return normalized.view_as(x) * weight[:, None, None] + bias[:, None, None]
 
 
+def compiled_group_norm() -> Callable[..., torch.Tensor]:
+    compiled = torch.compile(F.group_norm, dynamic=True)
+    return lambda x, weight, bias: compiled(x, GROUPS, weight, bias, 1e-5)
+
+
 def compare(name: str, ops: dict[str, Callable[..., torch.Tensor]], inputs: list[torch.Tensor],
             out_grad: torch.Tensor) -> None:
     runs = {label: forward_backward(op, inputs, out_grad) for label, op in ops.items()}
@@ -86,7 +92,8 @@ def main() -> None:
         x = torch.randn(n, channels, size, size, device=device, requires_grad=True)
         weight, bias = (torch.randn(channels, device=device, requires_grad=True) for _ in range(2))
         compare(f"GroupNorm {channels}x{size}x{size}", {"F.group_norm": group_norm,
-                                                          "batch norm view": group_norm_as_batch_norm},
+                                                          "batch norm view": group_norm_as_batch_norm,
+                                                          "compiled": compiled_group_norm()},
                 [x, weight, bias], torch.randn_like(x))
 
 
