@@ -2,8 +2,9 @@
 (16,384 rows: batch 4096 with K = 4 noise draws), on a GPU: nearest-neighbour upsampling by 2 as
 ``F.interpolate`` against fedgen's ``repeat_2x`` (``fedgen.generators.ddpm``), and GroupNorm (8 groups) as
 ``F.group_norm`` against a batch norm over a view of the groups and against ``F.group_norm`` compiled by
-``torch.compile`` (dynamic shapes, as Poisson batches vary; the compilation is left out of the timings). Prints each one's median milliseconds (10 timings
-after 3 warm-up calls, CUDA events) and the largest difference from the first.
+``torch.compile`` (dynamic shapes, as Poisson batches vary; the compilation is left out of the timings). Prints
+each one's median milliseconds (10 timings after 3 warm-up calls, CUDA events) and the largest difference from the
+first.
 
     python benchmarks/unet_ops.py [--rows 16384]
 """
