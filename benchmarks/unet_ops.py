@@ -17,24 +17,10 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from dp_step import measure  # the step benchmark's timing (this folder is on the path)
 from fedgen.generators.ddpm import repeat_2x
 
 GROUPS = 8
-
-
-def median_ms(fn: Callable[[], object]) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def forward_backward(op: Callable[..., torch.Tensor], inputs: list[torch.Tensor], out_grad: torch.Tensor
@@ -72,7 +58,7 @@ def compare(name: str, ops: dict[str, Callable[..., torch.Tensor]], inputs: list
     cells = []
     for label, run in runs.items():
         diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(run(), reference, strict=True))
-        cells.append(f"{label} {median_ms(run):.2f} ms (rel. diff {diff:.1e})")
+        cells.append(f"{label} {measure(run, warmup=3, steps=10)[0]:.2f} ms (rel. diff {diff:.1e})")
     print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

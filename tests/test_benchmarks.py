@@ -4,6 +4,7 @@ trains, and CUDA graphs are refused without a CUDA device, with a message that s
 from __future__ import annotations
 
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,12 @@ def test_each_method_steps_the_examples_unet_with_noise_draws(method, row, examp
 
 def test_the_unet_operator_benchmark_compares_equal_computations():
     """unet_ops.py times pairs that compute the same values: its forward-and-backward runs agree on the CPU."""
-    ops = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "unet_ops.py"))
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)  # as when the script runs: its folder is on the path
+    try:
+        ops = runpy.run_path(str(Path(folder) / "unet_ops.py"))
+    finally:
+        sys.path.remove(folder)
     x = torch.randn(3, 16, 5, 5, dtype=torch.float64, requires_grad=True)
     up_grad = torch.randn(3, 16, 10, 10, dtype=torch.float64)
     up = [ops["forward_backward"](op, [x], up_grad)() for op in (ops["interpolate_2x"], ops["repeat_2x"])]
