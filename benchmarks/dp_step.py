@@ -356,9 +356,6 @@ def main() -> None:
     parser.add_argument("--no_gram_norms", action="store_true",
                         help="fedgen never takes a convolution's norms from its padded input's Gram matrix "
                              "(per_example.GRAM_NORMS = False), for an A/B against the default")
-    parser.add_argument("--gram_windows", action="store_true",
-                        help="fedgen sums the Gram matrix's shifted windows with its Triton kernel "
-                             "(fused_norms.GRAM_WINDOWS = True), for an A/B against the default")
     parser.add_argument("--form_precision", choices=["ieee", "tf32"], default=per_example.FORM_PRECISION,
                         help="the products that form per-example gradients (per_example.FORM_PRECISION), for an "
                              "A/B against the default")
@@ -376,7 +373,6 @@ def main() -> None:
     UNET_SETTINGS.update(args.unet_settings)
     per_example.FORM_RATIO = 0.0 if args.book_keep_all else args.form_ratio
     per_example.GRAM_NORMS = not args.no_gram_norms
-    fused_norms.GRAM_WINDOWS = args.gram_windows
     fused_norms.MIN_WINDOW, fused_norms.MIN_POSITIONS = args.kernel_min_window, args.kernel_min_positions
     per_example.FORM_PRECISION = args.form_precision
     if args.count_ops:
@@ -396,10 +392,8 @@ def main() -> None:
           f"after {args.warmup}; autocast {args.autocast}; CUDA graphs {'on' if args.cuda_graph else 'off'}; "
           f"torch.compile {args.compile or 'off'}; fedgen forms per-example weight gradients up to "
           f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms "
-          f"{'on' if per_example.GRAM_NORMS else 'off'} (windows summed by "
-          f"{'the Triton kernel' if fused_norms.GRAM_WINDOWS else 'PyTorch'}); the fused kernel from "
-          f"{fused_norms.MIN_WINDOW} window entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in "
-          f"{per_example.FORM_PRECISION}\n")
+          f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
+          f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")

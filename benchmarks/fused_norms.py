@@ -1,7 +1,6 @@
 """Per-example conv weight-gradient squared norms on a GPU: the engine's unfold path against the fused Triton kernel
 (fedgen.mechanisms.fused_norms) over tile sizes and float32 product precisions, and the padded input's Gram
-matrix (per_example._conv2d_gram_sq_norms, with the way the engine picks by multiplications; its windows summed by
-PyTorch and by the Triton kernel, fused_norms.GRAM_WINDOWS), for the UNet's and the
+matrix (per_example._conv2d_gram_sq_norms, with the way the engine picks by multiplications), for the UNet's and the
 ConvNet's layer shapes. Prints, per shape, each variant's time and its largest relative difference from the
 unfold path (both IEEE float32 reference and the variant are float32).
 
@@ -59,12 +58,6 @@ def main() -> None:
             count = per_example._conv_multiplications(layer, a, g, batch)
             line.append(f"gram {cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
                         f"({((gram - ref).abs() / ref).max().item():.0e}; engine: {min(count, key=count.get)})")
-            fused_norms.GRAM_WINDOWS = True  # the Gram path with its windows summed by the Triton kernel
-            gram = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
-            line.append(f"gram, kernel windows "
-                        f"{cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
-                        f"({((gram - ref).abs() / ref).max().item():.0e})")
-            fused_norms.GRAM_WINDOWS = False
         for tile, precision in itertools.product(TILES, args.precisions):
             def run(tile=tile, precision=precision):
                 return fused_norms.conv2d_weight_sq_norms(layer, a, g, batch, tile=tile, precision=precision)

@@ -23,12 +23,6 @@ The engine uses it where it was measured faster than the unfold path (:func:`til
 batch 256, K = 4: 3.64 / 1.34. Slower, and left to the unfold path: 128 to 128 at 7x7 (0.66 / 1.65) and one input
 channel (0.24 / 0.52). Three TF32 tensor-core products per float32 product (``precision="tf32x3"``) were never
 faster than the IEEE multiply-adds.
-
-A second kernel serves the norms that the engine takes from the padded input's Gram matrix
-(``per_example._conv2d_gram_sq_norms``): it sums the k_h k_w shifted windows of the Gram matrix and contracts
-them with the output gradient's Gram matrix in one pass (:func:`gram_window_sq_norms`), where PyTorch reduces a
-strided view of the windows into memory and reads it back. It is off (``GRAM_WINDOWS``) until a GPU measurement
-says it pays.
 """
 
 from __future__ import annotations
@@ -40,9 +34,6 @@ from torch import nn
 
 #: whether the engine may use the kernel (set False for A/B measurements against the unfold path)
 ENABLED = True
-#: whether the engine sums the Gram matrix's windows with :func:`gram_window_sq_norms` (off until it is measured
-#: faster on a GPU than PyTorch's reduction: ``benchmarks/dp_step.py --gram_windows``)
-GRAM_WINDOWS = False
 #: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path
 MIN_WINDOW, MIN_POSITIONS = 288, 64
 _MAX_INDEX = 2**31 - 1  # the kernel's offsets are 32-bit
@@ -149,69 +140,6 @@ def _launch(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, tile
                               dw, draws, d_in, draws * out_h * out_w, tiles_in, KH=kh, KW=kw, BM=block_out,
                               BN=block_in, BR=block_rows, PRECISION=precision, FORM=form)
     return out
-
-
-@functools.cache
-def _gram_kernel():  # built on first use, as _kernel
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gram_window_kernel(m_ptr, gamma_ptr, out_ptr, side_m, side_g, image, positions, out_w, width, stride_h,
-                           stride_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BT: tl.constexpr,
-                           BS: tl.constexpr):
-        tile = tl.program_id(0)  # a block of rows t of Gamma_i
-        example = tl.program_id(1).to(tl.int64)
-        m = m_ptr + example * side_m * side_m
-        gamma = gamma_ptr + example * side_g * side_g
-        t = tile * BT + tl.arange(0, BT)  # (draw, output row, output column)
-        # the window corner of position t among the example's padded pixels (draw, row, column)
-        corner_t = ((t // positions) * image + ((t % positions) // out_w) * stride_h * width
-                    + (t % positions % out_w) * stride_w)
-        acc = tl.zeros((BT, BS), dtype=tl.float32)
-        for start in range(0, side_g, BS):
-            s = start + tl.arange(0, BS)
-            corner_s = ((s // positions) * image + ((s % positions) // out_w) * stride_h * width
-                        + (s % positions % out_w) * stride_w)
-            inside = (t[:, None] < side_g) & (s[None, :] < side_g)
-            windows = tl.zeros((BT, BS), dtype=tl.float32)  # a_t . a_s = sum_d M_i[p(t) + d, p(s) + d]
-            for u in tl.static_range(KH):
-                for v in tl.static_range(KW):
-                    d = u * dil_h * width + v * dil_w
-                    windows += tl.load(m + (corner_t[:, None] + d) * side_m + corner_s[None, :] + d, mask=inside,
-                                       other=0.0)
-            acc += windows * tl.load(gamma + t[:, None] * side_g + s[None, :], mask=inside, other=0.0)
-        tl.store(out_ptr + example * tl.num_programs(0) + tile, tl.sum(tl.sum(acc, axis=1), axis=0))
-
-    return gram_window_kernel
-
-
-def gram_applies(gram: torch.Tensor) -> bool:
-    """Whether the engine sums a Gram matrix's windows with :func:`gram_window_sq_norms`: where
-    ``GRAM_WINDOWS`` is set, on float32 CUDA tensors, with Triton installed."""
-    return GRAM_WINDOWS and ENABLED and gram.is_cuda and gram.dtype == torch.float32 and triton_available()
-
-
-def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, gamma: torch.Tensor, padded_size: tuple[int, int],
-                         out_size: tuple[int, int], *, tile: tuple[int, int] = (32, 64)) -> torch.Tensor:
-    """``||G_i||_F^2 = sum_{t,s} (sum_d M_i[p(t) + d, p(s) + d]) Gamma_i[t, s]`` for each example: ``gram``
-    (b, K P, K P) holds ``M_i``, the Gram matrix of its K padded inputs of ``padded_size`` pixels, and ``gamma``
-    (b, K T, K T) the Gram matrix ``Gamma_i`` of its output gradients at ``out_size`` positions; ``p(t)`` is the
-    window corner of position t and d runs over the kernel's offsets (``per_example._conv2d_gram_sq_norms``).
-    IEEE float32 multiply-adds, as the engine's other norm products. Only where :func:`gram_applies` holds (or
-    on the CPU under Triton's interpreter, for tests). ``tile``: rows of ``Gamma_i`` a program takes, and columns
-    a step (powers of two)."""
-    gram, gamma = gram.contiguous(), gamma.contiguous()
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    (height, width), (out_h, out_w) = padded_size, out_size
-    batch, side_m, side_g = gram.shape[0], gram.shape[1], gamma.shape[1]
-    if side_m * side_m > _MAX_INDEX or side_g * side_g > _MAX_INDEX:
-        raise ValueError(f"Gram matrices of {side_m} and {side_g} rows exceed the kernel's 32-bit offsets")
-    tiles = -(-side_g // tile[0])
-    out = torch.empty(batch, tiles, device=gram.device, dtype=torch.float32)
-    _gram_kernel()[(tiles, batch)](gram, gamma, out, side_m, side_g, height * width, out_h * out_w, out_w, width,
-                                   sh, sw, dh, dw, KH=kh, KW=kw, BT=tile[0], BS=tile[1])
-    return out.sum(1)
 
 
 def conv2d_weight_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int, *,

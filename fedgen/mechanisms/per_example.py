@@ -205,8 +205,7 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     with ``M_i = X_i^T X_i`` over the example's K P padded pixels (its K rows as more pixels, the kernel offsets
     taken within a row) and ``Gamma_i = g_i^T g_i`` over its K T positions: ``(K P)^2 C_in + (K T)^2 C_out``
     multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The k_h k_w shifted
-    windows of ``M_i`` are strided views, summed by one reduction (on a GPU, summed and contracted with ``Gamma_i``
-    by one kernel: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so that a chunk's
+    windows of ``M_i`` are strided views, summed by one reduction. A few examples at a time, so that a chunk's
     Gram matrices hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
@@ -218,10 +217,6 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     for _, b, rows in _example_chunks(a, batch, pixels * pixels + positions * positions):
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
-        if fused_norms.gram_applies(gram):  # the windows' sum and the contraction in one kernel
-            gamma = torch.bmm(gs.transpose(1, 2), gs)
-            parts.append(fused_norms.gram_window_sq_norms(layer, gram, gamma, (height, width), (out_h, out_w)))
-            continue
         # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
         # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
         s0, row, col = pixels * pixels, height * width, width

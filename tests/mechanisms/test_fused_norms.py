@@ -71,49 +71,6 @@ def test_fused_norms_equal_the_unfold_path() -> None:
                                        msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
 
 
-GRAM = """
-import functools, json, sys, torch
-from torch import nn
-from fedgen.mechanisms import fused_norms, per_example
-kernel, used = fused_norms.gram_window_sq_norms, []
-out = []
-for c_in, c_out, kernel_size, stride, padding, dilation, size, batch, draws in json.loads(sys.argv[1]):
-    torch.manual_seed(0)
-    layer = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, dilation=dilation)
-    a = torch.randn(batch * draws, c_in, *size)
-    g = torch.randn_like(layer(a))
-    fused_norms.gram_applies = lambda gram: gram.dtype == torch.float32  # forced on the CPU
-    got = {}
-    for name, tile in (("got", (32, 64)), ("small tiles", (16, 16))):
-        fused_norms.gram_window_sq_norms = functools.partial(
-            lambda *args, tile, **kw: used.append(1) or kernel(*args, tile=tile, **kw), tile=tile)
-        got[name] = per_example._conv2d_gram_sq_norms(layer, a, g, batch).tolist()
-    fused_norms.gram_applies = lambda gram: False
-    torch_path = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
-    expected = per_example._conv2d_weight_sq_norms(layer.double(), [(a.double(), g.double())], batch)
-    out.append({**got, "torch": torch_path.tolist(), "expected": expected.tolist()})
-print(json.dumps({"used": len(used), "results": out}))
-"""
-
-
-def test_the_gram_window_kernel_gives_the_norms_of_the_gram_path() -> None:
-    """Norms from the padded input's Gram matrix, its windows summed and contracted by the kernel (forced on the
-    CPU, under the interpreter): the same as PyTorch's reduction and the float64 norms, for strides, padding,
-    dilation, rectangular kernels and K rows per example."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", GRAM, json.dumps(CASES)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["used"] == 2 * len(CASES)  # the engine's Gram path went through the kernel, twice per case
-    for case, result in zip(CASES, report["results"], strict=True):
-        want = torch.tensor(result["expected"], dtype=torch.float64)
-        assert want.shape == (case[7],) and bool((want > 0).all())
-        for key in ("got", "small tiles", "torch"):
-            torch.testing.assert_close(torch.tensor(result[key], dtype=torch.float64), want, rtol=1e-5, atol=0,
-                                       msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
-
-
 def test_the_kernel_is_used_only_where_it_supports_the_layer() -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1)
     a, g = torch.randn(2, 2, 5, 5), torch.randn(2, 3, 5, 5)
