@@ -21,6 +21,7 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --methods nonprivate fedgen --cuda_graph   # forward and backward from a graph
     python benchmarks/dp_step.py --compile inductor   # every method's model through torch.compile
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
+    python benchmarks/dp_step.py --count_ops --models unet --count_batch 256 --chunk_elements 1073741824  # unchunked
     python benchmarks/dp_step.py --methods nonprivate fedgen --book_keep_all   # no per-example weights formed
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
     python benchmarks/dp_step.py --models unet_eps10 --unet_settings '{"attention_head_dim": null}'  # an A/B row
@@ -297,7 +298,8 @@ def count_kernel_ops(step: Callable[[], None]) -> int:
     return sum(n for name, n in counter.calls.items() if name not in NO_KERNEL)
 
 
-def print_op_counts(models: list[str], draws: list[int], methods: list[str]) -> None:
+def print_op_counts(models: list[str], draws: list[int], methods: list[str], batch_size: int = 8) -> None:
+    print(f"batch {batch_size}; per_example.CHUNK_ELEMENTS {per_example.CHUNK_ELEMENTS}\n")
     print("| model | K | method | kernel-launching operators per step | x non-private |\n|---|---|---|---|---|")
     for name in models:
         for k in (draws if name in DIFFUSION else [1]):
@@ -305,8 +307,8 @@ def print_op_counts(models: list[str], draws: list[int], methods: list[str]) -> 
             for method in methods:
                 torch.manual_seed(0)
                 try:
-                    task = TASKS[name](8, k, torch.device("cpu"))
-                    ops = count_kernel_ops(make_step(method, task, 8))
+                    task = TASKS[name](batch_size, k, torch.device("cpu"))
+                    ops = count_kernel_ops(make_step(method, task, batch_size))
                 except NotImplementedError as err:
                     print(f"| {name} | {k} | {method} | {err} | |")
                     continue
@@ -364,8 +366,14 @@ def main() -> None:
                              "entries C_in k_h k_w (fused_norms.MIN_WINDOW), for an A/B against the default")
     parser.add_argument("--kernel_min_positions", type=int, default=fused_norms.MIN_POSITIONS,
                         help="... and at least this many output positions (fused_norms.MIN_POSITIONS)")
+    parser.add_argument("--chunk_elements", type=int, default=per_example.CHUNK_ELEMENTS,
+                        help="fedgen's norms take a few examples at a time within max(this, the layer's input) values "
+                             "(per_example.CHUNK_ELEMENTS), for an A/B against the default: each chunk launches its "
+                             "own kernels")
     parser.add_argument("--count_ops", action="store_true",
-                        help="count the kernel-launching operators of one step (batch 8, on the CPU) instead of timing")
+                        help="count the kernel-launching operators of one step (on the CPU, at --count_batch) instead "
+                             "of timing")
+    parser.add_argument("--count_batch", type=int, default=8, help="the batch of --count_ops")
     parser.add_argument("--unet_settings", type=json.loads, default={}, metavar="JSON",
                         help="settings of build_unet that replace the example UNets' own, e.g. "
                              "'{\"attention_head_dim\": null}' (one attention head per block)")
@@ -375,8 +383,9 @@ def main() -> None:
     per_example.GRAM_NORMS = not args.no_gram_norms
     fused_norms.MIN_WINDOW, fused_norms.MIN_POSITIONS = args.kernel_min_window, args.kernel_min_positions
     per_example.FORM_PRECISION = args.form_precision
+    per_example.CHUNK_ELEMENTS = args.chunk_elements
     if args.count_ops:
-        print_op_counts(args.models, args.draws, args.methods)
+        print_op_counts(args.models, args.draws, args.methods, args.count_batch)
         return
     if args.profile:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -393,7 +402,8 @@ def main() -> None:
           f"torch.compile {args.compile or 'off'}; fedgen forms per-example weight gradients up to "
           f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms "
           f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
-          f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}\n")
+          f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
+          f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")

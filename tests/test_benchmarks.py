@@ -76,3 +76,16 @@ def test_the_unet_operator_benchmark_compares_equal_computations():
             for op in (ops["group_norm"], ops["group_norm_as_batch_norm"])]
     for first, second in (up, norm):
         torch.testing.assert_close(first, second)
+
+
+def test_op_counts_follow_the_chunk_size(monkeypatch, capsys):
+    """--count_ops --chunk_elements: the norms of a few examples at a time launch their kernels once a chunk, so
+    chunks of one example launch more than one chunk of all (the A/B that --chunk_elements gives on a GPU)."""
+    from fedgen.mechanisms import per_example
+
+    counts = {}
+    for chunk in (1, 2**30):
+        monkeypatch.setattr(per_example, "CHUNK_ELEMENTS", chunk)
+        DP_STEP["print_op_counts"](["convnet"], [1], ["fedgen"], batch_size=4)
+        counts[chunk] = int(capsys.readouterr().out.strip().splitlines()[-1].split("|")[4])
+    assert counts[1] > counts[2**30] > 0
