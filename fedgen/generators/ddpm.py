@@ -101,8 +101,8 @@ class NearestUpsample2D(nn.Module):
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         if output_size is None:
             hidden_states = upsample_nearest_2x(hidden_states)
-        else:
-            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+        else:  # contiguous first, as Upsample2D does: CUDA's channels-last nearest kernel fails on large inputs
+            hidden_states = F.interpolate(hidden_states.contiguous(), size=output_size, mode="nearest")
         return self.conv(hidden_states)
 
 
