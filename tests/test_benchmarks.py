@@ -89,3 +89,41 @@ def test_op_counts_follow_the_chunk_size(monkeypatch, capsys):
         DP_STEP["print_op_counts"](["convnet"], [1], ["fedgen"], batch_size=4)
         counts[chunk] = int(capsys.readouterr().out.strip().splitlines()[-1].split("|")[4])
     assert counts[1] > counts[2**30] > 0
+
+
+def test_the_signal_estimate_is_the_cross_terms_of_the_clipped_gradients():
+    """dp_diffusion_signal.py's rho from grouped clipped sums: with one group per example it is exactly
+    ``sqrt(mean_{i != j} <c_i g_i, c_j g_j>) / C`` over each example's own clipped K-draw gradient, computed here
+    by autograd one example at a time, with C between the examples' norms (some clipped, some not); with two
+    groups, the mean of the terms between them."""
+    import copy
+
+    from fedgen.mechanisms import DPSGD
+    from tests.generators.test_ddpm import _data, _tiny
+
+    signal = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "dp_diffusion_signal.py"))
+    data = _data()
+    x, y = data.tensors[0][:6], data.tensors[1][:6]
+    reference = _tiny(label_dropout=0.3)
+    model = copy.deepcopy(reference)
+    draws = reference.hparams.noise_draws
+    torch.manual_seed(3)
+    rows = reference.diffusion_loss(x, y, reduction="none")
+    params = list(reference.unet.parameters())
+    grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        rows[i * draws:(i + 1) * draws].mean(), params, retain_graph=True)]) for i in range(6)])
+    norms = grads.norm(dim=1)
+    clip = float(norms.median())
+    clipped = grads * (clip / norms).clamp(max=1).unsqueeze(1)
+    assert (norms > clip).any() and (norms < clip).any()
+
+    model.mechanism = DPSGD(noise_multiplier=1e-6, max_grad_norm=clip, seed=0)
+    model.mechanism.make_private(model.unet, torch.optim.SGD(model.unet.parameters(), lr=0.0),
+                                 data_loader=model.attach_private_data(data), steps=5)
+    for groups, cross, pairs in [(6, clipped.sum(0).square().sum() - clipped.square().sum(), 30),
+                                 (2, 2 * clipped[:3].sum(0) @ clipped[3:].sum(0), 18)]:
+        assert cross > 0
+        torch.manual_seed(3)  # the same diffusion noise, steps and dropped labels as the reference's rows
+        r = signal["signal_by_groups"](model, x, y, draws, 6, clip, num_groups=groups)
+        assert r["rho"] == pytest.approx(float(cross / pairs) ** 0.5 / clip, rel=1e-6)
+        assert r["signal_to_noise_at_sigma_1"] == pytest.approx(6 * r["rho"] / grads.shape[1] ** 0.5)
