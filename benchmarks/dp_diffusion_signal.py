@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--clip_norms", nargs="+", type=float, default=[1.0], help="with --run: the norms C")
     parser.add_argument("--repeats", type=int, default=3, help="with --run: batches measured, each its own")
     args = parser.parse_args()
+    if args.repeats < 1 or min(args.clip_norms) <= 0:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats}) and every --clip_norms value positive (got "
+                     f"{args.clip_norms}): e.g. --repeats 3 --clip_norms 1")
     if args.run:
         measure_run(args.run, args.batch, args.draws, args.clip_norms, args.repeats)
         return

@@ -128,3 +128,12 @@ def test_the_signal_estimate_is_the_cross_terms_of_the_clipped_gradients():
         r = signal["signal_by_groups"](model, x, y, draws, 6, clip, num_groups=groups)
         assert r["rho"] == pytest.approx(float(cross / pairs) ** 0.5 / clip, rel=1e-6)
         assert r["signal_to_noise_at_sigma_1"] == pytest.approx(6 * r["rho"] / grads.shape[1] ** 0.5)
+
+
+@pytest.mark.parametrize("bad, named", [(["--repeats", "0"], "--repeats"), (["--clip_norms", "0"], "--clip_norms")])
+def test_the_signal_benchmark_refuses_bad_settings_before_any_work(bad, named, monkeypatch, capsys):
+    signal = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "dp_diffusion_signal.py"))
+    monkeypatch.setattr(sys, "argv", ["dp_diffusion_signal.py", "--run", "no/such/run", *bad])
+    with pytest.raises(SystemExit):
+        signal["main"]()
+    assert named in capsys.readouterr().err
