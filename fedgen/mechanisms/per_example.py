@@ -64,8 +64,10 @@ is the autograd node of the layer's output (its ``grad_fn``, or None), from whic
 forward pass saved instead of computing it again."""
 
 
-#: elements of a temporary (unfolded inputs, per-example gradients) above which work is split over examples
-CHUNK_ELEMENTS = 2**24
+#: elements of a temporary (unfolded inputs, per-example gradients) above which work is split over examples. 2^28
+#: (1 GiB in float32): on an H200 the peak memory of every measured step was the same as with 2^24 (docs/benchmarks.md,
+#: "The norms' chunk size"), and the UNet's step at batch 256 launches 300 kernels fewer (one chunk a layer).
+CHUNK_ELEMENTS = 2**28
 
 
 def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,7 @@ def _conv_positions(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: i
 def _example_chunks(a: torch.Tensor, batch: int, values_per_example: int) -> Iterator[tuple[int, int, slice]]:
     """``(first example, examples, their rows of a)`` over ``batch`` examples (K rows each) a few at a time, so that
     a chunk's working values (``values_per_example`` each) number at most ``max(CHUNK_ELEMENTS, a.numel())``: no
-    more than the layer's input, which the step already holds, or 2^24."""
+    more than the layer's input, which the step already holds, or CHUNK_ELEMENTS."""
     draws = a.shape[0] // batch
     step = max(1, max(CHUNK_ELEMENTS, a.numel()) // values_per_example)
     for i in range(0, batch, step):
@@ -170,7 +172,7 @@ def _conv_chunks(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]
     """``(first example, examples, x, g)`` over the examples a few at a time, with ``x`` and ``g`` as
     :func:`_conv_positions` gives them (the calls of a layer used several times concatenated as more
     positions). A chunk's unfolded input holds at most ``max(CHUNK_ELEMENTS, a.numel())`` elements, no more
-    than the layer's input, which the step already holds, or 2^24."""
+    than the layer's input, which the step already holds, or CHUNK_ELEMENTS."""
     a0 = calls[0][0]
     unfolded = a0[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * (a0.shape[0] // batch) * len(calls)
     for i, b, rows in _example_chunks(a0, batch, unfolded):
