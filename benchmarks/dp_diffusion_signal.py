@@ -10,9 +10,9 @@ no noise; lr 1e-3, batch 512, K = 2), for each UNet in ``--channels`` and each K
 generator's shifted or mirrored views, stratified draws and zero initialization where asked.
 
     python benchmarks/dp_diffusion_signal.py --channels 16,32,32 32,64,64 --draws 1 4 16
-    python benchmarks/dp_diffusion_signal.py --channels 16,32,32 --draws 1 2 4 --augment_shift 2 --stratified_draws \
+    python benchmarks/dp_diffusion_signal.py --channels 16,32,32 --draws 1 2 4 --augment_shift 2 --stratified_draws \\
         --zero_init_residual   # the epsilon-10 example's UNet and draws
-    python benchmarks/dp_diffusion_signal.py --dataset fashion_mnist --channels 32,64,64 --draws 1 2 \
+    python benchmarks/dp_diffusion_signal.py --dataset fashion_mnist --channels 32,64,64 --draws 1 2 \\
         --zero_init_residual --stratified_draws --augment_flip   # mirrored views of garments
 
 With ``--run`` the script measures at the trained weights of a ``fedgen fit`` run folder instead (its UNet and
