@@ -252,13 +252,16 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
 
 
 def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
-    """Example i's weight gradient, (batch, *weight.shape): by the fused kernel where it applies, else a few
-    examples at a time from the unfolded input: ``g_r x_r^T`` for each of the example's K rows r and each
+    """Example i's weight gradient, (batch, *weight.shape): by the fused kernel where it applies, else by one
+    grouped weight-gradient convolution where ``CONV_FORMING`` asks for it (:func:`_conv2d_weight_grouped`), else
+    a few examples at a time from the unfolded input: ``g_r x_r^T`` for each of the example's K rows r and each
     group, summed over the K rows. Row by row, the unfolded input and the output gradient are used in the layout
     the layer made them, where setting an example's K rows side by side as more positions (:func:`_by_example`)
     would copy both; the K per-row gradients it adds instead hold ``C_out / T`` of the unfolded input's values."""
     if fused_norms.forms(layer, a, g, batch):
         return fused_norms.conv2d_weight_per_example(layer, a, g, batch, precision=FORM_PRECISION)
+    if CONV_FORMING == "grouped":
+        return _conv2d_weight_grouped(layer, a, g, batch)
     out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=g.dtype)  # a and g share a dtype
     draws, groups = a.shape[0] // batch, layer.groups
     c_out, d_in = layer.out_channels // groups, layer.weight[0].numel()  # per group: C_out / G by C_in / G k_h k_w
@@ -272,6 +275,25 @@ def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
         else:
             torch.sum(torch.bmm(gg, x.transpose(1, 2)).view(b, draws, -1), 1, out=out[i:i + b].view(b, -1))
     return out
+
+
+def _conv2d_weight_grouped(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    """Example i's weight gradient, (batch, *weight.shape), as the weight gradient of one convolution in which
+    every example is a group of its own (Rochette, Manoel and Tramel, 2019): the input as (K, B C_in, H, W) and
+    the output gradient as (K, B C_out, H', W'), ``B G`` groups. The convolution sums over its batch dimension,
+    here the K rows of each example, and forms no unfolded input; for K > 1, ``a`` and ``g`` are copied once to
+    put the draws first."""
+    draws = a.shape[0] // batch
+
+    def draws_first(t: torch.Tensor) -> torch.Tensor:  # (B K, C, h, w) -> (K, B C, h, w), a view for K = 1
+        t = t.reshape(batch, draws, *t.shape[1:]).transpose(0, 1)
+        return t.reshape(draws, batch * t.shape[2], *t.shape[3:])
+
+    weight = layer.weight
+    grad = torch.nn.grad.conv2d_weight(draws_first(a), (batch * weight.shape[0], *weight.shape[1:]), draws_first(g),
+                                       stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                                       groups=batch * layer.groups)
+    return grad.view(batch, *weight.shape)
 
 
 def _conv2d_weight_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -397,6 +419,11 @@ FORM_RATIO = 2.0
 #: TF32 by default: the weight gradients of a non-private step are TF32 already where cuDNN computes them, and the
 #: epsilon-10 example's DP step took 488 ms in TF32 against 513 ms in IEEE (one H200, docs/benchmarks.md)
 FORM_PRECISION = "tf32"
+#: how a convolution's per-example gradients are formed where the fused kernel does not form them: "unfold" (a few
+#: examples at a time, a strided copy of the unfolded input and batched products) or "grouped" (one weight-gradient
+#: convolution with each example a group of its own, :func:`_conv2d_weight_grouped`; no unfolded copy). "grouped"
+#: is there for A/B measurements on a GPU (benchmarks/dp_step.py --conv_forming)
+CONV_FORMING = "unfold"
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
 GRAM_NORMS = True
