@@ -279,20 +279,26 @@ def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
 
 def _conv2d_weight_grouped(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
     """Example i's weight gradient, (batch, *weight.shape), as the weight gradient of one convolution in which
-    every example is a group of its own (Rochette, Manoel and Tramel, 2019): the input as (K, B C_in, H, W) and
-    the output gradient as (K, B C_out, H', W'), ``B G`` groups. The convolution sums over its batch dimension,
-    here the K rows of each example, and forms no unfolded input; for K > 1, ``a`` and ``g`` are copied once to
-    put the draws first."""
-    draws = a.shape[0] // batch
+    each example is a group of its own (Rochette, Manoel and Tramel, 2019), forming no unfolded input. With K
+    rows an example, either every row is a group (input (1, B K C_in, H, W) and output gradient (1, B K C_out,
+    H', W'), views of ``a`` and ``g``) and the K row gradients are summed, or, where a row's gradient holds more
+    values than its input and output gradient, ``a`` and ``g`` are copied to (K, B C, h, w) and the
+    convolution sums over its batch dimension, the K rows."""
+    weight, draws = layer.weight, a.shape[0] // batch
+    rows_as_groups = draws == 1 or weight.numel() <= a[0].numel() + g[0].numel()
+    groups = (a.shape[0] if rows_as_groups else batch) * layer.groups
 
-    def draws_first(t: torch.Tensor) -> torch.Tensor:  # (B K, C, h, w) -> (K, B C, h, w), a view for K = 1
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # (B K, C, h, w) -> (1, B K C, h, w) or (K, B C, h, w)
+        if rows_as_groups:
+            return t.reshape(1, -1, *t.shape[2:])
         t = t.reshape(batch, draws, *t.shape[1:]).transpose(0, 1)
         return t.reshape(draws, batch * t.shape[2], *t.shape[3:])
 
-    weight = layer.weight
-    grad = torch.nn.grad.conv2d_weight(draws_first(a), (batch * weight.shape[0], *weight.shape[1:]), draws_first(g),
-                                       stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                       groups=batch * layer.groups)
+    shape = (groups // layer.groups * weight.shape[0], *weight.shape[1:])
+    grad = torch.nn.grad.conv2d_weight(grouped(a), shape, grouped(g), stride=layer.stride, padding=layer.padding,
+                                       dilation=layer.dilation, groups=groups)
+    if rows_as_groups and draws > 1:
+        return grad.view(batch, draws, *weight.shape).sum(1)
     return grad.view(batch, *weight.shape)
 
 

@@ -511,20 +511,23 @@ class TwiceConv(nn.Module):
         return self.head(self.conv(F.silu(self.conv(x)))[:, :, ::2, ::2].mean((2, 3)))  # conv called twice
 
 
-@pytest.mark.parametrize(("kernel", "stride", "dilation", "padding", "groups", "draws"),
-                         [(3, 1, 1, 1, 1, 1), (3, 2, 1, 1, 2, 3), ((3, 2), (2, 1), (2, 1), (1, 0), 3, 2),
-                          (1, 1, 1, 0, 1, 4)])
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "padding", "groups", "draws", "size"),
+                         [(3, 1, 1, 1, 1, 1, (9, 8)), (3, 2, 1, 1, 2, 3, (9, 8)),
+                          ((3, 2), (2, 1), (2, 1), (1, 0), 3, 2, (9, 8)), (1, 1, 1, 0, 1, 4, (9, 8)),
+                          (3, 1, 1, 1, 1, 3, (2, 2)), (3, 2, 1, 1, 2, 2, (3, 3))])
 def test_grouped_forming_equals_each_examples_own_weight_gradient(kernel, stride, dilation, padding, groups,
-                                                                   draws) -> None:
+                                                                   draws, size) -> None:
     """One grouped weight-gradient convolution gives example i's gradient summed over its K rows, as autograd
-    computes it from that example's rows alone, and the unfold path's."""
+    computes it from that example's rows alone, and the unfold path's: with every row a group (images larger than
+    the weight) and with the draws moved to the batch dimension (images of 2x2 and 3x3 pixels, whose row
+    gradients hold more values than the row's input and output gradient)."""
     from fedgen.mechanisms import per_example
 
     torch.manual_seed(0)
     batch = 5
     layer = nn.Conv2d(6, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                       bias=False).double()
-    a = torch.randn(batch * draws, 6, 9, 8, dtype=torch.float64)
+    a = torch.randn(batch * draws, 6, *size, dtype=torch.float64)
     g = torch.randn_like(layer(a))
     truth = []
     for i in range(batch):
