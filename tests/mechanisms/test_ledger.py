@@ -354,3 +354,12 @@ def test_the_auto_accountant_answers_for_a_near_zero_noise() -> None:
     a valid and here enormous epsilon, instead of failing."""
     events = [SubsampledGaussianEvent(1e-6, 0.5, count=20)]
     assert compute_epsilon(events, 1e-3) == compute_epsilon(events, 1e-3, accountant="rdp") > 1e6
+
+
+def test_a_small_noise_falls_back_to_rdp_before_building_a_huge_grid() -> None:
+    """sigma = 0.1 at q = 0.07 over 1,120 steps (a noise-free reference run) would need a PRV grid of 6e8 points,
+    hours of work: "auto" answers with RDP's bound at once, and "prv" refuses, naming the accountant to use."""
+    events = [SubsampledGaussianEvent(0.1, 4096 / 60000, count=1120)]
+    assert compute_epsilon(events, DELTA) == compute_epsilon(events, DELTA, accountant="rdp") > 1e4
+    with pytest.raises(ArithmeticError, match="accountant='rdp'"):
+        compute_epsilon(events, DELTA, accountant="prv")
