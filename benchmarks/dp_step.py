@@ -23,7 +23,6 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --count_ops      # kernel launches per step, on the CPU
     python benchmarks/dp_step.py --count_ops --models unet --count_batch 256 --chunk_elements 1073741824  # unchunked
     python benchmarks/dp_step.py --methods nonprivate fedgen --book_keep_all   # no per-example weights formed
-    python benchmarks/dp_step.py --models unet_eps1 --methods fedgen --conv_forming grouped   # an A/B of forming
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
     python benchmarks/dp_step.py --models unet_eps10 --unet_settings '{"attention_head_dim": null}'  # an A/B row
 """
@@ -367,10 +366,6 @@ def main() -> None:
                              "entries C_in k_h k_w (fused_norms.MIN_WINDOW), for an A/B against the default")
     parser.add_argument("--kernel_min_positions", type=int, default=fused_norms.MIN_POSITIONS,
                         help="... and at least this many output positions (fused_norms.MIN_POSITIONS)")
-    parser.add_argument("--conv_forming", choices=["unfold", "grouped"], default=per_example.CONV_FORMING,
-                        help="how convolutions that the fused kernel does not take form per-example gradients "
-                             "(per_example.CONV_FORMING): from the unfolded input, or by one grouped convolution, "
-                             "for an A/B against the default")
     parser.add_argument("--chunk_elements", type=int, default=per_example.CHUNK_ELEMENTS,
                         help="fedgen's norms take a few examples at a time within max(this, the layer's input) values "
                              "(per_example.CHUNK_ELEMENTS), for an A/B against the default: each chunk launches its "
@@ -388,7 +383,6 @@ def main() -> None:
     per_example.GRAM_NORMS = not args.no_gram_norms
     fused_norms.MIN_WINDOW, fused_norms.MIN_POSITIONS = args.kernel_min_window, args.kernel_min_positions
     per_example.FORM_PRECISION = args.form_precision
-    per_example.CONV_FORMING = args.conv_forming
     per_example.CHUNK_ELEMENTS = args.chunk_elements
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
@@ -409,7 +403,7 @@ def main() -> None:
           f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms "
           f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
-          f"other convolutions formed by {per_example.CONV_FORMING}; chunks of {per_example.CHUNK_ELEMENTS} values\n")
+          f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "
               f"{check_graphed_sums():.1e}\n")

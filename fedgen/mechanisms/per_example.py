@@ -252,16 +252,13 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
 
 
 def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
-    """Example i's weight gradient, (batch, *weight.shape): by the fused kernel where it applies, else by one
-    grouped weight-gradient convolution where ``CONV_FORMING`` asks for it (:func:`_conv2d_weight_grouped`), else
-    a few examples at a time from the unfolded input: ``g_r x_r^T`` for each of the example's K rows r and each
+    """Example i's weight gradient, (batch, *weight.shape): by the fused kernel where it applies, else a few
+    examples at a time from the unfolded input: ``g_r x_r^T`` for each of the example's K rows r and each
     group, summed over the K rows. Row by row, the unfolded input and the output gradient are used in the layout
     the layer made them, where setting an example's K rows side by side as more positions (:func:`_by_example`)
     would copy both; the K per-row gradients it adds instead hold ``C_out / T`` of the unfolded input's values."""
     if fused_norms.forms(layer, a, g, batch):
         return fused_norms.conv2d_weight_per_example(layer, a, g, batch, precision=FORM_PRECISION)
-    if CONV_FORMING == "grouped":
-        return _conv2d_weight_grouped(layer, a, g, batch)
     out = torch.empty(batch, *layer.weight.shape, device=g.device, dtype=g.dtype)  # a and g share a dtype
     draws, groups = a.shape[0] // batch, layer.groups
     c_out, d_in = layer.out_channels // groups, layer.weight[0].numel()  # per group: C_out / G by C_in / G k_h k_w
@@ -275,31 +272,6 @@ def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
         else:
             torch.sum(torch.bmm(gg, x.transpose(1, 2)).view(b, draws, -1), 1, out=out[i:i + b].view(b, -1))
     return out
-
-
-def _conv2d_weight_grouped(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
-    """Example i's weight gradient, (batch, *weight.shape), as the weight gradient of one convolution in which
-    each example is a group of its own (Rochette, Manoel and Tramel, 2019), forming no unfolded input. With K
-    rows an example, either every row is a group (input (1, B K C_in, H, W) and output gradient (1, B K C_out,
-    H', W'), views of ``a`` and ``g``) and the K row gradients are summed, or, where a row's gradient holds more
-    values than its input and output gradient, ``a`` and ``g`` are copied to (K, B C, h, w) and the
-    convolution sums over its batch dimension, the K rows."""
-    weight, draws = layer.weight, a.shape[0] // batch
-    rows_as_groups = draws == 1 or weight.numel() <= a[0].numel() + g[0].numel()
-    groups = (a.shape[0] if rows_as_groups else batch) * layer.groups
-
-    def grouped(t: torch.Tensor) -> torch.Tensor:  # (B K, C, h, w) -> (1, B K C, h, w) or (K, B C, h, w)
-        if rows_as_groups:
-            return t.reshape(1, -1, *t.shape[2:])
-        t = t.reshape(batch, draws, *t.shape[1:]).transpose(0, 1)
-        return t.reshape(draws, batch * t.shape[2], *t.shape[3:])
-
-    shape = (groups // layer.groups * weight.shape[0], *weight.shape[1:])
-    grad = torch.nn.grad.conv2d_weight(grouped(a), shape, grouped(g), stride=layer.stride, padding=layer.padding,
-                                       dilation=layer.dilation, groups=groups)
-    if rows_as_groups and draws > 1:
-        return grad.view(batch, draws, *weight.shape).sum(1)
-    return grad.view(batch, *weight.shape)
 
 
 def _conv2d_weight_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -425,11 +397,6 @@ FORM_RATIO = 2.0
 #: TF32 by default: the weight gradients of a non-private step are TF32 already where cuDNN computes them, and the
 #: epsilon-10 example's DP step took 488 ms in TF32 against 513 ms in IEEE (one H200, docs/benchmarks.md)
 FORM_PRECISION = "tf32"
-#: how a convolution's per-example gradients are formed where the fused kernel does not form them: "unfold" (a few
-#: examples at a time, a strided copy of the unfolded input and batched products) or "grouped" (one weight-gradient
-#: convolution with each example a group of its own, :func:`_conv2d_weight_grouped`; no unfolded copy). "grouped"
-#: is there for A/B measurements on a GPU (benchmarks/dp_step.py --conv_forming)
-CONV_FORMING = "unfold"
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
 GRAM_NORMS = True

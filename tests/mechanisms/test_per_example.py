@@ -96,19 +96,16 @@ def _truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Ten
     return [torch.stack(slot) for slot in per_param]
 
 
-@pytest.fixture(params=[(2.0, True, "unfold"), (2.0, True, "grouped"), (0.0, True, "unfold"), (0.0, False, "unfold")],
-                ids=["weights formed where small", "formed, convolutions by grouped convolution",
-                     "every weight book-kept", "book-kept, no Gram norms"])
-def form_weights(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[float, bool, str]:
+@pytest.fixture(params=[(2.0, True), (0.0, True), (0.0, False)],
+                ids=["weights formed where small", "every weight book-kept", "book-kept, no Gram norms"])
+def form_weights(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[float, bool]:
     """Every way of the Linear and Conv2d weights: formed per example where :func:`forms_weight` holds (several
-    of these test models' layers; convolutions from their unfolded inputs or by one grouped convolution), or
-    book-kept everywhere, with convolution norms from the padded input's Gram matrix where it is cheapest or
-    never."""
+    of these test models' layers), or book-kept everywhere, with convolution norms from the padded input's Gram
+    matrix where it is cheapest or never."""
     from fedgen.mechanisms import per_example
 
     monkeypatch.setattr(per_example, "FORM_RATIO", request.param[0])
     monkeypatch.setattr(per_example, "GRAM_NORMS", request.param[1])
-    monkeypatch.setattr(per_example, "CONV_FORMING", request.param[2])
     return request.param
 
 
@@ -509,34 +506,6 @@ class TwiceConv(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(F.silu(self.conv(x)))[:, :, ::2, ::2].mean((2, 3)))  # conv called twice
-
-
-@pytest.mark.parametrize(("kernel", "stride", "dilation", "padding", "groups", "draws", "size"),
-                         [(3, 1, 1, 1, 1, 1, (9, 8)), (3, 2, 1, 1, 2, 3, (9, 8)),
-                          ((3, 2), (2, 1), (2, 1), (1, 0), 3, 2, (9, 8)), (1, 1, 1, 0, 1, 4, (9, 8)),
-                          (3, 1, 1, 1, 1, 3, (2, 2)), (3, 2, 1, 1, 2, 2, (3, 3))])
-def test_grouped_forming_equals_each_examples_own_weight_gradient(kernel, stride, dilation, padding, groups,
-                                                                   draws, size) -> None:
-    """One grouped weight-gradient convolution gives example i's gradient summed over its K rows, as autograd
-    computes it from that example's rows alone, and the unfold path's: with every row a group (images larger than
-    the weight) and with the draws moved to the batch dimension (images of 2x2 and 3x3 pixels, whose row
-    gradients hold more values than the row's input and output gradient)."""
-    from fedgen.mechanisms import per_example
-
-    torch.manual_seed(0)
-    batch = 5
-    layer = nn.Conv2d(6, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                      bias=False).double()
-    a = torch.randn(batch * draws, 6, *size, dtype=torch.float64)
-    g = torch.randn_like(layer(a))
-    truth = []
-    for i in range(batch):
-        rows = slice(i * draws, (i + 1) * draws)
-        truth.append(torch.autograd.grad((layer(a[rows]) * g[rows]).sum(), layer.weight)[0])
-    grouped = per_example._conv2d_weight_grouped(layer, a, g, batch)
-    torch.testing.assert_close(grouped, torch.stack(truth), atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(grouped, per_example._conv2d_weight_per_example(layer, a, g, batch), atol=1e-12,
-                               rtol=1e-10)
 
 
 @pytest.mark.usefixtures("form_weights")
