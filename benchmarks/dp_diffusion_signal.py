@@ -1,10 +1,10 @@
 """How much signal a DP diffusion step carries, per UNet size and number of noise draws K.
 
 For a logical batch of B real MNIST (or Fashion-MNIST) examples, fedgen's clipping engine forms the clipped per-example
-gradients (each the gradient of the example's K-draw loss, clipped to C = 1) and their sum S. With
-unit-norm clipped gradients, E ||S||^2 = B + B (B - 1) rho^2, where rho is the norm of their mean: the
-part of the sum that does not cancel. DP-SGD adds noise of norm about sigma sqrt(P) (P parameters), so one
-step's signal to noise ratio at sigma = 1 is about B rho / sqrt(P). The script prints rho, that ratio and
+gradients (each the gradient of the example's K-draw loss, clipped to C = 1) and sums them. rho, the norm of their
+mean (the part of the sum that does not cancel), is estimated from the clipped sums of 32 parts of the batch, whose
+cross terms ``<S_g, S_h> = |g| |h| rho^2`` in expectation assume nothing about the examples' norms. DP-SGD adds noise
+of norm about sigma sqrt(P) (P parameters), so one step's signal to noise ratio at sigma = 1 is about B rho / sqrt(P). The script prints rho, that ratio and
 the time of the clipping pass, at initialisation and after ``--train_steps`` non-private steps (clipped,
 no noise; lr 1e-3, batch 512, K = 2), for each UNet in ``--channels`` and each K in ``--draws``, with the
 generator's shifted or mirrored views, stratified draws and zero initialization where asked.
@@ -16,9 +16,8 @@ generator's shifted or mirrored views, stratified draws and zero initialization 
         --zero_init_residual --stratified_draws --augment_flip   # mirrored views of garments
 
 With ``--run`` the script measures at the trained weights of a ``fedgen fit`` run folder instead (its UNet and
-loss settings, its data set), for each K in ``--draws`` and each clipping norm C in ``--clip_norms``. Examples
-clipped at C need not reach it there, so rho (in units of C) is estimated from the clipped sums of 32 parts of the
-batch, whose cross terms ``<S_g, S_h> = |g| |h| ||mu||^2`` in expectation assume nothing about the norms::
+loss settings, its data set), for each K in ``--draws`` and each clipping norm C in ``--clip_norms`` (rho in units
+of C)::
 
     python benchmarks/dp_diffusion_signal.py --run runs/mnist_eps1 --batch 1024 --draws 4 12 --repeats 3
 """
@@ -40,47 +39,31 @@ from fedgen.generators import DPDiffusion
 from fedgen.mechanisms import DPSGD
 
 
-def clipped_sum_signal(model: DPDiffusion, images: torch.Tensor, labels: torch.Tensor, draws: int,
-                       micro_batch: int) -> dict[str, float]:
-    """rho, B rho / sqrt(P) and the milliseconds of one clipping pass over ``images``."""
-    model.hparams.noise_draws = draws
-    params = [p for p in model.unet.parameters() if p.requires_grad]
-    for p in params:
-        p.summed_grad = None
-    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for x, y in zip(images.split(micro_batch), labels.split(micro_batch), strict=True):
-        model.mechanism.backward(model.diffusion_loss(x, y), draws=draws)
-    sync()
-    seconds = time.perf_counter() - start
-    squared = sum(float((p.summed_grad.double() ** 2).sum()) for p in params)
-    for p in params:
-        p.summed_grad = None
-    b = len(images)
-    rho = (max(squared - b, 0.0) / (b * (b - 1))) ** 0.5
-    size = sum(p.numel() for p in params)
-    return {"rho": rho, "signal_to_noise_at_sigma_1": b * rho / size ** 0.5, "ms": seconds * 1e3, "params": size}
-
-
 def signal_by_groups(model: DPDiffusion, images: torch.Tensor, labels: torch.Tensor, draws: int,
                      micro_batch: int, clip_norm: float, num_groups: int = 32) -> dict[str, float]:
-    """rho (the norm of the mean gradient clipped at ``clip_norm``, in units of it) and B rho / sqrt(P), from
-    the clipped sums S_g of ``num_groups`` parts of the batch (one pass, the engine's groups): each cross term
-    ``<S_g, S_h>``, g != h, is ``|g| |h| ||mu||^2`` in expectation whatever the examples' norms, so
-    ``||mu||^2`` is their sum, ``||sum_g S_g||^2 - sum_g ||S_g||^2``, over ``sum_{g != h} |g| |h|``."""
+    """rho (the norm of the mean gradient clipped at ``clip_norm``, in units of it), B rho / sqrt(P) and the
+    milliseconds of the clipping pass, from the clipped sums S_g of ``num_groups`` parts of the batch (one pass, the
+    engine's groups): each cross term ``<S_g, S_h>``, g != h, is ``|g| |h| ||mu||^2`` in expectation whatever the
+    examples' norms, so ``||mu||^2`` is their sum, ``||sum_g S_g||^2 - sum_g ||S_g||^2``, over
+    ``sum_{g != h} |g| |h|``."""
     model.hparams.noise_draws = draws
     b = len(images)
     groups = torch.arange(b, device=images.device) * num_groups // b  # sorted, sizes differ by at most one
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
     for rows in torch.arange(b, device=images.device).split(micro_batch):
         model.mechanism.backward(model.diffusion_loss(images[rows], labels[rows]), draws=draws, groups=groups[rows],
                                  num_groups=num_groups)
     sums = model.mechanism.take_clipped_sums(num_groups).double()
+    sync()
+    seconds = time.perf_counter() - start
     sizes = torch.bincount(groups, minlength=num_groups).double()
     cross = float(sums.sum(0).square().sum() - sums.square().sum())
     pairs = float(sizes.sum() ** 2 - sizes.square().sum())
     rho = (max(cross, 0.0) / pairs) ** 0.5 / clip_norm
-    return {"rho": rho, "signal_to_noise_at_sigma_1": b * rho / sums.shape[1] ** 0.5, "params": sums.shape[1]}
+    return {"rho": rho, "signal_to_noise_at_sigma_1": b * rho / sums.shape[1] ** 0.5, "params": sums.shape[1],
+            "ms": seconds * 1e3}
 
 
 def measure_run(run: str, batch: int, draws: list[int], clip_norms: list[float], repeats: int) -> None:
@@ -162,9 +145,10 @@ def main() -> None:
                     optimizer.zero_grad(set_to_none=True)
                     model.mechanism.backward(model.diffusion_loss(images[take], labels[take]), draws=2)
                     optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # the last step's sums stay until then (Opacus' convention)
             batch = torch.randperm(n, device=device)[:args.batch]
             for draws in args.draws:
-                r = clipped_sum_signal(model, images[batch], labels[batch], draws, max(1, 4096 // draws))
+                r = signal_by_groups(model, images[batch], labels[batch], draws, max(1, 4096 // draws), 1.0)
                 print(f"{channels} | {stage} | {draws} | {r['params']} | {r['rho']:.3f} | "
                       f"{r['signal_to_noise_at_sigma_1']:.3f} | {r['ms']:.0f}", flush=True)
 

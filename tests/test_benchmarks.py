@@ -137,3 +137,17 @@ def test_the_signal_benchmark_refuses_bad_settings_before_any_work(bad, named, m
     with pytest.raises(SystemExit):
         signal["main"]()
     assert named in capsys.readouterr().err
+
+
+def test_the_signal_benchmark_measures_before_and_after_its_training_steps(real_data_root, monkeypatch, capsys):
+    """The default mode on real MNIST: a row for each stage and K, with rho in (0, 1]; after the training steps the
+    optimizer's last sums are cleared, so the grouped clipped sums of the measurement start from nothing."""
+    signal = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "dp_diffusion_signal.py"))
+    monkeypatch.setenv("FEDGEN_DATA_ROOT", str(real_data_root))
+    monkeypatch.setattr(sys, "argv", ["dp_diffusion_signal.py", "--channels", "8,16,16", "--draws", "1", "2",
+                                      "--batch", "32", "--train_steps", "1"])
+    signal["main"]()
+    rows = [line.split(" | ") for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert [(r[1], r[2]) for r in rows] == [("init", "1"), ("init", "2"), ("after 1 steps", "1"),
+                                            ("after 1 steps", "2")]
+    assert all(0 < float(r[4]) <= 1 for r in rows)
