@@ -4,10 +4,11 @@ For a logical batch of B real MNIST (or Fashion-MNIST) examples, fedgen's clippi
 gradients (each the gradient of the example's K-draw loss, clipped to C = 1) and sums them. rho, the norm of their
 mean (the part of the sum that does not cancel), is estimated from the clipped sums of 32 parts of the batch, whose
 cross terms ``<S_g, S_h> = |g| |h| rho^2`` in expectation assume nothing about the examples' norms. DP-SGD adds noise
-of norm about sigma sqrt(P) (P parameters), so one step's signal to noise ratio at sigma = 1 is about B rho / sqrt(P). The script prints rho, that ratio and
-the time of the clipping pass, at initialisation and after ``--train_steps`` non-private steps (clipped,
-no noise; lr 1e-3, batch 512, K = 2), for each UNet in ``--channels`` and each K in ``--draws``, with the
-generator's shifted or mirrored views, stratified draws and zero initialization where asked.
+of norm about sigma sqrt(P) (P parameters), so one step's signal to noise ratio at sigma = 1 is about
+B rho / sqrt(P). The script prints rho, that ratio and the time of the clipping pass, at initialisation and after
+``--train_steps`` non-private steps (clipped, no noise; lr 1e-3, batch 512, K = 2), for each UNet in ``--channels``
+and each K in ``--draws``, with the generator's shifted or mirrored views, stratified draws and zero initialization
+where asked.
 
     python benchmarks/dp_diffusion_signal.py --channels 16,32,32 32,64,64 --draws 1 4 16
     python benchmarks/dp_diffusion_signal.py --channels 16,32,32 --draws 1 2 4 --augment_shift 2 --stratified_draws \\
