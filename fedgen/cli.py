@@ -27,7 +27,7 @@ import lightning as L
 import torch
 import torchvision
 from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule
@@ -108,6 +108,24 @@ def epoch_checkpoint() -> ModelCheckpoint:
     return ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
 
 
+class EpochLog(Callback):
+    """One log line at the end of every training epoch: the epoch, the optimizer steps so far, the generator's
+    logged training metrics, the epsilon its ledger has spent and the training time. The progress bar shows the
+    same only on a terminal; logs of batch jobs and remote runs get this line instead."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        metrics = "".join(f", {name} {float(value):.4g}" for name, value in trainer.callback_metrics.items()
+                          if name.startswith("train/"))
+        mechanism = getattr(pl_module, "mechanism", None)
+        spent = (f", epsilon {mechanism.epsilon():.4g} spent (delta {mechanism.delta:g})"
+                 if mechanism is not None else "")
+        seconds = getattr(pl_module, "training_seconds", None)
+        took = f", {seconds:.0f} s" if seconds is not None else ""
+        log.info("epoch %d%s, step %d%s%s%s", trainer.current_epoch + 1, epochs, trainer.global_step, metrics, spent,
+                 took)
+
+
 def build_fit_cli(args: list[str]) -> FedgenCLI:
     """``fedgen fit``'s parser and the objects it configures (generator, mechanism, data, trainer), built from
     ``args`` without running anything; a config that cannot be built raises :class:`ConfigError`."""
@@ -117,7 +135,8 @@ def build_fit_cli(args: list[str]) -> FedgenCLI:
         return FedgenCLI(Generator, VisionDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          run=False, args=args, save_config_callback=None, seed_everything_default=0,
                          auto_configure_optimizers=False,
-                         trainer_defaults={"logger": False, "max_epochs": 5, "callbacks": [epoch_checkpoint()]},
+                         trainer_defaults={"logger": False, "max_epochs": 5,
+                                           "callbacks": [epoch_checkpoint(), EpochLog()]},
                          parser_kwargs={"prog": "fedgen fit"})
     except ValueError as err:  # building the configured objects failed: report the config error inside
         raise config_error(err) from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,16 @@ def test_resume_continues_the_same_ledger(real_data_root, tmp_path):
     assert resumed["epsilon"] == pytest.approx(first["epsilon"])
     assert [e["count"] for e in resumed["privacy_ledger"]["events"]] == [1]  # no second release
     assert (run / "config.yaml").exists() and list(run.glob("config-resumed-*.yaml"))
+
+
+def test_fit_logs_each_epoch_with_its_steps_metrics_and_epsilon_spent(real_data_root, tmp_path, caplog):
+    """What a batch job's log shows while the generator trains (no progress bar draws there)."""
+    caplog.set_level(logging.INFO, logger="fedgen")
+    metrics = fit(tiny_args(real_data_root, tmp_path / "run", "--trainer.max_epochs=2"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(", ")[:2] for line in lines] == [["epoch 1/2", "step 3"], ["epoch 2/2", "step 6"]]
+    assert all("train/mmd2 " in line for line in lines)
+    assert f"epsilon {metrics['epsilon']:.4g} spent (delta 0.0001)" in lines[-1]
 
 
 BAD_CONFIGS = [
