@@ -58,13 +58,32 @@ def test_resume_continues_the_same_ledger(real_data_root, tmp_path):
 
 
 def test_fit_logs_each_epoch_with_its_steps_metrics_and_epsilon_spent(real_data_root, tmp_path, caplog):
-    """What a batch job's log shows while the generator trains (no progress bar draws there)."""
+    """What a batch job's log shows while the generator trains (no progress bar draws there): the first and the
+    last epoch, and those between them at least 30 s after the previous line (none in this short run)."""
     caplog.set_level(logging.INFO, logger="fedgen")
-    metrics = fit(tiny_args(real_data_root, tmp_path / "run", "--trainer.max_epochs=2"))
+    metrics = fit(tiny_args(real_data_root, tmp_path / "run", "--trainer.max_epochs=3"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
-    assert [line.split(", ")[:2] for line in lines] == [["epoch 1/2", "step 3"], ["epoch 2/2", "step 6"]]
+    assert [line.split(", ")[:2] for line in lines] == [["epoch 1/3", "step 3"], ["epoch 3/3", "step 9"]]
     assert all("train/mmd2 " in line for line in lines)
     assert f"epsilon {metrics['epsilon']:.4g} spent (delta 0.0001)" in lines[-1]
+
+
+def test_the_epoch_log_logs_between_first_and_last_only_after_its_interval(caplog):
+    from types import SimpleNamespace
+
+    from fedgen.cli import EpochLog
+
+    caplog.set_level(logging.INFO, logger="fedgen")
+    module = SimpleNamespace(mechanism=None, training_seconds=1.0)
+    for every, logged in [(0.0, [1, 2, 3, 4]), (3600.0, [1, 4])]:
+        caplog.clear()
+        callback = EpochLog(every_seconds=every)
+        for epoch in range(4):
+            trainer = SimpleNamespace(current_epoch=epoch, max_epochs=4, global_step=2 * (epoch + 1),
+                                      callback_metrics={"train/loss": torch.tensor(0.5), "val/x": 1.0})
+            callback.on_train_epoch_end(trainer, module)
+        assert [r.getMessage() for r in caplog.records] == [f"epoch {e}/4, step {2 * e}, train/loss 0.5, 1 s"
+                                                            for e in logged]
 
 
 BAD_CONFIGS = [
