@@ -272,6 +272,11 @@ class DPSGD(Mechanism, name="dp_sgd"):
             self._count_max_steps()
         log.info("DP-SGD plan: %s; %d steps at sample rate %.4g%s", self.describe(), steps, sample_rate,
                  f"; the budget allows {self.max_steps - self.steps_taken} more" if self.max_steps is not None else "")
+        if self.max_steps is not None and self.max_steps < steps:
+            log.warning("DP-SGD: target_epsilon=%g allows %d of the %d planned steps at noise_multiplier=%.4g; "
+                        "training will stop after step %d. To train every planned step, raise noise_multiplier "
+                        "(or leave it unset, so that it is calibrated to the budget) or take fewer steps.",
+                        self.target_epsilon, self.max_steps, steps, self.noise_multiplier, self.max_steps)
 
     def _budget_key(self) -> tuple:
         return (id(self.ledger), self.ledger.accountant, self.ledger.events, self.noise_multiplier, self.sample_rate,

@@ -4,6 +4,7 @@ shared or restored ledger), layer validation, and a Lightning run that stops cle
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import lightning as L
@@ -351,6 +352,25 @@ def test_a_plan_by_epochs_counts_the_steps_the_loader_yields(caplog) -> None:
     mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader, epochs=3)
     spent = compute_epsilon([SubsampledGaussianEvent(mechanism.noise_multiplier, 20 / 90, count=12)], delta=1e-5)
     assert 0.995 * 3.0 < spent <= 3.0
+
+
+def test_a_plan_the_budget_cannot_cover_warns_before_any_step(caplog) -> None:
+    """A given noise multiplier with a budget for fewer steps than planned: training would stop part-way, which
+    the user hears at plan time; a calibrated noise covers the plan and warns nothing."""
+    dataset = TensorDataset(torch.randn(90, 3), torch.randint(0, 2, (90,)))
+    for kwargs, warned in [({"noise_multiplier": 0.5, "target_epsilon": 3.0}, True), ({"target_epsilon": 3.0}, False)]:
+        caplog.clear()
+        mechanism = DPSGD(delta=1e-5, **kwargs)
+        model = nn.Linear(3, 2)
+        with caplog.at_level(logging.WARNING, logger="fedgen.mechanisms.dp_sgd"):
+            mechanism.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                   data_loader=mechanism.data_loader(dataset, batch_size=20), steps=100)
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert bool(messages) == warned
+        if warned:
+            assert mechanism.max_steps < 100
+            assert f"allows {mechanism.max_steps} of the 100 planned steps" in messages[0]
+            assert "raise noise_multiplier" in messages[0]
 
 
 def test_make_private_refuses_bad_wiring() -> None:
