@@ -193,3 +193,17 @@ def test_every_fit_example_builds_as_written(name, tmp_path):
     for key, value in plain.items():
         built = cli.model.hparams[key]
         assert (list(built) if isinstance(value, list) else built) == value, key
+
+
+def test_a_second_config_replaces_the_budget_by_a_fixed_noise(tmp_path):
+    """docs/cli.md's way to train an example at a fixed noise multiplier with no budget."""
+    from fedgen.cli import build_fit_cli
+
+    fixed = tmp_path / "fixed_noise.yaml"
+    fixed.write_text("model:\n  init_args:\n    mechanism:\n      class_path: fedgen.mechanisms.DPSGD\n"
+                     "      init_args: {target_epsilon: null, noise_multiplier: 1.2}\n")
+    cli = build_fit_cli(["--config", str(EXAMPLE.parent / "mnist_dp_diffusion.yaml"), "--config", str(fixed),
+                         f"--run_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu"])
+    mechanism = cli.model.mechanism
+    assert mechanism.target_epsilon is None and mechanism.noise_multiplier == 1.2 and mechanism.delta == 1e-5
+    assert cli.model.hparams["noise_draws"] == 4  # the rest of the example is kept
