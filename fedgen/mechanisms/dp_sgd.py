@@ -274,8 +274,9 @@ class DPSGD(Mechanism, name="dp_sgd"):
                  f"; the budget allows {self.max_steps - self.steps_taken} more" if self.max_steps is not None else "")
         if self.max_steps is not None and self.max_steps < steps:
             log.warning("DP-SGD: target_epsilon=%g allows %d of the %d planned steps at noise_multiplier=%.4g; "
-                        "training will stop after step %d. To train every planned step, raise noise_multiplier "
-                        "(or leave it unset, so that it is calibrated to the budget) or take fewer steps.",
+                        "steps after step %d are refused (a Lightning run stops there). To train every planned "
+                        "step, raise noise_multiplier (or leave it unset, so that it is calibrated to the budget) "
+                        "or take fewer steps.",
                         self.target_epsilon, self.max_steps, steps, self.noise_multiplier, self.max_steps)
 
     def _budget_key(self) -> tuple:
