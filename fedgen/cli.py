@@ -119,7 +119,7 @@ class EpochLog(Callback):
         self.every_seconds = every_seconds
         self._last: float | None = None
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Generator) -> None:
         now, epoch = time.perf_counter(), trainer.current_epoch + 1
         last_epoch = trainer.max_epochs is not None and epoch >= trainer.max_epochs > 0
         if self._last is not None and now - self._last < self.every_seconds and not last_epoch:
@@ -128,12 +128,11 @@ class EpochLog(Callback):
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         metrics = "".join(f", {name} {float(value):.4g}" for name, value in trainer.callback_metrics.items()
                           if name.startswith("train/"))
-        mechanism = getattr(pl_module, "mechanism", None)
+        mechanism = pl_module.mechanism
         spent = (f", epsilon {mechanism.epsilon():.4g} spent (delta {mechanism.delta:g})"
                  if mechanism is not None else "")
-        seconds = getattr(pl_module, "training_seconds", None)
-        took = f", {seconds:.0f} s" if seconds is not None else ""
-        log.info("epoch %d%s, step %d%s%s%s", epoch, epochs, trainer.global_step, metrics, spent, took)
+        log.info("epoch %d%s, step %d%s%s, %.0f s", epoch, epochs, trainer.global_step, metrics, spent,
+                 pl_module.training_seconds)
 
 
 def build_fit_cli(args: list[str]) -> FedgenCLI:
