@@ -36,7 +36,7 @@ from fedgen.evaluation import TrainOnSynthetic, classifiers, evaluate_accuracy
 from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedDPSGD, FederatedRelease, FederatedTrainer, make_clients
-from fedgen.generators import Generator
+from fedgen.generators import CentralImages, Generator, MerfImages
 from fedgen.cli_attacks import attack, audit, membership
 from fedgen.cli_sample import sample, save_synthetic
 from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
@@ -162,10 +162,10 @@ def fit(args: list[str]) -> dict[str, Any]:
                                                          and hasattr(generator, "store_release")):
         raise ConfigError("federation", f"{type(generator).__name__} does not release a single sum",
                           "use a one-release generator such as fedgen.generators.DPMerf, or remove federation")
-    central = getattr(generator, "central_images", None)
-    if central is not None and federation is not None:
-        raise ConfigError("model.central_images", "central images are released from the pooled private data, which "
-                          "a federation does not have", "remove central_images, or the federation")
+    warm_up = getattr(generator, "warm_up_release", None)
+    if warm_up is not None and federation is not None:
+        raise ConfigError(warm_up.field, "the warm-up's release is drawn from the pooled private data, which a "
+                          "federation does not have", f"remove {warm_up.name}, or the federation")
     public: VisionDataModule | None = cli.config_init.public_data
     if public is not None and dataset_name(config.public_data) == dataset_name(config.data):
         raise ConfigError("public_data", f"is {dataset_name(config.data)}, the private dataset itself",
@@ -203,15 +203,15 @@ def fit(args: list[str]) -> dict[str, Any]:
         log.warning("The generator was pretrained on %s (%d examples), declared PUBLIC: epsilon covers the "
                     "private data only.", public_report["dataset"], public_report["examples"])
 
-    central_report = None
-    if central is not None:
-        central_report = dataclasses.asdict(central)
+    warm_up_report = None
+    if warm_up is not None:
+        warm_up_report = dataclasses.asdict(warm_up)
         if config.ckpt_path is None:
             generator.to(trainer.strategy.root_device)
-            central_report |= generator.warm_up_on_central_images(data.train_set)
+            warm_up_report |= generator.warm_up(data.train_set)
         else:
-            central_report["released"] = "by the run's first segment; the checkpoint's ledger holds it"
-            log.info("Resuming: the checkpoint's ledger carries the central images' release; nothing is released.")
+            warm_up_report["released"] = "by the run's first segment; the checkpoint's ledger holds it"
+            log.info("Resuming: the checkpoint's ledger carries the warm-up's release; nothing is released.")
 
     federation_report = None
     if isinstance(federation, FederatedDPSGD):
@@ -267,7 +267,8 @@ def fit(args: list[str]) -> dict[str, Any]:
         "privacy_ledger": generator.mechanism.ledger.state_dict(),
         "federation": federation_report,
         "public_data": public_report,
-        "central_images": central_report,
+        "central_images": warm_up_report if isinstance(warm_up, CentralImages) else None,
+        "merf_images": warm_up_report if isinstance(warm_up, MerfImages) else None,
         "fid": fid,
         "sampling": sampling_report,
         "generator_seconds": generator_seconds,

@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.data import dataset_to_tensors
 from fedgen.errors import ConfigError, check_at_least_one
-from fedgen.mechanisms import GaussianMechanism, Mechanism, PrivacyLedger
+from fedgen.generators.warm_up import WarmUpRelease
+from fedgen.mechanisms import GaussianMechanism, Mechanism
+from fedgen.mechanisms.ledger import PrivacyEvent
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CentralImages:
+class CentralImages(WarmUpRelease):
     """The warm-up's settings.
 
     Args:
@@ -51,40 +54,27 @@ class CentralImages:
     clip_norm: float = 10.0
     steps: int = 500
 
-    def check(self, mechanism: Mechanism) -> None:
-        """Refuse settings that cannot work with the generator's ``mechanism``, before anything is released."""
-        field = "model.central_images"
+    name: ClassVar[str] = "central_images"
+
+    def check_settings(self) -> None:
         if not 0 < self.sample_rate <= 1:
-            raise ConfigError(f"{field}.sample_rate", f"must be in (0, 1], got {self.sample_rate}", "use e.g. 0.05")
+            raise ConfigError(f"{self.field}.sample_rate", f"must be in (0, 1], got {self.sample_rate}",
+                              "use e.g. 0.05")
         if not self.clip_norm > 0:
-            raise ConfigError(f"{field}.clip_norm", f"must be > 0, got {self.clip_norm}", "use e.g. 10")
-        check_at_least_one(f"{field}.releases", self.releases, "use e.g. 100")
-        check_at_least_one(f"{field}.steps", self.steps, "use e.g. 500")
-        if mechanism.ledger.unit != "example":
-            raise ConfigError(f"{field}", f"central images are example-level; the generator's ledger is "
-                              f"{mechanism.ledger.unit}-level", "remove central_images for user-level DP")
-        target = mechanism.target_epsilon
-        if not self.epsilon > 0 or (target is not None and not self.epsilon < target):
-            raise ConfigError(f"{field}.epsilon", f"must be > 0 and below the mechanism's target_epsilon "
-                              f"({target}), got {self.epsilon}", "spend a small part of the budget, e.g. 0.1 of it")
-        if mechanism.ledger.events:
-            raise ConfigError(field, "the generator's ledger already records releases",
-                              "release the central images before any other private work")
+            raise ConfigError(f"{self.field}.clip_norm", f"must be > 0, got {self.clip_norm}", "use e.g. 10")
+        check_at_least_one(f"{self.field}.releases", self.releases, "use e.g. 100")
 
-    def check_resumed(self, ledger: PrivacyLedger) -> None:
-        """A resumed run releases nothing again: the ledger restored from its checkpoint must open with the release
-        these settings describe (their rounds at their sampling rate), else the run was started otherwise."""
-        first = ledger.events[0] if ledger.events else None
-        if first is None or (getattr(first, "sample_rate", None), first.count) != (self.sample_rate, self.releases):
-            raise ConfigError("model.central_images", f"the checkpoint's ledger does not open with {self.releases} "
-                              f"central-image rounds at rate {self.sample_rate:g}: the run was started without them, "
-                              "or with other settings",
-                              "resume with the central_images the run was started with, or none")
+    def opens(self, event: PrivacyEvent) -> bool:
+        return (getattr(event, "sample_rate", None), event.count) == (self.sample_rate, self.releases)
 
-    def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism) -> tuple[TensorDataset, dict]:
+    def describe(self) -> str:
+        return f"{self.releases} central-image rounds at rate {self.sample_rate:g}"
+
+    def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism,
+                device: torch.device | str = "cpu") -> tuple[TensorDataset, dict]:
         """Release ``releases`` central images per class from ``dataset`` ((image, label) pairs), charged to
         ``mechanism``'s ledger; return them as a labelled dataset (``releases * num_classes`` images) and a
-        report of the release."""
+        report of the release. The sums are cheap: they run on the CPU whatever ``device``."""
         self.check(mechanism)
         images, labels = dataset_to_tensors(dataset)
         mechanism.check_dataset_size(len(images))

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
+from fedgen.generators.merf_images import MerfImages
 from fedgen.mechanisms import DPSGD
 from fedgen.mechanisms.per_example import unsupported_layers
 
@@ -282,7 +283,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         label_check_rounds: the most times a sample that fails the check is drawn again; one that still fails is
             kept as last drawn, so the labels' proportions never change.
         central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
-            CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up_on_central_images`.
+            CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
+        merf_images: a warm-up on a DP-Merf generator's samples instead (:class:`~fedgen.generators.merf_images.
+            MerfImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
     """
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -300,7 +303,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  ema_power: float = 8.0, label_dropout: float = 0.1, guidance_scale: float = 0.0,
                  sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
                  label_check_steps: list[int] | None = None, label_check_rounds: int = 3,
-                 central_images: CentralImages | None = None) -> None:
+                 central_images: CentralImages | None = None, merf_images: MerfImages | None = None) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
         if not isinstance(mechanism, DPSGD):
             raise ConfigError("model.mechanism", f"DP diffusion trains with DP-SGD, got {type(mechanism).__name__}",
@@ -356,10 +359,14 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("model.lr", f"must be > 0, got {lr}", "use e.g. 3e-4")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"unknown schedule {lr_schedule!r}", "use constant or cosine")
-        if central_images is not None:
-            central_images.check(mechanism)
-        self.central_images = central_images
-        self.save_hyperparameters(ignore=["mechanism", "central_images"])
+        if central_images is not None and merf_images is not None:
+            raise ConfigError("model.merf_images", "and central_images are both set: the generator warms up on one "
+                              "release", "remove one of them")
+        #: the warm-up's release (:class:`~fedgen.generators.warm_up.WarmUpRelease`), or None
+        self.warm_up_release = central_images if central_images is not None else merf_images
+        if self.warm_up_release is not None:
+            self.warm_up_release.check(mechanism)
+        self.save_hyperparameters(ignore=["mechanism", "central_images", "merf_images"])
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),
                                layers_per_block=layers_per_block, norm_groups=norm_groups,
@@ -400,8 +407,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         super().on_load_checkpoint(checkpoint)  # restores the ledger, before any step
         if self.clients is not None and CLIENTS_KEY in checkpoint:
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
-        if self.central_images is not None:
-            self.central_images.check_resumed(self.mechanism.ledger)
+        if self.warm_up_release is not None:
+            self.warm_up_release.check_resumed(self.mechanism.ledger)
 
     # -------------------------------------------------------------------------------- training
     def attach_private_data(self, dataset: Dataset, *, users: list | None = None, user_rate: float = 1.0
@@ -542,27 +549,32 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self._train_without_noise(dataset, steps, labelled=False)
         log.info("DPDiffusion: %d non-private pretraining steps on %d public examples", steps, len(dataset))
 
-    def warm_up_on_central_images(self, dataset: Dataset) -> dict:
-        """Release the configured central images of the private ``dataset`` (charged to the mechanism's ledger,
-        so DP-SGD then calibrates its noise for the rest of the budget) and train on them, with their labels, for
-        ``central_images.steps`` Adam steps: post-processing of the release, no further privacy cost. It must run
-        before private training; the EMA restarts from the warmed-up weights. Returns the release's report."""
-        if self.central_images is None:
-            raise ConfigError("model.central_images", "is not set", "set central_images to warm up on them")
+    def warm_up(self, dataset: Dataset) -> dict:
+        """Make the configured warm-up release (central images or DP-Merf's samples) of the private ``dataset``
+        (charged to the mechanism's ledger, so DP-SGD then calibrates its noise for the rest of the budget) and
+        train on its images, with their labels, for its ``steps`` Adam steps: post-processing of the release, no
+        further privacy cost. It must run before private training; the EMA restarts from the warmed-up weights.
+        Returns the release's report."""
+        if self.warm_up_release is None:
+            raise ConfigError("model.central_images", "is not set, nor merf_images",
+                              "set central_images or merf_images to warm up on a release")
         if self.mechanism.owns_backward:
-            raise RuntimeError("the central-image warm-up must run before private training starts")
-        central, report = self.central_images.release(dataset, num_classes=self.num_classes,
-                                                      mechanism=self.mechanism)
-        self._train_without_noise(central, self.central_images.steps, labelled=True)
+            raise RuntimeError("the warm-up must run before private training starts")
+        released, report = self.warm_up_release.release(dataset, num_classes=self.num_classes,
+                                                        mechanism=self.mechanism, device=self.device)
+        self._train_without_noise(released, self.warm_up_release.steps, labelled=True,
+                                  batch_size=self.warm_up_release.batch_size)
         return report
 
-    def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool) -> None:
+    def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool, batch_size: int | None = None
+                             ) -> None:
         """``steps`` plain Adam steps of the diffusion loss on ``dataset``: with its labels (under label dropout),
-        or with every label set to the null class. Then the EMA restarts from these weights."""
+        or with every label set to the null class; ``batch_size`` examples a step (None: the generator's). Then
+        the EMA restarts from these weights."""
         if self.mechanism.owns_backward:
             raise RuntimeError("training without noise must run before private training starts")
-        loader = DataLoader(dataset, batch_size=min(self.hparams.batch_size, len(dataset)), shuffle=True,
-                            drop_last=True)
+        batch_size = self.hparams.batch_size if batch_size is None else batch_size
+        loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
         optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
         done = 0
         while done < steps:

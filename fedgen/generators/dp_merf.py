@@ -130,8 +130,8 @@ class DPMerf(Generator, name="dp_merf"):
 
     # ------------------------------------------------------------------------------ embedding
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Random Fourier features of unit norm, shape (batch, D)."""
-        proj = images.flatten(1) @ self.frequencies
+        """Random Fourier features of unit norm, shape (batch, D), in the precision of the frequencies."""
+        proj = images.flatten(1).to(self.frequencies.dtype) @ self.frequencies
         return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / self.hparams.num_features)
 
     def contributions(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -91,14 +91,14 @@ def test_the_warm_up_trains_on_the_released_images_then_dp_sgd_shares_the_ledger
     model = _tiny(mechanism=mechanism, central_images=CentralImages(epsilon=1.0, releases=2, sample_rate=0.5,
                                                                     clip_norm=8.0, steps=3))
     before = [p.detach().clone() for p in model.unet.parameters()]
-    report = model.warm_up_on_central_images(_data(200))
+    report = model.warm_up(_data(200))
     assert report["images"] == 6 and len(mechanism.ledger.events) == 1
     assert any(not torch.equal(a, p) for a, p in zip(before, model.unet.parameters(), strict=True))
     assert int(model.ema.n_averaged) == 0  # the EMA restarts from the warmed-up weights
     _fit(model, _data(200), max_steps=2)
     assert len(mechanism.ledger.events) == 2 and mechanism.epsilon() <= 10.0
     with pytest.raises(RuntimeError, match="before private training"):
-        model.warm_up_on_central_images(_data(200))
+        model.warm_up(_data(200))
 
 def test_fedgen_fit_warms_up_on_central_images_and_calibrates_dp_sgd_for_the_rest(real_data_root, tmp_path) -> None:
     """The central images' release and the DP-SGD steps sit in one ledger: DP-SGD's noise is calibrated so

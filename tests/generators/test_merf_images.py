@@ -1,0 +1,138 @@
+"""Merf images: DP-Merf's release on the generator's ledger, what its samples learn, and the warm-up through
+``fedgen fit``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fedgen.errors import ConfigError
+from fedgen.generators import CentralImages, MerfImages
+from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent
+
+
+def _halves(n: int = 2000) -> TensorDataset:
+    """Class 0: the left half of an 8 x 8 image lit at 0.8, class 1 the right half; 3 of 4 examples are class 0."""
+    images = torch.zeros(n, 1, 8, 8)
+    labels = (torch.arange(n) % 4 == 3).long()
+    images[labels == 0, :, :, :4] = 0.8
+    images[labels == 1, :, :, 4:] = 0.8
+    return TensorDataset(images, labels)
+
+
+def _merf(**overrides) -> MerfImages:
+    return MerfImages(**({"epsilon": 1.0, "images": 400, "steps": 1, "num_features": 500, "length_scale": 4.0,
+                          "epochs": 2} | overrides))
+
+
+def test_the_release_is_one_gaussian_event_of_the_whole_data_at_the_configured_epsilon() -> None:
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
+    torch.manual_seed(0)
+    images, report = _merf().release(_halves(), num_classes=2, mechanism=mechanism)
+    sigma = report["noise_multiplier"]
+    assert mechanism.ledger.events == (SubsampledGaussianEvent(sigma, 1.0, 1),)
+    assert 0.97 < mechanism.epsilon() <= 1.0 and report["epsilon"] == mechanism.epsilon()
+    x, y = images.tensors
+    assert x.shape == (400, 1, 8, 8) and x.min() >= 0 and x.max() <= 1 and report["images"] == 400
+    # labels in the released class proportions (3 : 1 in the data, noisy counts at sigma ~4 over 2000 examples)
+    assert 0.2 < y.float().mean() < 0.3
+
+
+def test_the_samples_learn_each_class_from_the_release() -> None:
+    """At a large epsilon, DP-Merf's samples of class 0 are brighter on the left than on the right, and those of
+    class 1 the other way round: what the warm-up trains on carries the private classes' shapes."""
+    mechanism = DPSGD(target_epsilon=1e4, delta=1e-5, seed=0, accountant="rdp")
+    torch.manual_seed(0)
+    images, _ = _merf(epsilon=1e3, epochs=4).release(_halves(), num_classes=2, mechanism=mechanism)
+    x, y = images.tensors
+    left, right = x[..., :4].mean((1, 2, 3)), x[..., 4:].mean((1, 2, 3))
+    assert (left[y == 0] > right[y == 0]).float().mean() > 0.9
+    assert (right[y == 1] > left[y == 1]).float().mean() > 0.9
+
+
+def test_the_noise_is_drawn_from_the_mechanisms_seed() -> None:
+    def draw(seed: int) -> torch.Tensor:
+        torch.manual_seed(0)  # DP-Merf's generator and its samples use the global stream
+        mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=seed, accountant="rdp")
+        return _merf(epsilon=0.1, epochs=1).release(_halves(), num_classes=2, mechanism=mechanism)[0].tensors[0]
+
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"images": 0}, "model.merf_images.images"),
+    ({"batch_size": 0}, "model.merf_images.batch_size"),
+    ({"epochs": 0}, "model.merf_images.epochs"),
+    ({"num_features": 501}, "model.merf_images.num_features"),
+    ({"length_scale": 0.0}, "model.merf_images.length_scale"),
+    ({"steps": 0}, "model.merf_images.steps"),
+    ({"epsilon": 10.0}, "model.merf_images.epsilon"),
+])
+def test_bad_settings_are_refused_before_anything_is_released(change: dict, field: str) -> None:
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0)
+    with pytest.raises(ConfigError) as err:
+        _merf(**change).release(_halves(), num_classes=2, mechanism=mechanism)
+    assert err.value.field == field and not mechanism.ledger.events
+
+
+def test_the_warm_up_trains_on_dp_merfs_samples_then_dp_sgd_shares_the_ledger() -> None:
+    from tests.generators.test_ddpm import _data, _fit, _tiny
+
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
+    model = _tiny(mechanism=mechanism, merf_images=_merf(images=30, steps=3, batch_size=8, epochs=1))
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    report = model.warm_up(_data(200))
+    assert report["images"] == 30 and report["warm_up_steps"] == 3 and len(mechanism.ledger.events) == 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.unet.parameters(), strict=True))
+    assert int(model.ema.n_averaged) == 0  # the EMA restarts from the warmed-up weights
+    _fit(model, _data(200), max_steps=2)
+    assert len(mechanism.ledger.events) == 2 and mechanism.epsilon() <= 10.0
+    with pytest.raises(RuntimeError, match="before private training"):
+        model.warm_up(_data(200))
+
+
+def test_a_generator_warms_up_on_one_release_only() -> None:
+    from tests.generators.test_ddpm import _tiny
+
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0)
+    with pytest.raises(ConfigError) as err:
+        _tiny(mechanism=mechanism, central_images=CentralImages(epsilon=1.0), merf_images=_merf())
+    assert err.value.field == "model.merf_images" and "remove one" in err.value.fix
+
+
+def test_a_resumed_run_must_open_with_dp_merfs_release() -> None:
+    merf = _merf()
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
+    with pytest.raises(ConfigError, match="started without them"):
+        merf.check_resumed(mechanism.ledger)
+    CentralImages(epsilon=1.0, releases=2, sample_rate=0.5).release(_halves(), num_classes=2, mechanism=mechanism)
+    with pytest.raises(ConfigError, match="DP-Merf's single release"):
+        merf.check_resumed(mechanism.ledger)  # a run that warmed up on central images
+    other = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
+    merf.release(_halves(), num_classes=2, mechanism=other)
+    merf.check_resumed(other.ledger)
+
+
+def test_fedgen_fit_warms_up_on_merf_images_and_calibrates_dp_sgd_for_the_rest(real_data_root, tmp_path) -> None:
+    """DP-Merf's release and the DP-SGD steps sit in one ledger: DP-SGD's noise is calibrated so that both
+    together spend the target epsilon; the metrics report the release under ``merf_images``."""
+    import json
+
+    from fedgen.cli import fit
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path / "run"
+    merf = '{"epsilon": 1.0, "images": 60, "steps": 2, "num_features": 200, "epochs": 1}'
+    metrics = fit(_tiny_cli(real_data_root, 3, f"--run_dir={run}", f"--model.init_args.merf_images={merf}",
+                            "--model.init_args.mechanism.init_args.accountant=rdp", fixed_noise=False))
+    saved = json.loads((run / "metrics.json").read_text())
+    report = saved["merf_images"]
+    assert saved["central_images"] is None
+    assert (report["images"], report["warm_up_steps"], report["num_features"]) == (60, 2, 200)
+    assert 0.9 < report["epsilon"] <= 1.0
+    first, steps = saved["privacy_ledger"]["events"]
+    assert (first["count"], first["sample_rate"], first["noise_multiplier"]) == (1, 1.0, report["noise_multiplier"])
+    assert (steps["count"], steps["sample_rate"]) == (3, 0.1)
+    assert 9.0 < metrics["epsilon"] <= 10.0  # both together, at the target
