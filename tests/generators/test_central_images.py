@@ -83,45 +83,6 @@ def test_refused_on_a_user_level_ledger_and_after_other_releases() -> None:
         CentralImages().check(mechanism)
 
 
-
-def test_the_warm_up_trains_on_the_released_images_then_dp_sgd_shares_the_ledger() -> None:
-    from tests.generators.test_ddpm import _data, _fit, _tiny
-
-    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
-    model = _tiny(mechanism=mechanism, central_images=CentralImages(epsilon=1.0, releases=2, sample_rate=0.5,
-                                                                    clip_norm=8.0, steps=3))
-    before = [p.detach().clone() for p in model.unet.parameters()]
-    report = model.warm_up(_data(200))
-    assert report["images"] == 6 and len(mechanism.ledger.events) == 1
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.unet.parameters(), strict=True))
-    assert int(model.ema.n_averaged) == 0  # the EMA restarts from the warmed-up weights
-    _fit(model, _data(200), max_steps=2)
-    assert len(mechanism.ledger.events) == 2 and mechanism.epsilon() <= 10.0
-    with pytest.raises(RuntimeError, match="before private training"):
-        model.warm_up(_data(200))
-
-def test_fedgen_fit_warms_up_on_central_images_and_calibrates_dp_sgd_for_the_rest(real_data_root, tmp_path) -> None:
-    """The central images' release and the DP-SGD steps sit in one ledger: DP-SGD's noise is calibrated so
-    that both together spend the target epsilon; the metrics report the release."""
-    import json
-
-    from fedgen.cli import fit
-    from tests.generators.test_ddpm import _tiny_cli
-
-    run = tmp_path / "run"
-    central = '{"epsilon": 2.0, "releases": 3, "sample_rate": 0.5, "clip_norm": 10.0, "steps": 2}'
-    metrics = fit(_tiny_cli(real_data_root, 4, f"--run_dir={run}", f"--model.init_args.central_images={central}",
-                            "--model.init_args.mechanism.init_args.accountant=rdp", fixed_noise=False))
-    saved = json.loads((run / "metrics.json").read_text())
-    report = saved["central_images"]
-    assert (report["releases"], report["images"], report["warm_up_steps"]) == (3, 30, 2)
-    assert 1.9 < report["epsilon"] <= 2.0
-    first, steps = saved["privacy_ledger"]["events"]
-    assert (first["count"], first["sample_rate"], first["noise_multiplier"]) == (3, 0.5, report["noise_multiplier"])
-    assert (steps["count"], steps["sample_rate"]) == (4, 0.1)
-    assert 9.0 < metrics["epsilon"] <= 10.0  # both together, at the target
-
-
 def test_a_federation_has_no_pooled_data_to_release_central_images_from(real_data_root, tmp_path) -> None:
     from pathlib import Path
 

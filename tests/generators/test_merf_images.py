@@ -77,31 +77,6 @@ def test_bad_settings_are_refused_before_anything_is_released(change: dict, fiel
     assert err.value.field == field and not mechanism.ledger.events
 
 
-def test_the_warm_up_trains_on_dp_merfs_samples_then_dp_sgd_shares_the_ledger() -> None:
-    from tests.generators.test_ddpm import _data, _fit, _tiny
-
-    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
-    model = _tiny(mechanism=mechanism, merf_images=_merf(images=30, steps=3, batch_size=8, epochs=1))
-    before = [p.detach().clone() for p in model.unet.parameters()]
-    report = model.warm_up(_data(200))
-    assert report["images"] == 30 and report["warm_up_steps"] == 3 and len(mechanism.ledger.events) == 1
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.unet.parameters(), strict=True))
-    assert int(model.ema.n_averaged) == 0  # the EMA restarts from the warmed-up weights
-    _fit(model, _data(200), max_steps=2)
-    assert len(mechanism.ledger.events) == 2 and mechanism.epsilon() <= 10.0
-    with pytest.raises(RuntimeError, match="before private training"):
-        model.warm_up(_data(200))
-
-
-def test_a_generator_warms_up_on_one_release_only() -> None:
-    from tests.generators.test_ddpm import _tiny
-
-    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0)
-    with pytest.raises(ConfigError) as err:
-        _tiny(mechanism=mechanism, central_images=CentralImages(epsilon=1.0), merf_images=_merf())
-    assert err.value.field == "model.merf_images" and "remove one" in err.value.fix
-
-
 def test_a_resumed_run_must_open_with_dp_merfs_release() -> None:
     merf = _merf()
     mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
@@ -113,26 +88,3 @@ def test_a_resumed_run_must_open_with_dp_merfs_release() -> None:
     other = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
     merf.release(_halves(), num_classes=2, mechanism=other)
     merf.check_resumed(other.ledger)
-
-
-def test_fedgen_fit_warms_up_on_merf_images_and_calibrates_dp_sgd_for_the_rest(real_data_root, tmp_path) -> None:
-    """DP-Merf's release and the DP-SGD steps sit in one ledger: DP-SGD's noise is calibrated so that both
-    together spend the target epsilon; the metrics report the release under ``merf_images``."""
-    import json
-
-    from fedgen.cli import fit
-    from tests.generators.test_ddpm import _tiny_cli
-
-    run = tmp_path / "run"
-    merf = '{"epsilon": 1.0, "images": 60, "steps": 2, "num_features": 200, "epochs": 1}'
-    metrics = fit(_tiny_cli(real_data_root, 3, f"--run_dir={run}", f"--model.init_args.merf_images={merf}",
-                            "--model.init_args.mechanism.init_args.accountant=rdp", fixed_noise=False))
-    saved = json.loads((run / "metrics.json").read_text())
-    report = saved["merf_images"]
-    assert saved["central_images"] is None
-    assert (report["images"], report["warm_up_steps"], report["num_features"]) == (60, 2, 200)
-    assert 0.9 < report["epsilon"] <= 1.0
-    first, steps = saved["privacy_ledger"]["events"]
-    assert (first["count"], first["sample_rate"], first["noise_multiplier"]) == (1, 1.0, report["noise_multiplier"])
-    assert (steps["count"], steps["sample_rate"]) == (3, 0.1)
-    assert 9.0 < metrics["epsilon"] <= 10.0  # both together, at the target
