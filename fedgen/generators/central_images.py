@@ -56,7 +56,7 @@ class CentralImages(WarmUpRelease):
 
     name: ClassVar[str] = "central_images"
 
-    def check_settings(self) -> None:
+    def check_settings(self, image_shape: tuple[int, int, int] | None) -> None:
         if not 0 < self.sample_rate <= 1:
             raise ConfigError(f"{self.field}.sample_rate", f"must be in (0, 1], got {self.sample_rate}",
                               "use e.g. 0.05")

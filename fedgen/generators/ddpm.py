@@ -365,7 +365,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         #: the warm-up's release (:class:`~fedgen.generators.warm_up.WarmUpRelease`), or None
         self.warm_up_release = central_images if central_images is not None else merf_images
         if self.warm_up_release is not None:
-            self.warm_up_release.check(mechanism)
+            self.warm_up_release.check(mechanism, image_shape=self.image_shape)
         self.save_hyperparameters(ignore=["mechanism", "central_images", "merf_images"])
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),

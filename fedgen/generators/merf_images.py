@@ -55,7 +55,11 @@ class MerfImages(WarmUpRelease):
 
     name: ClassVar[str] = "merf_images"
 
-    def check_settings(self) -> None:
+    def check_settings(self, image_shape: tuple[int, int, int] | None) -> None:
+        if image_shape is not None and (image_shape[1] % 4 or image_shape[2] % 4):
+            raise ConfigError(self.field, f"DP-Merf's generator draws images whose height and width are multiples of "
+                              f"4, not {image_shape[1]}x{image_shape[2]}",
+                              "use central_images for this image size, or pad the images to a multiple of 4")
         check_at_least_one(f"{self.field}.images", self.images, "use e.g. 60000")
         check_at_least_one(f"{self.field}.batch_size", self.batch_size, "use e.g. 512")
         check_at_least_one(f"{self.field}.epochs", self.epochs, "use e.g. 5")
@@ -76,8 +80,8 @@ class MerfImages(WarmUpRelease):
         """Release DP-Merf's embedding of ``dataset`` ((image, label) pairs), charged to ``mechanism``'s ledger,
         train DP-Merf's generator on ``device`` and return ``images`` of its samples with their labels, and a
         report of the release."""
-        self.check(mechanism)
         image_shape = tuple(dataset[0][0].shape)
+        self.check(mechanism, image_shape=image_shape)
         # the release's noise gets a stream of its own, apart from DP-SGD's and the central images'
         gaussian = GaussianMechanism(target_epsilon=self.epsilon, delta=mechanism.delta, clip_norm=1.0,
                                      num_releases=1, accountant=mechanism.ledger.accountant,

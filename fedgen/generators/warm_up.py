@@ -34,12 +34,14 @@ class WarmUpRelease:
     def field(self) -> str:
         return f"model.{self.name}"
 
-    def check_settings(self) -> None:
-        """Refuse the subclass's own settings (``ConfigError`` naming the field)."""
+    def check_settings(self, image_shape: tuple[int, int, int] | None) -> None:
+        """Refuse the subclass's own settings, for images of ``image_shape`` where known (``ConfigError`` naming
+        the field)."""
 
-    def check(self, mechanism: Mechanism) -> None:
-        """Refuse settings that cannot work with the generator's ``mechanism``, before anything is released."""
-        self.check_settings()
+    def check(self, mechanism: Mechanism, *, image_shape: tuple[int, int, int] | None = None) -> None:
+        """Refuse settings that cannot work with the generator's ``mechanism`` (and its images of ``image_shape``),
+        before anything is released."""
+        self.check_settings(image_shape)
         check_at_least_one(f"{self.field}.steps", self.steps, "use e.g. 500")
         if mechanism.ledger.unit != "example":
             raise ConfigError(self.field, f"the warm-up release is example-level; the generator's ledger is "

@@ -77,6 +77,17 @@ def test_bad_settings_are_refused_before_anything_is_released(change: dict, fiel
     assert err.value.field == field and not mechanism.ledger.events
 
 
+def test_an_image_size_dp_merfs_generator_cannot_draw_is_refused_when_the_generator_is_built() -> None:
+    from tests.generators.test_ddpm import _tiny
+
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0)
+    with pytest.raises(ConfigError) as err:
+        _tiny(mechanism=mechanism, image_shape=(1, 6, 6), block_channels=(8,), attention=(False,),
+              merf_images=_merf())
+    assert err.value.field == "model.merf_images" and "6x6" in str(err.value)
+    assert not mechanism.ledger.events
+
+
 def test_a_resumed_run_must_open_with_dp_merfs_release() -> None:
     merf = _merf()
     mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
