@@ -2,11 +2,11 @@
 
 DP-Merf (Harder et al., AISTATS 2021; :class:`~fedgen.generators.DPMerf`) releases the private data's
 class-conditional mean embedding once, through the Gaussian mechanism, and trains a small generator on that release
-alone. Its samples are varied, class-conditional images of the private domain (on MNIST at epsilon 0.2, a ConvNet
-trained on 10,000 of them reaches about 93%, docs/benchmarks.md) at a small part of the budget: a better starting point than
-noise for a diffusion model. The warm-up spends ``epsilon`` of the generator's budget on DP-Merf's one release (one
-Gaussian event on the generator's own ledger), draws ``images`` samples with labels in the released class
-proportions, and trains the generator on them for ``steps`` non-private steps (post-processing). DP-SGD then
+alone. Its samples are varied, class-conditional images of the private domain at a small part of the budget (on
+MNIST at epsilon 0.2, a ConvNet trained on 10,000 of them reaches about 93%, docs/benchmarks.md): a better starting
+point than noise for a diffusion model. The warm-up spends ``epsilon`` of the generator's budget on DP-Merf's one
+release (one Gaussian event on the generator's own ledger), draws ``images`` samples with labels in the released
+class proportions, and trains the generator on them for ``steps`` non-private steps (post-processing). DP-SGD then
 calibrates its noise for what is left of the budget.
 """
 
