@@ -40,8 +40,8 @@ class MerfImages(WarmUpRelease):
         steps: non-private Adam steps of the generator on them.
         batch_size: examples in each of those steps.
         num_features: DP-Merf's random Fourier features ``D``.
-        length_scale: DP-Merf's kernel length scale on pixels in [0, 1]. 5 gave MNIST's best samples at epsilon 0.2
-            (docs/benchmarks.md, run 74's section); DP-Merf's own Fashion-MNIST runs use 10.
+        length_scale: DP-Merf's kernel length scale on pixels in [0, 1]. 4 and 5 gave the best samples on MNIST at
+            epsilon 0.2 and on Fashion-MNIST at epsilon 0.5, well above 10 (docs/benchmarks.md, run 74's section).
         epochs: DP-Merf's training epochs (of private-dataset-size / 100 steps each).
     """
 
