@@ -61,10 +61,31 @@ def test_the_noise_is_drawn_from_the_mechanisms_seed() -> None:
     assert not torch.equal(draw(0), draw(1))
 
 
+@pytest.mark.parametrize("merf_batch_size", [100, 37])
+def test_dp_merf_draws_its_batch_for_the_papers_number_of_steps(merf_batch_size: int, monkeypatch) -> None:
+    """``merf_batch_size`` sets how many images DP-Merf's generator draws a step; its epochs keep the private
+    examples / 100 steps of DP-Merf's paper whatever the batch."""
+    from fedgen.generators import merf_images
+
+    drawn = []
+
+    class Recording(merf_images.DPMerf):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.generator.register_forward_hook(
+                lambda module, args, out: drawn.append(len(out)) if module.training else None)
+
+    monkeypatch.setattr(merf_images, "DPMerf", Recording)
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-5, seed=0, accountant="rdp")
+    _merf(merf_batch_size=merf_batch_size).release(_halves(), num_classes=2, mechanism=mechanism)
+    assert drawn == [merf_batch_size] * (2 * 2000 // 100)  # 2 epochs of 20 steps
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"images": 0}, "model.merf_images.images"),
     ({"batch_size": 0}, "model.merf_images.batch_size"),
     ({"epochs": 0}, "model.merf_images.epochs"),
+    ({"merf_batch_size": 0}, "model.merf_images.merf_batch_size"),
     ({"num_features": 501}, "model.merf_images.num_features"),
     ({"length_scale": 0.0}, "model.merf_images.length_scale"),
     ({"steps": 0}, "model.merf_images.steps"),
