@@ -32,6 +32,9 @@ from fedgen.mechanisms.precision import exact_float32, ieee_fp32
 
 log = logging.getLogger(__name__)
 
+#: generated images in each of DP-Merf's training steps in its paper; an epoch is private examples / this many steps
+PAPER_BATCH_SIZE = 100
+
 
 class ConditionalConvGenerator(nn.Module):
     """A small conditional generator: [z, onehot(y)] -> 2 dense layers -> 2 x (upsample, conv) -> sigmoid.
@@ -99,7 +102,7 @@ class DPMerf(Generator, name="dp_merf"):
     def __init__(self, *, mechanism: GaussianMechanism, num_classes: int = 10,
                  image_shape: tuple[int, int, int] = (1, 28, 28), num_features: int = 10000,
                  length_scale: float = 10.0, count_weight: float = 0.1, latent_dim: int = 20,
-                 batch_size: int = 100, steps_per_epoch: int | None = None, lr: float = 0.01,
+                 batch_size: int = PAPER_BATCH_SIZE, steps_per_epoch: int | None = None, lr: float = 0.01,
                  lr_decay: float = 0.9, embedding_batch_size: int = 2000, feature_seed: int = 0) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
         if not isinstance(mechanism, GaussianMechanism):

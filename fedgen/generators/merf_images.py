@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import stratified_labels
-from fedgen.generators.dp_merf import DPMerf
+from fedgen.generators.dp_merf import PAPER_BATCH_SIZE, DPMerf
 from fedgen.generators.warm_up import WarmUpRelease
 from fedgen.mechanisms import GaussianMechanism, Mechanism
 from fedgen.mechanisms.ledger import PrivacyEvent
@@ -56,7 +56,7 @@ class MerfImages(WarmUpRelease):
     num_features: int = 10000
     length_scale: float = 5.0
     epochs: int = 5
-    merf_batch_size: int = 100
+    merf_batch_size: int = PAPER_BATCH_SIZE
 
     name: ClassVar[str] = "merf_images"
 
@@ -95,7 +95,7 @@ class MerfImages(WarmUpRelease):
         gaussian.use_ledger(mechanism.ledger)
         merf = DPMerf(mechanism=gaussian, num_classes=num_classes, image_shape=image_shape,
                       num_features=self.num_features, length_scale=self.length_scale,
-                      batch_size=self.merf_batch_size, steps_per_epoch=max(1, len(dataset) // 100))
+                      batch_size=self.merf_batch_size, steps_per_epoch=max(1, len(dataset) // PAPER_BATCH_SIZE))
         loader = merf.attach_private_data(dataset)  # checks the data's shape, labels and size against delta
         device = torch.device(device)
         trainer = lightning.Trainer(max_epochs=self.epochs, accelerator="gpu" if device.type == "cuda" else "cpu",
