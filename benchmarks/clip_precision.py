@@ -11,7 +11,9 @@ every example is clipped, and reports ``||contribution_i|| / C`` over the exampl
 - ``tf32``: the engine's products left to the global TF32 settings, as cuDNN's default (TF32 convolutions) and
   ``torch.set_float32_matmul_precision("high")`` make them, and its formed gradients in TF32;
 - ``tf32-formed``: the engine as it ships (``per_example.FORM_PRECISION = "tf32"``): the per-example gradients it
-  forms in TF32 (each is its example's norm and summand), its two-computation norms and sums in IEEE float32.
+  forms in TF32 (each is its example's norm and summand), its two-computation norms and sums in IEEE float32;
+- ``tf32-book``: as ``tf32-formed``, with the two-computation norms and sums in TF32 on operands rounded to TF32
+  values first (``per_example.BOOK_PRECISION = "tf32"``), whose products are exact.
 
 A ratio above 1 + 1e-5 means an example added more than C. Usage:
 
@@ -64,9 +66,11 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
     saved = matmul.fp32_precision, conv.fp32_precision
     if precision == "tf32":
         matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
-    original, form_precision = per_example.ieee_fp32, per_example.FORM_PRECISION
+    original, form_precision, book_precision = per_example.ieee_fp32, per_example.FORM_PRECISION, \
+        per_example.BOOK_PRECISION
     per_example.ieee_fp32 = context
     per_example.FORM_PRECISION = "ieee" if precision == "ieee" else "tf32"
+    per_example.BOOK_PRECISION = "tf32" if precision == "tf32-book" else "ieee"
     ratios = []
     try:
         for i in range(examples):
@@ -80,6 +84,7 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
                 p.summed_grad = None
     finally:
         per_example.ieee_fp32, per_example.FORM_PRECISION = original, form_precision
+        per_example.BOOK_PRECISION = book_precision
         matmul.fp32_precision, conv.fp32_precision = saved
         clipping.remove()
     return torch.tensor(ratios, dtype=torch.float64)
@@ -99,7 +104,7 @@ def main() -> None:
     print("| model | engine products | max ||contribution|| / C | median | examples above 1 + 1e-5 |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        for precision in ("ieee", "tf32", "tf32-formed"):
+        for precision in ("ieee", "tf32", "tf32-formed", "tf32-book"):
             torch.manual_seed(0)
             model, per_row_loss = MODELS[name](args.batch, device)
             r = contribution_ratios(model, per_row_loss, args.batch, args.examples, precision)

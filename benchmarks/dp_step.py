@@ -361,6 +361,9 @@ def main() -> None:
     parser.add_argument("--form_precision", choices=["ieee", "tf32"], default=per_example.FORM_PRECISION,
                         help="the products that form per-example gradients (per_example.FORM_PRECISION), for an "
                              "A/B against the default")
+    parser.add_argument("--book_precision", choices=["ieee", "tf32"], default=per_example.BOOK_PRECISION,
+                        help="the book-kept weights' norms and clipped sums (per_example.BOOK_PRECISION): IEEE "
+                             "float32, or TF32 on operands rounded to TF32 values (exact products)")
     parser.add_argument("--kernel_min_window", type=int, default=fused_norms.MIN_WINDOW,
                         help="on a GPU, fedgen's fused kernel takes convolutions with at least this many window "
                              "entries C_in k_h k_w (fused_norms.MIN_WINDOW), for an A/B against the default")
@@ -383,6 +386,7 @@ def main() -> None:
     per_example.GRAM_NORMS = not args.no_gram_norms
     fused_norms.MIN_WINDOW, fused_norms.MIN_POSITIONS = args.kernel_min_window, args.kernel_min_positions
     per_example.FORM_PRECISION = args.form_precision
+    per_example.BOOK_PRECISION = args.book_precision
     per_example.CHUNK_ELEMENTS = args.chunk_elements
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
@@ -403,6 +407,7 @@ def main() -> None:
           f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms "
           f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
+          f"book-kept norms and sums in {per_example.BOOK_PRECISION}; "
           f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "

@@ -28,7 +28,9 @@ weight-gradient product). Then:
    convolutions); for the formed gradients one product ``c^T G``. They are added to ``p.summed_grad``.
 
 Steps 1 to 3 run in IEEE float32 (TF32 and autocast off, lower-precision inputs and output gradients
-converted exactly; see :func:`~fedgen.mechanisms.precision.ieee_fp32`), so that each example adds at most C.
+converted exactly; see :func:`~fedgen.mechanisms.precision.ieee_fp32`), so that each example adds at most C; or,
+with ``BOOK_PRECISION = "tf32"``, the book-kept products on TF32 tensor cores from operands rounded to TF32 values,
+which makes them exact as well.
 The formed per-example gradients are made in the hooks with autocast off but TF32 allowed: a formed gradient
 is both the norm's input and the sum's, so how its products were rounded cannot move it past its bound.
 
@@ -54,7 +56,15 @@ from torch.nn import functional as F
 
 from fedgen.errors import ConfigError
 from fedgen.mechanisms import fused_norms
-from fedgen.mechanisms.precision import exact_float32, float32_products, ieee_fp32, matmul_precision
+from fedgen.mechanisms.precision import (
+    exact_float32,
+    float32_products,
+    ieee_fp32,
+    matmul_precision,
+    round_to_tf32,
+    split_tf32,
+    truncate_to_tf32,
+)
 
 PerExampleRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, Any], dict[str, torch.Tensor]]
 """``rule(layer, a, g, batch, node)``: per-example gradients (first dimension ``batch``) from the layer input ``a``
@@ -70,9 +80,23 @@ forward pass saved instead of computing it again."""
 CHUNK_ELEMENTS = 2**28
 
 
+def _operand_products() -> contextlib.AbstractContextManager:
+    """Products of the book-kept operands themselves (the layer input and output gradient, or copies, windows and
+    paddings of them): at ``BOOK_PRECISION``, exact in either (see there). Products of derived values stay IEEE."""
+    return float32_products("tf32") if BOOK_PRECISION == "tf32" else contextlib.nullcontext()
+
+
 def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
     """``t.sum(1)``, without a kernel launch when dimension 1 has one entry (one draw, one group, one position)."""
     return t.squeeze(1) if t.shape[1] == 1 else t.sum(1)
+
+
+def _sum_of(terms: Iterator[torch.Tensor]) -> torch.Tensor:
+    """The sum of one or more tensors, without adding a zero to the first."""
+    total = next(terms)
+    for t in terms:
+        total = total + t
+    return total
 
 
 def _rows_sq_norms(t: torch.Tensor) -> torch.Tensor:
@@ -89,10 +113,15 @@ def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n, t, d_in = x.shape
     d_out = g.shape[-1]
     if t * (d_in + d_out) <= d_in * d_out:
-        xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+        with _operand_products():
+            xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
         return torch.bmm(xx.reshape(n, 1, -1), gg.reshape(n, -1, 1)).reshape(n)  # <xx_n, gg_n>, no temporary
     step = max(1, CHUNK_ELEMENTS // (d_in * d_out))
-    parts = [_rows_sq_norms(torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step])) for i in range(0, n, step)]
+    parts = []
+    for i in range(0, n, step):
+        with _operand_products():
+            formed = torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step])
+        parts.append(_rows_sq_norms(formed))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -218,7 +247,9 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     parts = []
     for _, b, rows in _example_chunks(a, batch, pixels * pixels + positions * positions):
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
-        gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
+        with _operand_products():
+            gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
+            gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
         # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
         # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
         s0, row, col = pixels * pixels, height * width, width
@@ -228,7 +259,6 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
              row, sh * col, sw))
         shifted = windows.sum((1, 2)).reshape(b, 1, positions * positions)
         del gram, windows
-        gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
         parts.append(torch.bmm(shifted, gamma).reshape(b))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -245,7 +275,7 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
         if count["gram"] < min(count["form"], count["ghost"]):
             return _conv2d_gram_sq_norms(layer, *calls[0], batch)
     if len(calls) == 1 and fused_norms.applies(layer, *calls[0]):
-        return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch)
+        return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch, precision=BOOK_PRECISION)
     parts = [_sum_dim1(_positions_sq_norms(x, g).reshape(b, layer.groups))
              for _, b, x, g in _conv_chunks(layer, calls, batch)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -397,6 +427,15 @@ FORM_RATIO = 2.0
 #: TF32 by default: the weight gradients of a non-private step are TF32 already where cuDNN computes them, and the
 #: epsilon-10 example's DP step took 488 ms in TF32 against 513 ms in IEEE (one H200, docs/benchmarks.md)
 FORM_PRECISION = "tf32"
+#: the precision of the book-kept weights' products, whose norms and clipped sums come from two computations:
+#: "ieee" (IEEE float32), or "tf32": the layer input and output gradient are rounded to TF32 values once, when the
+#: hook catches them, and every product whose operands they are runs on tensor cores, whose rounding of TF32 values
+#: is the identity and whose products of them are exact in float32 (``precision.round_to_tf32``); the clip factors
+#: are truncated to TF32 (never larger), so each scaled output gradient is exact in float32 and splits into two TF32
+#: halves (``precision.split_tf32``) with one product each. The norms and the sums are then those of one per-example
+#: gradient (of the rounded operands), as in IEEE float32; products of anything else (a Gram matrix with another)
+#: stay IEEE. To be measured on a GPU before it becomes the default.
+BOOK_PRECISION = "ieee"
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
 GRAM_NORMS = True
@@ -614,6 +653,8 @@ class PerExampleClipping:
                     if param.requires_grad:
                         materialized[param] = materialized[param] + grad if param in materialized else grad
                 if weight and not formed:
+                    if BOOK_PRECISION == "tf32":  # the operands of both the norms and the sums (see BOOK_PRECISION)
+                        a, g = round_to_tf32(a), round_to_tf32(g)
                     by_layer.setdefault(layer, []).append((a, g))
             return hook
 
@@ -655,6 +696,8 @@ class PerExampleClipping:
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         if weights is not None:
             factor = factor * weights.to(factor.dtype)
+        if BOOK_PRECISION == "tf32":
+            factor = truncate_to_tf32(factor)  # never larger; times a TF32 value, exact in float32
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
         if blocks:
@@ -679,11 +722,17 @@ class PerExampleClipping:
             weighted_sum = BOOK_KEEPING[type(layer)][1]
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-                if group_rows is None:
-                    grad = weighted_sum(layer, a, scaled)
-                else:
-                    grad = torch.stack([weighted_sum(layer, a[r], scaled[r]) if r.stop > r.start
-                                        else torch.zeros_like(layer.weight) for r in group_rows])
+                # in TF32, two exact products: with the high and the low TF32 half of the scaled output gradient
+                halves = split_tf32(scaled) if BOOK_PRECISION == "tf32" and scaled.dtype == torch.float32 \
+                    else (scaled,)
+                del scaled
+                with _operand_products():
+                    if group_rows is None:
+                        grad = _sum_of(weighted_sum(layer, a, half) for half in halves)
+                    else:
+                        grad = torch.stack([_sum_of(weighted_sum(layer, a[r], half[r]) for half in halves)
+                                            if r.stop > r.start else torch.zeros_like(layer.weight)
+                                            for r in group_rows])
                 clipped[layer.weight] = clipped[layer.weight] + grad if layer.weight in clipped else grad
         for param, grad in clipped.items():
             summed = getattr(param, "summed_grad", None)

@@ -4,7 +4,9 @@ A clipped sum has sensitivity C only if each example's contribution is computed 
 TF32 (cuDNN's default for convolutions; cuBLAS after ``torch.set_float32_matmul_precision("high")``) and
 autocast (``torch.autocast``, Lightning's ``precision="bf16-mixed"``) round the inputs of products to 10 or
 7 mantissa bits, which can move a contribution past the bound its norm set. Private sums run inside
-:func:`ieee_fp32`.
+:func:`ieee_fp32`, or on operands that are TF32 values already (:func:`round_to_tf32`): a tensor core's
+rounding of those is the identity, and the product of two of them (11 significant bits each) is exact in its
+float32 accumulator, so TF32 products of them are as exact as IEEE float32 ones.
 """
 
 from __future__ import annotations
@@ -64,3 +66,36 @@ def exact_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 if it holds a lower-precision float (autocast's layer outputs): an exact conversion, so
     the norms and sums are those of the values the layer used."""
     return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
+
+
+#: float32 keeps 23 explicit mantissa bits, TF32 10: the low 13 bits of a TF32 value are zero
+_TF32_LOW_BITS = 0x1FFF
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) rounded to the nearest TF32 value (10 explicit mantissa bits, float32's exponent; ties away
+    from zero), as a float32 tensor whose low 13 mantissa bits are zero. Other dtypes come back unchanged."""
+    if t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~_TF32_LOW_BITS).view(torch.float32)
+
+
+def truncate_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) rounded toward zero to a TF32 value: never larger in magnitude. Other dtypes unchanged."""
+    if t.dtype != torch.float32:
+        return t
+    return (t.contiguous().view(torch.int32) & ~_TF32_LOW_BITS).view(torch.float32)
+
+
+def split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(high, low)`` with ``high + low == t`` exactly: ``high`` = ``t`` truncated to TF32 and ``low`` the rest.
+    ``low`` is a TF32 value too wherever ``t`` has at most 22 significant bits, e.g. the product of two TF32
+    values (11 each), so two TF32 products with ``high`` and ``low`` give the exact product with ``t``."""
+    high = truncate_to_tf32(t)
+    return high, t - high
+
+
+def is_tf32(t: torch.Tensor) -> bool:
+    """Whether every value of the float32 tensor ``t`` is a TF32 value (its low 13 mantissa bits zero)."""
+    return t.dtype == torch.float32 and not bool((t.contiguous().view(torch.int32) & _TF32_LOW_BITS).any())

@@ -764,3 +764,93 @@ def test_a_formed_weight_keeps_neither_input_nor_output_gradient(monkeypatch: py
     grads = torch.stack(want)
     expected = (grads * (1e-3 / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)).sum(0)
     torch.testing.assert_close(summed, expected, atol=1e-12, rtol=1e-8)
+
+
+@pytest.mark.parametrize("gram_norms", [True, False], ids=["Gram norms", "unfold norms"])
+def test_in_tf32_the_book_kept_products_see_only_tf32_values(monkeypatch: pytest.MonkeyPatch,
+                                                            gram_norms: bool) -> None:
+    """``BOOK_PRECISION = "tf32"``: every operand of the book-kept norms and sums is a TF32 value (so a tensor
+    core's rounding of it is the identity and its products are exact), the sums run in TF32 on the two halves of
+    each scaled output gradient, and each example still adds at most C."""
+    from fedgen.mechanisms import per_example
+    from fedgen.mechanisms.precision import is_tf32
+
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "tf32")
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)  # book-keep every weight
+    monkeypatch.setattr(per_example, "GRAM_NORMS", gram_norms)
+    norms_seen: list[bool] = []
+    sums_seen: list[tuple[bool, bool, str, str]] = []
+    for kind in (nn.Conv2d, nn.Linear):
+        real_norms, real_sum = per_example.BOOK_KEEPING[kind]
+
+        def spy_norms(layer, calls, batch, real_norms=real_norms):
+            norms_seen.extend(is_tf32(a) and is_tf32(g) for a, g in calls)
+            return real_norms(layer, calls, batch)
+
+        def spy_sum(layer, a, g, real_sum=real_sum):
+            sums_seen.append((is_tf32(a), is_tf32(g), torch.backends.cuda.matmul.fp32_precision,
+                              torch.backends.cudnn.conv.fp32_precision))
+            return real_sum(layer, a, g)
+
+        monkeypatch.setitem(per_example.BOOK_KEEPING, kind, (spy_norms, spy_sum))
+    model = _model("image").float()
+    x, y = _data("image", 6, torch.Generator().manual_seed(5))
+    x = x.float()
+    clip = 1e-3  # every example clipped: each contribution has norm C
+    engine = PerExampleClipping(model, max_grad_norm=clip)
+    layer_calls = 0
+    for i in range(len(x)):
+        weights = torch.zeros(len(x))
+        weights[i] = 1.0
+        engine.backward(_loss(model, x, y), weights=weights)
+        norm = torch.linalg.vector_norm(torch.cat([p.summed_grad.flatten().double() for p in model.parameters()]))
+        assert clip * (1 - 2**-9) <= float(norm) <= clip * (1 + 1e-6)  # factors truncated by at most 2^-10
+        for p in model.parameters():
+            p.summed_grad = None
+        layer_calls = len(norms_seen) // (i + 1)
+    assert norms_seen and all(norms_seen)
+    assert len(sums_seen) == 2 * layer_calls * len(x)  # two halves per layer call
+    assert all(a and g and matmul == conv == "tf32" for a, g, matmul, conv in sums_seen)
+
+
+def test_tf32_book_keeping_sums_are_those_of_the_rounded_operands() -> None:
+    """The clipped sums in TF32 mode lie within TF32's rounding of the IEEE ones (nothing else changes), and a
+    float64 model is left alone (TF32 rounds float32 values only)."""
+    from fedgen.mechanisms import per_example
+
+    sums = {}
+    for precision in ("ieee", "tf32"):
+        for dtype in (torch.float32, torch.float64):
+            model = _model("image").to(dtype)
+            x, y = _data("image", 8, torch.Generator().manual_seed(1))
+            saved = per_example.BOOK_PRECISION, per_example.FORM_RATIO
+            per_example.BOOK_PRECISION, per_example.FORM_RATIO = precision, 0.0
+            try:
+                PerExampleClipping(model, max_grad_norm=0.05).backward(_loss(model, x.to(dtype), y))
+            finally:
+                per_example.BOOK_PRECISION, per_example.FORM_RATIO = saved
+            sums[precision, dtype] = torch.cat([p.summed_grad.flatten().double() for p in model.parameters()])
+    difference = torch.linalg.vector_norm(sums["tf32", torch.float32] - sums["ieee", torch.float32])
+    assert 0 < float(difference) <= 2e-3 * float(torch.linalg.vector_norm(sums["ieee", torch.float32]))
+    assert torch.equal(sums["tf32", torch.float64], sums["ieee", torch.float64])
+
+
+def test_tf32_rounding_truncation_and_exact_halves() -> None:
+    """``round_to_tf32`` moves a float32 value by at most 2^-11 of it onto a TF32 value, ``truncate_to_tf32`` never
+    away from zero (at most 2^-10), and the product of two TF32 values splits into two TF32 halves that sum to it
+    exactly (checked in float64)."""
+    from fedgen.mechanisms.precision import is_tf32, round_to_tf32, split_tf32, truncate_to_tf32
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(4096, generator=gen) * torch.logspace(-30, 30, 4096)
+    rounded, truncated = round_to_tf32(t), truncate_to_tf32(t)
+    assert is_tf32(rounded) and is_tf32(truncated) and not is_tf32(t)
+    assert float(((rounded - t).abs() / t.abs()).max()) <= 2**-11
+    assert bool((truncated.abs() <= t.abs()).all()) and float(((truncated - t).abs() / t.abs()).max()) < 2**-10
+    assert torch.equal(round_to_tf32(rounded), rounded)
+    a, b = round_to_tf32(torch.randn(4096, generator=gen)), truncate_to_tf32(torch.rand(4096, generator=gen))
+    product = a * b
+    assert torch.equal(product.double(), a.double() * b.double())  # 22 significant bits: exact in float32
+    high, low = split_tf32(product)
+    assert is_tf32(high) and is_tf32(low) and torch.equal(high.double() + low.double(), product.double())
+    assert torch.equal(round_to_tf32(t.double()), t.double())  # other dtypes are left alone
