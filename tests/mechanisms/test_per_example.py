@@ -854,3 +854,33 @@ def test_tf32_rounding_truncation_and_exact_halves() -> None:
     high, low = split_tf32(product)
     assert is_tf32(high) and is_tf32(low) and torch.equal(high.double() + low.double(), product.double())
     assert torch.equal(round_to_tf32(t.double()), t.double())  # other dtypes are left alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 tensor cores: needs a CUDA device")
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_on_cuda_each_isolated_example_adds_at_most_c_in_either_book_precision(monkeypatch: pytest.MonkeyPatch,
+                                                                              precision: str) -> None:
+    """On the GPU's own kernels (cuDNN's weight gradients, cuBLAS, the fused norm kernel), with TF32 switched on
+    globally: each example, isolated in a batch of 64 of fedgen's ConvNet with every example clipped, adds between
+    C (1 - 2^-9) and C (1 + 1e-6)."""
+    from fedgen.evaluation import ConvNet
+    from fedgen.mechanisms import per_example
+
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", precision)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32")
+    torch.manual_seed(0)
+    model = ConvNet(image_shape=(1, 28, 28), num_classes=10).cuda()
+    x, y = torch.rand(64, 1, 28, 28, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    clip = 1e-4
+    engine = PerExampleClipping(model, max_grad_norm=clip)
+    ratios = []
+    for i in range(16):
+        weights = torch.zeros(64, device="cuda")
+        weights[i] = 1.0
+        engine.backward(F.cross_entropy(model(x), y, reduction="none").mean(), weights=weights)
+        ratios.append(float(torch.linalg.vector_norm(torch.cat([p.summed_grad.flatten().double()
+                                                                 for p in model.parameters()]))) / clip)
+        for p in model.parameters():
+            p.summed_grad = None
+    assert min(ratios) >= 1 - 2**-9 and max(ratios) <= 1 + 1e-6, ratios
