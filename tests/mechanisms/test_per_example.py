@@ -884,3 +884,24 @@ def test_on_cuda_each_isolated_example_adds_at_most_c_in_either_book_precision(m
         for p in model.parameters():
             p.summed_grad = None
     assert min(ratios) >= 1 - 2**-9 and max(ratios) <= 1 + 1e-6, ratios
+
+
+def test_tf32_book_keeping_group_sums_add_up_to_the_whole_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In TF32 mode the per-group clipped sums (a federated step's clients) take the same two TF32 halves per group
+    and add up to the sum without groups."""
+    from fedgen.mechanisms import per_example
+
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "tf32")
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)
+    model = _model("image").float()
+    x, y = _data("image", 7, torch.Generator().manual_seed(2))
+    x = x.float()
+    engine = PerExampleClipping(model, max_grad_norm=0.05)
+    engine.backward(_loss(model, x, y), groups=torch.tensor([0, 0, 0, 2, 2, 3, 3]), num_groups=4)
+    grouped = {name: p.summed_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.summed_grad = None
+    engine.backward(_loss(model, x, y))
+    for name, p in model.named_parameters():
+        assert grouped[name].shape == (4, *p.shape) and not grouped[name][1].any()
+        torch.testing.assert_close(grouped[name].sum(0), p.summed_grad, atol=1e-7, rtol=1e-5, msg=name)
