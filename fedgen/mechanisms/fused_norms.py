@@ -147,8 +147,10 @@ def conv2d_weight_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, b
     """``||G_i||_F^2`` for each of ``batch`` examples, from the layer input ``a`` (batch K rows) and output
     gradient ``g``; the K rows of an example count as more positions. Only where :func:`applies` holds (or on
     the CPU under Triton's interpreter, for tests). ``tile`` (output channels, window entries, rows; powers of
-    two, at least 16; default :func:`tile_for`'s) and ``precision`` (Triton's ``input_precision``: ``"ieee"``, or
-    ``"tf32x3"``, float32 accuracy from three TF32 tensor-core products) are for measurements."""
+    two, at least 16; default :func:`tile_for`'s) is for measurements. ``precision`` is Triton's ``input_precision``:
+    ``"ieee"``; ``"tf32"`` where ``a`` and ``g`` are TF32 values already, whose products are then exact
+    (``per_example.BOOK_PRECISION``); or ``"tf32x3"``, float32 accuracy from three TF32 tensor-core products, for
+    measurements."""
     return _launch(layer, a, g, batch, tile, precision, form=False).sum(1)
 
 
