@@ -45,7 +45,9 @@ gradients over the calls. The loss is the *mean* over the batch (as in Opacus wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +93,11 @@ def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
     return t.squeeze(1) if t.shape[1] == 1 else t.sum(1)
 
 
-def _sum_of(terms: Iterator[torch.Tensor]) -> torch.Tensor:
-    """The sum of one or more tensors, without adding a zero to the first."""
-    total = next(terms)
-    for t in terms:
-        total = total + t
-    return total
+def _sum_over_parts(weighted_sum: Callable, layer: nn.Module, a: torch.Tensor,
+                    parts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """``weighted_sum(layer, a, part)`` added over the parts of a scaled output gradient: the gradient itself, or its
+    two TF32 halves (``BOOK_PRECISION``)."""
+    return functools.reduce(operator.add, (weighted_sum(layer, a, part) for part in parts))
 
 
 def _rows_sq_norms(t: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,6 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products():
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
-            gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
         # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
         # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
         s0, row, col = pixels * pixels, height * width, width
@@ -259,6 +259,8 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
              row, sh * col, sw))
         shifted = windows.sum((1, 2)).reshape(b, 1, positions * positions)
         del gram, windows
+        with _operand_products():  # after the Gram matrix is freed, so the two are never held together
+            gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
         parts.append(torch.bmm(shifted, gamma).reshape(b))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -728,9 +730,9 @@ class PerExampleClipping:
                 del scaled
                 with _operand_products():
                     if group_rows is None:
-                        grad = _sum_of(weighted_sum(layer, a, half) for half in halves)
+                        grad = _sum_over_parts(weighted_sum, layer, a, halves)
                     else:
-                        grad = torch.stack([_sum_of(weighted_sum(layer, a[r], half[r]) for half in halves)
+                        grad = torch.stack([_sum_over_parts(weighted_sum, layer, a[r], [half[r] for half in halves])
                                             if r.stop > r.start else torch.zeros_like(layer.weight)
                                             for r in group_rows])
                 clipped[layer.weight] = clipped[layer.weight] + grad if layer.weight in clipped else grad
