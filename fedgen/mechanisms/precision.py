@@ -72,20 +72,25 @@ def exact_float32(t: torch.Tensor) -> torch.Tensor:
 _TF32_LOW_BITS = 0x1FFF
 
 
-def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (float32) rounded to the nearest TF32 value (10 explicit mantissa bits, float32's exponent; ties away
-    from zero), as a float32 tensor whose low 13 mantissa bits are zero. Other dtypes come back unchanged."""
+def _tf32_bits(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """``t`` (float32) with ``offset`` added to its bit pattern and the low 13 mantissa bits then cleared: rounding
+    to a TF32 value toward zero (offset 0) or to the nearest, ties away from zero (half the last TF32 place).
+    Other dtypes come back unchanged."""
     if t.dtype != torch.float32:
         return t
     bits = t.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~_TF32_LOW_BITS).view(torch.float32)
+    return ((bits + offset if offset else bits) & ~_TF32_LOW_BITS).view(torch.float32)
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) rounded to the nearest TF32 value (10 explicit mantissa bits, float32's exponent; ties away
+    from zero), as a float32 tensor whose low 13 mantissa bits are zero. Other dtypes come back unchanged."""
+    return _tf32_bits(t, 0x1000)
 
 
 def truncate_to_tf32(t: torch.Tensor) -> torch.Tensor:
     """``t`` (float32) rounded toward zero to a TF32 value: never larger in magnitude. Other dtypes unchanged."""
-    if t.dtype != torch.float32:
-        return t
-    return (t.contiguous().view(torch.int32) & ~_TF32_LOW_BITS).view(torch.float32)
+    return _tf32_bits(t, 0)
 
 
 def split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +99,3 @@ def split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values (11 each), so two TF32 products with ``high`` and ``low`` give the exact product with ``t``."""
     high = truncate_to_tf32(t)
     return high, t - high
-
-
-def is_tf32(t: torch.Tensor) -> bool:
-    """Whether every value of the float32 tensor ``t`` is a TF32 value (its low 13 mantissa bits zero)."""
-    return t.dtype == torch.float32 and not bool((t.contiguous().view(torch.int32) & _TF32_LOW_BITS).any())

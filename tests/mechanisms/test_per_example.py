@@ -109,6 +109,11 @@ def form_weights(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     return request.param
 
 
+def is_tf32(t: torch.Tensor) -> bool:
+    """Whether every value of the float32 tensor ``t`` is a TF32 value (its low 13 mantissa bits zero)."""
+    return t.dtype == torch.float32 and not bool((t.contiguous().view(torch.int32) & 0x1FFF).any())
+
+
 def _clipped_sum(grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
     norms = torch.cat([g.flatten(1) for g in grads], dim=1).norm(dim=1)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
@@ -773,7 +778,6 @@ def test_in_tf32_the_book_kept_products_see_only_tf32_values(monkeypatch: pytest
     core's rounding of it is the identity and its products are exact), the sums run in TF32 on the two halves of
     each scaled output gradient, and each example still adds at most C."""
     from fedgen.mechanisms import per_example
-    from fedgen.mechanisms.precision import is_tf32
 
     monkeypatch.setattr(per_example, "BOOK_PRECISION", "tf32")
     monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)  # book-keep every weight
@@ -839,7 +843,7 @@ def test_tf32_rounding_truncation_and_exact_halves() -> None:
     """``round_to_tf32`` moves a float32 value by at most 2^-11 of it onto a TF32 value, ``truncate_to_tf32`` never
     away from zero (at most 2^-10), and the product of two TF32 values splits into two TF32 halves that sum to it
     exactly (checked in float64)."""
-    from fedgen.mechanisms.precision import is_tf32, round_to_tf32, split_tf32, truncate_to_tf32
+    from fedgen.mechanisms.precision import round_to_tf32, split_tf32, truncate_to_tf32
 
     gen = torch.Generator().manual_seed(0)
     t = torch.randn(4096, generator=gen) * torch.logspace(-30, 30, 4096)
