@@ -535,6 +535,9 @@ class PerExampleClipping:
 
     def __init__(self, module: nn.Module, max_grad_norm: float) -> None:
         self.max_grad_norm = float(max_grad_norm)
+        for name, value in (("BOOK_PRECISION", BOOK_PRECISION), ("FORM_PRECISION", FORM_PRECISION)):
+            if value not in ("ieee", "tf32"):
+                raise ValueError(f"fedgen.mechanisms.per_example.{name} is {value!r}: set it to 'ieee' or 'tf32'")
         unsupported = unsupported_layers(module)
         if unsupported:
             raise ConfigError("model", "fedgen's clipping engine cannot clip the trainable parameters of "

@@ -909,3 +909,13 @@ def test_tf32_book_keeping_group_sums_add_up_to_the_whole_sum(monkeypatch: pytes
     for name, p in model.named_parameters():
         assert grouped[name].shape == (4, *p.shape) and not grouped[name][1].any()
         torch.testing.assert_close(grouped[name].sum(0), p.summed_grad, atol=1e-7, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["BOOK_PRECISION", "FORM_PRECISION"])
+def test_an_unknown_engine_precision_is_refused_when_the_engine_is_built(monkeypatch: pytest.MonkeyPatch,
+                                                                        name: str) -> None:
+    from fedgen.mechanisms import per_example
+
+    monkeypatch.setattr(per_example, name, "bf16")
+    with pytest.raises(ValueError, match=f"per_example.{name} is 'bf16'.*'ieee' or 'tf32'"):
+        PerExampleClipping(_model("image"), max_grad_norm=1.0)
