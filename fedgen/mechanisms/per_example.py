@@ -436,7 +436,8 @@ FORM_PRECISION = "tf32"
 #: are truncated to TF32 (never larger), so each scaled output gradient is exact in float32 and splits into two TF32
 #: halves (``precision.split_tf32``) with one product each. The norms and the sums are then those of one per-example
 #: gradient (of the rounded operands), as in IEEE float32; products of anything else (a Gram matrix with another)
-#: stay IEEE. To be measured on a GPU before it becomes the default.
+#: stay IEEE. Measured on an H200 (docs/benchmarks.md): 10% off the ConvNet's step at batch 1024, no change where the
+#: UNet's step is bound by the GPU, a third more where the host bounds it (more launches); so not the default.
 BOOK_PRECISION = "ieee"
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
