@@ -24,6 +24,7 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --count_ops --models unet --count_batch 256 --chunk_elements 1073741824  # unchunked
     python benchmarks/dp_step.py --methods nonprivate fedgen --book_keep_all   # no per-example weights formed
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
+    python benchmarks/dp_step.py --models convnet --batches 1024 --profile fedgen --profile_shapes  # by input shape
     python benchmarks/dp_step.py --models unet_eps10 --unet_settings '{"attention_head_dim": null}'  # an A/B row
 """
 
@@ -316,20 +317,22 @@ def print_op_counts(models: list[str], draws: list[int], methods: list[str], bat
                 print(f"| {name} | {k} | {method} | {ops} | {f'{ops / base:.2f}x' if base else ''} |", flush=True)
 
 
-def print_profile(step: Callable[[], None], steps: int, rows: int) -> None:
-    """Where a step's time goes: the operators of ``steps`` profiled steps (after warm-up), by device time."""
+def print_profile(step: Callable[[], None], steps: int, rows: int, by_shape: bool = False) -> None:
+    """Where a step's time goes: the operators of ``steps`` profiled steps (after warm-up), by device time; with
+    ``by_shape`` one row per operator and input shapes (which layer a reduction or product belongs to)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=by_shape) as prof:
         for _ in range(steps):
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+    print(prof.key_averages(group_by_input_shape=by_shape).table(sort_by=key, row_limit=rows, max_name_column_width=60,
+                                                                 max_shapes_column_width=90))
 
 
 def main() -> None:
@@ -344,6 +347,8 @@ def main() -> None:
                         help="bf16: every method's forward and backward under bfloat16 autocast")
     parser.add_argument("--profile", default=None, metavar="METHOD",
                         help="profile METHOD on the first model, batch and K given, and print where the time goes")
+    parser.add_argument("--profile_shapes", action="store_true",
+                        help="with --profile: one row per operator and input shapes, 60 rows")
     parser.add_argument("--cuda_graph", action="store_true",
                         help="replay forward and backward (and fedgen's clipping) from a CUDA graph, the optimizer "
                              "step eager; nonprivate and fedgen only")
@@ -396,7 +401,8 @@ def main() -> None:
         name, batch_size = args.models[0], args.batches[0]
         task = TASKS[name](batch_size, args.draws[0] if name in DIFFUSION else 1, device)
         print(f"profile: {args.profile} on {name}, batch {batch_size}, {device}, autocast {args.autocast}")
-        print_profile(make_step(args.profile, task, batch_size, args.autocast), steps=5, rows=30)
+        print_profile(make_step(args.profile, task, batch_size, args.autocast), steps=5,
+                      rows=60 if args.profile_shapes else 30, by_shape=args.profile_shapes)
         return
     if not torch.cuda.is_available():
         raise SystemExit("dp_step.py times GPU steps: no CUDA device found")
