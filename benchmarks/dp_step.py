@@ -366,7 +366,7 @@ def main() -> None:
     parser.add_argument("--form_precision", choices=["ieee", "tf32"], default=per_example.FORM_PRECISION,
                         help="the products that form per-example gradients (per_example.FORM_PRECISION), for an "
                              "A/B against the default")
-    parser.add_argument("--book_precision", choices=["ieee", "tf32"], default=per_example.BOOK_PRECISION,
+    parser.add_argument("--book_precision", choices=["ieee", "tf32", "auto"], default=per_example.BOOK_PRECISION,
                         help="the book-kept weights' norms and clipped sums (per_example.BOOK_PRECISION): IEEE "
                              "float32, or TF32 on operands rounded to TF32 values (exact products)")
     parser.add_argument("--kernel_min_window", type=int, default=fused_norms.MIN_WINDOW,

@@ -29,8 +29,8 @@ weight-gradient product). Then:
 
 Steps 1 to 3 run in IEEE float32 (TF32 and autocast off, lower-precision inputs and output gradients
 converted exactly; see :func:`~fedgen.mechanisms.precision.ieee_fp32`), so that each example adds at most C; or,
-with ``BOOK_PRECISION = "tf32"``, the book-kept products on TF32 tensor cores from operands rounded to TF32 values,
-which makes them exact as well.
+with ``BOOK_PRECISION = "tf32"`` (every book-kept layer) or ``"auto"`` (the layers with many multiply-adds), the
+book-kept products on TF32 tensor cores from operands rounded to TF32 values, which makes them exact as well.
 The formed per-example gradients are made in the hooks with autocast off but TF32 allowed: a formed gradient
 is both the norm's input and the sum's, so how its products were rounded cannot move it past its bound.
 
@@ -82,10 +82,11 @@ forward pass saved instead of computing it again."""
 CHUNK_ELEMENTS = 2**28
 
 
-def _operand_products() -> contextlib.AbstractContextManager:
-    """Products of the book-kept operands themselves (the layer input and output gradient, or copies, windows and
-    paddings of them): at ``BOOK_PRECISION``, exact in either (see there). Products of derived values stay IEEE."""
-    return float32_products("tf32") if BOOK_PRECISION == "tf32" else contextlib.nullcontext()
+def _operand_products(precision: str) -> contextlib.AbstractContextManager:
+    """Products of a layer's book-kept operands themselves (its input and output gradient, or copies, windows and
+    paddings of them): at the layer's book-keeping ``precision`` (:func:`book_precision`), exact in either.
+    Products of derived values (a Gram matrix with another) stay IEEE."""
+    return float32_products("tf32") if precision == "tf32" else contextlib.nullcontext()
 
 
 def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ def _sum_dim1(t: torch.Tensor) -> torch.Tensor:
 def _sum_over_parts(weighted_sum: Callable, layer: nn.Module, a: torch.Tensor,
                     parts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
     """``weighted_sum(layer, a, part)`` added over the parts of a scaled output gradient: the gradient itself, or its
-    two TF32 halves (``BOOK_PRECISION``)."""
+    two TF32 halves (:func:`book_precision`)."""
     return functools.reduce(operator.add, (weighted_sum(layer, a, part) for part in parts))
 
 
@@ -106,34 +107,34 @@ def _rows_sq_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat, flat.transpose(1, 2)).reshape(-1)
 
 
-def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _positions_sq_norms(x: torch.Tensor, g: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
     """``||g_n^T x_n||_F^2`` for each row n of ``x`` (N, T, d_in) and ``g`` (N, T, d_out), the squared norm of a
     sum of T outer products, by whichever of two exact methods takes fewer multiplications: the ghost norm
     (Li et al., ICLR 2022) ``sum_{t,s} (x_t . x_s) (g_t . g_s)``, ``T^2 (d_in + d_out)`` of them, or forming
-    ``g_n^T x_n``, ``T d_in d_out``."""
+    ``g_n^T x_n``, ``T d_in d_out``. ``precision``: of the products of ``x`` and ``g`` (:func:`_operand_products`)."""
     n, t, d_in = x.shape
     d_out = g.shape[-1]
     if t * (d_in + d_out) <= d_in * d_out:
-        with _operand_products():
+        with _operand_products(precision):
             xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
         return torch.bmm(xx.reshape(n, 1, -1), gg.reshape(n, -1, 1)).reshape(n)  # <xx_n, gg_n>, no temporary
     step = max(1, CHUNK_ELEMENTS // (d_in * d_out))
     parts = []
     for i in range(0, n, step):
-        with _operand_products():
+        with _operand_products(precision):
             formed = torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step])
         parts.append(_rows_sq_norms(formed))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _linear_weight_sq_norms(layer: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]],
-                            batch: int) -> torch.Tensor:
+                            batch: int, precision: str = "ieee") -> torch.Tensor:
     """Per-example squared norms of the weight gradient ``sum_t g_t a_t^T`` over the positions of all calls."""
     x = torch.cat([a.reshape(batch, -1, a.shape[-1]) for a, _ in calls], 1) if len(calls) > 1 else \
         calls[0][0].reshape(batch, -1, calls[0][0].shape[-1])
     g = torch.cat([g.reshape(batch, -1, g.shape[-1]) for _, g in calls], 1) if len(calls) > 1 else \
         calls[0][1].reshape(batch, -1, calls[0][1].shape[-1])
-    return _positions_sq_norms(x, g)
+    return _positions_sq_norms(x, g, precision)
 
 
 def _linear_weight_per_example(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
@@ -226,7 +227,8 @@ def _conv_multiplications(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
             "gram": pixels * pixels * c_in + rows * rows * (c_out + kh * kw)}
 
 
-def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int,
+                          precision: str = "ieee") -> torch.Tensor:
     """The ghost norm of a convolution (one group) from the Gram matrix of its zero-padded input rather than of
     the unfolded one. The unfolded windows at output positions t and s overlap the padded input ``x`` at pixels
     shifted by each kernel offset ``d``, so ``a_t . a_s = sum_d x_{p(t) + d} . x_{p(s) + d}`` (``p(t)`` the
@@ -248,7 +250,7 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     parts = []
     for _, b, rows in _example_chunks(a, batch, pixels * pixels + positions * positions):
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
-        with _operand_products():
+        with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
         # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
         # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
@@ -259,14 +261,14 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
              row, sh * col, sw))
         shifted = windows.sum((1, 2)).reshape(b, 1, positions * positions)
         del gram, windows
-        with _operand_products():  # after the Gram matrix is freed, so the two are never held together
+        with _operand_products(precision):  # after the Gram matrix is freed, so the two are never held together
             gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
         parts.append(torch.bmm(shifted, gamma).reshape(b))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]],
-                            batch: int) -> torch.Tensor:
+                            batch: int, precision: str = "ieee") -> torch.Tensor:
     """Per-example squared norms of the weight gradient of a layer called once, by whichever exact way takes the
     fewest multiplications (:func:`_conv_multiplications`): the padded input's Gram matrix
     (:func:`_conv2d_gram_sq_norms`), or else, on a GPU where it was measured faster, one fused kernel that
@@ -275,10 +277,10 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
     if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS:
         count = _conv_multiplications(layer, *calls[0], batch)
         if count["gram"] < min(count["form"], count["ghost"]):
-            return _conv2d_gram_sq_norms(layer, *calls[0], batch)
+            return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision)
     if len(calls) == 1 and fused_norms.applies(layer, *calls[0]):
-        return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch, precision=BOOK_PRECISION)
-    parts = [_sum_dim1(_positions_sq_norms(x, g).reshape(b, layer.groups))
+        return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch, precision=precision)
+    parts = [_sum_dim1(_positions_sq_norms(x, g, precision).reshape(b, layer.groups))
              for _, b, x, g in _conv_chunks(layer, calls, batch)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -438,11 +440,30 @@ FORM_PRECISION = "tf32"
 #: gradient (of the rounded operands), as in IEEE float32; products of anything else (a Gram matrix with another)
 #: stay IEEE. Measured on an H200 (docs/benchmarks.md): 10% off the ConvNet's step at batch 1024, no change where the
 #: UNet's step is bound by the GPU, a third more where the host bounds it (more launches); so not the default.
+#: "auto": TF32 for the layers whose clipped sum takes at least ``TF32_MIN_MULTIPLY_ADDS``, IEEE for the others
+#: (:func:`book_precision`); to be measured against both.
 BOOK_PRECISION = "ieee"
+#: with ``BOOK_PRECISION = "auto"``, the multiply-adds of a layer's clipped sum (output-gradient values times the
+#: weight's fan-in) from which TF32 book-keeping is chosen: below it, TF32's saving on the tensor cores (about 0.2 ms
+#: at 2^32 on an H200, where IEEE float32 runs at about an eighth of the TF32 rate) is smaller than what its own
+#: work adds, four memory passes over the input and output gradient and about eight more launches a layer
+TF32_MIN_MULTIPLY_ADDS = 2**32
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
 GRAM_NORMS = True
 SUPPORTED: tuple[type[nn.Module], ...] = tuple(MATERIALIZED)
+
+
+def book_precision(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> str:
+    """The precision of a book-kept layer's norms and clipped sum, decided when its output gradient is caught:
+    ``BOOK_PRECISION``, or with ``"auto"`` TF32 where the clipped sum's multiply-adds, ``|g| d_in`` (``d_in`` the
+    weight's fan-in: C_in / groups k_h k_w, or in_features), reach ``TF32_MIN_MULTIPLY_ADDS``. Always IEEE for
+    tensors that are not float32 (TF32 rounds float32 values only)."""
+    if a.dtype != torch.float32 or g.dtype != torch.float32 or BOOK_PRECISION == "ieee":
+        return "ieee"
+    if BOOK_PRECISION == "tf32" or g.numel() * layer.weight[0].numel() >= TF32_MIN_MULTIPLY_ADDS:
+        return "tf32"
+    return "ieee"
 
 
 def forms_weight(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, batch: int) -> bool:
@@ -536,9 +557,11 @@ class PerExampleClipping:
 
     def __init__(self, module: nn.Module, max_grad_norm: float) -> None:
         self.max_grad_norm = float(max_grad_norm)
-        for name, value in (("BOOK_PRECISION", BOOK_PRECISION), ("FORM_PRECISION", FORM_PRECISION)):
-            if value not in ("ieee", "tf32"):
-                raise ValueError(f"fedgen.mechanisms.per_example.{name} is {value!r}: set it to 'ieee' or 'tf32'")
+        for name, value, allowed in (("BOOK_PRECISION", BOOK_PRECISION, ("ieee", "tf32", "auto")),
+                                     ("FORM_PRECISION", FORM_PRECISION, ("ieee", "tf32"))):
+            if value not in allowed:
+                raise ValueError(f"fedgen.mechanisms.per_example.{name} is {value!r}: set it to one of "
+                                 f"{', '.join(map(repr, allowed))}")
         unsupported = unsupported_layers(module)
         if unsupported:
             raise ConfigError("model", "fedgen's clipping engine cannot clip the trainable parameters of "
@@ -634,6 +657,7 @@ class PerExampleClipping:
         materialized: dict[nn.Parameter, torch.Tensor] = {}
         by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         formed_weight: dict[nn.Module, bool] = {}  # per layer, decided at its first call and kept for the others
+        precisions: dict[nn.Module, str] = {}  # per book-kept layer, the same
         switch = matmul_precision() != FORM_PRECISION  # the hooks' products are matrix products (and Triton's)
 
         def catch(record: _Record) -> Callable[[torch.Tensor], None]:
@@ -659,8 +683,8 @@ class PerExampleClipping:
                     if param.requires_grad:
                         materialized[param] = materialized[param] + grad if param in materialized else grad
                 if weight and not formed:
-                    if BOOK_PRECISION == "tf32":  # the operands of both the norms and the sums (see BOOK_PRECISION)
-                        a, g = round_to_tf32(a), round_to_tf32(g)
+                    if precisions.setdefault(layer, book_precision(layer, a, g)) == "tf32":
+                        a, g = round_to_tf32(a), round_to_tf32(g)  # the operands of both the norms and the sums
                     by_layer.setdefault(layer, []).append((a, g))
             return hook
 
@@ -678,20 +702,24 @@ class PerExampleClipping:
         if not by_layer and not materialized:
             return
         with ieee_fp32():  # norms and sums from the same per-example gradients (see ieee_fp32)
-            self._clip_and_sum(by_layer, materialized, batch, draws, bounds, weights)
+            self._clip_and_sum(by_layer, materialized, batch, draws, bounds, weights, precisions)
 
     def _clip_and_sum(self, by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]],
                       materialized: dict[nn.Parameter, torch.Tensor], batch: int, draws: int,
-                      bounds: list[int] | None = None, weights: torch.Tensor | None = None) -> None:
+                      bounds: list[int] | None = None, weights: torch.Tensor | None = None,
+                      precisions: dict[nn.Module, str] | None = None) -> None:
         """Steps 1 to 3 of the module docstring for the ``(input, output gradient)`` pairs of each book-keeping
         layer and the formed per-example gradients (``materialized``, (batch, *shape) per parameter):
         per-example norms, clip factors, clipped sums added to ``summed_grad`` (one per group of examples
-        ``bounds[k]:bounds[k + 1]`` where ``bounds`` is given)."""
+        ``bounds[k]:bounds[k + 1]`` where ``bounds`` is given). ``precisions``: each book-kept layer's
+        (:func:`book_precision`; IEEE where absent)."""
+        precision = {layer: (precisions or {}).get(layer, "ieee") for layer in by_layer}
         # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer; of the
         # formed per-example gradients, the vectors (biases, normalization parameters) in one (batch, parameters)
         # matrix, each formed weight (an Embedding's, and a Linear's or Conv2d's where forms_weight held) on its
         # own, so that no large one is copied
-        weight_sq_norms = [BOOK_KEEPING[type(layer)][0](layer, calls, batch) for layer, calls in by_layer.items()]
+        weight_sq_norms = [BOOK_KEEPING[type(layer)][0](layer, calls, batch, precision[layer])
+                           for layer, calls in by_layer.items()]
         vectors = [p for p in materialized if p.dim() == 1]
         blocks = [(vectors, torch.cat([materialized.pop(p).reshape(batch, -1) for p in vectors], 1))] if vectors \
             else []
@@ -702,7 +730,7 @@ class PerExampleClipping:
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         if weights is not None:
             factor = factor * weights.to(factor.dtype)
-        if BOOK_PRECISION == "tf32":
+        if "tf32" in precision.values():
             factor = truncate_to_tf32(factor)  # never larger; times a TF32 value, exact in float32
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
@@ -729,10 +757,9 @@ class PerExampleClipping:
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
                 # in TF32, two exact products: with the high and the low TF32 half of the scaled output gradient
-                halves = split_tf32(scaled) if BOOK_PRECISION == "tf32" and scaled.dtype == torch.float32 \
-                    else (scaled,)
+                halves = split_tf32(scaled) if precision[layer] == "tf32" else (scaled,)
                 del scaled
-                with _operand_products():
+                with _operand_products(precision[layer]):
                     if group_rows is None:
                         grad = _sum_over_parts(weighted_sum, layer, a, halves)
                     else:

@@ -787,9 +787,9 @@ def test_in_tf32_the_book_kept_products_see_only_tf32_values(monkeypatch: pytest
     for kind in (nn.Conv2d, nn.Linear):
         real_norms, real_sum = per_example.BOOK_KEEPING[kind]
 
-        def spy_norms(layer, calls, batch, real_norms=real_norms):
-            norms_seen.extend(is_tf32(a) and is_tf32(g) for a, g in calls)
-            return real_norms(layer, calls, batch)
+        def spy_norms(layer, calls, batch, precision, real_norms=real_norms):
+            norms_seen.extend(is_tf32(a) and is_tf32(g) and precision == "tf32" for a, g in calls)
+            return real_norms(layer, calls, batch, precision)
 
         def spy_sum(layer, a, g, real_sum=real_sum):
             sums_seen.append((is_tf32(a), is_tf32(g), torch.backends.cuda.matmul.fp32_precision,
@@ -815,6 +815,70 @@ def test_in_tf32_the_book_kept_products_see_only_tf32_values(monkeypatch: pytest
     assert norms_seen and all(norms_seen)
     assert len(sums_seen) == 2 * layer_calls * len(x)  # two halves per layer call
     assert all(a and g and matmul == conv == "tf32" for a, g, matmul, conv in sums_seen)
+
+
+def test_book_precision_auto_takes_tf32_only_for_layers_with_many_multiply_adds(monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    """``BOOK_PRECISION = "auto"``: TF32 where a layer's clipped sum takes at least ``TF32_MIN_MULTIPLY_ADDS``
+    (``|g| d_in``), IEEE elsewhere and for anything not float32; "ieee" and "tf32" apply to every layer."""
+    from fedgen.mechanisms import per_example
+    from fedgen.mechanisms.per_example import book_precision
+
+    def decide(layer: nn.Module, a_shape: tuple[int, ...], g_shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> str:
+        return book_precision(layer, torch.empty(a_shape, device="meta", dtype=dtype),
+                              torch.empty(g_shape, device="meta", dtype=dtype))
+
+    conv, linear = nn.Conv2d(128, 128, 3, padding=1), nn.Linear(1152, 10)
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "auto")
+    assert per_example.TF32_MIN_MULTIPLY_ADDS == 2**32
+    assert decide(conv, (1024, 128, 14, 14), (1024, 128, 14, 14)) == "tf32"  # 29.6e9 multiply-adds
+    assert decide(conv, (256, 128, 7, 7), (256, 128, 7, 7)) == "ieee"  # 1.8e9
+    assert decide(linear, (1024, 1152), (1024, 10)) == "ieee"
+    assert decide(conv, (1024, 128, 14, 14), (1024, 128, 14, 14), torch.float64) == "ieee"
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "tf32")
+    assert decide(linear, (1024, 1152), (1024, 10)) == "tf32"
+    assert decide(linear, (1024, 1152), (1024, 10), torch.float64) == "ieee"
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "ieee")
+    assert decide(conv, (1024, 128, 14, 14), (1024, 128, 14, 14)) == "ieee"
+
+
+def test_book_precision_auto_mixes_tf32_and_ieee_layers_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``"auto"`` and a threshold between this model's layers, the large layers' norms and sums see TF32
+    operands and run in TF32, the small ones' stay IEEE on unrounded operands, and each isolated example still adds
+    between C (1 - 2^-9) and C (1 + 1e-6)."""
+    from fedgen.mechanisms import per_example
+
+    threshold = 3000
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "auto")
+    monkeypatch.setattr(per_example, "TF32_MIN_MULTIPLY_ADDS", threshold)
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)  # book-keep every weight
+    seen: list[tuple[str, bool]] = []
+    for kind in (nn.Conv2d, nn.Linear):
+        real_norms, real_sum = per_example.BOOK_KEEPING[kind]
+
+        def spy_norms(layer, calls, batch, precision, real_norms=real_norms):
+            large = calls[0][1].numel() * layer.weight[0].numel() >= threshold
+            assert precision == ("tf32" if large else "ieee")
+            seen.extend((precision, is_tf32(a) and is_tf32(g)) for a, g in calls)
+            return real_norms(layer, calls, batch, precision)
+
+        monkeypatch.setitem(per_example.BOOK_KEEPING, kind, (spy_norms, real_sum))
+    model = _model("image").float()
+    x, y = _data("image", 6, torch.Generator().manual_seed(5))
+    x = x.float()
+    clip = 1e-3
+    engine = PerExampleClipping(model, max_grad_norm=clip)
+    for i in range(len(x)):
+        weights = torch.zeros(len(x))
+        weights[i] = 1.0
+        engine.backward(_loss(model, x, y), weights=weights)
+        norm = torch.linalg.vector_norm(torch.cat([p.summed_grad.flatten().double() for p in model.parameters()]))
+        assert clip * (1 - 2**-9) <= float(norm) <= clip * (1 + 1e-6)
+        for p in model.parameters():
+            p.summed_grad = None
+    assert {precision for precision, _ in seen} == {"ieee", "tf32"}
+    assert all(rounded == (precision == "tf32") for precision, rounded in seen)
 
 
 def test_tf32_book_keeping_sums_are_those_of_the_rounded_operands() -> None:
@@ -920,5 +984,5 @@ def test_an_unknown_engine_precision_is_refused_when_the_engine_is_built(monkeyp
     from fedgen.mechanisms import per_example
 
     monkeypatch.setattr(per_example, name, "bf16")
-    with pytest.raises(ValueError, match=f"per_example.{name} is 'bf16'.*'ieee' or 'tf32'"):
+    with pytest.raises(ValueError, match=f"per_example.{name} is 'bf16'.*one of 'ieee', 'tf32'"):
         PerExampleClipping(_model("image"), max_grad_norm=1.0)
