@@ -13,7 +13,9 @@ every example is clipped, and reports ``||contribution_i|| / C`` over the exampl
 - ``tf32-formed``: the engine as it ships (``per_example.FORM_PRECISION = "tf32"``): the per-example gradients it
   forms in TF32 (each is its example's norm and summand), its two-computation norms and sums in IEEE float32;
 - ``tf32-book``: as ``tf32-formed``, with the two-computation norms and sums in TF32 on operands rounded to TF32
-  values first (``per_example.BOOK_PRECISION = "tf32"``), whose products are exact.
+  values first (``per_example.BOOK_PRECISION = "tf32"``), whose products are exact;
+- ``auto-book``: as ``tf32-book`` for the layers with many multiply-adds only, IEEE for the others
+  (``per_example.BOOK_PRECISION = "auto"``).
 
 A ratio above 1 + 1e-5 means an example added more than C. Usage:
 
@@ -70,7 +72,7 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
         per_example.BOOK_PRECISION
     per_example.ieee_fp32 = context
     per_example.FORM_PRECISION = "ieee" if precision == "ieee" else "tf32"
-    per_example.BOOK_PRECISION = "tf32" if precision == "tf32-book" else "ieee"
+    per_example.BOOK_PRECISION = {"tf32-book": "tf32", "auto-book": "auto"}.get(precision, "ieee")
     ratios = []
     try:
         for i in range(examples):
@@ -104,7 +106,7 @@ def main() -> None:
     print("| model | engine products | max ||contribution|| / C | median | examples above 1 + 1e-5 |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        for precision in ("ieee", "tf32", "tf32-formed", "tf32-book"):
+        for precision in ("ieee", "tf32", "tf32-formed", "tf32-book", "auto-book"):
             torch.manual_seed(0)
             model, per_row_loss = MODELS[name](args.batch, device)
             r = contribution_ratios(model, per_row_loss, args.batch, args.examples, precision)
