@@ -706,19 +706,18 @@ class PerExampleClipping:
 
     def _clip_and_sum(self, by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]],
                       materialized: dict[nn.Parameter, torch.Tensor], batch: int, draws: int,
-                      bounds: list[int] | None = None, weights: torch.Tensor | None = None,
-                      precisions: dict[nn.Module, str] | None = None) -> None:
+                      bounds: list[int] | None, weights: torch.Tensor | None,
+                      precisions: dict[nn.Module, str]) -> None:
         """Steps 1 to 3 of the module docstring for the ``(input, output gradient)`` pairs of each book-keeping
         layer and the formed per-example gradients (``materialized``, (batch, *shape) per parameter):
         per-example norms, clip factors, clipped sums added to ``summed_grad`` (one per group of examples
-        ``bounds[k]:bounds[k + 1]`` where ``bounds`` is given). ``precisions``: each book-kept layer's
-        (:func:`book_precision`; IEEE where absent)."""
-        precision = {layer: (precisions or {}).get(layer, "ieee") for layer in by_layer}
+        ``bounds[k]:bounds[k + 1]`` where ``bounds`` is given). ``precisions``: each book-kept layer's, set by the hook
+        that kept its pair (:func:`book_precision`)."""
         # 1. per-example squared norms over all parameters (flat clipping): book-keeping weights by layer; of the
         # formed per-example gradients, the vectors (biases, normalization parameters) in one (batch, parameters)
         # matrix, each formed weight (an Embedding's, and a Linear's or Conv2d's where forms_weight held) on its
         # own, so that no large one is copied
-        weight_sq_norms = [BOOK_KEEPING[type(layer)][0](layer, calls, batch, precision[layer])
+        weight_sq_norms = [BOOK_KEEPING[type(layer)][0](layer, calls, batch, precisions[layer])
                            for layer, calls in by_layer.items()]
         vectors = [p for p in materialized if p.dim() == 1]
         blocks = [(vectors, torch.cat([materialized.pop(p).reshape(batch, -1) for p in vectors], 1))] if vectors \
@@ -730,7 +729,7 @@ class PerExampleClipping:
         factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
         if weights is not None:
             factor = factor * weights.to(factor.dtype)
-        if "tf32" in precision.values():
+        if "tf32" in precisions.values():
             factor = truncate_to_tf32(factor)  # never larger; times a TF32 value, exact in float32
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
@@ -757,9 +756,9 @@ class PerExampleClipping:
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
                 # in TF32, two exact products: with the high and the low TF32 half of the scaled output gradient
-                halves = split_tf32(scaled) if precision[layer] == "tf32" else (scaled,)
+                halves = split_tf32(scaled) if precisions[layer] == "tf32" else (scaled,)
                 del scaled
-                with _operand_products(precision[layer]):
+                with _operand_products(precisions[layer]):
                     if group_rows is None:
                         grad = _sum_over_parts(weighted_sum, layer, a, halves)
                     else:
