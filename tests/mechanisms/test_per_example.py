@@ -133,6 +133,16 @@ def _isolated_contributions(model: nn.Module, examples: int, batch: int,
     return norms
 
 
+def _isolated_image_contributions(clip: float) -> list[float]:
+    """:func:`_isolated_contributions` of each of 6 examples of the float32 image model, clipped at ``clip``."""
+    model = _model("image").float()
+    x, y = _data("image", 6, torch.Generator().manual_seed(5))
+    x = x.float()
+    engine = PerExampleClipping(model, max_grad_norm=clip)
+    return _isolated_contributions(model, len(x), len(x),
+                                   lambda weights: engine.backward(_loss(model, x, y), weights=weights))
+
+
 def _clipped_sum(grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
     norms = torch.cat([g.flatten(1) for g in grads], dim=1).norm(dim=1)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
@@ -813,17 +823,12 @@ def test_in_tf32_the_book_kept_products_see_only_tf32_values(monkeypatch: pytest
             return real_sum(layer, a, g)
 
         monkeypatch.setitem(per_example.BOOK_KEEPING, kind, (spy_norms, spy_sum))
-    model = _model("image").float()
-    x, y = _data("image", 6, torch.Generator().manual_seed(5))
-    x = x.float()
     clip = 1e-3  # every example clipped: each contribution has norm C
-    engine = PerExampleClipping(model, max_grad_norm=clip)
-    norms = _isolated_contributions(model, len(x), len(x),
-                                    lambda weights: engine.backward(_loss(model, x, y), weights=weights))
+    norms = _isolated_image_contributions(clip)
     assert clip * (1 - 2**-9) <= min(norms) and max(norms) <= clip * (1 + 1e-6)  # factors truncated by <= 2^-10
-    layer_calls = len(norms_seen) // len(x)
+    layer_calls = len(norms_seen) // len(norms)
     assert norms_seen and all(norms_seen)
-    assert len(sums_seen) == 2 * layer_calls * len(x)  # two halves per layer call
+    assert len(sums_seen) == 2 * layer_calls * len(norms)  # two halves per layer call
     assert all(a and g and matmul == conv == "tf32" for a, g, matmul, conv in sums_seen)
 
 
@@ -874,34 +879,26 @@ def test_book_precision_auto_mixes_tf32_and_ieee_layers_within_the_bound(monkeyp
             return real_norms(layer, calls, batch, precision)
 
         monkeypatch.setitem(per_example.BOOK_KEEPING, kind, (spy_norms, real_sum))
-    model = _model("image").float()
-    x, y = _data("image", 6, torch.Generator().manual_seed(5))
-    x = x.float()
     clip = 1e-3
-    engine = PerExampleClipping(model, max_grad_norm=clip)
-    norms = _isolated_contributions(model, len(x), len(x),
-                                    lambda weights: engine.backward(_loss(model, x, y), weights=weights))
+    norms = _isolated_image_contributions(clip)
     assert clip * (1 - 2**-9) <= min(norms) and max(norms) <= clip * (1 + 1e-6)
     assert {precision for precision, _ in seen} == {"ieee", "tf32"}
     assert all(rounded == (precision == "tf32") for precision, rounded in seen)
 
 
-def test_tf32_book_keeping_sums_are_those_of_the_rounded_operands() -> None:
+def test_tf32_book_keeping_sums_are_those_of_the_rounded_operands(monkeypatch: pytest.MonkeyPatch) -> None:
     """The clipped sums in TF32 mode lie within TF32's rounding of the IEEE ones (nothing else changes), and a
     float64 model is left alone (TF32 rounds float32 values only)."""
     from fedgen.mechanisms import per_example
 
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)
     sums = {}
     for precision in ("ieee", "tf32"):
+        monkeypatch.setattr(per_example, "BOOK_PRECISION", precision)
         for dtype in (torch.float32, torch.float64):
             model = _model("image").to(dtype)
             x, y = _data("image", 8, torch.Generator().manual_seed(1))
-            saved = per_example.BOOK_PRECISION, per_example.FORM_RATIO
-            per_example.BOOK_PRECISION, per_example.FORM_RATIO = precision, 0.0
-            try:
-                PerExampleClipping(model, max_grad_norm=0.05).backward(_loss(model, x.to(dtype), y))
-            finally:
-                per_example.BOOK_PRECISION, per_example.FORM_RATIO = saved
+            PerExampleClipping(model, max_grad_norm=0.05).backward(_loss(model, x.to(dtype), y))
             sums[precision, dtype] = torch.cat([p.summed_grad.flatten().double() for p in model.parameters()])
     difference = torch.linalg.vector_norm(sums["tf32", torch.float32] - sums["ieee", torch.float32])
     assert 0 < float(difference) <= 2e-3 * float(torch.linalg.vector_norm(sums["ieee", torch.float32]))
