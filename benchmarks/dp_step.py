@@ -374,6 +374,12 @@ def main() -> None:
                              "entries C_in k_h k_w (fused_norms.MIN_WINDOW), for an A/B against the default")
     parser.add_argument("--kernel_min_positions", type=int, default=fused_norms.MIN_POSITIONS,
                         help="... and at least this many output positions (fused_norms.MIN_POSITIONS)")
+    parser.add_argument("--gram_windows", choices=["on", "off"], default="on" if fused_norms.GRAM_WINDOWS else "off",
+                        help="the Gram path's windows summed and contracted by the Triton kernel "
+                             "(fused_norms.GRAM_WINDOWS), for an A/B against PyTorch's reduction")
+    parser.add_argument("--row_sums", choices=["on", "off"], default="on" if fused_norms.ROW_SUMS else "off",
+                        help="GroupNorm's per-example sums by the Triton kernel (fused_norms.ROW_SUMS), for an A/B "
+                             "against PyTorch's GroupNorm backward")
     parser.add_argument("--chunk_elements", type=int, default=per_example.CHUNK_ELEMENTS,
                         help="fedgen's norms take a few examples at a time within max(this, the layer's input) values "
                              "(per_example.CHUNK_ELEMENTS), for an A/B against the default: each chunk launches its "
@@ -393,6 +399,7 @@ def main() -> None:
     per_example.FORM_PRECISION = args.form_precision
     per_example.BOOK_PRECISION = args.book_precision
     per_example.CHUNK_ELEMENTS = args.chunk_elements
+    fused_norms.GRAM_WINDOWS, fused_norms.ROW_SUMS = args.gram_windows == "on", args.row_sums == "on"
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
         return
@@ -413,7 +420,8 @@ def main() -> None:
           f"{per_example.FORM_RATIO:g} times their pair's size; Gram norms "
           f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
-          f"book-kept norms and sums in {per_example.BOOK_PRECISION}; "
+          f"book-kept norms and sums in {per_example.BOOK_PRECISION}; Gram windows by the kernel "
+          f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; "
           f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "

@@ -1,15 +1,17 @@
 """Per-example conv weight-gradient squared norms on a GPU: the engine's unfold path against the fused Triton kernel
 (fedgen.mechanisms.fused_norms) over tile sizes and float32 product precisions, and the padded input's Gram
-matrix (per_example._conv2d_gram_sq_norms, with the way the engine picks by multiplications), for the UNet's and the
-ConvNet's layer shapes. Prints, per shape, each variant's time and its largest relative difference from the
-unfold path (both IEEE float32 reference and the variant are float32).
+matrix (per_example._conv2d_gram_sq_norms, with the way the engine picks by multiplications; its windows also by
+fused_norms.gram_window_sq_norms over tiles), for the UNet's and the ConvNet's layer shapes, then the per-example
+GroupNorm sums by PyTorch's GroupNorm backward and by fused_norms.row_sums. Prints, per shape, each variant's time
+and its largest relative difference from the unfold path (both IEEE float32 reference and the variant are float32).
 
-    python benchmarks/fused_norms.py
+    python benchmarks/fused_norms.py [--no_tiles]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import torch
@@ -22,6 +24,9 @@ SHAPES = [  # in, out channels, size, batch, K
     (32, 32, 32, 1024, 1), (64, 64, 16, 1024, 1), (64, 64, 8, 1024, 1), (128, 128, 14, 1024, 1),
     (128, 128, 7, 1024, 1), (1, 128, 28, 1024, 1), (32, 32, 32, 256, 4),
 ]
+GRAM_TILES = [(32, 32), (64, 32), (16, 32)]  # gram_window_sq_norms: rows and columns a block, channels
+GROUP_NORMS = [(128, 32, 28, 1024), (128, 32, 14, 1024), (128, 32, 7, 1024), (128, 32, 28, 256), (32, 32, 32, 1024),
+               (64, 32, 16, 1024)]  # channels, groups, size, batch: the ConvNet's and the UNet's
 TILES = [(32, 64, 32), (64, 64, 32), (32, 32, 64), (64, 128, 32), (32, 128, 64), (16, 64, 64)]
 
 
@@ -41,6 +46,8 @@ def cuda_ms(fn, repeats: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precisions", nargs="+", default=["ieee", "tf32x3"])
+    parser.add_argument("--no_tiles", action="store_true",
+                        help="leave out the fused conv kernel's tiles and precisions")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
@@ -58,7 +65,16 @@ def main() -> None:
             count = per_example._conv_multiplications(layer, a, g, batch)
             line.append(f"gram {cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
                         f"({((gram - ref).abs() / ref).max().item():.0e}; engine: {min(count, key=count.get)})")
-        for tile, precision in itertools.product(TILES, args.precisions):
+            saved = fused_norms.GRAM_WINDOWS, fused_norms.gram_window_sq_norms
+            fused_norms.GRAM_WINDOWS = True  # the same Gram path, its windows by the kernel with each tile
+            for tile in GRAM_TILES:
+                fused_norms.gram_window_sq_norms = functools.partial(saved[1], tile=tile)
+                gram = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
+                line.append(f"gram, kernel windows {tile} "
+                            f"{cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
+                            f"({((gram - ref).abs() / ref).max().item():.0e})")
+            fused_norms.GRAM_WINDOWS, fused_norms.gram_window_sq_norms = saved
+        for tile, precision in itertools.product([] if args.no_tiles else TILES, args.precisions):
             def run(tile=tile, precision=precision):
                 return fused_norms.conv2d_weight_sq_norms(layer, a, g, batch, tile=tile, precision=precision)
             try:
@@ -67,6 +83,21 @@ def main() -> None:
             except Exception as err:  # a tile the compiler refuses for this shape
                 line.append(f"{tile}/{precision} fails: {type(err).__name__}")
         print(f"conv {c_in}->{c_out} {size}x{size} batch {batch} K {draws}: " + "; ".join(line), flush=True)
+    for channels, groups, size, batch in GROUP_NORMS:  # the per-example GroupNorm sums
+        layer = nn.GroupNorm(groups, channels).cuda()
+        a = torch.randn(batch, channels, size, size, device="cuda")
+        g = torch.randn_like(a)
+        line = []
+        for kernel in (False, True):
+            fused_norms.ROW_SUMS = kernel
+            got = per_example._group_norm(layer, a, g, batch)["weight"]
+            line.append(f"{'row sums kernel' if kernel else 'GroupNorm backward'} "
+                        f"{cuda_ms(lambda: per_example._group_norm(layer, a, g, batch)):.3f}")
+        fused_norms.ROW_SUMS = False
+        want = per_example._group_norm(layer, a.double(), g.double(), batch)["weight"]
+        line.append(f"largest difference {((got - want).abs().max() / want.abs().max()).item():.0e}")
+        print(f"group norm {channels} channels in {groups} groups, {size}x{size}, batch {batch}: " + "; ".join(line),
+              flush=True)
 
 
 if __name__ == "__main__":

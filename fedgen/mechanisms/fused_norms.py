@@ -23,6 +23,15 @@ The engine uses it where it was measured faster than the unfold path (:func:`til
 batch 256, K = 4: 3.64 / 1.34. Slower, and left to the unfold path: 128 to 128 at 7x7 (0.66 / 1.65) and one input
 channel (0.24 / 0.52). Three TF32 tensor-core products per float32 product (``precision="tf32x3"``) were never
 faster than the IEEE multiply-adds.
+
+Two more kernels serve the engine's other memory-bound steps on a GPU, each behind a switch for A/B measurements:
+
+- :func:`gram_window_sq_norms`, for the convolution norms the engine takes from the padded input's Gram matrix
+  ``M_i`` (``per_example._conv2d_gram_sq_norms``): it forms each tile of the output gradient's Gram matrix
+  ``Gamma_i`` in registers, adds the k_h k_w shifted windows of ``M_i`` over the same tile, and keeps only the
+  tile's contraction, where PyTorch writes the windows' sum and ``Gamma_i`` to memory and reads both back;
+- :func:`row_sums`, ``sum_p g_p a_p`` and ``sum_p g_p`` over each row of two tensors in one read of each, for the
+  per-example affine gradients of ``GroupNorm`` (``per_example._group_norm``).
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ from torch import nn
 
 #: whether the engine may use the kernel (set False for A/B measurements against the unfold path)
 ENABLED = True
+#: whether the engine contracts the Gram path's windows with :func:`gram_window_sq_norms` (else PyTorch's reduction)
+GRAM_WINDOWS = False
+#: whether the engine takes GroupNorm's per-example sums from :func:`row_sums` (else PyTorch's GroupNorm backward)
+ROW_SUMS = False
 #: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path
 MIN_WINDOW, MIN_POSITIONS = 288, 64
 _MAX_INDEX = 2**31 - 1  # the kernel's offsets are 32-bit
@@ -161,3 +174,123 @@ def conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
     per-example gradients where they are small, see ``per_example.forms_weight``). ``precision``: Triton's
     ``input_precision``, "ieee" or "tf32" (``per_example.FORM_PRECISION``)."""
     return _launch(layer, a, g, batch, tile, precision, form=True).view(batch, *layer.weight.shape)
+
+
+@functools.cache
+def _gram_kernel():  # built on first use, as _kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gram_window_kernel(m_ptr, g_ptr, out_ptr, side_m, side_g, c_out, image, positions, out_w, width, stride_h,
+                           stride_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BT: tl.constexpr,
+                           BC: tl.constexpr, PRECISION: tl.constexpr):
+        tile = tl.program_id(0)  # a block of BT rows t of Gamma_i; it visits the blocks of columns s >= t
+        example = tl.program_id(1).to(tl.int64)
+        m = m_ptr + example * side_m * side_m
+        g = g_ptr + example * c_out * side_g
+        t = tile * BT + tl.arange(0, BT)  # (draw, output row, output column)
+        # the window corner of position t among the example's padded pixels (draw, row, column)
+        corner_t = ((t // positions) * image + ((t % positions) // out_w) * stride_h * width
+                    + (t % positions % out_w) * stride_w)
+        acc = tl.zeros((BT, BT), dtype=tl.float32)
+        for start in range(tile * BT, side_g, BT):
+            s = start + tl.arange(0, BT)
+            gamma = tl.zeros((BT, BT), dtype=tl.float32)  # g_t . g_s over the output channels
+            for c0 in range(0, c_out, BC):
+                c = c0 + tl.arange(0, BC)
+                g_t = tl.load(g + c[:, None] * side_g + t[None, :], mask=(c[:, None] < c_out) & (t[None, :] < side_g),
+                              other=0.0)  # (BC, BT)
+                g_s = tl.load(g + c[:, None] * side_g + s[None, :], mask=(c[:, None] < c_out) & (s[None, :] < side_g),
+                              other=0.0)
+                gamma += tl.dot(tl.trans(g_t), g_s, input_precision=PRECISION)
+            corner_s = ((s // positions) * image + ((s % positions) // out_w) * stride_h * width
+                        + (s % positions % out_w) * stride_w)
+            inside = (t[:, None] < side_g) & (s[None, :] < side_g)
+            windows = tl.zeros((BT, BT), dtype=tl.float32)  # a_t . a_s = sum_d M_i[p(t) + d, p(s) + d]
+            for u in tl.static_range(KH):
+                for v in tl.static_range(KW):
+                    d = u * dil_h * width + v * dil_w
+                    windows += tl.load(m + (corner_t[:, None] + d) * side_m + corner_s[None, :] + d, mask=inside,
+                                       other=0.0)
+            # both matrices are symmetric: a block above the diagonal stands for its mirror image too
+            acc += tl.where(start == tile * BT, 1.0, 2.0) * windows * gamma
+        tl.store(out_ptr + example * tl.num_programs(0) + tile, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+    return gram_window_kernel
+
+
+def gram_applies(gram: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the engine contracts a Gram matrix's windows with :func:`gram_window_sq_norms`: where
+    ``GRAM_WINDOWS`` is set, on float32 CUDA tensors, with Triton installed."""
+    return (GRAM_WINDOWS and gram.is_cuda and gram.dtype == torch.float32 and g.dtype == torch.float32
+            and triton_available())
+
+
+def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, g: torch.Tensor, padded_size: tuple[int, int],
+                         out_size: tuple[int, int], *, precision: str = "ieee",
+                         tile: tuple[int, int] = (32, 32)) -> torch.Tensor:
+    """``||G_i||_F^2 = sum_{t,s} (sum_d M_i[p(t) + d, p(s) + d]) (g_t . g_s)`` for each example: ``gram``
+    (b, K P, K P) holds ``M_i``, the Gram matrix of its K padded inputs of ``padded_size`` pixels, and ``g``
+    (b, C_out, K T) its output gradients at the K T positions of ``out_size``; ``p(t)`` is the window corner of
+    position t and d runs over the kernel's offsets (``per_example._conv2d_gram_sq_norms``). The products
+    ``g_t . g_s`` are Triton's ``input_precision`` ``precision`` ("ieee", or "tf32" where ``g`` holds TF32 values,
+    whose products are then exact); the rest IEEE float32. Only where :func:`gram_applies` holds (or on the CPU
+    under Triton's interpreter, for tests). ``tile``: the rows and columns of ``Gamma_i`` a block takes, and the
+    output channels a product step takes (powers of two, at least 16)."""
+    gram, g = gram.contiguous(), g.contiguous()
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    (height, width), (out_h, out_w) = padded_size, out_size
+    batch, side_m, (c_out, side_g) = gram.shape[0], gram.shape[1], g.shape[1:]
+    if side_m * side_m > _MAX_INDEX or c_out * side_g > _MAX_INDEX:
+        raise ValueError(f"Gram matrices of {side_m} rows or output gradients of {c_out * side_g} values exceed the "
+                         "kernel's 32-bit offsets")
+    tiles = -(-side_g // tile[0])
+    out = torch.empty(batch, tiles, device=gram.device, dtype=torch.float32)
+    _gram_kernel()[(tiles, batch)](gram, g, out, side_m, side_g, c_out, height * width, out_h * out_w, out_w, width,
+                                   sh, sw, dh, dw, KH=kh, KW=kw, BT=tile[0], BC=tile[1], PRECISION=precision)
+    return out.sum(1)
+
+
+@functools.cache
+def _row_sums_kernel():  # built on first use, as _kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def row_sums_kernel(a_ptr, g_ptr, ga_ptr, g_sum_ptr, rows, length, BR: tl.constexpr, BL: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        ga = tl.zeros((BR, BL), dtype=tl.float32)
+        gs = tl.zeros((BR, BL), dtype=tl.float32)
+        for start in range(0, length, BL):
+            p = start + tl.arange(0, BL)
+            mask = (r[:, None] < rows) & (p[None, :] < length)
+            g = tl.load(g_ptr + r[:, None] * length + p[None, :], mask=mask, other=0.0)
+            a = tl.load(a_ptr + r[:, None] * length + p[None, :], mask=mask, other=0.0)
+            ga += g * a
+            gs += g
+        tl.store(ga_ptr + r, tl.sum(ga, axis=1), mask=r < rows)
+        tl.store(g_sum_ptr + r, tl.sum(gs, axis=1), mask=r < rows)
+
+    return row_sums_kernel
+
+
+def row_sums_apply(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the engine takes row sums from :func:`row_sums`: where ``ROW_SUMS`` is set, on float32 CUDA
+    tensors, with Triton installed."""
+    return (ROW_SUMS and a.is_cuda and a.dtype == torch.float32 and g.dtype == torch.float32
+            and triton_available())
+
+
+def row_sums(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_p g[r, p] a[r, p], sum_p g[r, p])`` for each row r of two float32 tensors of one shape (rows,
+    length), in one read of each (float32 sums). Only where :func:`row_sums_apply` holds (or on the CPU under
+    Triton's interpreter, for tests)."""
+    a, g = a.contiguous(), g.contiguous()
+    rows, length = a.shape
+    block = min(512, 1 << max(0, length - 1).bit_length())  # a power of two
+    block_rows = max(1, 2048 // block)
+    ga = torch.empty(rows, device=a.device, dtype=torch.float32)
+    g_sum = torch.empty_like(ga)
+    _row_sums_kernel()[(-(-rows // block_rows),)](a, g, ga, g_sum, rows, length, BR=block_rows, BL=block)
+    return ga, g_sum

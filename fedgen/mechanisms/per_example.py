@@ -239,7 +239,9 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     with ``M_i = X_i^T X_i`` over the example's K P padded pixels (its K rows as more pixels, the kernel offsets
     taken within a row) and ``Gamma_i = g_i^T g_i`` over its K T positions: ``(K P)^2 C_in + (K T)^2 C_out``
     multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The k_h k_w shifted
-    windows of ``M_i`` are strided views, summed by one reduction. A few examples at a time, so that a chunk's
+    windows of ``M_i`` are strided views, summed by one reduction (on a GPU, summed and contracted with ``Gamma_i``,
+    which it forms tile by tile, by one kernel: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so
+    that a chunk's
     Gram matrices hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
@@ -252,6 +254,10 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
+        if fused_norms.gram_applies(gram, gs):  # Gamma_i, the windows' sum and the contraction in one kernel
+            parts.append(fused_norms.gram_window_sq_norms(layer, gram, gs, (height, width), (out_h, out_w),
+                                                          precision=precision))
+            continue
         # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
         # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
         s0, row, col = pixels * pixels, height * width, width
@@ -353,7 +359,8 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     the example's rows. PyTorch's own GroupNorm backward computes exactly these sums, reduced over the batch;
     seen as one sample whose channels are all rows' channels (``rows * C`` channels in ``rows * G`` groups) it
     keeps them per row: one kernel, from the group statistics (those the forward pass saved, else computed
-    again), with no full-size temporary."""
+    again), with no full-size temporary. On a GPU, ``sum g a`` and ``sum g`` per row and channel by one kernel
+    (``fused_norms.row_sums``) and ``sum g x_hat = r (sum g a - mu sum g)`` from them."""
     rows, channels, groups = a.shape[0], a.shape[1], layer.num_groups
     positions = a.numel() // (rows * channels)
     # one copy if the input is not contiguous (a one-row transposed or channels-last input reshapes to a strided
@@ -364,10 +371,16 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
         var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
         stats = mean, (var + layer.eps).rsqrt()
     mean, rstd = stats
-    mask = [False, layer.weight is not None, layer.bias is not None]
-    _, weight, bias = torch.ops.aten.native_group_norm_backward(
-        g.reshape(1, rows * channels, positions), a, mean.unsqueeze(0), rstd.unsqueeze(0),
-        _ones(rows * channels, a), 1, rows * channels, positions, rows * groups, mask)  # its scale only enters dX
+    g = g.reshape(1, rows * channels, positions)
+    if fused_norms.row_sums_apply(a, g):  # sum g a and sum g per row and channel in one read of each, then
+        ga, bias = fused_norms.row_sums(a[0], g[0])  # sum g x_hat = (sum g a - mu sum g) r
+        by_group = (rows * groups, channels // groups)
+        weight = ((ga.view(by_group) - bias.view(by_group) * mean[:, None]) * rstd[:, None]).view(-1)
+    else:
+        mask = [False, layer.weight is not None, layer.bias is not None]
+        _, weight, bias = torch.ops.aten.native_group_norm_backward(
+            g, a, mean.unsqueeze(0), rstd.unsqueeze(0), _ones(rows * channels, a), 1, rows * channels, positions,
+            rows * groups, mask)  # its scale only enters dX
     grads = {}
     if layer.weight is not None:
         grads["weight"] = _sum_dim1(weight.reshape(batch, -1, channels))

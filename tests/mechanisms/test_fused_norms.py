@@ -71,6 +71,96 @@ def test_fused_norms_equal_the_unfold_path() -> None:
                                        msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
 
 
+GRAM = """
+import json, sys, torch
+from torch import nn
+from fedgen.mechanisms import fused_norms, per_example
+kernel, used = fused_norms.gram_window_sq_norms, []
+out = []
+for c_in, c_out, kernel_size, stride, padding, dilation, size, batch, draws in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, dilation=dilation)
+    a = torch.randn(batch * draws, c_in, *size)
+    g = torch.randn_like(layer(a))
+    fused_norms.gram_applies = lambda gram, g: gram.dtype == torch.float32  # forced on the CPU
+    got = {}
+    for name, tile in (("got", (64, 32)), ("small tiles", (16, 16))):
+        fused_norms.gram_window_sq_norms = lambda *args, tile=tile, **kw: used.append(1) or kernel(*args, tile=tile,
+                                                                                                  **kw)
+        got[name] = per_example._conv2d_gram_sq_norms(layer, a, g, batch).tolist()
+    fused_norms.gram_applies = lambda gram, g: False
+    torch_path = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
+    expected = per_example._conv2d_weight_sq_norms(layer.double(), [(a.double(), g.double())], batch)
+    out.append({**got, "torch": torch_path.tolist(), "expected": expected.tolist()})
+print(json.dumps({"used": len(used), "results": out}))
+"""
+
+
+def test_the_gram_window_kernel_gives_the_norms_of_the_gram_path() -> None:
+    """Norms from the padded input's Gram matrix, with the output gradient's Gram matrix formed tile by tile and
+    the windows summed and contracted by the kernel (forced on the CPU, under the interpreter): the same as
+    PyTorch's reduction and the float64 norms, for strides, padding, dilation, rectangular kernels, K rows per
+    example, several blocks of rows and columns (the blocks above the diagonal counted twice) and of channels."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cases = CASES + [(3, 20, 3, 1, 1, 1, (9, 8), 2, 1)]  # 72 positions: 5 blocks of 16 rows, 2 of 16 channels
+    done = subprocess.run([sys.executable, "-c", GRAM, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["used"] == 2 * len(cases)  # the engine's Gram path went through the kernel, twice per case
+    for case, result in zip(cases, report["results"], strict=True):
+        want = torch.tensor(result["expected"], dtype=torch.float64)
+        assert want.shape == (case[7],) and bool((want > 0).all())
+        for key in ("got", "small tiles", "torch"):
+            torch.testing.assert_close(torch.tensor(result[key], dtype=torch.float64), want, rtol=1e-5, atol=0,
+                                       msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
+
+
+ROW_SUMS = """
+import json, sys, torch
+from torch import nn
+from fedgen.mechanisms import fused_norms, per_example
+out = []
+for channels, groups, size, batch, draws, affine in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(groups, channels, affine=affine)
+    a = torch.randn(batch * draws, channels, *size) * 3 + 1
+    g = torch.randn_like(a)
+    fused_norms.row_sums_apply = lambda a, g: True  # forced on the CPU
+    got = per_example._group_norm(layer, a, g, batch)
+    fused_norms.row_sums_apply = lambda a, g: False
+    want = per_example._group_norm(layer, a, g, batch)
+    out.append({"got": {k: v.tolist() for k, v in got.items()}, "want": {k: v.tolist() for k, v in want.items()}})
+a, g = torch.randn(37, 300), torch.randn(37, 300)  # rows and lengths no block divides
+ga, g_sum = fused_norms.row_sums(a, g)
+print(json.dumps({"layers": out, "ga": [ga.tolist(), (g * a).sum(1).tolist()],
+                  "g_sum": [g_sum.tolist(), g.sum(1).tolist()]}))
+"""
+
+
+def test_row_sums_give_the_group_norm_per_example_gradients() -> None:
+    """GroupNorm's per-example affine gradients from the row-sums kernel (forced on the CPU, under the interpreter)
+    equal those of PyTorch's GroupNorm backward, for one and several channels a group, positions that no block
+    divides, K rows per example and a layer without affine parameters; the kernel's sums equal PyTorch's."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cases = [(6, 3, (5, 7), 3, 1, True), (8, 8, (4, 4), 2, 2, True), (4, 1, (33,), 2, 1, True),
+             (4, 2, (3, 3), 2, 1, False)]
+    done = subprocess.run([sys.executable, "-c", ROW_SUMS, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, result in zip(cases, report["layers"], strict=True):
+        assert sorted(result["got"]) == sorted(result["want"]) == (["bias", "weight"] if case[-1] else [])
+        for name, want in result["want"].items():
+            want = torch.tensor(want)
+            assert want.shape == (case[3], case[0]) and want.abs().max() > 0
+            torch.testing.assert_close(torch.tensor(result["got"][name]), want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, c=case, n=name: f"{c}, {n}: {m}")
+    for key in ("ga", "g_sum"):
+        got, want = map(torch.tensor, report[key])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernel_is_used_only_where_it_supports_the_layer() -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1)
     a, g = torch.randn(2, 2, 5, 5), torch.randn(2, 3, 5, 5)
