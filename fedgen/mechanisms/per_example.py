@@ -29,8 +29,9 @@ weight-gradient product). Then:
 
 Steps 1 to 3 run in IEEE float32 (TF32 and autocast off, lower-precision inputs and output gradients
 converted exactly; see :func:`~fedgen.mechanisms.precision.ieee_fp32`), so that each example adds at most C; or,
-with ``BOOK_PRECISION = "tf32"`` (every book-kept layer) or ``"auto"`` (the layers with many multiply-adds), the
-book-kept products on TF32 tensor cores from operands rounded to TF32 values, which makes them exact as well.
+with ``BOOK_PRECISION = "tf32"`` (every book-kept layer) or ``"auto"`` (the default: the layers with many
+multiply-adds, on a CUDA device), the book-kept products on TF32 tensor cores from operands rounded to TF32 values,
+which makes them exact as well.
 The formed per-example gradients are made in the hooks with autocast off but TF32 allowed: a formed gradient
 is both the norm's input and the sum's, so how its products were rounded cannot move it past its bound.
 
@@ -452,10 +453,12 @@ FORM_PRECISION = "tf32"
 #: halves (``precision.split_tf32``) with one product each. The norms and the sums are then those of one per-example
 #: gradient (of the rounded operands), as in IEEE float32; products of anything else (a Gram matrix with another)
 #: stay IEEE. Measured on an H200 (docs/benchmarks.md): 10% off the ConvNet's step at batch 1024, no change where the
-#: UNet's step is bound by the GPU, a third more where the host bounds it (more launches); so not the default.
-#: "auto": TF32 for the layers whose clipped sum takes at least ``TF32_MIN_MULTIPLY_ADDS``, IEEE for the others
-#: (:func:`book_precision`); to be measured against both.
-BOOK_PRECISION = "ieee"
+#: UNet's step is bound by the GPU, a third more where the host bounds it (more launches).
+#: "auto" (the default): TF32 for the layers whose clipped sum takes at least ``TF32_MIN_MULTIPLY_ADDS``, IEEE for the
+#: others (:func:`book_precision`). On one H200 (2026-12-03) it kept TF32's gain on the ConvNet (13.19 against 14.63 ms
+#: at batch 1024, graphed 3.86 against 4.03 at 256) and IEEE's time on the UNet (graphed at batch 256, K = 1: 50.55
+#: against 50.26 ms; the diffusion examples' steps within 0.5 ms), and no isolated example added more than C.
+BOOK_PRECISION = "auto"
 #: with ``BOOK_PRECISION = "auto"``, the multiply-adds of a layer's clipped sum (output-gradient values times the
 #: weight's fan-in) from which TF32 book-keeping is chosen: below it, TF32's saving on the tensor cores (about 0.2 ms
 #: at 2^32 on an H200, where IEEE float32 runs at about an eighth of the TF32 rate) is smaller than what its own
@@ -471,12 +474,19 @@ def book_precision(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> str:
     """The precision of a book-kept layer's norms and clipped sum, decided when its output gradient is caught:
     ``BOOK_PRECISION``, or with ``"auto"`` TF32 where the clipped sum's multiply-adds, ``|g| d_in`` (``d_in`` the
     weight's fan-in: C_in / groups k_h k_w, or in_features), reach ``TF32_MIN_MULTIPLY_ADDS``. Always IEEE for
-    tensors that are not float32 (TF32 rounds float32 values only)."""
+    tensors that are not float32 (TF32 rounds float32 values only); with ``"auto"`` IEEE too off CUDA devices, where
+    no tensor core would run the products and the rounding would only cost time."""
     if a.dtype != torch.float32 or g.dtype != torch.float32 or BOOK_PRECISION == "ieee":
         return "ieee"
-    if BOOK_PRECISION == "tf32" or g.numel() * layer.weight[0].numel() >= TF32_MIN_MULTIPLY_ADDS:
+    if BOOK_PRECISION == "tf32" or (_tensor_cores(g) and
+                                    g.numel() * layer.weight[0].numel() >= TF32_MIN_MULTIPLY_ADDS):
         return "tf32"
     return "ieee"
+
+
+def _tensor_cores(t: torch.Tensor) -> bool:
+    """Whether TF32 products of ``t`` would run on tensor cores: on a CUDA device."""
+    return t.is_cuda
 
 
 def forms_weight(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, batch: int) -> bool:

@@ -835,7 +835,8 @@ def test_in_tf32_the_book_kept_products_see_only_tf32_values(monkeypatch: pytest
 def test_book_precision_auto_takes_tf32_only_for_layers_with_many_multiply_adds(monkeypatch: pytest.MonkeyPatch
                                                                                ) -> None:
     """``BOOK_PRECISION = "auto"``: TF32 where a layer's clipped sum takes at least ``TF32_MIN_MULTIPLY_ADDS``
-    (``|g| d_in``), IEEE elsewhere and for anything not float32; "ieee" and "tf32" apply to every layer."""
+    (``|g| d_in``) on a CUDA device, IEEE elsewhere, off CUDA devices and for anything not float32; "ieee" and
+    "tf32" apply to every layer. "auto" is the default."""
     from fedgen.mechanisms import per_example
     from fedgen.mechanisms.per_example import book_precision
 
@@ -845,7 +846,9 @@ def test_book_precision_auto_takes_tf32_only_for_layers_with_many_multiply_adds(
                               torch.empty(g_shape, device="meta", dtype=dtype))
 
     conv, linear = nn.Conv2d(128, 128, 3, padding=1), nn.Linear(1152, 10)
-    monkeypatch.setattr(per_example, "BOOK_PRECISION", "auto")
+    assert per_example.BOOK_PRECISION == "auto"  # the default
+    assert decide(conv, (1024, 128, 14, 14), (1024, 128, 14, 14)) == "ieee"  # off CUDA: no tensor cores
+    monkeypatch.setattr(per_example, "_tensor_cores", lambda t: True)  # as on a GPU
     assert per_example.TF32_MIN_MULTIPLY_ADDS == 2**32
     assert decide(conv, (1024, 128, 14, 14), (1024, 128, 14, 14)) == "tf32"  # 29.6e9 multiply-adds
     assert decide(conv, (256, 128, 7, 7), (256, 128, 7, 7)) == "ieee"  # 1.8e9
@@ -866,6 +869,7 @@ def test_book_precision_auto_mixes_tf32_and_ieee_layers_within_the_bound(monkeyp
 
     threshold = 3000
     monkeypatch.setattr(per_example, "BOOK_PRECISION", "auto")
+    monkeypatch.setattr(per_example, "_tensor_cores", lambda t: True)  # as on a GPU
     monkeypatch.setattr(per_example, "TF32_MIN_MULTIPLY_ADDS", threshold)
     monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)  # book-keep every weight
     seen: list[tuple[str, bool]] = []
