@@ -380,6 +380,10 @@ def main() -> None:
     parser.add_argument("--row_sums", choices=["on", "off"], default="on" if fused_norms.ROW_SUMS else "off",
                         help="GroupNorm's per-example sums by the Triton kernel (fused_norms.ROW_SUMS), for an A/B "
                              "against PyTorch's GroupNorm backward")
+    parser.add_argument("--tf32_before_gram", choices=["on", "off"],
+                        default="on" if fused_norms.TF32_BEFORE_GRAM else "off",
+                        help="a convolution book-kept in TF32 takes the fused kernel before the Gram path "
+                             "(fused_norms.TF32_BEFORE_GRAM), for an A/B")
     parser.add_argument("--chunk_elements", type=int, default=per_example.CHUNK_ELEMENTS,
                         help="fedgen's norms take a few examples at a time within max(this, the layer's input) values "
                              "(per_example.CHUNK_ELEMENTS), for an A/B against the default: each chunk launches its "
@@ -400,6 +404,7 @@ def main() -> None:
     per_example.BOOK_PRECISION = args.book_precision
     per_example.CHUNK_ELEMENTS = args.chunk_elements
     fused_norms.GRAM_WINDOWS, fused_norms.ROW_SUMS = args.gram_windows == "on", args.row_sums == "on"
+    fused_norms.TF32_BEFORE_GRAM = args.tf32_before_gram == "on"
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
         return
@@ -421,7 +426,8 @@ def main() -> None:
           f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
           f"book-kept norms and sums in {per_example.BOOK_PRECISION}; Gram windows by the kernel "
-          f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; "
+          f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; TF32 convolutions by the fused kernel "
+          f"before the Gram path {args.tf32_before_gram}; "
           f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "

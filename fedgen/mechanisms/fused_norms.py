@@ -53,6 +53,10 @@ GRAM_WINDOWS = True
 #: On by measurement (the same runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms faster, eager and graphed; per
 #: layer 0.35 against 0.61 ms at 128 channels, 28x28, batch 1024
 ROW_SUMS = True
+#: whether a convolution book-kept in TF32 (``per_example.book_precision``) takes this kernel, its products on tensor
+#: cores (exact: its operands are TF32 values), before the padded input's Gram matrix, which the engine otherwise
+#: prefers where it needs fewer multiplications; off until a GPU measures it (``dp_step.py --tf32_before_gram``)
+TF32_BEFORE_GRAM = False
 #: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path
 MIN_WINDOW, MIN_POSITIONS = 288, 64
 _MAX_INDEX = 2**31 - 1  # the kernel's offsets are 32-bit

@@ -280,12 +280,16 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
     fewest multiplications (:func:`_conv_multiplications`): the padded input's Gram matrix
     (:func:`_conv2d_gram_sq_norms`), or else, on a GPU where it was measured faster, one fused kernel that
     forms nothing in memory (:mod:`fedgen.mechanisms.fused_norms`), or else the unfold path, a few examples at
-    a time (:func:`_conv_chunks`), which also serves layers called several times."""
-    if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS:
+    a time (:func:`_conv_chunks`), which also serves layers called several times. With
+    ``fused_norms.TF32_BEFORE_GRAM``, a layer in TF32 (:func:`book_precision`) takes the fused kernel, on tensor
+    cores, before the Gram matrix."""
+    fused = len(calls) == 1 and fused_norms.applies(layer, *calls[0])
+    if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS and not (
+            fused and precision == "tf32" and fused_norms.TF32_BEFORE_GRAM):
         count = _conv_multiplications(layer, *calls[0], batch)
         if count["gram"] < min(count["form"], count["ghost"]):
             return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision)
-    if len(calls) == 1 and fused_norms.applies(layer, *calls[0]):
+    if fused:
         return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch, precision=precision)
     parts = [_sum_dim1(_positions_sq_norms(x, g, precision).reshape(b, layer.groups))
              for _, b, x, g in _conv_chunks(layer, calls, batch)]

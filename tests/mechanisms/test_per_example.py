@@ -522,6 +522,27 @@ def test_convolution_norms_take_the_way_of_fewest_multiplications(monkeypatch: p
     assert len(calls) == 1
 
 
+def test_a_tf32_convolution_takes_the_fused_kernel_before_the_gram_path_where_switched_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused_norms.TF32_BEFORE_GRAM``: a convolution whose norms the Gram path would take goes to the fused kernel
+    instead, with the kernel's TF32 products, where its book-keeping precision is TF32 and the kernel applies; in
+    IEEE, or with the switch off, the Gram path keeps it."""
+    from fedgen.mechanisms import fused_norms, per_example
+
+    taken = []
+    monkeypatch.setattr(per_example, "_conv2d_gram_sq_norms", lambda *args: taken.append("gram") or torch.zeros(2))
+    monkeypatch.setattr(fused_norms, "applies", lambda layer, a, g: True)
+    monkeypatch.setattr(fused_norms, "conv2d_weight_sq_norms",
+                        lambda *args, precision: taken.append(f"kernel {precision}") or torch.zeros(2))
+    layer = nn.Conv2d(64, 64, 3, padding=1)  # at 4x4 the Gram is cheapest
+    a = torch.randn(2, 64, 4, 4)
+    calls = [(a, layer(a).detach())]
+    for switch, precision in ((False, "tf32"), (True, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(fused_norms, "TF32_BEFORE_GRAM", switch)
+        per_example._conv2d_weight_sq_norms(layer, calls, 2, precision)
+    assert taken == ["gram", "gram", "kernel tf32"]
+
+
 @pytest.mark.parametrize("kernel,stride,dilation,padding", [(3, 1, 1, 1), (3, 2, 1, 0), (2, 1, 2, 2), ((3, 2), (2, 1), (1, 2), (1, 0))])
 def test_the_strided_unfold_equals_torch_unfold(kernel, stride, dilation, padding) -> None:
     from fedgen.mechanisms import per_example
