@@ -242,8 +242,7 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The k_h k_w shifted
     windows of ``M_i`` are strided views, summed by one reduction (on a GPU, summed and contracted with ``Gamma_i``,
     which it forms tile by tile, by one kernel: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so
-    that a chunk's
-    Gram matrices hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
+    that a chunk's Gram matrices hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
     x = _padded(layer, a)
