@@ -31,8 +31,9 @@ measured faster on the whole step) for A/B measurements:
   ``M_i`` (``per_example._conv2d_gram_sq_norms``): it forms each tile of the output gradient's Gram matrix
   ``Gamma_i`` in registers, adds the k_h k_w shifted windows of ``M_i`` over the same tile, and keeps only the
   tile's contraction, where PyTorch writes the windows' sum and ``Gamma_i`` to memory and reads both back;
-- :func:`row_sums`, ``sum_p g_p a_p`` and ``sum_p g_p`` over each row of two tensors in one read of each, for the
-  per-example affine gradients of ``GroupNorm`` (``per_example._group_norm``).
+- :func:`row_sums`, ``sum_p g_p a_p`` (or ``sum_p g_p x_hat_p`` from group statistics) and ``sum_p g_p`` over each
+  row of two tensors in one read of each, for the per-example affine gradients of ``GroupNorm``
+  (``per_example._group_norm``).
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ def _row_sums_kernel():  # built on first use, as _kernel
     import triton.language as tl
 
     @triton.jit
-    def row_sums_kernel(a_ptr, g_ptr, ga_ptr, g_sum_ptr, rows, length, BR: tl.constexpr, BL: tl.constexpr):
+    def row_sums_kernel(a_ptr, g_ptr, mean_ptr, rstd_ptr, ga_ptr, g_sum_ptr, rows, length, per_group,
+                        BR: tl.constexpr, BL: tl.constexpr, STATS: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         ga = tl.zeros((BR, BL), dtype=tl.float32)
         gs = tl.zeros((BR, BL), dtype=tl.float32)
@@ -279,8 +281,14 @@ def _row_sums_kernel():  # built on first use, as _kernel
             a = tl.load(a_ptr + r[:, None] * length + p[None, :], mask=mask, other=0.0)
             ga += g * a
             gs += g
-        tl.store(ga_ptr + r, tl.sum(ga, axis=1), mask=r < rows)
-        tl.store(g_sum_ptr + r, tl.sum(gs, axis=1), mask=r < rows)
+        ga_rows, g_rows = tl.sum(ga, axis=1), tl.sum(gs, axis=1)
+        if STATS:  # sum g (a - mu) r_std = (sum g a - mu sum g) r_std, with the statistics of the row's group
+            group = r // per_group
+            mean = tl.load(mean_ptr + group, mask=r < rows, other=0.0)
+            rstd = tl.load(rstd_ptr + group, mask=r < rows, other=0.0)
+            ga_rows = (ga_rows - g_rows * mean) * rstd
+        tl.store(ga_ptr + r, ga_rows, mask=r < rows)
+        tl.store(g_sum_ptr + r, g_rows, mask=r < rows)
 
     return row_sums_kernel
 
@@ -292,15 +300,23 @@ def row_sums_apply(a: torch.Tensor, g: torch.Tensor) -> bool:
             and triton_available())
 
 
-def row_sums(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
+             per_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_p g[r, p] a[r, p], sum_p g[r, p])`` for each row r of two float32 tensors of one shape (rows,
-    length), in one read of each (float32 sums). Only where :func:`row_sums_apply` holds (or on the CPU under
-    Triton's interpreter, for tests)."""
+    length), in one read of each (float32 sums). With group statistics ``mean`` and ``rstd`` (rows / per_group each,
+    for groups of ``per_group`` consecutive rows) the first sum is that of ``g x_hat``, ``x_hat = (a - mean) rstd``:
+    GroupNorm's per-example weight gradient, taken as ``(sum g a - mean sum g) rstd`` in the same kernel. Only where
+    :func:`row_sums_apply` holds (or on the CPU under Triton's interpreter, for tests)."""
     a, g = a.contiguous(), g.contiguous()
     rows, length = a.shape
     block = min(512, 1 << max(0, length - 1).bit_length())  # a power of two
     block_rows = max(1, 2048 // block)
     ga = torch.empty(rows, device=a.device, dtype=torch.float32)
     g_sum = torch.empty_like(ga)
-    _row_sums_kernel()[(-(-rows // block_rows),)](a, g, ga, g_sum, rows, length, BR=block_rows, BL=block)
+    stats = mean is not None
+    if stats and (rstd is None or mean.shape != (rows // per_group,) or rstd.shape != mean.shape):
+        raise ValueError(f"mean and rstd must both have shape ({rows // per_group},), one per group of {per_group} rows")
+    _row_sums_kernel()[(-(-rows // block_rows),)](a, g, mean.contiguous() if stats else ga,
+                                                  rstd.contiguous() if stats else ga, ga, g_sum, rows, length,
+                                                  per_group, BR=block_rows, BL=block, STATS=stats)
     return ga, g_sum

@@ -363,8 +363,8 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     the example's rows. PyTorch's own GroupNorm backward computes exactly these sums, reduced over the batch;
     seen as one sample whose channels are all rows' channels (``rows * C`` channels in ``rows * G`` groups) it
     keeps them per row: one kernel, from the group statistics (those the forward pass saved, else computed
-    again), with no full-size temporary. On a GPU, ``sum g a`` and ``sum g`` per row and channel by one kernel
-    (``fused_norms.row_sums``) and ``sum g x_hat = r (sum g a - mu sum g)`` from them."""
+    again), with no full-size temporary. On a GPU, one kernel that reads each tensor once
+    (``fused_norms.row_sums``, ``sum g x_hat`` as ``r (sum g a - mu sum g)``)."""
     rows, channels, groups = a.shape[0], a.shape[1], layer.num_groups
     positions = a.numel() // (rows * channels)
     # one copy if the input is not contiguous (a one-row transposed or channels-last input reshapes to a strided
@@ -376,10 +376,8 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
         stats = mean, (var + layer.eps).rsqrt()
     mean, rstd = stats
     g = g.reshape(1, rows * channels, positions)
-    if fused_norms.row_sums_apply(a, g):  # sum g a and sum g per row and channel in one read of each, then
-        ga, bias = fused_norms.row_sums(a[0], g[0])  # sum g x_hat = (sum g a - mu sum g) r
-        by_group = (rows * groups, channels // groups)
-        weight = ((ga.view(by_group) - bias.view(by_group) * mean[:, None]) * rstd[:, None]).view(-1)
+    if fused_norms.row_sums_apply(a, g):  # sum g x_hat and sum g per row and channel in one read of each
+        weight, bias = fused_norms.row_sums(a[0], g[0], mean, rstd, channels // groups)
     else:
         mask = [False, layer.weight is not None, layer.bias is not None]
         _, weight, bias = torch.ops.aten.native_group_norm_backward(

@@ -131,17 +131,27 @@ for channels, groups, size, batch, draws, affine in json.loads(sys.argv[1]):
     fused_norms.row_sums_apply = lambda a, g: False
     want = per_example._group_norm(layer, a, g, batch)
     out.append({"got": {k: v.tolist() for k, v in got.items()}, "want": {k: v.tolist() for k, v in want.items()}})
-a, g = torch.randn(37, 300), torch.randn(37, 300)  # rows and lengths no block divides
+a, g = torch.randn(36, 300) + 2, torch.randn(36, 300)  # rows and lengths no block divides
 ga, g_sum = fused_norms.row_sums(a, g)
+mean, rstd = torch.randn(12), torch.rand(12) + 0.5  # groups of 3 rows
+x_hat = (a - mean.repeat_interleave(3)[:, None]) * rstd.repeat_interleave(3)[:, None]
+gx, _ = fused_norms.row_sums(a, g, mean, rstd, 3)
+try:
+    fused_norms.row_sums(a, g, mean, rstd, 2)
+    refused = ""
+except ValueError as err:
+    refused = str(err)
 print(json.dumps({"layers": out, "ga": [ga.tolist(), (g * a).sum(1).tolist()],
-                  "g_sum": [g_sum.tolist(), g.sum(1).tolist()]}))
+                  "g_sum": [g_sum.tolist(), g.sum(1).tolist()], "gx": [gx.tolist(), (g * x_hat).sum(1).tolist()],
+                  "refused": refused}))
 """
 
 
 def test_row_sums_give_the_group_norm_per_example_gradients() -> None:
     """GroupNorm's per-example affine gradients from the row-sums kernel (forced on the CPU, under the interpreter)
     equal those of PyTorch's GroupNorm backward, for one and several channels a group, positions that no block
-    divides, K rows per example and a layer without affine parameters; the kernel's sums equal PyTorch's."""
+    divides, K rows per example and a layer without affine parameters; the kernel's sums equal PyTorch's, with and
+    without group statistics, and statistics of the wrong length are refused."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     cases = [(6, 3, (5, 7), 3, 1, True), (8, 8, (4, 4), 2, 2, True), (4, 1, (33,), 2, 1, True),
              (4, 2, (3, 3), 2, 1, False)]
@@ -156,9 +166,10 @@ def test_row_sums_give_the_group_norm_per_example_gradients() -> None:
             assert want.shape == (case[3], case[0]) and want.abs().max() > 0
             torch.testing.assert_close(torch.tensor(result["got"][name]), want, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, c=case, n=name: f"{c}, {n}: {m}")
-    for key in ("ga", "g_sum"):
+    for key in ("ga", "g_sum", "gx"):  # plain sums, and sum g x_hat from group statistics
         got, want = map(torch.tensor, report[key])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert "one per group of 2 rows" in report["refused"]  # statistics that do not match the groups
 
 
 def test_the_kernel_is_used_only_where_it_supports_the_layer() -> None:
