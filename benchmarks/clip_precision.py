@@ -15,7 +15,10 @@ every example is clipped, and reports ``||contribution_i|| / C`` over the exampl
 - ``tf32-book``: as ``tf32-formed``, with the two-computation norms and sums in TF32 on operands rounded to TF32
   values first (``per_example.BOOK_PRECISION = "tf32"``), whose products are exact;
 - ``auto-book``: as ``tf32-book`` for the layers with many multiply-adds only, IEEE for the others
-  (``per_example.BOOK_PRECISION = "auto"``).
+  (``per_example.BOOK_PRECISION = "auto"``);
+- ``tf32-margin``: as ``tf32-book``, each clipped sum one TF32 product of the scaled output gradient (which the
+  tensor cores round) with the clip factors taken from the norms plus the rounding margin
+  (``per_example.TF32_SUMS = "margin"``).
 
 A ratio above 1 + 1e-5 means an example added more than C. Usage:
 
@@ -68,11 +71,13 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
     saved = matmul.fp32_precision, conv.fp32_precision
     if precision == "tf32":
         matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
-    original, form_precision, book_precision = per_example.ieee_fp32, per_example.FORM_PRECISION, \
-        per_example.BOOK_PRECISION
+    original, form_precision, book_precision, tf32_sums = per_example.ieee_fp32, per_example.FORM_PRECISION, \
+        per_example.BOOK_PRECISION, per_example.TF32_SUMS
     per_example.ieee_fp32 = context
     per_example.FORM_PRECISION = "ieee" if precision == "ieee" else "tf32"
-    per_example.BOOK_PRECISION = {"tf32-book": "tf32", "auto-book": "auto"}.get(precision, "ieee")
+    per_example.BOOK_PRECISION = {"tf32-book": "tf32", "auto-book": "auto",
+                                  "tf32-margin": "tf32"}.get(precision, "ieee")
+    per_example.TF32_SUMS = "margin" if precision == "tf32-margin" else "split"
     ratios = []
     try:
         for i in range(examples):
@@ -86,7 +91,7 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
                 p.summed_grad = None
     finally:
         per_example.ieee_fp32, per_example.FORM_PRECISION = original, form_precision
-        per_example.BOOK_PRECISION = book_precision
+        per_example.BOOK_PRECISION, per_example.TF32_SUMS = book_precision, tf32_sums
         matmul.fp32_precision, conv.fp32_precision = saved
         clipping.remove()
     return torch.tensor(ratios, dtype=torch.float64)
@@ -106,7 +111,7 @@ def main() -> None:
     print("| model | engine products | max ||contribution|| / C | median | examples above 1 + 1e-5 |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        for precision in ("ieee", "tf32", "tf32-formed", "tf32-book", "auto-book"):
+        for precision in ("ieee", "tf32", "tf32-formed", "tf32-book", "auto-book", "tf32-margin"):
             torch.manual_seed(0)
             model, per_row_loss = MODELS[name](args.batch, device)
             r = contribution_ratios(model, per_row_loss, args.batch, args.examples, precision)

@@ -384,6 +384,9 @@ def main() -> None:
                         default="on" if fused_norms.TF32_BEFORE_GRAM else "off",
                         help="a convolution book-kept in TF32 takes the fused kernel before the Gram path "
                              "(fused_norms.TF32_BEFORE_GRAM), for an A/B")
+    parser.add_argument("--tf32_sums", choices=["split", "margin"], default=per_example.TF32_SUMS,
+                        help="how a clipped sum book-kept in TF32 stays within C (per_example.TF32_SUMS): two exact "
+                             "halves, or one product with a rounding margin in the clip factors")
     parser.add_argument("--chunk_elements", type=int, default=per_example.CHUNK_ELEMENTS,
                         help="fedgen's norms take a few examples at a time within max(this, the layer's input) values "
                              "(per_example.CHUNK_ELEMENTS), for an A/B against the default: each chunk launches its "
@@ -405,6 +408,7 @@ def main() -> None:
     per_example.CHUNK_ELEMENTS = args.chunk_elements
     fused_norms.GRAM_WINDOWS, fused_norms.ROW_SUMS = args.gram_windows == "on", args.row_sums == "on"
     fused_norms.TF32_BEFORE_GRAM = args.tf32_before_gram == "on"
+    per_example.TF32_SUMS = args.tf32_sums
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
         return
@@ -427,7 +431,7 @@ def main() -> None:
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
           f"book-kept norms and sums in {per_example.BOOK_PRECISION}; Gram windows by the kernel "
           f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; TF32 convolutions by the fused kernel "
-          f"before the Gram path {args.tf32_before_gram}; "
+          f"before the Gram path {args.tf32_before_gram}; TF32 clipped sums by {args.tf32_sums}; "
           f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "

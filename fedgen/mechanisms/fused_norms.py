@@ -315,7 +315,8 @@ def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor | None = None,
     g_sum = torch.empty_like(ga)
     stats = mean is not None
     if stats and (rstd is None or mean.shape != (rows // per_group,) or rstd.shape != mean.shape):
-        raise ValueError(f"mean and rstd must both have shape ({rows // per_group},), one per group of {per_group} rows")
+        raise ValueError(f"mean and rstd must both have shape ({rows // per_group},), one per group of {per_group} "
+                         "rows")
     _row_sums_kernel()[(-(-rows // block_rows),)](a, g, mean.contiguous() if stats else ga,
                                                   rstd.contiguous() if stats else ga, ga, g_sum, rows, length,
                                                   per_group, BR=block_rows, BL=block, STATS=stats)

@@ -148,6 +148,14 @@ def _linear_weight_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> to
     return g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
 
 
+def _linear_rounding_bound(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    """``sum_t ||g_t|| ||a_t||`` over each example's positions (and K rows): a bound on how far a TF32 rounding of
+    each value of ``g`` by a relative ``u`` moves the example's weight gradient ``sum_t g_t a_t^T``, in units of
+    ``u`` (:data:`TF32_SUMS`)."""
+    return (torch.linalg.vector_norm(g.reshape(batch, -1, g.shape[-1]), dim=-1)
+            * torch.linalg.vector_norm(a.reshape(batch, -1, a.shape[-1]), dim=-1)).sum(1)
+
+
 def _linear_bias(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, batch: int,
                  node: Any = None) -> dict[str, torch.Tensor]:
     return {} if layer.bias is None else {"bias": _sum_dim1(g.reshape(batch, -1, g.shape[-1]))}
@@ -324,6 +332,16 @@ def _conv2d_weight_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> to
                                        dilation=layer.dilation, groups=layer.groups)
 
 
+def _conv2d_rounding_bound(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
+    """``sum_t ||g_t|| ||x_t||`` over each example's output positions t (and K rows), ``x_t`` the input window at t
+    (all channels; with groups the bound holds by Cauchy-Schwarz over the groups): as
+    :func:`_linear_rounding_bound`. ``||x_t||^2`` is the window sum of the channels' squares, one convolution with
+    a kernel of ones."""
+    window_sq = F.conv2d(a.square().sum(1, keepdim=True), a.new_ones(1, 1, *layer.kernel_size), stride=layer.stride,
+                         padding=layer.padding, dilation=layer.dilation)
+    return (torch.linalg.vector_norm(g, dim=1) * window_sq.squeeze(1).clamp(min=0).sqrt()).reshape(batch, -1).sum(1)
+
+
 def _conv2d_bias(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int,
                  node: Any = None) -> dict[str, torch.Tensor]:
     return {} if layer.bias is None else {"bias": g.reshape(batch, -1, layer.out_channels, g[0, 0].numel()).sum((1, 3))}
@@ -430,6 +448,12 @@ BOOK_KEEPING: dict[type[nn.Module], tuple[Callable, Callable]] = {
     nn.Linear: (_linear_weight_sq_norms, _linear_weight_sum),
     nn.Conv2d: (_conv2d_weight_sq_norms, _conv2d_weight_sum),
 }
+#: the same weights' bound on how far a relative rounding of the scaled output gradient moves an example's clipped
+#: weight gradient, ``rounding_bound(layer, a, g, batch)`` (:data:`TF32_SUMS` = "margin")
+ROUNDING_BOUND: dict[type[nn.Module], Callable] = {
+    nn.Linear: _linear_rounding_bound,
+    nn.Conv2d: _conv2d_rounding_bound,
+}
 #: the same weights' per-example gradients, formed: ``per_example(layer, a, g, batch)``, (batch, *weight.shape)
 PER_EXAMPLE_WEIGHT: dict[type[nn.Module], Callable] = {
     nn.Linear: _linear_weight_per_example,
@@ -460,6 +484,19 @@ FORM_PRECISION = "tf32"
 #: at batch 1024, graphed 3.86 against 4.03 at 256) and IEEE's time on the UNet (graphed at batch 256, K = 1: 50.55
 #: against 50.26 ms; the diffusion examples' steps within 0.5 ms), and no isolated example added more than C.
 BOOK_PRECISION = "auto"
+#: how the clipped sum of a weight book-kept in TF32 keeps each example within C. "split": the clip factors are
+#: truncated to TF32 and the scaled output gradient, exact in float32, is summed as two TF32 halves, each product
+#: exact. "margin" (off until measured on a GPU): one TF32 product of the scaled output gradient ``c_i g_t``, which
+#: the tensor cores round to TF32 by at most 2^-10 of each value (truncating, or 2^-11 to nearest). That moves the
+#: example's contribution ``sum_t round(c_i g_t) a_t^T`` (``a_t`` a TF32 value) from ``c_i G_i`` by at most
+#: ``2^-10 c_i sum_t ||g_t|| ||a_t||`` (:data:`ROUNDING_BOUND`); the clip factor is taken from the norm plus
+#: ``TF32_MARGIN`` times that sum over the TF32 layers, ``c_i = min(1, C / (||G_i|| + TF32_MARGIN B_i))``, so that
+#: ``||contribution_i|| <= c_i (||G_i|| + 2^-10 B_i) <= C``. On the ConvNet (MNIST, 128 examples) ``B_i`` was 6 to 12
+#: times ``||G_i||`` for its 7x7 and 14x14 convolutions: clip factors up to about 2% smaller than "split"'s.
+TF32_SUMS = "split"
+#: the relative rounding "margin" allows each scaled output-gradient value: twice TF32's largest (2^-10), which also
+#: covers float32's rounding of the scaling and of the bound's own sums
+TF32_MARGIN = 2**-9
 #: with ``BOOK_PRECISION = "auto"``, the multiply-adds of a layer's clipped sum (output-gradient values times the
 #: weight's fan-in) from which TF32 book-keeping is chosen: below it, TF32's saving on the tensor cores (about 0.2 ms
 #: at 2^32 on an H200, where IEEE float32 runs at about an eighth of the TF32 rate) is smaller than what its own
@@ -582,7 +619,8 @@ class PerExampleClipping:
     def __init__(self, module: nn.Module, max_grad_norm: float) -> None:
         self.max_grad_norm = float(max_grad_norm)
         for name, value, allowed in (("BOOK_PRECISION", BOOK_PRECISION, ("ieee", "tf32", "auto")),
-                                     ("FORM_PRECISION", FORM_PRECISION, ("ieee", "tf32"))):
+                                     ("FORM_PRECISION", FORM_PRECISION, ("ieee", "tf32")),
+                                     ("TF32_SUMS", TF32_SUMS, ("split", "margin"))):
             if value not in allowed:
                 raise ValueError(f"fedgen.mechanisms.per_example.{name} is {value!r}: set it to one of "
                                  f"{', '.join(map(repr, allowed))}")
@@ -749,11 +787,17 @@ class PerExampleClipping:
         blocks += [([p], materialized.pop(p).reshape(batch, -1)) for p in list(materialized)]
         # one stack and one sum over all layers' and blocks' norms (a running sum would launch a kernel per term)
         sq_norms = torch.stack(weight_sq_norms + [_rows_sq_norms(grads) for _, grads in blocks]).sum(0)
+        norms = sq_norms.sqrt()
+        split = TF32_SUMS == "split"
+        margins = [] if split else [ROUNDING_BOUND[type(layer)](layer, a, g, batch) for layer, calls in by_layer.items()
+                                    if precisions[layer] == "tf32" for a, g in calls]
+        if margins:  # each TF32 clipped sum is one product, which rounds the scaled output gradient (TF32_SUMS)
+            norms = norms + TF32_MARGIN * torch.stack(margins).sum(0)
         # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
-        factor = (self.max_grad_norm / (batch * sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * batch
+        factor = (self.max_grad_norm / (batch * norms + 1e-6)).clamp(max=1.0) * batch
         if weights is not None:
             factor = factor * weights.to(factor.dtype)
-        if "tf32" in precisions.values():
+        if split and "tf32" in precisions.values():
             factor = truncate_to_tf32(factor)  # never larger; times a TF32 value, exact in float32
         # 2. sum_i factor_i grad_i per parameter
         clipped: dict[nn.Parameter, torch.Tensor] = {}
@@ -780,7 +824,7 @@ class PerExampleClipping:
             for a, g in calls:
                 scaled = g * row_factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
                 # in TF32, two exact products: with the high and the low TF32 half of the scaled output gradient
-                halves = split_tf32(scaled) if precisions[layer] == "tf32" else (scaled,)
+                halves = split_tf32(scaled) if split and precisions[layer] == "tf32" else (scaled,)
                 del scaled
                 with _operand_products(precisions[layer]):
                     if group_rows is None:

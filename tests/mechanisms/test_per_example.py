@@ -998,11 +998,82 @@ def test_tf32_book_keeping_group_sums_add_up_to_the_whole_sum(monkeypatch: pytes
         torch.testing.assert_close(grouped[name].sum(0), p.summed_grad, atol=1e-7, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("name", ["BOOK_PRECISION", "FORM_PRECISION"])
+@pytest.mark.parametrize(("name", "allowed"), [("BOOK_PRECISION", "'ieee', 'tf32'"),
+                                               ("FORM_PRECISION", "'ieee', 'tf32'"),
+                                               ("TF32_SUMS", "'split', 'margin'")])
 def test_an_unknown_engine_precision_is_refused_when_the_engine_is_built(monkeypatch: pytest.MonkeyPatch,
-                                                                        name: str) -> None:
+                                                                        name: str, allowed: str) -> None:
     from fedgen.mechanisms import per_example
 
     monkeypatch.setattr(per_example, name, "bf16")
-    with pytest.raises(ValueError, match=f"per_example.{name} is 'bf16'.*one of 'ieee', 'tf32'"):
+    with pytest.raises(ValueError, match=f"per_example.{name} is 'bf16'.*one of {allowed}"):
         PerExampleClipping(_model("image"), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding,draws", [(3, 1, 1, 1, 1), (3, 2, 1, 0, 2), (2, 1, 2, 2, 1),
+                                                                  ((3, 2), (2, 1), (1, 2), (1, 0), 3)])
+def test_the_rounding_bounds_are_the_sums_of_position_norm_products(kernel, stride, dilation, padding,
+                                                                    draws: int) -> None:
+    """``sum_t ||g_t|| ||a_t||`` per example over its positions and K rows: for a convolution with ``a_t`` its input
+    window (the unfolded input), for a Linear layer over a sequence its input at t."""
+    from fedgen.mechanisms import per_example
+
+    gen = torch.Generator().manual_seed(3)
+    layer = nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding).double()
+    a = torch.randn(2 * draws, 3, 7, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn_like(layer(a))
+    windows = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    want = (g.flatten(2).norm(dim=1) * windows.norm(dim=1)).reshape(2, -1).sum(1)
+    torch.testing.assert_close(per_example._conv2d_rounding_bound(layer, a, g, 2), want)
+    linear = nn.Linear(5, 3).double()
+    a, g = torch.randn(2 * draws, 4, 5, generator=gen, dtype=torch.float64), torch.randn(2 * draws, 4, 3, generator=gen,
+                                                                                         dtype=torch.float64)
+    want = (g.norm(dim=-1) * a.norm(dim=-1)).reshape(2, -1).sum(1)
+    torch.testing.assert_close(per_example._linear_rounding_bound(linear, a, g, 2), want)
+
+
+@pytest.mark.parametrize("rounding", ["truncate", "nearest", "away from zero", "by channel"])
+def test_tf32_margin_sums_keep_each_example_within_c_under_any_rounding_of_the_scaled_gradient(
+        monkeypatch: pytest.MonkeyPatch, rounding: str) -> None:
+    """``TF32_SUMS = "margin"``: each TF32 clipped sum is one product of the scaled output gradient, which a tensor
+    core rounds. Simulated here by rounding it before the product (the CPU's products are exact): by TF32
+    truncation, to nearest, and by two adversaries that move each value by 2^-10 of itself, away from zero or in a
+    fixed sign per channel. Each isolated example still adds at most C, at most a few percent below it, with one
+    product a layer call; without the margin, rounding away from zero takes an example past C."""
+    from fedgen.mechanisms import per_example
+    from fedgen.mechanisms.precision import round_to_tf32, truncate_to_tf32
+
+    def rounded(g: torch.Tensor) -> torch.Tensor:
+        if rounding == "truncate":
+            return truncate_to_tf32(g)
+        if rounding == "nearest":
+            return round_to_tf32(g)
+        if rounding == "away from zero":
+            return g * (1 + 2**-10)
+        signs = torch.where(torch.arange(g.shape[1]) % 3 == 0, -1.0, 1.0)  # channels of a conv, features of a Linear
+        return g * (1 + 2**-10 * signs.reshape(-1, *([1] * (g.dim() - 2))))
+
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "tf32")
+    monkeypatch.setattr(per_example, "TF32_SUMS", "margin")
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)  # book-keep every weight
+    products, layer_calls = [], []
+    for kind in (nn.Conv2d, nn.Linear):
+        real_norms, real_sum = per_example.BOOK_KEEPING[kind]
+
+        def norms(layer, calls, batch, precision, real_norms=real_norms):
+            layer_calls.extend(calls)
+            return real_norms(layer, calls, batch, precision)
+
+        def tensor_core_sum(layer, a, g, real_sum=real_sum):
+            products.append(is_tf32(a))
+            return real_sum(layer, a, rounded(g))
+
+        monkeypatch.setitem(per_example.BOOK_KEEPING, kind, (norms, tensor_core_sum))
+    clip = 1e-3  # every example clipped
+    contributions = _isolated_image_contributions(clip)
+    assert max(contributions) <= clip * (1 + 1e-6)
+    assert min(contributions) >= clip * 0.95
+    assert products and all(products) and len(products) == len(layer_calls)  # one product a layer call, no halves
+    if rounding == "away from zero":
+        monkeypatch.setattr(per_example, "TF32_MARGIN", 0.0)
+        assert max(_isolated_image_contributions(clip)) > clip * (1 + 1e-4)  # the weights: 2^-10 of their share
