@@ -368,7 +368,8 @@ def main() -> None:
                              "A/B against the default")
     parser.add_argument("--book_precision", choices=["ieee", "tf32", "auto"], default=per_example.BOOK_PRECISION,
                         help="the book-kept weights' norms and clipped sums (per_example.BOOK_PRECISION): IEEE "
-                             "float32, or TF32 on operands rounded to TF32 values (exact products)")
+                             "float32, TF32 on operands rounded to TF32 values (exact products), or auto: TF32 for "
+                             "the layers with many multiply-adds")
     parser.add_argument("--kernel_min_window", type=int, default=fused_norms.MIN_WINDOW,
                         help="on a GPU, fedgen's fused kernel takes convolutions with at least this many window "
                              "entries C_in k_h k_w (fused_norms.MIN_WINDOW), for an A/B against the default")

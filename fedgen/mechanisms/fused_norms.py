@@ -31,9 +31,8 @@ measured faster on the whole step) for A/B measurements:
   ``M_i`` (``per_example._conv2d_gram_sq_norms``): it forms each tile of the output gradient's Gram matrix
   ``Gamma_i`` in registers, adds the k_h k_w shifted windows of ``M_i`` over the same tile, and keeps only the
   tile's contraction, where PyTorch writes the windows' sum and ``Gamma_i`` to memory and reads both back;
-- :func:`row_sums`, ``sum_p g_p a_p`` (or ``sum_p g_p x_hat_p`` from group statistics) and ``sum_p g_p`` over each
-  row of two tensors in one read of each, for the per-example affine gradients of ``GroupNorm``
-  (``per_example._group_norm``).
+- :func:`row_sums`, ``sum_p g_p x_hat_p`` (from group statistics) and ``sum_p g_p`` over each row of two tensors
+  in one read of each, for the per-example affine gradients of ``GroupNorm`` (``per_example._group_norm``).
 """
 
 from __future__ import annotations
@@ -231,11 +230,15 @@ def _gram_kernel():  # built on first use, as _kernel
     return gram_window_kernel
 
 
+def _cuda_float32(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take these tensors: float32 on a CUDA device, with Triton installed."""
+    return all(t.is_cuda and t.dtype == torch.float32 for t in tensors) and triton_available()
+
+
 def gram_applies(gram: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the engine contracts a Gram matrix's windows with :func:`gram_window_sq_norms`: where
     ``GRAM_WINDOWS`` is set, on float32 CUDA tensors, with Triton installed."""
-    return (GRAM_WINDOWS and gram.is_cuda and gram.dtype == torch.float32 and g.dtype == torch.float32
-            and triton_available())
+    return GRAM_WINDOWS and _cuda_float32(gram, g)
 
 
 def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, g: torch.Tensor, padded_size: tuple[int, int],
@@ -269,8 +272,8 @@ def _row_sums_kernel():  # built on first use, as _kernel
     import triton.language as tl
 
     @triton.jit
-    def row_sums_kernel(a_ptr, g_ptr, mean_ptr, rstd_ptr, ga_ptr, g_sum_ptr, rows, length, per_group,
-                        BR: tl.constexpr, BL: tl.constexpr, STATS: tl.constexpr):
+    def row_sums_kernel(a_ptr, g_ptr, mean_ptr, rstd_ptr, gx_ptr, g_sum_ptr, rows, length, per_group,
+                        BR: tl.constexpr, BL: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         ga = tl.zeros((BR, BL), dtype=tl.float32)
         gs = tl.zeros((BR, BL), dtype=tl.float32)
@@ -281,13 +284,11 @@ def _row_sums_kernel():  # built on first use, as _kernel
             a = tl.load(a_ptr + r[:, None] * length + p[None, :], mask=mask, other=0.0)
             ga += g * a
             gs += g
-        ga_rows, g_rows = tl.sum(ga, axis=1), tl.sum(gs, axis=1)
-        if STATS:  # sum g (a - mu) r_std = (sum g a - mu sum g) r_std, with the statistics of the row's group
-            group = r // per_group
-            mean = tl.load(mean_ptr + group, mask=r < rows, other=0.0)
-            rstd = tl.load(rstd_ptr + group, mask=r < rows, other=0.0)
-            ga_rows = (ga_rows - g_rows * mean) * rstd
-        tl.store(ga_ptr + r, ga_rows, mask=r < rows)
+        g_rows = tl.sum(gs, axis=1)
+        # sum g (a - mu) r_std = (sum g a - mu sum g) r_std, with the statistics of the row's group
+        mean = tl.load(mean_ptr + r // per_group, mask=r < rows, other=0.0)
+        rstd = tl.load(rstd_ptr + r // per_group, mask=r < rows, other=0.0)
+        tl.store(gx_ptr + r, (tl.sum(ga, axis=1) - g_rows * mean) * rstd, mask=r < rows)
         tl.store(g_sum_ptr + r, g_rows, mask=r < rows)
 
     return row_sums_kernel
@@ -296,28 +297,27 @@ def _row_sums_kernel():  # built on first use, as _kernel
 def row_sums_apply(a: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the engine takes row sums from :func:`row_sums`: where ``ROW_SUMS`` is set, on float32 CUDA
     tensors, with Triton installed."""
-    return (ROW_SUMS and a.is_cuda and a.dtype == torch.float32 and g.dtype == torch.float32
-            and triton_available())
+    return ROW_SUMS and _cuda_float32(a, g)
 
 
-def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
-             per_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_p g[r, p] a[r, p], sum_p g[r, p])`` for each row r of two float32 tensors of one shape (rows,
-    length), in one read of each (float32 sums). With group statistics ``mean`` and ``rstd`` (rows / per_group each,
-    for groups of ``per_group`` consecutive rows) the first sum is that of ``g x_hat``, ``x_hat = (a - mean) rstd``:
-    GroupNorm's per-example weight gradient, taken as ``(sum g a - mean sum g) rstd`` in the same kernel. Only where
-    :func:`row_sums_apply` holds (or on the CPU under Triton's interpreter, for tests)."""
-    a, g = a.contiguous(), g.contiguous()
+def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+             per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_p g[r, p] x_hat[r, p], sum_p g[r, p])`` for each row r of two float32 tensors of one shape (rows,
+    length), ``x_hat = (a - mean) rstd`` with the statistics of the row's group (``rows / per_group`` of each, for
+    groups of ``per_group`` consecutive rows): GroupNorm's per-example affine gradients, the first taken as
+    ``(sum g a - mean sum g) rstd``, in one read of each tensor (float32 sums). Only where :func:`row_sums_apply`
+    holds (or on the CPU under Triton's interpreter, for tests)."""
+    import triton
+
     rows, length = a.shape
-    block = min(512, 1 << max(0, length - 1).bit_length())  # a power of two
-    block_rows = max(1, 2048 // block)
-    ga = torch.empty(rows, device=a.device, dtype=torch.float32)
-    g_sum = torch.empty_like(ga)
-    stats = mean is not None
-    if stats and (rstd is None or mean.shape != (rows // per_group,) or rstd.shape != mean.shape):
+    if mean.shape != (rows // per_group,) or rstd.shape != mean.shape:
         raise ValueError(f"mean and rstd must both have shape ({rows // per_group},), one per group of {per_group} "
                          "rows")
-    _row_sums_kernel()[(-(-rows // block_rows),)](a, g, mean.contiguous() if stats else ga,
-                                                  rstd.contiguous() if stats else ga, ga, g_sum, rows, length,
-                                                  per_group, BR=block_rows, BL=block, STATS=stats)
-    return ga, g_sum
+    a, g = a.contiguous(), g.contiguous()
+    block = min(512, triton.next_power_of_2(length))
+    block_rows = max(1, 2048 // block)
+    gx = torch.empty(rows, device=a.device, dtype=torch.float32)
+    g_sum = torch.empty_like(gx)
+    _row_sums_kernel()[(-(-rows // block_rows),)](a, g, mean.contiguous(), rstd.contiguous(), gx, g_sum, rows, length,
+                                                  per_group, BR=block_rows, BL=block)
+    return gx, g_sum

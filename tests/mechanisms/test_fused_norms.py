@@ -132,7 +132,7 @@ for channels, groups, size, batch, draws, affine in json.loads(sys.argv[1]):
     want = per_example._group_norm(layer, a, g, batch)
     out.append({"got": {k: v.tolist() for k, v in got.items()}, "want": {k: v.tolist() for k, v in want.items()}})
 a, g = torch.randn(36, 300) + 2, torch.randn(36, 300)  # rows and lengths no block divides
-ga, g_sum = fused_norms.row_sums(a, g)
+ga, g_sum = fused_norms.row_sums(a, g, torch.zeros(36), torch.ones(36), 1)  # mean 0, rstd 1: sum g a
 mean, rstd = torch.randn(12), torch.rand(12) + 0.5  # groups of 3 rows
 x_hat = (a - mean.repeat_interleave(3)[:, None]) * rstd.repeat_interleave(3)[:, None]
 gx, _ = fused_norms.row_sums(a, g, mean, rstd, 3)
@@ -150,8 +150,8 @@ print(json.dumps({"layers": out, "ga": [ga.tolist(), (g * a).sum(1).tolist()],
 def test_row_sums_give_the_group_norm_per_example_gradients() -> None:
     """GroupNorm's per-example affine gradients from the row-sums kernel (forced on the CPU, under the interpreter)
     equal those of PyTorch's GroupNorm backward, for one and several channels a group, positions that no block
-    divides, K rows per example and a layer without affine parameters; the kernel's sums equal PyTorch's, with and
-    without group statistics, and statistics of the wrong length are refused."""
+    divides, K rows per example and a layer without affine parameters; the kernel's sums equal PyTorch's, with
+    group statistics and with mean 0 and rstd 1 (plain sums), and statistics of the wrong length are refused."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     cases = [(6, 3, (5, 7), 3, 1, True), (8, 8, (4, 4), 2, 2, True), (4, 1, (33,), 2, 1, True),
              (4, 2, (3, 3), 2, 1, False)]
