@@ -10,15 +10,17 @@ every example is clipped, and reports ``||contribution_i|| / C`` over the exampl
   ``fedgen.mechanisms.precision.ieee_fp32``) and the per-example gradients it forms (``FORM_PRECISION = "ieee"``);
 - ``tf32``: the engine's products left to the global TF32 settings, as cuDNN's default (TF32 convolutions) and
   ``torch.set_float32_matmul_precision("high")`` make them, and its formed gradients in TF32;
-- ``tf32-formed``: the engine as it ships (``per_example.FORM_PRECISION = "tf32"``): the per-example gradients it
-  forms in TF32 (each is its example's norm and summand), its two-computation norms and sums in IEEE float32;
+- ``tf32-formed``: the per-example gradients the engine forms in TF32 (``per_example.FORM_PRECISION = "tf32"``,
+  the default; each is its example's norm and summand), its two-computation norms and sums in IEEE float32;
 - ``tf32-book``: as ``tf32-formed``, with the two-computation norms and sums in TF32 on operands rounded to TF32
-  values first (``per_example.BOOK_PRECISION = "tf32"``), whose products are exact;
+  values first (``per_example.BOOK_PRECISION = "tf32"``), whose products are exact (each clipped sum two products
+  of exact halves, ``per_example.TF32_SUMS = "split"``);
 - ``auto-book``: as ``tf32-book`` for the layers with many multiply-adds only, IEEE for the others
   (``per_example.BOOK_PRECISION = "auto"``);
 - ``tf32-margin``: as ``tf32-book``, each clipped sum one TF32 product of the scaled output gradient (which the
   tensor cores round) with the clip factors taken from the norms plus the rounding margin
-  (``per_example.TF32_SUMS = "margin"``).
+  (``per_example.TF32_SUMS = "margin"``);
+- ``auto-margin``: the engine as it ships: as ``auto-book``, with the TF32 layers' clipped sums as in ``tf32-margin``.
 
 A ratio above 1 + 1e-5 means an example added more than C. Usage:
 
@@ -76,8 +78,8 @@ def contribution_ratios(model: nn.Module, per_row_loss, batch: int, examples: in
     per_example.ieee_fp32 = context
     per_example.FORM_PRECISION = "ieee" if precision == "ieee" else "tf32"
     per_example.BOOK_PRECISION = {"tf32-book": "tf32", "auto-book": "auto",
-                                  "tf32-margin": "tf32"}.get(precision, "ieee")
-    per_example.TF32_SUMS = "margin" if precision == "tf32-margin" else "split"
+                                  "tf32-margin": "tf32", "auto-margin": "auto"}.get(precision, "ieee")
+    per_example.TF32_SUMS = "margin" if precision.endswith("-margin") else "split"
     ratios = []
     try:
         for i in range(examples):
@@ -111,7 +113,8 @@ def main() -> None:
     print("| model | engine products | max ||contribution|| / C | median | examples above 1 + 1e-5 |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        for precision in ("ieee", "tf32", "tf32-formed", "tf32-book", "auto-book", "tf32-margin"):
+        for precision in ("ieee", "tf32", "tf32-formed", "tf32-book", "auto-book", "tf32-margin",
+                          "auto-margin"):
             torch.manual_seed(0)
             model, per_row_loss = MODELS[name](args.batch, device)
             r = contribution_ratios(model, per_row_loss, args.batch, args.examples, precision)

@@ -24,15 +24,17 @@ batch 256, K = 4: 3.64 / 1.34. Slower, and left to the unfold path: 128 to 128 a
 channel (0.24 / 0.52). Three TF32 tensor-core products per float32 product (``precision="tf32x3"``) were never
 faster than the IEEE multiply-adds.
 
-Two more kernels serve the engine's other memory-bound steps on a GPU, each behind a switch (on by default, as
-measured faster on the whole step) for A/B measurements:
+Two more kernels serve the engine's other memory-bound steps on a GPU, each behind a switch for A/B measurements:
 
-- :func:`gram_window_sq_norms`, for the convolution norms the engine takes from the padded input's Gram matrix
-  ``M_i`` (``per_example._conv2d_gram_sq_norms``): it forms each tile of the output gradient's Gram matrix
-  ``Gamma_i`` in registers, adds the k_h k_w shifted windows of ``M_i`` over the same tile, and keeps only the
-  tile's contraction, where PyTorch writes the windows' sum and ``Gamma_i`` to memory and reads both back;
-- :func:`row_sums`, ``sum_p g_p x_hat_p`` (from group statistics) and ``sum_p g_p`` over each row of two tensors
-  in one read of each, for the per-example affine gradients of ``GroupNorm`` (``per_example._group_norm``).
+- :func:`gram_window_sq_norms` (off by default), for the convolution norms the engine takes from the padded input's
+  Gram matrix ``M_i`` (``per_example._conv2d_gram_sq_norms``): it forms each tile of the output gradient's Gram
+  matrix ``Gamma_i`` in registers, adds the k_h k_w shifted windows of ``M_i`` over the same tile, and keeps only the
+  tile's contraction, where PyTorch writes the windows' sum and ``Gamma_i`` to memory and reads both back. It
+  gathers k_h k_w windows where the engine's own path sums the offsets separably, and is the slower of the two on
+  the ConvNet at batch 1024;
+- :func:`row_sums` (on by default), ``sum_p g_p x_hat_p`` (from group statistics) and ``sum_p g_p`` over each row
+  of two tensors in one read of each, for the per-example affine gradients of ``GroupNorm``
+  (``per_example._group_norm``).
 """
 
 from __future__ import annotations
@@ -44,19 +46,16 @@ from torch import nn
 
 #: whether the engine may use the kernel (set False for A/B measurements against the unfold path)
 ENABLED = True
-#: whether the engine contracts the Gram path's windows with :func:`gram_window_sq_norms` (else PyTorch's reduction).
-#: On by measurement (one H200, 2026-12-03, docs/benchmarks.md): the ConvNet's step graphed 12.72 against 12.90 ms at
-#: batch 1024 and 3.64 against 3.71 at 256, the UNet's at batch 1024 178.1 against 180.7 ms (eager, within 0.1 ms
-#: and 1 ms elsewhere)
-GRAM_WINDOWS = True
+#: whether the engine contracts the Gram path's windows with :func:`gram_window_sq_norms` (else it sums them
+#: separably in PyTorch). Off by measurement (one H200, 2026-12-03, docs/benchmarks.md): the ConvNet's step at batch
+#: 1024 took 12.09 and 12.10 ms eager and 11.97 and 12.09 ms graphed with the separable sums, 12.26 and 12.31 ms and
+#: 12.20 and 12.29 ms with the kernel (whose 14x14 layer alone took 1.30 ms, against 0.63 ms for both sums); graphed
+#: at batch 256 3.59 and 3.64 against 3.56 and 3.57 ms, the UNet's at batch 1024 177.70 against 176.92 ms
+GRAM_WINDOWS = False
 #: whether the engine takes GroupNorm's per-example sums from :func:`row_sums` (else PyTorch's GroupNorm backward).
 #: On by measurement (the same runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms faster, eager and graphed; per
 #: layer 0.35 against 0.61 ms at 128 channels, 28x28, batch 1024
 ROW_SUMS = True
-#: whether a convolution book-kept in TF32 (``per_example.book_precision``) takes this kernel, its products on tensor
-#: cores (exact: its operands are TF32 values), before the padded input's Gram matrix, which the engine otherwise
-#: prefers where it needs fewer multiplications; off until a GPU measures it (``dp_step.py --tf32_before_gram``)
-TF32_BEFORE_GRAM = False
 #: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path
 MIN_WINDOW, MIN_POSITIONS = 288, 64
 _MAX_INDEX = 2**31 - 1  # the kernel's offsets are 32-bit

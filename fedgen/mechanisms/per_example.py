@@ -247,18 +247,21 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
 
     with ``M_i = X_i^T X_i`` over the example's K P padded pixels (its K rows as more pixels, the kernel offsets
     taken within a row) and ``Gamma_i = g_i^T g_i`` over its K T positions: ``(K P)^2 C_in + (K T)^2 C_out``
-    multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The k_h k_w shifted
-    windows of ``M_i`` are strided views, summed by one reduction (on a GPU, summed and contracted with ``Gamma_i``,
-    which it forms tile by tile, by one kernel: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so
-    that a chunk's Gram matrices hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
+    multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The offsets' sum is
+    separable, d = (u, v): the strided views of ``M_i`` shifted by each column offset v are summed for every padded
+    row, then those sums' views shifted by each row offset u, two reductions that read each entry k_w and k_h times
+    (where ``GRAM_WINDOWS`` holds on a GPU, one kernel sums the k_h k_w windows and contracts them with
+    ``Gamma_i``, which it forms tile by tile: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so
+    that a chunk's Gram matrix and its column sums hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
     x = _padded(layer, a)
     height, width = x.shape[2:]
     out_h, out_w = g.shape[2:]
     pixels, positions = draws * height * width, draws * out_h * out_w
+    columns = draws * height * out_w  # (K, padded row, output column) on each side, after the first sum
     parts = []
-    for _, b, rows in _example_chunks(a, batch, pixels * pixels + positions * positions):
+    for _, b, rows in _example_chunks(a, batch, pixels * pixels + columns * columns):
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
@@ -266,15 +269,17 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
             parts.append(fused_norms.gram_window_sq_norms(layer, gram, gs, (height, width), (out_h, out_w),
                                                           precision=precision))
             continue
-        # its entries at (row k, window corner (y, x)) + offset (u, v), for both sides at once:
-        # (b, k_h, k_w, K, out_h, out_w, K, out_h, out_w)
+        # a_t . a_s = sum_{u,v} M_i[p(t) + (u, v), p(s) + (u, v)], summed first over the column offsets v for
+        # every padded row, then over the row offsets u: k_h + k_w reads of each entry where both at once take k_h k_w
         s0, row, col = pixels * pixels, height * width, width
-        windows = gram.as_strided(
-            (b, kh, kw, draws, out_h, out_w, draws, out_h, out_w),
-            (s0, dh * col * (pixels + 1), dw * (pixels + 1), row * pixels, sh * col * pixels, sw * pixels,
-             row, sh * col, sw))
-        shifted = windows.sum((1, 2)).reshape(b, 1, positions * positions)
-        del gram, windows
+        by_rows = gram.as_strided((b, kw, draws, height, out_w, draws, height, out_w),
+                                  (s0, dw * (pixels + 1), row * pixels, col * pixels, sw * pixels, row, col, sw)).sum(1)
+        del gram
+        shifted = by_rows.as_strided((b, kh, draws, out_h, out_w, draws, out_h, out_w),
+                                     (columns * columns, dh * out_w * (columns + 1), height * out_w * columns,
+                                      sh * out_w * columns, columns, height * out_w, sh * out_w, 1)).sum(1)
+        shifted = shifted.reshape(b, 1, positions * positions)
+        del by_rows
         with _operand_products(precision):  # after the Gram matrix is freed, so the two are never held together
             gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
         parts.append(torch.bmm(shifted, gamma).reshape(b))
@@ -287,12 +292,9 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
     fewest multiplications (:func:`_conv_multiplications`): the padded input's Gram matrix
     (:func:`_conv2d_gram_sq_norms`), or else, on a GPU where it was measured faster, one fused kernel that
     forms nothing in memory (:mod:`fedgen.mechanisms.fused_norms`), or else the unfold path, a few examples at
-    a time (:func:`_conv_chunks`), which also serves layers called several times. With
-    ``fused_norms.TF32_BEFORE_GRAM``, a layer in TF32 (:func:`book_precision`) takes the fused kernel, on tensor
-    cores, before the Gram matrix."""
+    a time (:func:`_conv_chunks`), which also serves layers called several times."""
     fused = len(calls) == 1 and fused_norms.applies(layer, *calls[0])
-    if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS and not (
-            fused and precision == "tf32" and fused_norms.TF32_BEFORE_GRAM):
+    if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS:
         count = _conv_multiplications(layer, *calls[0], batch)
         if count["gram"] < min(count["form"], count["ghost"]):
             return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision)
@@ -484,19 +486,24 @@ FORM_PRECISION = "tf32"
 #: at batch 1024, graphed 3.86 against 4.03 at 256) and IEEE's time on the UNet (graphed at batch 256, K = 1: 50.55
 #: against 50.26 ms; the diffusion examples' steps within 0.5 ms), and no isolated example added more than C.
 BOOK_PRECISION = "auto"
-#: how the clipped sum of a weight book-kept in TF32 keeps each example within C. "split": the clip factors are
-#: truncated to TF32 and the scaled output gradient, exact in float32, is summed as two TF32 halves, each product
-#: exact. "margin" (off until measured on a GPU): one TF32 product of the scaled output gradient ``c_i g_t``, which
-#: the tensor cores round to TF32 by at most 2^-10 of each value (truncating, or 2^-11 to nearest). That moves the
-#: example's contribution ``sum_t round(c_i g_t) a_t^T`` (``a_t`` a TF32 value) from ``c_i G_i`` by at most
-#: ``2^-10 c_i sum_t ||g_t|| ||a_t||`` (:data:`ROUNDING_BOUND`); the clip factor is taken from the norm plus
-#: ``TF32_MARGIN`` times that sum over the TF32 layers, ``c_i = min(1, C / (||G_i|| + TF32_MARGIN B_i))``, so that
-#: ``||contribution_i|| <= c_i (||G_i|| + 2^-10 B_i) <= C``. On the ConvNet (MNIST, 128 examples) ``B_i`` was 6 to 12
-#: times ``||G_i||`` for its 7x7 and 14x14 convolutions: clip factors up to about 2% smaller than "split"'s.
-TF32_SUMS = "split"
-#: the relative rounding "margin" allows each scaled output-gradient value: twice TF32's largest (2^-10), which also
-#: covers float32's rounding of the scaling and of the bound's own sums
-TF32_MARGIN = 2**-9
+#: how the clipped sum of a weight book-kept in TF32 keeps each example within C. "margin" (the default): one TF32
+#: product of the scaled output gradient ``c_i g_t``, which the tensor cores round to TF32 by less than 2^-10 of each
+#: value (truncating, or 2^-11 to nearest). That moves the example's contribution ``sum_t round(c_i g_t) a_t^T``
+#: (``a_t`` a TF32 value) from ``c_i G_i`` by less than ``2^-10 c_i sum_t ||g_t|| ||a_t||`` (:data:`ROUNDING_BOUND`);
+#: the clip factor is taken from the norm plus ``TF32_MARGIN`` times that sum over the TF32 layers,
+#: ``c_i = min(1, C / (||G_i|| + TF32_MARGIN B_i))``, so that ``||contribution_i|| <= c_i (||G_i|| + 2^-10 B_i) <= C``.
+#: "split": the clip factors are truncated to TF32 and the scaled output gradient, exact in float32, is summed as two
+#: TF32 halves, each product exact: no margin, one more product a layer. On one H200 (2026-12-03, docs/benchmarks.md)
+#: "margin" took the ConvNet's step at batch 1024 from 12.87 to 13.11 ms to 12.36 to 12.49 ms eager and from 12.86 to
+#: 13.21 ms to 12.33 to 12.57 ms graphed (four runs each). Its cost is the margin: ``B_i`` is 6 to 12 times
+#: ``||G_i||`` for the ConvNet's 7x7 and 14x14 convolutions, and with each example isolated on the GPU
+#: (``benchmarks/clip_precision.py``, every example clipped) the largest contribution was 0.990 C against 1.000 C with
+#: "split", 0.985 C with every layer in TF32; on the UNet, 0.998 C with every layer in TF32.
+TF32_SUMS = "margin"
+#: the relative rounding "margin" allows each scaled output-gradient value: TF32's largest (2^-10), and 2^-16 more
+#: for float32's own roundings (of the scaling, the clip factor and the bound's sums: 2^-24 each, on sums of at most
+#: a few thousand terms)
+TF32_MARGIN = 2**-10 + 2**-16
 #: with ``BOOK_PRECISION = "auto"``, the multiply-adds of a layer's clipped sum (output-gradient values times the
 #: weight's fan-in) from which TF32 book-keeping is chosen: below it, TF32's saving on the tensor cores (about 0.2 ms
 #: at 2^32 on an H200, where IEEE float32 runs at about an eighth of the TF32 rate) is smaller than what its own

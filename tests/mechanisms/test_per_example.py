@@ -522,27 +522,6 @@ def test_convolution_norms_take_the_way_of_fewest_multiplications(monkeypatch: p
     assert len(calls) == 1
 
 
-def test_a_tf32_convolution_takes_the_fused_kernel_before_the_gram_path_where_switched_on(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """``fused_norms.TF32_BEFORE_GRAM``: a convolution whose norms the Gram path would take goes to the fused kernel
-    instead, with the kernel's TF32 products, where its book-keeping precision is TF32 and the kernel applies; in
-    IEEE, or with the switch off, the Gram path keeps it."""
-    from fedgen.mechanisms import fused_norms, per_example
-
-    taken = []
-    monkeypatch.setattr(per_example, "_conv2d_gram_sq_norms", lambda *args: taken.append("gram") or torch.zeros(2))
-    monkeypatch.setattr(fused_norms, "applies", lambda layer, a, g: True)
-    monkeypatch.setattr(fused_norms, "conv2d_weight_sq_norms",
-                        lambda *args, precision: taken.append(f"kernel {precision}") or torch.zeros(2))
-    layer = nn.Conv2d(64, 64, 3, padding=1)  # at 4x4 the Gram is cheapest
-    a = torch.randn(2, 64, 4, 4)
-    calls = [(a, layer(a).detach())]
-    for switch, precision in ((False, "tf32"), (True, "ieee"), (True, "tf32")):
-        monkeypatch.setattr(fused_norms, "TF32_BEFORE_GRAM", switch)
-        per_example._conv2d_weight_sq_norms(layer, calls, 2, precision)
-    assert taken == ["gram", "gram", "kernel tf32"]
-
-
 @pytest.mark.parametrize("kernel,stride,dilation,padding", [(3, 1, 1, 1), (3, 2, 1, 0), (2, 1, 2, 2), ((3, 2), (2, 1), (1, 2), (1, 0))])
 def test_the_strided_unfold_equals_torch_unfold(kernel, stride, dilation, padding) -> None:
     from fedgen.mechanisms import per_example
@@ -821,12 +800,13 @@ def test_a_formed_weight_keeps_neither_input_nor_output_gradient(monkeypatch: py
 @pytest.mark.parametrize("gram_norms", [True, False], ids=["Gram norms", "unfold norms"])
 def test_in_tf32_the_book_kept_products_see_only_tf32_values(monkeypatch: pytest.MonkeyPatch,
                                                             gram_norms: bool) -> None:
-    """``BOOK_PRECISION = "tf32"``: every operand of the book-kept norms and sums is a TF32 value (so a tensor
-    core's rounding of it is the identity and its products are exact), the sums run in TF32 on the two halves of
-    each scaled output gradient, and each example still adds at most C."""
+    """``BOOK_PRECISION = "tf32"`` with ``TF32_SUMS = "split"``: every operand of the book-kept norms and sums is a
+    TF32 value (so a tensor core's rounding of it is the identity and its products are exact), the sums run in TF32
+    on the two halves of each scaled output gradient, and each example still adds at most C."""
     from fedgen.mechanisms import per_example
 
     monkeypatch.setattr(per_example, "BOOK_PRECISION", "tf32")
+    monkeypatch.setattr(per_example, "TF32_SUMS", "split")
     monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)  # book-keep every weight
     monkeypatch.setattr(per_example, "GRAM_NORMS", gram_norms)
     norms_seen: list[bool] = []
