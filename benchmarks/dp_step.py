@@ -25,6 +25,7 @@ why instead of a number. Usage:
     python benchmarks/dp_step.py --methods nonprivate fedgen --book_keep_all   # no per-example weights formed
     python benchmarks/dp_step.py --models unet --batches 256 --profile fedgen   # where the time goes
     python benchmarks/dp_step.py --models convnet --batches 1024 --profile fedgen --profile_shapes  # by input shape
+    python benchmarks/dp_step.py --models convnet --batches 1024 --profile_diff fedgen  # what fedgen adds, by kernel
     python benchmarks/dp_step.py --models unet_eps10 --unet_settings '{"attention_head_dim": null}'  # an A/B row
 """
 
@@ -335,6 +336,45 @@ def print_profile(step: Callable[[], None], steps: int, rows: int, by_shape: boo
                                                                  max_shapes_column_width=90))
 
 
+def kernel_times(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Milliseconds per step by kernel name over ``steps`` profiled steps (after warm-up): the device kernels on a
+    GPU (each counted once, not again under the operator that launched it); off a GPU, the operators' own CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        for _ in range(steps):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if gpu and event.device_type == DeviceType.CUDA:
+            us = event.time_range.elapsed_us()
+        elif not gpu and event.device_type == DeviceType.CPU and event.name.startswith("aten::"):
+            us = event.self_cpu_time_total
+        else:
+            continue
+        times[event.name] = times.get(event.name, 0.0) + us / 1000 / steps
+    return times
+
+
+def print_profile_diff(base: Callable[[], None], other: Callable[[], None], steps: int, rows: int = 40) -> None:
+    """What a method adds to the non-private step, kernel by kernel: ms per step of each, and the difference, largest
+    first; the last row the totals."""
+    a, b = kernel_times(base, steps), kernel_times(other, steps)
+    diff = sorted(set(a) | set(b), key=lambda k: -abs(b.get(k, 0.0) - a.get(k, 0.0)))
+    print("| kernel | non-private ms / step | method ms / step | difference |\n|---|---|---|---|")
+    for name in diff[:rows]:
+        short = name if len(name) <= 100 else name[:97] + "..."
+        print(f"| {short} | {a.get(name, 0.0):.3f} | {b.get(name, 0.0):.3f} | {b.get(name, 0.0) - a.get(name, 0.0):+.3f} |")
+    total_a, total_b = sum(a.values()), sum(b.values())
+    print(f"| all {len(diff)} kernels | {total_a:.3f} | {total_b:.3f} | {total_b - total_a:+.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["convnet", "unet"], choices=sorted(TASKS))
@@ -347,6 +387,9 @@ def main() -> None:
                         help="bf16: every method's forward and backward under bfloat16 autocast")
     parser.add_argument("--profile", default=None, metavar="METHOD",
                         help="profile METHOD on the first model, batch and K given, and print where the time goes")
+    parser.add_argument("--profile_diff", default=None, metavar="METHOD",
+                        help="profile the non-private step and METHOD's on the first model, batch and K given, and "
+                             "print what METHOD adds, kernel by kernel")
     parser.add_argument("--profile_shapes", action="store_true",
                         help="with --profile: one row per operator and input shapes, 60 rows")
     parser.add_argument("--cuda_graph", action="store_true",
@@ -407,6 +450,17 @@ def main() -> None:
     per_example.TF32_SUMS = args.tf32_sums
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
+        return
+    if args.profile_diff:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name, batch_size = args.models[0], args.batches[0]
+        steps = {}
+        for method in ("nonprivate", args.profile_diff):
+            torch.manual_seed(0)
+            task = TASKS[name](batch_size, args.draws[0] if name in DIFFUSION else 1, device)
+            steps[method] = make_step(method, task, batch_size, args.autocast)
+        print(f"profile: {args.profile_diff} against nonprivate on {name}, batch {batch_size}, {device}")
+        print_profile_diff(steps["nonprivate"], steps[args.profile_diff], steps=5)
         return
     if args.profile:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -151,3 +151,22 @@ def test_the_signal_benchmark_measures_before_and_after_its_training_steps(real_
     assert [(r[1], r[2]) for r in rows] == [("init", "1"), ("init", "2"), ("after 1 steps", "1"),
                                             ("after 1 steps", "2")]
     assert all(0 < float(r[4]) <= 1 for r in rows)
+
+
+def test_the_profile_diff_gives_each_kernel_of_both_steps_and_totals_that_add_up(capsys):
+    """--profile_diff: per kernel (here, off a GPU, per operator) the non-private step's and the method's time, their
+    difference, and a totals row equal to the sums of the rows when every kernel is listed."""
+    torch.manual_seed(0)
+    steps = [DP_STEP["make_step"](method, DP_STEP["TASKS"]["convnet"](4, 1, torch.device("cpu")), 4)
+             for method in ("nonprivate", "fedgen")]
+    DP_STEP["print_profile_diff"](*steps, steps=2, rows=10_000)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    *kernels, total = rows
+    assert kernels and total[0].strip().startswith("all")
+    assert any(float(r[1]) > 0 for r in kernels) and any(float(r[2]) > 0 for r in kernels)
+    for column in (1, 2):
+        assert abs(sum(float(r[column]) for r in kernels) - float(total[column])) <= 1e-3 * len(kernels) + 1e-6
+    for r in kernels:
+        assert abs(float(r[2]) - float(r[1]) - float(r[3])) <= 2e-3
+    differences = [abs(float(r[3])) for r in kernels]
+    assert differences == sorted(differences, reverse=True)
