@@ -1,7 +1,7 @@
 """Per-example conv weight-gradient squared norms on a GPU: the engine's unfold path against the fused Triton kernel
 (fedgen.mechanisms.fused_norms) over tile sizes and float32 product precisions, and the padded input's Gram
 matrix (per_example._conv2d_gram_sq_norms, with the way the engine picks by multiplications; its windows also by
-fused_norms.gram_window_sq_norms over tiles), for the UNet's and the ConvNet's layer shapes, then the per-example
+fused_norms.gram_window_sq_norms over num_warps), for the UNet's and the ConvNet's layer shapes, then the per-example
 GroupNorm sums by PyTorch's GroupNorm backward and by fused_norms.row_sums. Prints, per shape, each variant's time
 and its largest relative difference from the unfold path (both IEEE float32 reference and the variant are float32).
 
@@ -24,7 +24,7 @@ SHAPES = [  # in, out channels, size, batch, K
     (32, 32, 32, 1024, 1), (64, 64, 16, 1024, 1), (64, 64, 8, 1024, 1), (128, 128, 14, 1024, 1),
     (128, 128, 7, 1024, 1), (1, 128, 28, 1024, 1), (32, 32, 32, 256, 4),
 ]
-GRAM_TILES = [(32, 32), (64, 32), (16, 32)]  # gram_window_sq_norms: rows and columns a block, channels
+GRAM_WARPS = [None, 1, 2, 8]  # gram_window_sq_norms: Triton's num_warps (None: its default)
 GROUP_NORMS = [(128, 32, 28, 1024), (128, 32, 14, 1024), (128, 32, 7, 1024), (128, 32, 28, 256), (32, 32, 32, 1024),
                (64, 32, 16, 1024)]  # channels, groups, size, batch: the ConvNet's and the UNet's
 TILES = [(32, 64, 32), (64, 64, 32), (32, 32, 64), (64, 128, 32), (32, 128, 64), (16, 64, 64)]
@@ -66,11 +66,11 @@ def main() -> None:
             line.append(f"gram {cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
                         f"({((gram - ref).abs() / ref).max().item():.0e}; engine: {min(count, key=count.get)})")
             saved = fused_norms.GRAM_WINDOWS, fused_norms.gram_window_sq_norms
-            fused_norms.GRAM_WINDOWS = True  # the same Gram path, its windows by the kernel with each tile
-            for tile in GRAM_TILES:
-                fused_norms.gram_window_sq_norms = functools.partial(saved[1], tile=tile)
+            fused_norms.GRAM_WINDOWS = True  # the same Gram path, its windows by the kernel with each num_warps
+            for warps in GRAM_WARPS:
+                fused_norms.gram_window_sq_norms = functools.partial(saved[1], warps=warps)
                 gram = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
-                line.append(f"gram, kernel windows {tile} "
+                line.append(f"gram, kernel windows, {warps or 'default'} warps "
                             f"{cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
                             f"({((gram - ref).abs() / ref).max().item():.0e})")
             fused_norms.GRAM_WINDOWS, fused_norms.gram_window_sq_norms = saved

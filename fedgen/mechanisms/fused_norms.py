@@ -27,11 +27,12 @@ faster than the IEEE multiply-adds.
 Two more kernels serve the engine's other memory-bound steps on a GPU, each behind a switch for A/B measurements:
 
 - :func:`gram_window_sq_norms` (off by default), for the convolution norms the engine takes from the padded input's
-  Gram matrix ``M_i`` (``per_example._conv2d_gram_sq_norms``): it forms each tile of the output gradient's Gram
-  matrix ``Gamma_i`` in registers, adds the k_h k_w shifted windows of ``M_i`` over the same tile, and keeps only the
-  tile's contraction, where PyTorch writes the windows' sum and ``Gamma_i`` to memory and reads both back. It
-  gathers k_h k_w windows where the engine's own path sums the offsets separably, and is the slower of the two on
-  the ConvNet at batch 1024;
+  Gram matrix ``M_i`` (``per_example._conv2d_gram_sq_norms``): for each pair of output rows it adds the k_h k_w
+  shifted windows of ``M_i`` as tiles of output columns and contracts them with the output gradient's Gram matrix
+  ``Gamma_i``, so the windows' sum is never written to memory, where the engine's own path writes the column sums
+  and the windows' sum and reads both back. (An earlier kernel that formed ``Gamma_i`` tile by tile and gathered
+  the windows of square tiles of positions took 1.30 ms for the ConvNet's 14x14 layer at batch 1024, against
+  0.63 ms for the separable sums in PyTorch);
 - :func:`row_sums` (on by default), ``sum_p g_p x_hat_p`` (from group statistics) and ``sum_p g_p`` over each row
   of two tensors in one read of each, for the per-example affine gradients of ``GroupNorm``
   (``per_example._group_norm``).
@@ -47,10 +48,11 @@ from torch import nn
 #: whether the engine may use the kernel (set False for A/B measurements against the unfold path)
 ENABLED = True
 #: whether the engine contracts the Gram path's windows with :func:`gram_window_sq_norms` (else it sums them
-#: separably in PyTorch). Off by measurement (one H200, 2026-12-03, docs/benchmarks.md): the ConvNet's step at batch
-#: 1024 took 12.09 and 12.10 ms eager and 11.97 and 12.09 ms graphed with the separable sums, 12.26 and 12.31 ms and
-#: 12.20 and 12.29 ms with the kernel (whose 14x14 layer alone took 1.30 ms, against 0.63 ms for both sums); graphed
-#: at batch 256 3.59 and 3.64 against 3.56 and 3.57 ms, the UNet's at batch 1024 177.70 against 176.92 ms
+#: separably in PyTorch). Off by measurement (one H200, 2026-12-03, docs/benchmarks.md) of the previous kernel, which
+#: formed ``Gamma_i`` itself: the ConvNet's step at batch 1024 took 12.09 and 12.10 ms eager and 11.97 and 12.09 ms
+#: graphed with the separable sums, 12.26 and 12.31 ms and 12.20 and 12.29 ms with that kernel (whose 14x14 layer
+#: alone took 1.30 ms, against 0.63 ms for both sums); graphed at batch 256 3.59 and 3.64 against 3.56 and 3.57 ms,
+#: the UNet's at batch 1024 177.70 against 176.92 ms. The kernel of row pairs is not measured yet
 GRAM_WINDOWS = False
 #: whether the engine takes GroupNorm's per-example sums from :func:`row_sums` (else PyTorch's GroupNorm backward).
 #: On by measurement (the same runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms faster, eager and graphed; per
@@ -191,40 +193,28 @@ def _gram_kernel():  # built on first use, as _kernel
     import triton.language as tl
 
     @triton.jit
-    def gram_window_kernel(m_ptr, g_ptr, out_ptr, side_m, side_g, c_out, image, positions, out_w, width, stride_h,
-                           stride_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BT: tl.constexpr,
-                           BC: tl.constexpr, PRECISION: tl.constexpr):
-        tile = tl.program_id(0)  # a block of BT rows t of Gamma_i; it visits the blocks of columns s >= t
+    def gram_window_kernel(m_ptr, gamma_ptr, out_ptr, side_m, side_g, image, width, out_h, out_w, stride_h,
+                           stride_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BJ: tl.constexpr):
+        r = tl.program_id(0)  # one of the example's K out_h output rows: (draw, output row)
         example = tl.program_id(1).to(tl.int64)
+        rows = tl.num_programs(0)
         m = m_ptr + example * side_m * side_m
-        g = g_ptr + example * c_out * side_g
-        t = tile * BT + tl.arange(0, BT)  # (draw, output row, output column)
-        # the window corner of position t among the example's padded pixels (draw, row, column)
-        corner_t = ((t // positions) * image + ((t % positions) // out_w) * stride_h * width
-                    + (t % positions % out_w) * stride_w)
-        acc = tl.zeros((BT, BT), dtype=tl.float32)
-        for start in range(tile * BT, side_g, BT):
-            s = start + tl.arange(0, BT)
-            gamma = tl.zeros((BT, BT), dtype=tl.float32)  # g_t . g_s over the output channels
-            for c0 in range(0, c_out, BC):
-                c = c0 + tl.arange(0, BC)
-                g_t = tl.load(g + c[:, None] * side_g + t[None, :], mask=(c[:, None] < c_out) & (t[None, :] < side_g),
-                              other=0.0)  # (BC, BT)
-                g_s = tl.load(g + c[:, None] * side_g + s[None, :], mask=(c[:, None] < c_out) & (s[None, :] < side_g),
-                              other=0.0)
-                gamma += tl.dot(tl.trans(g_t), g_s, input_precision=PRECISION)
-            corner_s = ((s // positions) * image + ((s % positions) // out_w) * stride_h * width
-                        + (s % positions % out_w) * stride_w)
-            inside = (t[:, None] < side_g) & (s[None, :] < side_g)
-            windows = tl.zeros((BT, BT), dtype=tl.float32)  # a_t . a_s = sum_d M_i[p(t) + d, p(s) + d]
+        gamma = gamma_ptr + example * side_g * side_g
+        j = tl.arange(0, BJ)  # output columns
+        inside = (j[:, None] < out_w) & (j[None, :] < out_w)
+        corner = (r // out_h) * image + (r % out_h) * stride_h * width + j * stride_w  # window corners, padded pixels
+        acc = tl.zeros((BJ, BJ), dtype=tl.float32)
+        for r2 in range(r, rows):  # both matrices are symmetric: a pair of rows r2 > r stands for (r2, r) too
+            corner2 = (r2 // out_h) * image + (r2 % out_h) * stride_h * width + j * stride_w
+            windows = tl.zeros((BJ, BJ), dtype=tl.float32)  # a_t . a_s = sum_d M_i[p(t) + d, p(s) + d]
             for u in tl.static_range(KH):
                 for v in tl.static_range(KW):
                     d = u * dil_h * width + v * dil_w
-                    windows += tl.load(m + (corner_t[:, None] + d) * side_m + corner_s[None, :] + d, mask=inside,
+                    windows += tl.load(m + (corner[:, None] + d) * side_m + corner2[None, :] + d, mask=inside,
                                        other=0.0)
-            # both matrices are symmetric: a block above the diagonal stands for its mirror image too
-            acc += tl.where(start == tile * BT, 1.0, 2.0) * windows * gamma
-        tl.store(out_ptr + example * tl.num_programs(0) + tile, tl.sum(tl.sum(acc, axis=1), axis=0))
+            g = tl.load(gamma + (r * out_w + j[:, None]) * side_g + r2 * out_w + j[None, :], mask=inside, other=0.0)
+            acc += tl.where(r2 == r, 1.0, 2.0) * windows * g
+        tl.store(out_ptr + example * rows + r, tl.sum(tl.sum(acc, axis=1), axis=0))
 
     return gram_window_kernel
 
@@ -240,28 +230,29 @@ def gram_applies(gram: torch.Tensor, g: torch.Tensor) -> bool:
     return GRAM_WINDOWS and _cuda_float32(gram, g)
 
 
-def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, g: torch.Tensor, padded_size: tuple[int, int],
-                         out_size: tuple[int, int], *, precision: str = "ieee",
-                         tile: tuple[int, int] = (32, 32)) -> torch.Tensor:
-    """``||G_i||_F^2 = sum_{t,s} (sum_d M_i[p(t) + d, p(s) + d]) (g_t . g_s)`` for each example: ``gram``
-    (b, K P, K P) holds ``M_i``, the Gram matrix of its K padded inputs of ``padded_size`` pixels, and ``g``
-    (b, C_out, K T) its output gradients at the K T positions of ``out_size``; ``p(t)`` is the window corner of
-    position t and d runs over the kernel's offsets (``per_example._conv2d_gram_sq_norms``). The products
-    ``g_t . g_s`` are Triton's ``input_precision`` ``precision`` ("ieee", or "tf32" where ``g`` holds TF32 values,
-    whose products are then exact); the rest IEEE float32. Only where :func:`gram_applies` holds (or on the CPU
-    under Triton's interpreter, for tests). ``tile``: the rows and columns of ``Gamma_i`` a block takes, and the
-    output channels a product step takes (powers of two, at least 16)."""
-    gram, g = gram.contiguous(), g.contiguous()
+def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, gamma: torch.Tensor, padded_size: tuple[int, int],
+                         out_size: tuple[int, int], *, warps: int | None = None) -> torch.Tensor:
+    """``||G_i||_F^2 = sum_{t,s} (sum_d M_i[p(t) + d, p(s) + d]) Gamma_i[t, s]`` for each example: ``gram``
+    (b, K P, K P) holds ``M_i``, the Gram matrix of its K padded inputs of ``padded_size`` pixels, and ``gamma``
+    (b, K T, K T) ``Gamma_i``, its output gradients' Gram matrix over the K T positions of ``out_size``; ``p(t)`` is
+    the window corner of position t and d runs over the kernel's offsets (``per_example._conv2d_gram_sq_norms``).
+    One program per example and output row visits the rows at or after its own; for each pair of rows it sums the
+    k_h k_w windows of ``M_i`` as tiles of output columns (their entries side by side in memory) and contracts them
+    with the pair's tile of ``Gamma_i``, so the windows' sum is never written. IEEE float32. Only where
+    :func:`gram_applies` holds (or on the CPU under Triton's interpreter, for tests). ``warps``: Triton's
+    ``num_warps`` (default: one per 64 entries of a tile, at most 4)."""
+    import triton
+
+    gram, gamma = gram.contiguous(), gamma.contiguous()
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     (height, width), (out_h, out_w) = padded_size, out_size
-    batch, side_m, (c_out, side_g) = gram.shape[0], gram.shape[1], g.shape[1:]
-    if side_m * side_m > _MAX_INDEX or c_out * side_g > _MAX_INDEX:
-        raise ValueError(f"Gram matrices of {side_m} rows or output gradients of {c_out * side_g} values exceed the "
-                         "kernel's 32-bit offsets")
-    tiles = -(-side_g // tile[0])
-    out = torch.empty(batch, tiles, device=gram.device, dtype=torch.float32)
-    _gram_kernel()[(tiles, batch)](gram, g, out, side_m, side_g, c_out, height * width, out_h * out_w, out_w, width,
-                                   sh, sw, dh, dw, KH=kh, KW=kw, BT=tile[0], BC=tile[1], PRECISION=precision)
+    batch, side_m, side_g = gram.shape[0], gram.shape[1], gamma.shape[1]
+    if side_m * side_m > _MAX_INDEX or side_g * side_g > _MAX_INDEX:
+        raise ValueError(f"Gram matrices of {side_m} or {side_g} rows exceed the kernel's 32-bit offsets")
+    rows, block = side_g // out_w, triton.next_power_of_2(out_w)
+    out = torch.empty(batch, rows, device=gram.device, dtype=torch.float32)
+    _gram_kernel()[(rows, batch)](gram, gamma, out, side_m, side_g, height * width, width, out_h, out_w, sh, sw, dh,
+                                  dw, KH=kh, KW=kw, BJ=block, num_warps=warps or max(1, min(4, block * block // 64)))
     return out.sum(1)
 
 

@@ -250,9 +250,10 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     multiplications where the unfolded input's Gram takes ``(K T)^2 k_h k_w C_in``. The offsets' sum is
     separable, d = (u, v): the strided views of ``M_i`` shifted by each column offset v are summed for every padded
     row, then those sums' views shifted by each row offset u, two reductions that read each entry k_w and k_h times
-    (where ``GRAM_WINDOWS`` holds on a GPU, one kernel sums the k_h k_w windows and contracts them with
-    ``Gamma_i``, which it forms tile by tile: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so
-    that a chunk's Gram matrix and its column sums hold at most ``max(CHUNK_ELEMENTS, a.numel())`` values."""
+    (where ``GRAM_WINDOWS`` holds on a GPU, one kernel sums the k_h k_w windows pair of output rows by pair and
+    contracts them with ``Gamma_i``: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so that a
+    chunk's Gram matrix and its column sums (or ``Gamma_i``) hold at most ``max(CHUNK_ELEMENTS, a.numel())``
+    values."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
     x = _padded(layer, a)
@@ -265,9 +266,10 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
-        if fused_norms.gram_applies(gram, gs):  # Gamma_i, the windows' sum and the contraction in one kernel
-            parts.append(fused_norms.gram_window_sq_norms(layer, gram, gs, (height, width), (out_h, out_w),
-                                                          precision=precision))
+        if fused_norms.gram_applies(gram, gs):  # the windows' sum and its contraction with Gamma_i in one kernel
+            with _operand_products(precision):
+                gamma = torch.bmm(gs.transpose(1, 2), gs)  # (b, K T, K T)
+            parts.append(fused_norms.gram_window_sq_norms(layer, gram, gamma, (height, width), (out_h, out_w)))
             continue
         # a_t . a_s = sum_{u,v} M_i[p(t) + (u, v), p(s) + (u, v)], summed first over the column offsets v for
         # every padded row, then over the row offsets u: k_h + k_w reads of each entry where both at once take k_h k_w

@@ -84,9 +84,8 @@ for c_in, c_out, kernel_size, stride, padding, dilation, size, batch, draws in j
     g = torch.randn_like(layer(a))
     fused_norms.gram_applies = lambda gram, g: gram.dtype == torch.float32  # forced on the CPU
     got = {}
-    for name, tile in (("got", (64, 32)), ("small tiles", (16, 16))):
-        fused_norms.gram_window_sq_norms = lambda *args, tile=tile, **kw: used.append(1) or kernel(*args, tile=tile,
-                                                                                                  **kw)
+    for name, warps in (("got", None), ("one warp", 1)):
+        fused_norms.gram_window_sq_norms = lambda *args, warps=warps: used.append(1) or kernel(*args, warps=warps)
         got[name] = per_example._conv2d_gram_sq_norms(layer, a, g, batch).tolist()
     fused_norms.gram_applies = lambda gram, g: False
     torch_path = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
@@ -97,12 +96,14 @@ print(json.dumps({"used": len(used), "results": out}))
 
 
 def test_the_gram_window_kernel_gives_the_norms_of_the_gram_path() -> None:
-    """Norms from the padded input's Gram matrix, with the output gradient's Gram matrix formed tile by tile and
-    the windows summed and contracted by the kernel (forced on the CPU, under the interpreter): the same as
-    PyTorch's reduction and the float64 norms, for strides, padding, dilation, rectangular kernels, K rows per
-    example, several blocks of rows and columns (the blocks above the diagonal counted twice) and of channels."""
+    """Norms from the padded input's Gram matrix, with the windows summed and contracted with the output
+    gradient's Gram matrix by the kernel (forced on the CPU, under the interpreter), by its default warps and by
+    one: the same as the separable sums in PyTorch and the float64 norms, for strides, padding, dilation,
+    rectangular kernels, K rows per example (pairs of rows across draws), rows wider than a power of two (masked
+    columns) and many pairs of output rows (those above the diagonal counted twice)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cases = CASES + [(3, 20, 3, 1, 1, 1, (9, 8), 2, 1)]  # 72 positions: 5 blocks of 16 rows, 2 of 16 channels
+    cases = CASES + [(3, 20, 3, 1, 1, 1, (9, 8), 2, 1),  # 9 output rows: 45 pairs
+                     (3, 4, 3, 1, 1, 1, (4, 18), 2, 2)]  # 18 output columns in a block of 32, K = 2
     done = subprocess.run([sys.executable, "-c", GRAM, json.dumps(cases)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -111,7 +112,7 @@ def test_the_gram_window_kernel_gives_the_norms_of_the_gram_path() -> None:
     for case, result in zip(cases, report["results"], strict=True):
         want = torch.tensor(result["expected"], dtype=torch.float64)
         assert want.shape == (case[7],) and bool((want > 0).all())
-        for key in ("got", "small tiles", "torch"):
+        for key in ("got", "one warp", "torch"):
             torch.testing.assert_close(torch.tensor(result[key], dtype=torch.float64), want, rtol=1e-5, atol=0,
                                        msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
 
