@@ -503,8 +503,8 @@ BOOK_PRECISION = "auto"
 #: "split", 0.985 C with every layer in TF32; on the UNet, 0.998 C with every layer in TF32.
 TF32_SUMS = "margin"
 #: the relative rounding "margin" allows each scaled output-gradient value: TF32's largest (2^-10), and 2^-16 more
-#: for float32's own roundings (of the scaling, the clip factor and the bound's sums: 2^-24 each, on sums of at most
-#: a few thousand terms)
+#: for float32's roundings of the scaling (2^-24) and of the bound's own sums (a sum of n terms is off by at most
+#: n 2^-24 of itself, which the 2^-16 covers up to n = 2^18 positions an example)
 TF32_MARGIN = 2**-10 + 2**-16
 #: with ``BOOK_PRECISION = "auto"``, the multiply-adds of a layer's clipped sum (output-gradient values times the
 #: weight's fan-in) from which TF32 book-keeping is chosen: below it, TF32's saving on the tensor cores (about 0.2 ms
