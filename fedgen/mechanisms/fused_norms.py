@@ -249,7 +249,7 @@ def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, gamma: torch.Tens
     batch, side_m, side_g = gram.shape[0], gram.shape[1], gamma.shape[1]
     if side_m * side_m > _MAX_INDEX or side_g * side_g > _MAX_INDEX:
         raise ValueError(f"Gram matrices of {side_m} or {side_g} rows exceed the kernel's 32-bit offsets")
-    rows, block = side_g // out_w, triton.next_power_of_2(out_w)
+    rows, block = side_g // out_w, max(4, triton.next_power_of_2(out_w))
     out = torch.empty(batch, rows, device=gram.device, dtype=torch.float32)
     _gram_kernel()[(rows, batch)](gram, gamma, out, side_m, side_g, height * width, width, out_h, out_w, sh, sw, dh,
                                   dw, KH=kh, KW=kw, BJ=block, num_warps=warps or max(1, min(4, block * block // 64)))
