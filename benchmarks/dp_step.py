@@ -318,19 +318,25 @@ def print_op_counts(models: list[str], draws: list[int], methods: list[str], bat
                 print(f"| {name} | {k} | {method} | {ops} | {f'{ops / base:.2f}x' if base else ''} |", flush=True)
 
 
-def print_profile(step: Callable[[], None], steps: int, rows: int, by_shape: bool = False) -> None:
-    """Where a step's time goes: the operators of ``steps`` profiled steps (after warm-up), by device time; with
-    ``by_shape`` one row per operator and input shapes (which layer a reduction or product belongs to)."""
+def profiled(step: Callable[[], None], steps: int, record_shapes: bool = False):
+    """The profiler of ``steps`` steps after three warm-up steps (CUDA activity too on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, record_shapes=by_shape) as prof:
+    with profile(activities=activities, record_shapes=record_shapes) as prof:
         for _ in range(steps):
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    return prof
+
+
+def print_profile(step: Callable[[], None], steps: int, rows: int, by_shape: bool = False) -> None:
+    """Where a step's time goes: the operators of ``steps`` profiled steps (after warm-up), by device time; with
+    ``by_shape`` one row per operator and input shapes (which layer a reduction or product belongs to)."""
+    prof = profiled(step, steps, record_shapes=by_shape)
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(prof.key_averages(group_by_input_shape=by_shape).table(sort_by=key, row_limit=rows, max_name_column_width=60,
                                                                  max_shapes_column_width=90))
@@ -340,16 +346,8 @@ def kernel_times(step: Callable[[], None], steps: int) -> dict[str, float]:
     """Milliseconds per step by kernel name over ``steps`` profiled steps (after warm-up): the device kernels on a
     GPU (each counted once, not again under the operator that launched it); off a GPU, the operators' own CPU time."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):
-        step()
-    gpu = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
-        for _ in range(steps):
-            step()
-        if gpu:
-            torch.cuda.synchronize()
+    prof, gpu = profiled(step, steps), torch.cuda.is_available()
     times: dict[str, float] = {}
     for event in prof.events():
         if gpu and event.device_type == DeviceType.CUDA:
@@ -370,7 +368,8 @@ def print_profile_diff(base: Callable[[], None], other: Callable[[], None], step
     print("| kernel | non-private ms / step | method ms / step | difference |\n|---|---|---|---|")
     for name in diff[:rows]:
         short = name if len(name) <= 100 else name[:97] + "..."
-        print(f"| {short} | {a.get(name, 0.0):.3f} | {b.get(name, 0.0):.3f} | {b.get(name, 0.0) - a.get(name, 0.0):+.3f} |")
+        base, other = a.get(name, 0.0), b.get(name, 0.0)
+        print(f"| {short} | {base:.3f} | {other:.3f} | {other - base:+.3f} |")
     total_a, total_b = sum(a.values()), sum(b.values())
     print(f"| all {len(diff)} kernels | {total_a:.3f} | {total_b:.3f} | {total_b - total_a:+.3f} |")
 
@@ -451,24 +450,22 @@ def main() -> None:
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
         return
-    if args.profile_diff:
+    if args.profile or args.profile_diff:  # the first model, batch and K given, on whatever device there is
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         name, batch_size = args.models[0], args.batches[0]
-        steps = {}
-        for method in ("nonprivate", args.profile_diff):
+
+        def step_of(method: str) -> Callable[[], None]:
             torch.manual_seed(0)
             task = TASKS[name](batch_size, args.draws[0] if name in DIFFUSION else 1, device)
-            steps[method] = make_step(method, task, batch_size, args.autocast)
-        print(f"profile: {args.profile_diff} against nonprivate on {name}, batch {batch_size}, {device}")
-        print_profile_diff(steps["nonprivate"], steps[args.profile_diff], steps=5)
-        return
-    if args.profile:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        name, batch_size = args.models[0], args.batches[0]
-        task = TASKS[name](batch_size, args.draws[0] if name in DIFFUSION else 1, device)
-        print(f"profile: {args.profile} on {name}, batch {batch_size}, {device}, autocast {args.autocast}")
-        print_profile(make_step(args.profile, task, batch_size, args.autocast), steps=5,
-                      rows=60 if args.profile_shapes else 30, by_shape=args.profile_shapes)
+            return make_step(method, task, batch_size, args.autocast)
+
+        if args.profile_diff:
+            print(f"profile: {args.profile_diff} against nonprivate on {name}, batch {batch_size}, {device}")
+            print_profile_diff(step_of("nonprivate"), step_of(args.profile_diff), steps=5)
+        else:
+            print(f"profile: {args.profile} on {name}, batch {batch_size}, {device}, autocast {args.autocast}")
+            print_profile(step_of(args.profile), steps=5, rows=60 if args.profile_shapes else 30,
+                          by_shape=args.profile_shapes)
         return
     if not torch.cuda.is_available():
         raise SystemExit("dp_step.py times GPU steps: no CUDA device found")

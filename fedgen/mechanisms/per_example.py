@@ -22,7 +22,8 @@ weight-gradient product). Then:
    example have their per-example gradients formed, all in one (B, P) matrix: the biases (``sum g_i``), the
    affine parameters of ``GroupNorm`` and ``LayerNorm`` (``sum g_i * x_hat_i`` with ``x_hat`` the normalized
    input) and ``Embedding`` (``g_i`` scattered into the rows example i used);
-2. the clip factors ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' rule);
+2. the clip factors ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' rule; with TF32 clipped sums the norm
+   carries a rounding margin, :data:`TF32_SUMS`);
 3. the clipped sums: for the book-kept weights of ``Linear`` and ``Conv2d`` one weight-gradient product of the
    output gradients scaled row by row by ``c_i`` (the kernel non-private training runs, e.g. cuDNN's for
    convolutions); for the formed gradients one product ``c^T G``. They are added to ``p.summed_grad``.
@@ -295,12 +296,11 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
     (:func:`_conv2d_gram_sq_norms`), or else, on a GPU where it was measured faster, one fused kernel that
     forms nothing in memory (:mod:`fedgen.mechanisms.fused_norms`), or else the unfold path, a few examples at
     a time (:func:`_conv_chunks`), which also serves layers called several times."""
-    fused = len(calls) == 1 and fused_norms.applies(layer, *calls[0])
     if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS:
         count = _conv_multiplications(layer, *calls[0], batch)
         if count["gram"] < min(count["form"], count["ghost"]):
             return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision)
-    if fused:
+    if len(calls) == 1 and fused_norms.applies(layer, *calls[0]):
         return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch, precision=precision)
     parts = [_sum_dim1(_positions_sq_norms(x, g, precision).reshape(b, layer.groups))
              for _, b, x, g in _conv_chunks(layer, calls, batch)]
@@ -477,12 +477,12 @@ FORM_PRECISION = "tf32"
 #: the precision of the book-kept weights' products, whose norms and clipped sums come from two computations:
 #: "ieee" (IEEE float32), or "tf32": the layer input and output gradient are rounded to TF32 values once, when the
 #: hook catches them, and every product whose operands they are runs on tensor cores, whose rounding of TF32 values
-#: is the identity and whose products of them are exact in float32 (``precision.round_to_tf32``); the clip factors
-#: are truncated to TF32 (never larger), so each scaled output gradient is exact in float32 and splits into two TF32
-#: halves (``precision.split_tf32``) with one product each. The norms and the sums are then those of one per-example
-#: gradient (of the rounded operands), as in IEEE float32; products of anything else (a Gram matrix with another)
-#: stay IEEE. Measured on an H200 (docs/benchmarks.md): 10% off the ConvNet's step at batch 1024, no change where the
-#: UNet's step is bound by the GPU, a third more where the host bounds it (more launches).
+#: is the identity and whose products of them are exact in float32 (``precision.round_to_tf32``); how the clipped
+#: sum's rounding of the scaled output gradient stays within the bound is :data:`TF32_SUMS`'s choice. The norms and
+#: the sums are then those of one per-example gradient (of the rounded operands), as in IEEE float32; products of
+#: anything else (a Gram matrix with another) stay IEEE. Measured on an H200 (docs/benchmarks.md): 10% off the
+#: ConvNet's step at batch 1024, no change where the UNet's step is bound by the GPU, a third more where the host
+#: bounds it (more launches).
 #: "auto" (the default): TF32 for the layers whose clipped sum takes at least ``TF32_MIN_MULTIPLY_ADDS``, IEEE for the
 #: others (:func:`book_precision`). On one H200 (2026-12-03) it kept TF32's gain on the ConvNet (13.19 against 14.63 ms
 #: at batch 1024, graphed 3.86 against 4.03 at 256) and IEEE's time on the UNet (graphed at batch 256, K = 1: 50.55
