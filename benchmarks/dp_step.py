@@ -423,6 +423,9 @@ def main() -> None:
     parser.add_argument("--row_sums", choices=["on", "off"], default="on" if fused_norms.ROW_SUMS else "off",
                         help="GroupNorm's per-example sums by the Triton kernel (fused_norms.ROW_SUMS), for an A/B "
                              "against PyTorch's GroupNorm backward")
+    parser.add_argument("--low_bits", choices=["on", "off"], default="on" if fused_norms.LOW_BITS else "off",
+                        help="the TF32 rounding of book-kept operands in one Triton kernel (fused_norms.LOW_BITS), "
+                             "for an A/B against PyTorch's add and bitwise and")
     parser.add_argument("--tf32_sums", choices=["split", "margin"], default=per_example.TF32_SUMS,
                         help="how a clipped sum book-kept in TF32 stays within C (per_example.TF32_SUMS): two exact "
                              "halves, or one product with a rounding margin in the clip factors")
@@ -446,6 +449,7 @@ def main() -> None:
     per_example.BOOK_PRECISION = args.book_precision
     per_example.CHUNK_ELEMENTS = args.chunk_elements
     fused_norms.GRAM_WINDOWS, fused_norms.ROW_SUMS = args.gram_windows == "on", args.row_sums == "on"
+    fused_norms.LOW_BITS = args.low_bits == "on"
     per_example.TF32_SUMS = args.tf32_sums
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
@@ -477,7 +481,8 @@ def main() -> None:
           f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
           f"book-kept norms and sums in {per_example.BOOK_PRECISION}; Gram windows by the kernel "
-          f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; TF32 clipped sums by {args.tf32_sums}; "
+          f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; TF32 rounding by the kernel "
+          f"{args.low_bits}; TF32 clipped sums by {args.tf32_sums}; "
           f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "

@@ -61,11 +61,12 @@ def main() -> None:
             ref = per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)
             line = [f"unfold {cuda_ms(lambda: per_example._conv2d_weight_sq_norms(layer, [(a, g)], batch)):.2f}"]
             fused_norms.ENABLED, per_example.GRAM_NORMS = saved
+            saved = fused_norms.GRAM_WINDOWS, fused_norms.gram_window_sq_norms
+            fused_norms.GRAM_WINDOWS = False  # the Gram path with its windows summed separably in PyTorch
             gram = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
             count = per_example._conv_multiplications(layer, a, g, batch)
             line.append(f"gram {cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
                         f"({((gram - ref).abs() / ref).max().item():.0e}; engine: {min(count, key=count.get)})")
-            saved = fused_norms.GRAM_WINDOWS, fused_norms.gram_window_sq_norms
             fused_norms.GRAM_WINDOWS = True  # the same Gram path, its windows by the kernel with each num_warps
             for warps in GRAM_WARPS:
                 fused_norms.gram_window_sq_norms = functools.partial(saved[1], warps=warps)

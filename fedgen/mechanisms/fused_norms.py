@@ -53,7 +53,10 @@ ENABLED = True
 #: graphed with the separable sums, 12.26 and 12.31 ms and 12.20 and 12.29 ms with that kernel (whose 14x14 layer
 #: alone took 1.30 ms, against 0.63 ms for both sums); graphed at batch 256 3.59 and 3.64 against 3.56 and 3.57 ms,
 #: the UNet's at batch 1024 177.70 against 176.92 ms. The kernel of row pairs is not measured yet
-GRAM_WINDOWS = False
+GRAM_WINDOWS = True
+#: whether ``precision.round_to_tf32`` and ``truncate_to_tf32`` clear the low bits with :func:`cleared_low_bits` on a
+#: GPU (one read and one write) rather than by two PyTorch operators (an add and a bitwise and, each a read and a write)
+LOW_BITS = True
 #: whether the engine takes GroupNorm's per-example sums from :func:`row_sums` (else PyTorch's GroupNorm backward).
 #: On by measurement (the same runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms faster, eager and graphed; per
 #: layer 0.35 against 0.61 ms at 128 channels, 28x28, batch 1024
@@ -193,8 +196,9 @@ def _gram_kernel():  # built on first use, as _kernel
     import triton.language as tl
 
     @triton.jit
-    def gram_window_kernel(m_ptr, gamma_ptr, out_ptr, side_m, side_g, image, width, out_h, out_w, stride_h,
-                           stride_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BJ: tl.constexpr):
+    def gram_window_kernel(m_ptr, gamma_ptr, out_ptr, side_m, side_g, height, width, out_h, out_w, stride_h,
+                           stride_w, pad_h, pad_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr,
+                           BJ: tl.constexpr):
         r = tl.program_id(0)  # one of the example's K out_h output rows: (draw, output row)
         example = tl.program_id(1).to(tl.int64)
         rows = tl.num_programs(0)
@@ -202,16 +206,21 @@ def _gram_kernel():  # built on first use, as _kernel
         gamma = gamma_ptr + example * side_g * side_g
         j = tl.arange(0, BJ)  # output columns
         inside = (j[:, None] < out_w) & (j[None, :] < out_w)
-        corner = (r // out_h) * image + (r % out_h) * stride_h * width + j * stride_w  # window corners, padded pixels
+        # the windows' corners in input pixels (the padding's rows and columns lie outside the input: zeros)
+        image, top, left = (r // out_h) * height * width, (r % out_h) * stride_h - pad_h, j * stride_w - pad_w
         acc = tl.zeros((BJ, BJ), dtype=tl.float32)
         for r2 in range(r, rows):  # both matrices are symmetric: a pair of rows r2 > r stands for (r2, r) too
-            corner2 = (r2 // out_h) * image + (r2 % out_h) * stride_h * width + j * stride_w
-            windows = tl.zeros((BJ, BJ), dtype=tl.float32)  # a_t . a_s = sum_d M_i[p(t) + d, p(s) + d]
+            image2, top2 = (r2 // out_h) * height * width, (r2 % out_h) * stride_h - pad_h
+            windows = tl.zeros((BJ, BJ), dtype=tl.float32)  # a_t . a_s = sum_d M_i[q(t) + d, q(s) + d]
             for u in tl.static_range(KH):
+                y, y2 = top + u * dil_h, top2 + u * dil_h
+                rows_in = (y >= 0) & (y < height) & (y2 >= 0) & (y2 < height)
                 for v in tl.static_range(KW):
-                    d = u * dil_h * width + v * dil_w
-                    windows += tl.load(m + (corner[:, None] + d) * side_m + corner2[None, :] + d, mask=inside,
-                                       other=0.0)
+                    x = left + v * dil_w
+                    cols_in = (x >= 0) & (x < width)
+                    pixel, pixel2 = image + y * width + x, image2 + y2 * width + x
+                    windows += tl.load(m + pixel[:, None] * side_m + pixel2[None, :],
+                                       mask=inside & rows_in & cols_in[:, None] & cols_in[None, :], other=0.0)
             g = tl.load(gamma + (r * out_w + j[:, None]) * side_g + r2 * out_w + j[None, :], mask=inside, other=0.0)
             acc += tl.where(r2 == r, 1.0, 2.0) * windows * g
         tl.store(out_ptr + example * rows + r, tl.sum(tl.sum(acc, axis=1), axis=0))
@@ -224,18 +233,19 @@ def _cuda_float32(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda and t.dtype == torch.float32 for t in tensors) and triton_available()
 
 
-def gram_applies(gram: torch.Tensor, g: torch.Tensor) -> bool:
+def gram_applies(a: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the engine contracts a Gram matrix's windows with :func:`gram_window_sq_norms`: where
-    ``GRAM_WINDOWS`` is set, on float32 CUDA tensors, with Triton installed."""
-    return GRAM_WINDOWS and _cuda_float32(gram, g)
+    ``GRAM_WINDOWS`` is set, on float32 CUDA tensors (the layer input and output gradient), with Triton installed."""
+    return GRAM_WINDOWS and _cuda_float32(a, g)
 
 
-def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, gamma: torch.Tensor, padded_size: tuple[int, int],
+def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, gamma: torch.Tensor, input_size: tuple[int, int],
                          out_size: tuple[int, int], *, warps: int | None = None) -> torch.Tensor:
-    """``||G_i||_F^2 = sum_{t,s} (sum_d M_i[p(t) + d, p(s) + d]) Gamma_i[t, s]`` for each example: ``gram``
-    (b, K P, K P) holds ``M_i``, the Gram matrix of its K padded inputs of ``padded_size`` pixels, and ``gamma``
-    (b, K T, K T) ``Gamma_i``, its output gradients' Gram matrix over the K T positions of ``out_size``; ``p(t)`` is
-    the window corner of position t and d runs over the kernel's offsets (``per_example._conv2d_gram_sq_norms``).
+    """``||G_i||_F^2 = sum_{t,s} (sum_d M_i[q(t) + d, q(s) + d]) Gamma_i[t, s]`` for each example: ``gram``
+    (b, K P, K P) holds ``M_i``, the Gram matrix of its K inputs of ``input_size`` pixels (without the padding), and
+    ``gamma`` (b, K T, K T) ``Gamma_i``, its output gradients' Gram matrix over the K T positions of ``out_size``;
+    ``q(t)`` is the corner of position t's window and d runs over the kernel's offsets
+    (``per_example._conv2d_gram_sq_norms``); pixels of the zero padding are skipped, their entries being zero.
     One program per example and output row visits the rows at or after its own; for each pair of rows it sums the
     k_h k_w windows of ``M_i`` as tiles of output columns (their entries side by side in memory) and contracts them
     with the pair's tile of ``Gamma_i``, so the windows' sum is never written. IEEE float32. Only where
@@ -244,14 +254,14 @@ def gram_window_sq_norms(layer: nn.Conv2d, gram: torch.Tensor, gamma: torch.Tens
     import triton
 
     gram, gamma = gram.contiguous(), gamma.contiguous()
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    (height, width), (out_h, out_w) = padded_size, out_size
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    (height, width), (out_h, out_w) = input_size, out_size
     batch, side_m, side_g = gram.shape[0], gram.shape[1], gamma.shape[1]
     if side_m * side_m > _MAX_INDEX or side_g * side_g > _MAX_INDEX:
         raise ValueError(f"Gram matrices of {side_m} or {side_g} rows exceed the kernel's 32-bit offsets")
     rows, block = side_g // out_w, max(4, triton.next_power_of_2(out_w))
     out = torch.empty(batch, rows, device=gram.device, dtype=torch.float32)
-    _gram_kernel()[(rows, batch)](gram, gamma, out, side_m, side_g, height * width, width, out_h, out_w, sh, sw, dh,
+    _gram_kernel()[(rows, batch)](gram, gamma, out, side_m, side_g, height, width, out_h, out_w, sh, sw, ph, pw, dh,
                                   dw, KH=kh, KW=kw, BJ=block, num_warps=warps or max(1, min(4, block * block // 64)))
     return out.sum(1)
 
@@ -311,3 +321,35 @@ def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     _row_sums_kernel()[(-(-rows // block_rows),)](a, g, mean.contiguous(), rstd.contiguous(), gx, g_sum, rows, length,
                                                   per_group, BR=block_rows, BL=block)
     return gx, g_sum
+
+
+@functools.cache
+def _low_bits_kernel():  # built on first use, as _kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def low_bits_kernel(bits_ptr, out_ptr, n, offset, keep, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, (tl.load(bits_ptr + i, mask=i < n) + offset) & keep, mask=i < n)
+
+    return low_bits_kernel
+
+
+def low_bits_apply(bits: torch.Tensor) -> bool:
+    """Whether :func:`cleared_low_bits` takes this tensor: where ``LOW_BITS`` is set, an int32 CUDA tensor, with
+    Triton installed."""
+    return LOW_BITS and bits.is_cuda and bits.dtype == torch.int32 and triton_available()
+
+
+def cleared_low_bits(bits: torch.Tensor, offset: int, low: int) -> torch.Tensor:
+    """``(bits + offset) & ~low`` for a contiguous int32 tensor, in one read and one write (32-bit wrap-around, as
+    PyTorch's operators): the bit patterns of float32 values rounded to fewer mantissa bits
+    (``precision.round_to_tf32``). Only where :func:`low_bits_apply` holds (or on the CPU under Triton's interpreter,
+    for tests)."""
+    if not bits.is_contiguous():
+        raise ValueError("cleared_low_bits takes a contiguous tensor (call .contiguous() first)")
+    out = torch.empty_like(bits)
+    block = 2048
+    _low_bits_kernel()[(max(1, -(-bits.numel() // block)),)](bits, out, bits.numel(), offset, ~low, BLOCK=block)
+    return out

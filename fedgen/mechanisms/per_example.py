@@ -252,12 +252,14 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     separable, d = (u, v): the strided views of ``M_i`` shifted by each column offset v are summed for every padded
     row, then those sums' views shifted by each row offset u, two reductions that read each entry k_w and k_h times
     (where ``GRAM_WINDOWS`` holds on a GPU, one kernel sums the k_h k_w windows pair of output rows by pair and
-    contracts them with ``Gamma_i``: ``fused_norms.gram_window_sq_norms``). A few examples at a time, so that a
-    chunk's Gram matrix and its column sums (or ``Gamma_i``) hold at most ``max(CHUNK_ELEMENTS, a.numel())``
-    values."""
+    contracts them with ``Gamma_i``, ``fused_norms.gram_window_sq_norms``; its ``M_i`` is the unpadded input's, the
+    padding's pixels skipped by the kernel, which spares the padded copy and a third of ``M_i`` at 14x14). A few
+    examples at a time, so that a chunk's Gram matrix and its column sums (or ``Gamma_i``) hold at most
+    ``max(CHUNK_ELEMENTS, a.numel())`` values."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
-    x = _padded(layer, a)
+    kernel = fused_norms.gram_applies(a, g)  # the windows' sum and its contraction with Gamma_i in one kernel
+    x = a if kernel else _padded(layer, a)  # the kernel skips the padding's pixels, whose entries of M_i are zero
     height, width = x.shape[2:]
     out_h, out_w = g.shape[2:]
     pixels, positions = draws * height * width, draws * out_h * out_w
@@ -267,7 +269,7 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
-        if fused_norms.gram_applies(gram, gs):  # the windows' sum and its contraction with Gamma_i in one kernel
+        if kernel:
             with _operand_products(precision):
                 gamma = torch.bmm(gs.transpose(1, 2), gs)  # (b, K T, K T)
             parts.append(fused_norms.gram_window_sq_norms(layer, gram, gamma, (height, width), (out_h, out_w)))
@@ -339,10 +341,11 @@ def _conv2d_weight_sum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> to
 def _conv2d_rounding_bound(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
     """``sum_t ||g_t|| ||x_t||`` over each example's output positions t (and K rows), ``x_t`` the input window at t
     (all channels; with groups the bound holds by Cauchy-Schwarz over the groups): as
-    :func:`_linear_rounding_bound`. ``||x_t||^2`` is the window sum of the channels' squares, one convolution with
-    a kernel of ones."""
-    window_sq = F.conv2d(a.square().sum(1, keepdim=True), a.new_ones(1, 1, *layer.kernel_size), stride=layer.stride,
-                         padding=layer.padding, dilation=layer.dilation)
+    :func:`_linear_rounding_bound`. ``||x_t||^2`` is the window sum of the pixels' squared norms over the channels
+    (one reduction that reads the input once), one convolution with a kernel of ones."""
+    pixel_sq = torch.linalg.vector_norm(a, dim=1, keepdim=True).square()
+    window_sq = F.conv2d(pixel_sq, a.new_ones(1, 1, *layer.kernel_size), stride=layer.stride, padding=layer.padding,
+                         dilation=layer.dilation)
     return (torch.linalg.vector_norm(g, dim=1) * window_sq.squeeze(1).clamp(min=0).sqrt()).reshape(batch, -1).sum(1)
 
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
+from fedgen.mechanisms import fused_norms
+
 
 @contextmanager
 def float32_products(precision: str) -> Iterator[None]:
@@ -79,6 +81,8 @@ def _tf32_bits(t: torch.Tensor, offset: int) -> torch.Tensor:
     if t.dtype != torch.float32:
         return t
     bits = t.contiguous().view(torch.int32)
+    if fused_norms.low_bits_apply(bits):  # one kernel on a GPU
+        return fused_norms.cleared_low_bits(bits, offset, _TF32_LOW_BITS).view(torch.float32)
     return ((bits + offset if offset else bits) & ~_TF32_LOW_BITS).view(torch.float32)
 
 

@@ -173,6 +173,47 @@ def test_row_sums_give_the_group_norm_per_example_gradients() -> None:
     assert "one per group of 2 rows" in report["refused"]  # statistics that do not match the groups
 
 
+LOW_BITS = """
+import json, torch
+from fedgen.mechanisms import fused_norms, precision
+gen = torch.Generator().manual_seed(0)
+t = torch.cat([torch.randn(5000, generator=gen) * 10.0 ** torch.randint(-30, 30, (5000,), generator=gen),
+               torch.tensor([0.0, -0.0, 1e-45, -3e-42, 3.4e38, -3.4e38, float("inf"), -float("inf"), float("nan"),
+                             1.0 + 2.0 ** -11, -(1.0 + 3 * 2.0 ** -11), 1.0 + 2.0 ** -12])])  # ties, past them
+bits = t.view(torch.int32)
+out = {}
+for offset in (0, 0x1000):
+    torch_bits = (bits + offset) & ~0x1FFF
+    out[str(offset)] = torch.equal(fused_norms.cleared_low_bits(bits, offset, 0x1FFF), torch_bits)
+fused_norms.low_bits_apply = lambda bits: True  # forced on the CPU: precision's functions through the kernel
+rounded, truncated = precision.round_to_tf32(t), precision.truncate_to_tf32(t)
+fused_norms.low_bits_apply = lambda bits: False
+out["round"] = torch.equal(rounded.view(torch.int32), precision.round_to_tf32(t).view(torch.int32))
+out["truncate"] = torch.equal(truncated.view(torch.int32), precision.truncate_to_tf32(t).view(torch.int32))
+out["moved"] = int((rounded != t).sum())
+try:
+    fused_norms.cleared_low_bits(bits.view(-1, 2)[:, 0], 0, 0x1FFF)
+    out["refused"] = ""
+except ValueError as err:
+    out["refused"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_the_low_bits_kernel_rounds_to_tf32_as_pytorch_does() -> None:
+    """The one-kernel rounding of float32 bit patterns (forced on the CPU, under the interpreter) gives the same
+    bits as PyTorch's add and bitwise and, for both offsets (truncation, rounding to nearest), over values of every
+    magnitude, zeros, subnormals, the largest floats, infinities, NaN and ties, in a length no block divides; and
+    ``round_to_tf32`` / ``truncate_to_tf32`` through it equal their PyTorch path. A strided tensor is refused."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", LOW_BITS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["0"] and report["4096"] and report["round"] and report["truncate"]
+    assert report["moved"] > 4000  # the rounding changed most values: the comparison is not of untouched inputs
+    assert "contiguous" in report["refused"]
+
+
 def test_the_kernel_is_used_only_where_it_supports_the_layer() -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1)
     a, g = torch.randn(2, 2, 5, 5), torch.randn(2, 3, 5, 5)

@@ -932,17 +932,22 @@ def test_tf32_rounding_truncation_and_exact_halves() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 tensor cores: needs a CUDA device")
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize(("precision", "sums", "least"), [("ieee", "margin", 1 - 2**-9), ("tf32", "split", 1 - 2**-9),
+                                                          ("tf32", "margin", 0.97)])
 def test_on_cuda_each_isolated_example_adds_at_most_c_in_either_book_precision(monkeypatch: pytest.MonkeyPatch,
-                                                                              precision: str) -> None:
-    """On the GPU's own kernels (cuDNN's weight gradients, cuBLAS, the fused norm kernel), with TF32 switched on
-    globally: each example, isolated in a batch of 64 of fedgen's ConvNet with every example clipped, adds between
-    C (1 - 2^-9) and C (1 + 1e-6)."""
+                                                                              precision: str, sums: str,
+                                                                              least: float) -> None:
+    """On the GPU's own kernels (cuDNN's weight gradients, cuBLAS, the Triton kernels), with TF32 switched on
+    globally: each example, isolated in a batch of 64 of fedgen's ConvNet with every example clipped, adds at most
+    C (1 + 1e-6), and at least C (1 - 2^-9) where no margin shrinks the clip factors; with TF32 sums by ``"margin"``
+    at least 0.97 C (the margin ``(2^-10 + 2^-16) B_i``, with ``B_i`` up to about 12 ``||G_i||`` here; 0.983 C on
+    an H200)."""
     from fedgen.evaluation import ConvNet
     from fedgen.mechanisms import per_example
     from fedgen.mechanisms.precision import float32_products
 
     monkeypatch.setattr(per_example, "BOOK_PRECISION", precision)
+    monkeypatch.setattr(per_example, "TF32_SUMS", sums)
     torch.manual_seed(0)
     model = ConvNet(image_shape=(1, 28, 28), num_classes=10).cuda()
     x, y = torch.rand(64, 1, 28, 28, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
@@ -954,7 +959,7 @@ def test_on_cuda_each_isolated_example_adds_at_most_c_in_either_book_precision(m
         norms = _isolated_contributions(model, 16, 64, lambda weights: engine.backward(
             F.cross_entropy(model(x), y, reduction="none").mean(), weights=weights))
     ratios = [norm / clip for norm in norms]
-    assert min(ratios) >= 1 - 2**-9 and max(ratios) <= 1 + 1e-6, ratios
+    assert min(ratios) >= least and max(ratios) <= 1 + 1e-6, ratios
 
 
 def test_tf32_book_keeping_group_sums_add_up_to_the_whole_sum(monkeypatch: pytest.MonkeyPatch) -> None:
