@@ -26,16 +26,18 @@ faster than the IEEE multiply-adds.
 
 Two more kernels serve the engine's other memory-bound steps on a GPU, each behind a switch for A/B measurements:
 
-- :func:`gram_window_sq_norms` (off by default), for the convolution norms the engine takes from the padded input's
-  Gram matrix ``M_i`` (``per_example._conv2d_gram_sq_norms``): for each pair of output rows it adds the k_h k_w
-  shifted windows of ``M_i`` as tiles of output columns and contracts them with the output gradient's Gram matrix
-  ``Gamma_i``, so the windows' sum is never written to memory, where the engine's own path writes the column sums
-  and the windows' sum and reads both back. (An earlier kernel that formed ``Gamma_i`` tile by tile and gathered
-  the windows of square tiles of positions took 1.30 ms for the ConvNet's 14x14 layer at batch 1024, against
-  0.63 ms for the separable sums in PyTorch);
+- :func:`gram_window_sq_norms` (on by default), for the convolution norms the engine takes from the input's Gram
+  matrix ``M_i`` (``per_example._conv2d_gram_sq_norms``): for each pair of output rows it adds the k_h k_w
+  shifted windows of ``M_i`` as tiles of output columns, skipping the padding's pixels, and contracts them with the
+  output gradient's Gram matrix ``Gamma_i``, so the windows' sum is never written to memory, where the engine's
+  PyTorch path pads the input, writes the column sums and the windows' sum and reads both back. (An earlier kernel
+  that formed ``Gamma_i`` tile by tile and gathered the windows of square tiles of positions took 1.30 ms for the
+  ConvNet's 14x14 layer at batch 1024, against 0.63 ms for the separable sums in PyTorch);
 - :func:`row_sums` (on by default), ``sum_p g_p x_hat_p`` (from group statistics) and ``sum_p g_p`` over each row
   of two tensors in one read of each, for the per-example affine gradients of ``GroupNorm``
-  (``per_example._group_norm``).
+  (``per_example._group_norm``);
+- :func:`cleared_low_bits` (on by default), the bit operations of ``precision.round_to_tf32`` in one read and one
+  write of the tensor where PyTorch takes two of each.
 """
 
 from __future__ import annotations
@@ -48,18 +50,20 @@ from torch import nn
 #: whether the engine may use the kernel (set False for A/B measurements against the unfold path)
 ENABLED = True
 #: whether the engine contracts the Gram path's windows with :func:`gram_window_sq_norms` (else it sums them
-#: separably in PyTorch). Off by measurement (one H200, 2026-12-03, docs/benchmarks.md) of the previous kernel, which
-#: formed ``Gamma_i`` itself: the ConvNet's step at batch 1024 took 12.09 and 12.10 ms eager and 11.97 and 12.09 ms
-#: graphed with the separable sums, 12.26 and 12.31 ms and 12.20 and 12.29 ms with that kernel (whose 14x14 layer
-#: alone took 1.30 ms, against 0.63 ms for both sums); graphed at batch 256 3.59 and 3.64 against 3.56 and 3.57 ms,
-#: the UNet's at batch 1024 177.70 against 176.92 ms. The kernel of row pairs is not measured yet
+#: separably in PyTorch). On by measurement (one H200, 2026-12-03, docs/benchmarks.md): the ConvNet's step at batch 1024
+#: took 11.38 and 11.43 ms eager with it against 12.23 and 12.28 ms, 11.22 and 11.47 ms graphed against 12.45 and
+#: 12.51 ms, and graphed at batch 256 3.44 and 3.55 ms against 3.98 ms; the UNet's at batch 1024 179.41 against
+#: 180.64 ms, graphed at 256 50.85 against 50.92 ms. (In those runs it read the padded input's Gram matrix; it now
+#: reads the unpadded input's, and with :func:`cleared_low_bits` the step at batch 1024 took 10.84 to 11.01 ms eager.)
 GRAM_WINDOWS = True
 #: whether ``precision.round_to_tf32`` and ``truncate_to_tf32`` clear the low bits with :func:`cleared_low_bits` on a
-#: GPU (one read and one write) rather than by two PyTorch operators (an add and a bitwise and, each a read and a write)
+#: GPU (one read and one write) rather than by two PyTorch operators (an add and a bitwise and, each a read and a
+#: write). On by measurement (one H200, 2026-12-03): the ConvNet's step at batch 1024 10.86 and 10.84 ms eager with it
+#: against 11.01 and 11.09 ms; the kernel took 0.128 ms a step where the two operators took 0.246 ms
 LOW_BITS = True
 #: whether the engine takes GroupNorm's per-example sums from :func:`row_sums` (else PyTorch's GroupNorm backward).
-#: On by measurement (the same runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms faster, eager and graphed; per
-#: layer 0.35 against 0.61 ms at 128 channels, 28x28, batch 1024
+#: On by measurement (one H200, 2026-12-03, the afternoon's runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms
+#: faster, eager and graphed; per layer 0.35 against 0.61 ms at 128 channels, 28x28, batch 1024
 ROW_SUMS = True
 #: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path
 MIN_WINDOW, MIN_POSITIONS = 288, 64
