@@ -1,9 +1,10 @@
 """Per-example conv weight-gradient squared norms on a GPU: the engine's unfold path against the fused Triton kernel
 (fedgen.mechanisms.fused_norms) over tile sizes and float32 product precisions, and the padded input's Gram
 matrix (per_example._conv2d_gram_sq_norms, with the way the engine picks by multiplications; its windows also by
-fused_norms.gram_window_sq_norms over num_warps), for the UNet's and the ConvNet's layer shapes, then the per-example
-GroupNorm sums by PyTorch's GroupNorm backward and by fused_norms.row_sums. Prints, per shape, each variant's time
-and its largest relative difference from the unfold path (both IEEE float32 reference and the variant are float32).
+fused_norms.gram_window_sq_norms over num_warps; and in TF32, on operands rounded to TF32 as the engine's), for the
+UNet's and the ConvNet's layer shapes, then the per-example GroupNorm sums by PyTorch's GroupNorm backward and by
+fused_norms.row_sums. Prints, per shape, each variant's time and its largest relative difference from the unfold
+path (IEEE float32; the TF32 variant against float64 norms of its rounded operands).
 
     python benchmarks/fused_norms.py [--no_tiles]
 """
@@ -11,6 +12,7 @@ and its largest relative difference from the unfold path (both IEEE float32 refe
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import itertools
 
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from fedgen.mechanisms import fused_norms, per_example
-from fedgen.mechanisms.precision import ieee_fp32
+from fedgen.mechanisms.precision import ieee_fp32, round_to_tf32
 
 SHAPES = [  # in, out channels, size, batch, K
     (32, 32, 32, 1024, 1), (64, 64, 16, 1024, 1), (64, 64, 8, 1024, 1), (128, 128, 14, 1024, 1),
@@ -75,6 +77,10 @@ def main() -> None:
                             f"{cuda_ms(lambda: per_example._conv2d_gram_sq_norms(layer, a, g, batch)):.2f} "
                             f"({((gram - ref).abs() / ref).max().item():.0e})")
             fused_norms.GRAM_WINDOWS, fused_norms.gram_window_sq_norms = saved
+            a32, g32 = round_to_tf32(a), round_to_tf32(g)  # the Gram path of a layer book-kept in TF32
+            ref32 = per_example._conv2d_gram_sq_norms(copy.deepcopy(layer).double(), a32.double(), g32.double(), batch)
+            tf32 = functools.partial(per_example._conv2d_gram_sq_norms, layer, a32, g32, batch, "tf32")
+            line.append(f"gram tf32 {cuda_ms(tf32):.2f} ({((tf32() - ref32).abs() / ref32).max().item():.0e})")
         for tile, precision in itertools.product([] if args.no_tiles else TILES, args.precisions):
             def run(tile=tile, precision=precision):
                 return fused_norms.conv2d_weight_sq_norms(layer, a, g, batch, tile=tile, precision=precision)
