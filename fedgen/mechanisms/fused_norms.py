@@ -24,7 +24,7 @@ batch 256, K = 4: 3.64 / 1.34. Slower, and left to the unfold path: 128 to 128 a
 channel (0.24 / 0.52). Three TF32 tensor-core products per float32 product (``precision="tf32x3"``) were never
 faster than the IEEE multiply-adds.
 
-Two more kernels serve the engine's other memory-bound steps on a GPU, each behind a switch for A/B measurements:
+More kernels serve the engine's other memory-bound steps on a GPU, each behind a switch for A/B measurements:
 
 - :func:`gram_window_sq_norms` (on by default), for the convolution norms the engine takes from the input's Gram
   matrix ``M_i`` (``per_example._conv2d_gram_sq_norms``): for each pair of output rows it adds the k_h k_w

@@ -253,7 +253,7 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     row, then those sums' views shifted by each row offset u, two reductions that read each entry k_w and k_h times
     (where ``GRAM_WINDOWS`` holds on a GPU, one kernel sums the k_h k_w windows pair of output rows by pair and
     contracts them with ``Gamma_i``, ``fused_norms.gram_window_sq_norms``; its ``M_i`` is the unpadded input's, the
-    padding's pixels skipped by the kernel, which spares the padded copy and a third of ``M_i`` at 14x14). A few
+    padding's pixels skipped by the kernel, which spares the padded copy and two fifths of ``M_i`` at 14x14). A few
     examples at a time, so that a chunk's Gram matrix and its column sums (or ``Gamma_i``) hold at most
     ``max(CHUNK_ELEMENTS, a.numel())`` values."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
