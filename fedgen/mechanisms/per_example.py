@@ -265,7 +265,8 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     pixels, positions = draws * height * width, draws * out_h * out_w
     columns = draws * height * out_w  # (K, padded row, output column) on each side, after the first sum
     parts = []
-    for _, b, rows in _example_chunks(a, batch, pixels * pixels + columns * columns):
+    # M_i is held beside the column sums, or beside Gamma_i where the kernel sums the windows
+    for _, b, rows in _example_chunks(a, batch, pixels * pixels + max(columns, positions) ** 2):
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
