@@ -426,6 +426,9 @@ def main() -> None:
     parser.add_argument("--low_bits", choices=["on", "off"], default="on" if fused_norms.LOW_BITS else "off",
                         help="the TF32 rounding of book-kept operands in one Triton kernel (fused_norms.LOW_BITS), "
                              "for an A/B against PyTorch's add and bitwise and")
+    parser.add_argument("--gram_bounds", choices=["on", "off"], default="on" if per_example.GRAM_BOUNDS else "off",
+                        help="TF32 rounding bounds of Gram-path convolutions from their Gram matrices' diagonals "
+                             "(per_example.GRAM_BOUNDS), for an A/B against reading the input and output gradient")
     parser.add_argument("--tf32_sums", choices=["split", "margin"], default=per_example.TF32_SUMS,
                         help="how a clipped sum book-kept in TF32 stays within C (per_example.TF32_SUMS): two exact "
                              "halves, or one product with a rounding margin in the clip factors")
@@ -450,7 +453,7 @@ def main() -> None:
     per_example.CHUNK_ELEMENTS = args.chunk_elements
     fused_norms.GRAM_WINDOWS, fused_norms.ROW_SUMS = args.gram_windows == "on", args.row_sums == "on"
     fused_norms.LOW_BITS = args.low_bits == "on"
-    per_example.TF32_SUMS = args.tf32_sums
+    per_example.TF32_SUMS, per_example.GRAM_BOUNDS = args.tf32_sums, args.gram_bounds == "on"
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
         return
@@ -482,7 +485,8 @@ def main() -> None:
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
           f"book-kept norms and sums in {per_example.BOOK_PRECISION}; Gram windows by the kernel "
           f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; TF32 rounding by the kernel "
-          f"{args.low_bits}; TF32 clipped sums by {args.tf32_sums}; "
+          f"{args.low_bits}; TF32 clipped sums by {args.tf32_sums}; Gram-path bounds from diagonals "
+          f"{args.gram_bounds}; "
           f"chunks of {per_example.CHUNK_ELEMENTS} values\n")
     if args.cuda_graph:
         print(f"check: fedgen's clipped sums on the ConvNet, replayed against eager, largest relative difference "

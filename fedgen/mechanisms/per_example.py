@@ -238,7 +238,8 @@ def _conv_multiplications(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
 
 
 def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int,
-                          precision: str = "ieee") -> torch.Tensor:
+                          precision: str = "ieee", bound: bool = False
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The ghost norm of a convolution (one group) from the Gram matrix of its zero-padded input rather than of
     the unfolded one. The unfolded windows at output positions t and s overlap the padded input ``x`` at pixels
     shifted by each kernel offset ``d``, so ``a_t . a_s = sum_d x_{p(t) + d} . x_{p(s) + d}`` (``p(t)`` the
@@ -255,7 +256,8 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     contracts them with ``Gamma_i``, ``fused_norms.gram_window_sq_norms``; its ``M_i`` is the unpadded input's, the
     padding's pixels skipped by the kernel, which spares the padded copy and two fifths of ``M_i`` at 14x14). A few
     examples at a time, so that a chunk's Gram matrix and its column sums (or ``Gamma_i``) hold at most
-    ``max(CHUNK_ELEMENTS, a.numel())`` values."""
+    ``max(CHUNK_ELEMENTS, a.numel())`` values. With ``bound``, also the rounding bound ``sum_t ||g_t|| ||a_t||``
+    (:func:`_conv2d_rounding_bound`) from the two Gram matrices' diagonals (:func:`_gram_rounding_bound`)."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
     kernel = fused_norms.gram_applies(a, g)  # the windows' sum and its contraction with Gamma_i in one kernel
@@ -264,16 +266,21 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     out_h, out_w = g.shape[2:]
     pixels, positions = draws * height * width, draws * out_h * out_w
     columns = draws * height * out_w  # (K, padded row, output column) on each side, after the first sum
-    parts = []
+    parts, bounds = [], []
     # M_i is held beside the column sums, or beside Gamma_i where the kernel sums the windows
     for _, b, rows in _example_chunks(a, batch, pixels * pixels + max(columns, positions) ** 2):
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
+        # a copy of M_i's diagonal (b K P values), so that the Gram matrix is freed where the sums free it
+        pixel_sq = gram.diagonal(dim1=1, dim2=2).clone() if bound else None
         if kernel:
             with _operand_products(precision):
                 gamma = torch.bmm(gs.transpose(1, 2), gs)  # (b, K T, K T)
             parts.append(fused_norms.gram_window_sq_norms(layer, gram, gamma, (height, width), (out_h, out_w)))
+            if bound:
+                bounds.append(_gram_rounding_bound(layer, pixel_sq, gamma.diagonal(dim1=1, dim2=2), (height, width),
+                                                   padded=False))
             continue
         # a_t . a_s = sum_{u,v} M_i[p(t) + (u, v), p(s) + (u, v)], summed first over the column offsets v for
         # every padded row, then over the row offsets u: k_h + k_w reads of each entry where both at once take k_h k_w
@@ -289,7 +296,24 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         with _operand_products(precision):  # after the Gram matrix is freed, so the two are never held together
             gamma = torch.bmm(gs.transpose(1, 2), gs).reshape(b, positions * positions, 1)
         parts.append(torch.bmm(shifted, gamma).reshape(b))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if bound:
+            grad_sq = gamma.reshape(b, positions, positions).diagonal(dim1=1, dim2=2)
+            bounds.append(_gram_rounding_bound(layer, pixel_sq, grad_sq, (height, width), padded=True))
+    sq_norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return (sq_norms, bounds[0] if len(bounds) == 1 else torch.cat(bounds)) if bound else sq_norms
+
+
+def _gram_rounding_bound(layer: nn.Conv2d, pixel_sq: torch.Tensor, grad_sq: torch.Tensor, size: tuple[int, int],
+                         padded: bool) -> torch.Tensor:
+    """``sum_t ||g_t|| ||x_t||`` (:func:`_conv2d_rounding_bound`) from what the Gram path holds: ``pixel_sq`` (b,
+    K P), the squared norms of the input's pixels over the channels (the diagonal of ``M_i``; of ``size``, padded
+    already where ``padded``), and ``grad_sq`` (b, K T), those of the output gradient's positions (the diagonal
+    of ``Gamma_i``). ``||x_t||^2`` is the window sum of ``pixel_sq``, one convolution with a kernel of ones, so the
+    input and output gradient are not read again."""
+    b = pixel_sq.shape[0]
+    window_sq = F.conv2d(pixel_sq.reshape(-1, 1, *size), pixel_sq.new_ones(1, 1, *layer.kernel_size),
+                         stride=layer.stride, padding=0 if padded else layer.padding, dilation=layer.dilation)
+    return (grad_sq.clamp(min=0).sqrt() * window_sq.reshape(b, -1).clamp(min=0).sqrt()).sum(1)
 
 
 def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]],
@@ -299,15 +323,34 @@ def _conv2d_weight_sq_norms(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, to
     (:func:`_conv2d_gram_sq_norms`), or else, on a GPU where it was measured faster, one fused kernel that
     forms nothing in memory (:mod:`fedgen.mechanisms.fused_norms`), or else the unfold path, a few examples at
     a time (:func:`_conv_chunks`), which also serves layers called several times."""
-    if len(calls) == 1 and layer.groups == 1 and GRAM_NORMS:
-        count = _conv_multiplications(layer, *calls[0], batch)
-        if count["gram"] < min(count["form"], count["ghost"]):
-            return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision)
+    if _takes_gram(layer, calls, batch):
+        return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision)
     if len(calls) == 1 and fused_norms.applies(layer, *calls[0]):
         return fused_norms.conv2d_weight_sq_norms(layer, *calls[0], batch, precision=precision)
     parts = [_sum_dim1(_positions_sq_norms(x, g, precision).reshape(b, layer.groups))
              for _, b, x, g in _conv_chunks(layer, calls, batch)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _takes_gram(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> bool:
+    """Whether a convolution's norms come from its input's Gram matrix (:func:`_conv2d_weight_sq_norms`): one call,
+    one group, ``GRAM_NORMS`` set, and the fewest multiplications."""
+    if len(calls) != 1 or layer.groups != 1 or not GRAM_NORMS:
+        return False
+    count = _conv_multiplications(layer, *calls[0], batch)
+    return count["gram"] < min(count["form"], count["ghost"])
+
+
+def _conv2d_sq_norms_and_bound(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int,
+                               precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight gradient's per-example squared norms and its rounding bound summed over the calls: both from the
+    Gram path where the norms come from it (the bound from the Gram matrices' diagonals), else
+    :func:`_conv2d_weight_sq_norms` and :func:`_conv2d_rounding_bound`."""
+    if _takes_gram(layer, calls, batch):
+        return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision, bound=True)
+    bounds = [_conv2d_rounding_bound(layer, a, g, batch) for a, g in calls]
+    return (_conv2d_weight_sq_norms(layer, calls, batch, precision),
+            bounds[0] if len(bounds) == 1 else torch.stack(bounds).sum(0))
 
 
 def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
@@ -462,6 +505,12 @@ ROUNDING_BOUND: dict[type[nn.Module], Callable] = {
     nn.Linear: _linear_rounding_bound,
     nn.Conv2d: _conv2d_rounding_bound,
 }
+#: weights whose norm rule can give the rounding bound with the norms, from what it computes for them:
+#: ``norms_and_bound(layer, calls, batch, precision) -> (squared norms, bound summed over the calls)``, used where
+#: ``GRAM_BOUNDS`` is set
+NORMS_AND_BOUND: dict[type[nn.Module], Callable] = {
+    nn.Conv2d: _conv2d_sq_norms_and_bound,
+}
 #: the same weights' per-example gradients, formed: ``per_example(layer, a, g, batch)``, (batch, *weight.shape)
 PER_EXAMPLE_WEIGHT: dict[type[nn.Module], Callable] = {
     nn.Linear: _linear_weight_per_example,
@@ -515,6 +564,10 @@ TF32_MARGIN = 2**-10 + 2**-16
 #: at 2^32 on an H200, where IEEE float32 runs at about an eighth of the TF32 rate) is smaller than what its own
 #: work adds, four memory passes over the input and output gradient and about eight more launches a layer
 TF32_MIN_MULTIPLY_ADDS = 2**32
+#: whether the rounding bound of a TF32 layer's clipped sum (``TF32_SUMS = "margin"``) comes with its norms from the
+#: rule's own products where it has them (:data:`NORMS_AND_BOUND`: a convolution on the Gram path takes the bound from
+#: the Gram matrices' diagonals instead of reading its input and output gradient again). Off until measured on a GPU
+GRAM_BOUNDS = False
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements
 GRAM_NORMS = True
@@ -792,8 +845,22 @@ class PerExampleClipping:
         # formed per-example gradients, the vectors (biases, normalization parameters) in one (batch, parameters)
         # matrix, each formed weight (an Embedding's, and a Linear's or Conv2d's where forms_weight held) on its
         # own, so that no large one is copied
-        weight_sq_norms = [BOOK_KEEPING[type(layer)][0](layer, calls, batch, precisions[layer])
-                           for layer, calls in by_layer.items()]
+        split = TF32_SUMS == "split"
+        weight_sq_norms, margins = [], []
+        for layer, calls in by_layer.items():
+            if split or precisions[layer] != "tf32":
+                weight_sq_norms.append(BOOK_KEEPING[type(layer)][0](layer, calls, batch, precisions[layer]))
+                continue
+            # each TF32 clipped sum is one product, which rounds the scaled output gradient (TF32_SUMS): its bound,
+            # with the norms where their rule gives it
+            joint = NORMS_AND_BOUND.get(type(layer)) if GRAM_BOUNDS else None
+            if joint is not None:
+                layer_sq_norms, bound = joint(layer, calls, batch, precisions[layer])
+                margins.append(bound)
+            else:
+                layer_sq_norms = BOOK_KEEPING[type(layer)][0](layer, calls, batch, precisions[layer])
+                margins += [ROUNDING_BOUND[type(layer)](layer, a, g, batch) for a, g in calls]
+            weight_sq_norms.append(layer_sq_norms)
         vectors = [p for p in materialized if p.dim() == 1]
         blocks = [(vectors, torch.cat([materialized.pop(p).reshape(batch, -1) for p in vectors], 1))] if vectors \
             else []
@@ -801,10 +868,7 @@ class PerExampleClipping:
         # one stack and one sum over all layers' and blocks' norms (a running sum would launch a kernel per term)
         sq_norms = torch.stack(weight_sq_norms + [_rows_sq_norms(grads) for _, grads in blocks]).sum(0)
         norms = sq_norms.sqrt()
-        split = TF32_SUMS == "split"
-        margins = [] if split else [ROUNDING_BOUND[type(layer)](layer, a, g, batch) for layer, calls in by_layer.items()
-                                    if precisions[layer] == "tf32" for a, g in calls]
-        if margins:  # each TF32 clipped sum is one product, which rounds the scaled output gradient (TF32_SUMS)
+        if margins:
             norms = norms + TF32_MARGIN * torch.stack(margins).sum(0)
         # per-example gradients are batch * (what was formed): norms scale by batch, sums by batch too
         factor = (self.max_grad_norm / (batch * norms + 1e-6)).clamp(max=1.0) * batch

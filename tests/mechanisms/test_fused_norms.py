@@ -87,10 +87,13 @@ for c_in, c_out, kernel_size, stride, padding, dilation, size, batch, draws in j
     for name, warps in (("got", None), ("one warp", 1)):
         fused_norms.gram_window_sq_norms = lambda *args, warps=warps: used.append(1) or kernel(*args, warps=warps)
         got[name] = per_example._conv2d_gram_sq_norms(layer, a, g, batch).tolist()
+    _, kernel_bound = per_example._conv2d_gram_sq_norms(layer, a, g, batch, bound=True)  # from the unpadded M_i
     fused_norms.gram_applies = lambda gram, g: False
     torch_path = per_example._conv2d_gram_sq_norms(layer, a, g, batch)
     expected = per_example._conv2d_weight_sq_norms(layer.double(), [(a.double(), g.double())], batch)
-    out.append({**got, "torch": torch_path.tolist(), "expected": expected.tolist()})
+    bound = per_example._conv2d_rounding_bound(layer, a, g, batch)
+    out.append({**got, "torch": torch_path.tolist(), "expected": expected.tolist(),
+                "bounds": [kernel_bound.tolist(), bound.tolist()]})
 print(json.dumps({"used": len(used), "results": out}))
 """
 
@@ -108,13 +111,15 @@ def test_the_gram_window_kernel_gives_the_norms_of_the_gram_path() -> None:
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["used"] == 2 * len(cases)  # the engine's Gram path went through the kernel, twice per case
+    assert report["used"] == 3 * len(cases)  # the engine's Gram path went through the kernel, thrice per case
     for case, result in zip(cases, report["results"], strict=True):
         want = torch.tensor(result["expected"], dtype=torch.float64)
         assert want.shape == (case[7],) and bool((want > 0).all())
         for key in ("got", "one warp", "torch"):
             torch.testing.assert_close(torch.tensor(result[key], dtype=torch.float64), want, rtol=1e-5, atol=0,
                                        msg=lambda m, c=case, k=key: f"{c}, {k}: {m}")
+        # the rounding bound from the unpadded Gram matrix's diagonal, as from the unfolded windows
+        torch.testing.assert_close(*map(torch.tensor, result["bounds"]), rtol=1e-5, atol=0)
 
 
 ROW_SUMS = """

@@ -1017,6 +1017,64 @@ def test_the_rounding_bounds_are_the_sums_of_position_norm_products(kernel, stri
     torch.testing.assert_close(per_example._linear_rounding_bound(linear, a, g, 2), want)
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,padding,draws", [(3, 1, 1, 1, 1), (3, 2, 1, 0, 2), (2, 1, 2, 2, 1),
+                                                                  ((3, 2), (2, 1), (1, 2), (1, 0), 3)])
+def test_the_gram_path_gives_the_rounding_bound_from_its_diagonals(kernel, stride, dilation, padding,
+                                                                   draws: int) -> None:
+    """With ``bound``, the Gram path's rounding bound, from the diagonals of the input's and the output gradient's
+    Gram matrices, is the direct one (unfolded windows), and its norms are those it gives without it; several
+    chunks of examples too."""
+    from fedgen.mechanisms import per_example
+
+    gen = torch.Generator().manual_seed(4)
+    layer = nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding).double()
+    a = torch.randn(5 * draws, 3, 7, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn_like(layer(a))
+    want = per_example._conv2d_rounding_bound(layer, a, g, 5)
+    plain = per_example._conv2d_gram_sq_norms(layer, a, g, 5)
+    for chunk in (per_example.CHUNK_ELEMENTS, 1):  # one chunk, then one example a chunk
+        saved, per_example.CHUNK_ELEMENTS = per_example.CHUNK_ELEMENTS, chunk
+        try:
+            sq_norms, bound = per_example._conv2d_gram_sq_norms(layer, a, g, 5, bound=True)
+        finally:
+            per_example.CHUNK_ELEMENTS = saved
+        torch.testing.assert_close(bound, want)
+        torch.testing.assert_close(sq_norms, plain)
+
+
+@pytest.mark.parametrize("rounds", [True, False])
+def test_rounding_bounds_from_the_gram_matrices_give_the_same_clipped_sums(monkeypatch: pytest.MonkeyPatch,
+                                                                         rounds: bool) -> None:
+    """``GRAM_BOUNDS``: a convolution on the Gram path takes its TF32 rounding bound from its Gram matrices' diagonals
+    (the joint rule is called, and the direct bound is not) and the clipped sums are those of the direct bound; with
+    ``"split"`` sums, which take no bound, neither is called."""
+    from fedgen.mechanisms import per_example
+
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "tf32")
+    monkeypatch.setattr(per_example, "FORM_RATIO", 0.0)
+    monkeypatch.setattr(per_example, "TF32_SUMS", "margin" if rounds else "split")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 3))
+    x, y = torch.randn(6, 32, 8, 8), torch.randint(0, 3, (6,))
+    assert per_example._takes_gram(model[0], [(x, torch.randn(6, 32, 8, 8))], 6)  # the Gram path's layer
+    engine = PerExampleClipping(model, max_grad_norm=1e-4)  # every example clipped: the bound moves each factor
+    sums, calls = {}, []
+    direct = per_example.ROUNDING_BOUND[nn.Conv2d]
+    monkeypatch.setitem(per_example.ROUNDING_BOUND, nn.Conv2d,
+                        lambda *args: calls.append("direct") or direct(*args))
+    joint = per_example.NORMS_AND_BOUND[nn.Conv2d]
+    monkeypatch.setitem(per_example.NORMS_AND_BOUND, nn.Conv2d, lambda *args: calls.append("joint") or joint(*args))
+    for gram_bounds in (False, True):
+        monkeypatch.setattr(per_example, "GRAM_BOUNDS", gram_bounds)
+        for p in model.parameters():
+            p.summed_grad = None
+        engine.backward(F.cross_entropy(model(x), y))
+        sums[gram_bounds] = [p.summed_grad.clone() for p in model.parameters()]
+    assert calls == (["direct", "joint"] if rounds else [])
+    for off, on in zip(sums[False], sums[True], strict=True):
+        torch.testing.assert_close(on, off, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("rounding", ["truncate", "nearest", "away from zero", "by channel"])
 def test_tf32_margin_sums_keep_each_example_within_c_under_any_rounding_of_the_scaled_gradient(
         monkeypatch: pytest.MonkeyPatch, rounding: str) -> None:
