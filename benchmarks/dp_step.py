@@ -139,6 +139,17 @@ def example_unet_task(example: str) -> Callable[[int, int, torch.device], Task]:
 TASKS = {"convnet": convnet_task, "unet": unet_task,
          "unet_eps1": example_unet_task("mnist_dp_diffusion_eps1.yaml"),
          "unet_eps10": example_unet_task("mnist_dp_diffusion.yaml")}
+#: the engine's on/off switches that ``--NAME on|off`` sets for A/B measurements: (module, attribute, what it does)
+SWITCHES = {
+    "gram_windows": (fused_norms, "GRAM_WINDOWS", "the Gram path's windows summed and contracted by the Triton "
+                                                  "kernel, against the engine's separable sums in PyTorch"),
+    "row_sums": (fused_norms, "ROW_SUMS", "GroupNorm's per-example sums by the Triton kernel, against PyTorch's "
+                                          "GroupNorm backward"),
+    "low_bits": (fused_norms, "LOW_BITS", "the TF32 rounding of book-kept operands in one Triton kernel, against "
+                                          "PyTorch's add and bitwise and"),
+    "gram_bounds": (per_example, "GRAM_BOUNDS", "TF32 rounding bounds of Gram-path convolutions from their Gram "
+                                                "matrices' diagonals, against reading the input and output gradient"),
+}
 #: the models trained with the diffusion loss, where noise draws K apply
 DIFFUSION = ("unet", "unet_eps1", "unet_eps10")
 
@@ -417,18 +428,9 @@ def main() -> None:
                              "entries C_in k_h k_w (fused_norms.MIN_WINDOW), for an A/B against the default")
     parser.add_argument("--kernel_min_positions", type=int, default=fused_norms.MIN_POSITIONS,
                         help="... and at least this many output positions (fused_norms.MIN_POSITIONS)")
-    parser.add_argument("--gram_windows", choices=["on", "off"], default="on" if fused_norms.GRAM_WINDOWS else "off",
-                        help="the Gram path's windows summed and contracted by the Triton kernel "
-                             "(fused_norms.GRAM_WINDOWS), for an A/B against the engine's separable sums in PyTorch")
-    parser.add_argument("--row_sums", choices=["on", "off"], default="on" if fused_norms.ROW_SUMS else "off",
-                        help="GroupNorm's per-example sums by the Triton kernel (fused_norms.ROW_SUMS), for an A/B "
-                             "against PyTorch's GroupNorm backward")
-    parser.add_argument("--low_bits", choices=["on", "off"], default="on" if fused_norms.LOW_BITS else "off",
-                        help="the TF32 rounding of book-kept operands in one Triton kernel (fused_norms.LOW_BITS), "
-                             "for an A/B against PyTorch's add and bitwise and")
-    parser.add_argument("--gram_bounds", choices=["on", "off"], default="on" if per_example.GRAM_BOUNDS else "off",
-                        help="TF32 rounding bounds of Gram-path convolutions from their Gram matrices' diagonals "
-                             "(per_example.GRAM_BOUNDS), for an A/B against reading the input and output gradient")
+    for name, (module, attribute, what) in SWITCHES.items():
+        parser.add_argument(f"--{name}", choices=["on", "off"], default="on" if getattr(module, attribute) else "off",
+                            help=f"{what} ({module.__name__.rsplit('.', 1)[-1]}.{attribute}), for an A/B")
     parser.add_argument("--tf32_sums", choices=["split", "margin"], default=per_example.TF32_SUMS,
                         help="how a clipped sum book-kept in TF32 stays within C (per_example.TF32_SUMS): two exact "
                              "halves, or one product with a rounding margin in the clip factors")
@@ -451,9 +453,9 @@ def main() -> None:
     per_example.FORM_PRECISION = args.form_precision
     per_example.BOOK_PRECISION = args.book_precision
     per_example.CHUNK_ELEMENTS = args.chunk_elements
-    fused_norms.GRAM_WINDOWS, fused_norms.ROW_SUMS = args.gram_windows == "on", args.row_sums == "on"
-    fused_norms.LOW_BITS = args.low_bits == "on"
-    per_example.TF32_SUMS, per_example.GRAM_BOUNDS = args.tf32_sums, args.gram_bounds == "on"
+    per_example.TF32_SUMS = args.tf32_sums
+    for name, (module, attribute, _) in SWITCHES.items():
+        setattr(module, attribute, getattr(args, name) == "on")
     if args.count_ops:
         print_op_counts(args.models, args.draws, args.methods, args.count_batch)
         return

@@ -272,8 +272,7 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         xs, gs = _by_example(x[rows], b), _by_example(g[rows], b)  # (b, C_in, K P), (b, C_out, K T)
         with _operand_products(precision):
             gram = torch.bmm(xs.transpose(1, 2), xs)  # (b, K P, K P)
-        # a copy of M_i's diagonal (b K P values), so that the Gram matrix is freed where the sums free it
-        pixel_sq = gram.diagonal(dim1=1, dim2=2).clone() if bound else None
+        pixel_sq = gram.diagonal(dim1=1, dim2=2) if bound else None  # the pixels' squared norms
         if kernel:
             with _operand_products(precision):
                 gamma = torch.bmm(gs.transpose(1, 2), gs)  # (b, K T, K T)
@@ -287,6 +286,8 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         s0, row, col = pixels * pixels, height * width, width
         by_rows = gram.as_strided((b, kw, draws, height, out_w, draws, height, out_w),
                                   (s0, dw * (pixels + 1), row * pixels, col * pixels, sw * pixels, row, col, sw)).sum(1)
+        if bound:
+            pixel_sq = pixel_sq.clone()  # b K P values, so that the view does not keep the Gram matrix
         del gram
         shifted = by_rows.as_strided((b, kh, draws, out_h, out_w, draws, out_h, out_w),
                                      (columns * columns, dh * out_w * (columns + 1), height * out_w * columns,
@@ -342,15 +343,13 @@ def _takes_gram(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _conv2d_sq_norms_and_bound(layer: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int,
-                               precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight gradient's per-example squared norms and its rounding bound summed over the calls: both from the
-    Gram path where the norms come from it (the bound from the Gram matrices' diagonals), else
-    :func:`_conv2d_weight_sq_norms` and :func:`_conv2d_rounding_bound`."""
+                               precision: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight gradient's per-example squared norms and, where they come from the Gram path, its rounding bound
+    from the Gram matrices' diagonals; elsewhere :func:`_conv2d_weight_sq_norms` and no bound (the engine takes
+    :data:`ROUNDING_BOUND`'s)."""
     if _takes_gram(layer, calls, batch):
         return _conv2d_gram_sq_norms(layer, *calls[0], batch, precision, bound=True)
-    bounds = [_conv2d_rounding_bound(layer, a, g, batch) for a, g in calls]
-    return (_conv2d_weight_sq_norms(layer, calls, batch, precision),
-            bounds[0] if len(bounds) == 1 else torch.stack(bounds).sum(0))
+    return _conv2d_weight_sq_norms(layer, calls, batch, precision), None
 
 
 def _conv2d_weight_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor:
@@ -506,8 +505,8 @@ ROUNDING_BOUND: dict[type[nn.Module], Callable] = {
     nn.Conv2d: _conv2d_rounding_bound,
 }
 #: weights whose norm rule can give the rounding bound with the norms, from what it computes for them:
-#: ``norms_and_bound(layer, calls, batch, precision) -> (squared norms, bound summed over the calls)``, used where
-#: ``GRAM_BOUNDS`` is set
+#: ``norms_and_bound(layer, calls, batch, precision) -> (squared norms, bound summed over the calls, or None where
+#: the rule computed nothing to take it from)``, used where ``GRAM_BOUNDS`` is set
 NORMS_AND_BOUND: dict[type[nn.Module], Callable] = {
     nn.Conv2d: _conv2d_sq_norms_and_bound,
 }
@@ -854,13 +853,11 @@ class PerExampleClipping:
             # each TF32 clipped sum is one product, which rounds the scaled output gradient (TF32_SUMS): its bound,
             # with the norms where their rule gives it
             joint = NORMS_AND_BOUND.get(type(layer)) if GRAM_BOUNDS else None
-            if joint is not None:
-                layer_sq_norms, bound = joint(layer, calls, batch, precisions[layer])
-                margins.append(bound)
-            else:
-                layer_sq_norms = BOOK_KEEPING[type(layer)][0](layer, calls, batch, precisions[layer])
-                margins += [ROUNDING_BOUND[type(layer)](layer, a, g, batch) for a, g in calls]
+            layer_sq_norms, bound = (joint(layer, calls, batch, precisions[layer]) if joint is not None else
+                                     (BOOK_KEEPING[type(layer)][0](layer, calls, batch, precisions[layer]), None))
             weight_sq_norms.append(layer_sq_norms)
+            margins += [bound] if bound is not None else [ROUNDING_BOUND[type(layer)](layer, a, g, batch)
+                                                          for a, g in calls]
         vectors = [p for p in materialized if p.dim() == 1]
         blocks = [(vectors, torch.cat([materialized.pop(p).reshape(batch, -1) for p in vectors], 1))] if vectors \
             else []
