@@ -73,6 +73,7 @@ class CapturedBackward:
         self._static: list[torch.Tensor] | None = None  # the micro-batch buffers the graph reads
         self._weights: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+        self._filled = -1  # the real rows the weights were last set for: a full micro-batch keeps its all-ones weights
         self._captured: torch.cuda.CUDAGraph | None = None
         self._loss: torch.Tensor | None = None
         self._sums: list[torch.Tensor | None] = []  # the clipped sums the graph writes, one per parameter
@@ -107,8 +108,11 @@ class CapturedBackward:
                                  f"to {tuple(t.shape[1:])} {t.dtype} on {t.device} per example: a captured pass "
                                  "takes one shape; make a new CapturedBackward for another")
             static[:m].copy_(t)
-            static[m:].copy_(t[:1].expand(self.size - m, *t.shape[1:]))  # padding: copies of a real example
-        self._weights.copy_(self._positions < m)
+            if m < self.size:
+                static[m:].copy_(t[:1].expand(self.size - m, *t.shape[1:]))  # padding: copies of a real example
+        if m != self._filled:  # launches before the replay delay it, so a run of full micro-batches sets them once
+            self._weights.copy_(self._positions < m)
+            self._filled = m
         if self.graph:
             if self._captured is None:
                 self._capture()

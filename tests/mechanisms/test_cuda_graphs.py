@@ -71,6 +71,21 @@ def test_padded_micro_batches_give_the_clipped_sum_of_the_real_examples(draws: i
         torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
 
 
+def test_a_full_micro_batch_after_a_padded_one_counts_every_example() -> None:
+    """The weights are set again only where a micro-batch's count of real examples changes: after a padded one (2
+    real of 4), the next full one must weigh all four again."""
+    gen = torch.Generator().manual_seed(4)
+    model = _model("image")
+    x, y = _data("image", 10, gen)
+    truth = _truth(copy.deepcopy(model), x, y)
+    mechanism = _private(model, 0.05)
+    captured = CapturedBackward(mechanism, lambda a, b: _loss(model, a, b), size=4, graph=False)
+    captured(x[:6], y[:6])  # 4 real, then 2 real + 2 padding
+    captured(x[6:], y[6:])  # 4 real
+    for p, want in zip(model.parameters(), _clipped_sum(truth, 0.05), strict=True):
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-10, rtol=1e-8)
+
+
 def test_a_step_through_padded_micro_batches_equals_the_plain_step_noise_and_ledger_included() -> None:
     gen = torch.Generator().manual_seed(5)
     x, y = _data("image", 7, gen)
