@@ -186,6 +186,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         loader = federation.attach(generator, data.train_set)
     else:
         loader = generator.attach_private_data(data.train_set)
+    generator.check_training(trainer.strategy.root_device)
     write_config(cli.parser, config, run_dir)
     log.info("Privacy: %s on %d private examples (add/remove-one-%s neighbouring)",
              generator.mechanism.describe(), len(data.train_set), generator.mechanism.ledger.unit)

@@ -97,6 +97,10 @@ class Generator(PrivateModule, Registered):
                                   f"set model.init_args.num_classes: {top + 1}")
         self.mechanism.check_dataset_size(len(dataset))
 
+    def check_training(self, device: torch.device) -> None:
+        """Refuse settings that cannot train on ``device`` (where the trainer runs) with the private data as
+        attached (central, or a federation's clients), before any private work; nothing to refuse by default."""
+
     def attach_private_data(self, dataset: Dataset) -> torch.utils.data.DataLoader:
         """Give the generator the private training set; returns the loader that drives training steps."""
         raise NotImplementedError

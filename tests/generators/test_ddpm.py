@@ -438,6 +438,7 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"label_check_steps": []}, "model.label_check_steps"),
     ({"label_check_steps": [100, 1000]}, "model.label_check_steps"),  # T = 1000: steps 0 to 999
     ({"label_check_rounds": 0}, "model.label_check_rounds"),
+    ({"cuda_graphs": True}, "model.cuda_graphs"),  # no max_physical_examples: no fixed micro-batch to capture
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -675,6 +676,52 @@ def test_a_resumed_federated_run_keeps_counting_its_steps_and_time(real_data_roo
     assert after["federation"]["secure_aggregation"]["server_seconds"] > \
         before["federation"]["secure_aggregation"]["server_seconds"]
     assert after["generator_seconds"] > before["generator_seconds"] > 0
+
+
+def test_cuda_graphs_are_refused_before_any_work_off_a_gpu_or_with_a_federation(real_data_root, tmp_path) -> None:
+    """``cuda_graphs`` needs a CUDA device and a central step: ``fedgen fit`` refuses it on the CPU, and with a
+    federation (one clipped sum per client), before it writes anything."""
+    from pathlib import Path
+
+    from fedgen.cli import fit
+
+    graphs = "--model.init_args.cuda_graphs=true"
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device") as err:
+        fit(_tiny_cli(real_data_root, 2, f"--run_dir={tmp_path / 'central'}", graphs))
+    assert err.value.field == "model.cuda_graphs" and not (tmp_path / "central").exists()
+    model = _tiny(cuda_graphs=True, max_physical_examples=5)
+    model.clients = object()  # as a federation sets it
+    with pytest.raises(ConfigError, match="one clipped sum per client") as err:
+        model.check_training(torch.device("cuda"))
+    assert err.value.field == "model.cuda_graphs"
+    example = Path(__file__).resolve().parents[2] / "examples" / "federated_mnist_dp_diffusion.yaml"
+    args = _tiny_cli(real_data_root, 2, f"--run_dir={tmp_path / 'federated'}", "--federation.init_args.num_clients=3",
+                     graphs, "--trainer.accelerator=gpu" if torch.cuda.is_available() else "--trainer.accelerator=cpu")
+    args[1] = str(example)
+    with pytest.raises(ConfigError) as err:
+        fit(args)
+    assert err.value.field == "model.cuda_graphs" and not (tmp_path / "federated").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays CUDA graphs: needs a CUDA device")
+def test_fedgen_fit_trains_through_cuda_graphs_with_the_eager_runs_ledger(real_data_root, tmp_path) -> None:
+    """``cuda_graphs``: the steps' forward and clipped backward passes replayed from one captured micro-batch (the
+    Poisson samples of about 30 examples padded to 40) train the generator, with the ledger of the eager run."""
+    import json
+
+    from fedgen.cli import fit
+
+    saved = {}
+    for graphs in ("false", "true"):
+        run = tmp_path / graphs
+        fit(_tiny_cli(real_data_root, 4, f"--run_dir={run}", "--trainer.accelerator=gpu",
+                      "--model.init_args.max_physical_examples=40", f"--model.init_args.cuda_graphs={graphs}"))
+        saved[graphs] = json.loads((run / "metrics.json").read_text())
+        state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert state["global_step"] == 4
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert saved["true"]["privacy_ledger"] == saved["false"]["privacy_ledger"]
+    assert saved["true"]["epsilon"] == saved["false"]["epsilon"]
 
 
 def test_federated_dp_sgd_refuses_a_one_release_generator_before_any_work(real_data_root, tmp_path) -> None:
