@@ -65,8 +65,12 @@ LOW_BITS = True
 #: On by measurement (one H200, 2026-12-03, the afternoon's runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms
 #: faster, eager and graphed; per layer 0.35 against 0.61 ms at 128 channels, 28x28, batch 1024
 ROW_SUMS = True
-#: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path
-MIN_WINDOW, MIN_POSITIONS = 288, 64
+#: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path. 144 (was
+#: 288) takes the diffusion examples' 16-channel convolutions at 28x28 off the unfold path, whose windows' copy and
+#: product took about 8 ms a layer at 4,096 examples x 4 draws: on one H200 (2026-12-03, docs/benchmarks.md) the
+#: epsilon-10 example's step took 441.93 and 442.53 ms against 450.44 and 449.34 ms, the epsilon-1 example's (2,048 x
+#: 8) 410.29 against 419.23 ms; the benchmark's ConvNet and UNet have no window between 144 and 288
+MIN_WINDOW, MIN_POSITIONS = 144, 64
 _MAX_INDEX = 2**31 - 1  # the kernel's offsets are 32-bit
 
 
