@@ -565,10 +565,10 @@ TF32_MARGIN = 2**-10 + 2**-16
 TF32_MIN_MULTIPLY_ADDS = 2**32
 #: whether the rounding bound of a TF32 layer's clipped sum (``TF32_SUMS = "margin"``) comes with its norms from the
 #: rule's own products where it has them (:data:`NORMS_AND_BOUND`: a convolution on the Gram path takes the bound from
-#: the Gram matrices' diagonals instead of reading its input and output gradient again). On one H200 (2026-12-03,
-#: docs/benchmarks.md) it took the ConvNet's step at batch 1024 from 10.91 to 10.78 ms eager (two rounds each) and from
-#: 10.98 to 11.03 ms to 10.64 to 10.78 ms graphed, and graphed at batch 256 from 3.23 to 3.39 ms to 3.14 to 3.27 ms;
-#: the clipping bound held (0 of 32 isolated examples above C)
+#: the Gram matrices' diagonals instead of reading its input and output gradient again). On by measurement (one H200,
+#: 2026-12-03, docs/benchmarks.md; two rounds each, on against off): the ConvNet's step at batch 1024 took 10.77 and
+#: 10.79 ms eager against 10.91 and 10.91 ms, 10.64 and 10.78 ms graphed against 11.03 and 10.98 ms, and graphed at
+#: batch 256 3.14 and 3.27 ms against 3.23 and 3.39 ms; the clipping bound held (0 of 32 isolated examples above C)
 GRAM_BOUNDS = True
 #: whether a convolution's norms may come from its padded input's Gram matrix (:func:`_conv2d_gram_sq_norms`)
 #: where that takes the fewest multiplications; False for A/B measurements

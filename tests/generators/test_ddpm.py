@@ -704,9 +704,12 @@ def test_cuda_graphs_are_refused_before_any_work_off_a_gpu_or_with_a_federation(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="replays CUDA graphs: needs a CUDA device")
-def test_fedgen_fit_trains_through_cuda_graphs_with_the_eager_runs_ledger(real_data_root, tmp_path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fedgen_fit_trains_through_cuda_graphs_with_the_eager_runs_ledger(real_data_root, tmp_path,
+                                                                          precision: str) -> None:
     """``cuda_graphs``: the steps' forward and clipped backward passes replayed from one captured micro-batch (the
-    Poisson samples of about 30 examples padded to 40) train the generator, with the ledger of the eager run."""
+    Poisson samples of about 30 examples padded to 40) train the generator, with the ledger of the eager run, in
+    float32 and under bfloat16 autocast."""
     import json
 
     from fedgen.cli import fit
@@ -715,7 +718,8 @@ def test_fedgen_fit_trains_through_cuda_graphs_with_the_eager_runs_ledger(real_d
     for graphs in ("false", "true"):
         run = tmp_path / graphs
         fit(_tiny_cli(real_data_root, 4, f"--run_dir={run}", "--trainer.accelerator=gpu",
-                      "--model.init_args.max_physical_examples=40", f"--model.init_args.cuda_graphs={graphs}"))
+                      f"--trainer.precision={precision}", "--model.init_args.max_physical_examples=40",
+                      f"--model.init_args.cuda_graphs={graphs}"))
         saved[graphs] = json.loads((run / "metrics.json").read_text())
         state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert state["global_step"] == 4

@@ -148,3 +148,30 @@ def test_replayed_sums_equal_the_eager_padded_sums_on_cuda() -> None:
         sums[graph] = [p.summed_grad.clone() for p in model.parameters()]
     for eager, replayed in zip(sums[False], sums[True], strict=True):
         torch.testing.assert_close(replayed, eager, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays a CUDA graph: needs a CUDA device")
+def test_a_replay_under_bf16_autocast_uses_the_current_weights_on_cuda() -> None:
+    """Captured under bfloat16 autocast (Lightning's ``precision="bf16-mixed"``), then the weights change: the
+    replay's sums are the eager pass's with the new weights, not those of casts made before the change (a graph
+    that read autocast's cached casts of its first step would keep them)."""
+    gen = torch.Generator().manual_seed(7)
+    x, y = _data("image", 4, gen)
+    x, y = x.float().cuda(), y.cuda()
+    sums = {}
+    for graph in (False, True):
+        model = _model("image").float().cuda()
+        mechanism = _private(model, 1e3)  # no example clipped: the sums follow the weights linearly
+        captured = CapturedBackward(mechanism, lambda a, b, m=model: _loss(m, a, b), size=4, graph=graph)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # one autocast region a step, as Lightning's
+            captured(x, y)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-2.0)
+        for p in model.parameters():
+            p.summed_grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            captured(x, y)
+        sums[graph] = [p.summed_grad.clone() for p in model.parameters()]
+    for eager, replayed in zip(sums[False], sums[True], strict=True):
+        torch.testing.assert_close(replayed, eager, atol=1e-3, rtol=1e-2)
