@@ -703,6 +703,33 @@ def test_cuda_graphs_are_refused_before_any_work_off_a_gpu_or_with_a_federation(
     assert err.value.field == "model.cuda_graphs" and not (tmp_path / "federated").exists()
 
 
+def test_cuda_graphs_route_each_step_through_one_captured_pass_of_fixed_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring of ``cuda_graphs``, on the CPU: every step's Poisson sample goes through one ``CapturedBackward``
+    of ``max_physical_examples`` examples and K draws (run eagerly here, ``graph=False``), built once; the
+    steps are charged as without it."""
+    from fedgen.generators import ddpm
+    from fedgen.mechanisms import CapturedBackward
+
+    built, calls = [], []
+
+    class Eager(CapturedBackward):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, graph=False)
+            built.append((self.size, self.draws))
+
+        def __call__(self, *inputs):
+            calls.append(len(inputs[0]))
+            return super().__call__(*inputs)
+
+    monkeypatch.setattr(ddpm, "CapturedBackward", Eager)
+    model = _tiny(cuda_graphs=True, max_physical_examples=6)
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    _fit(model, _data(), max_steps=3)
+    assert built == [(6, 3)] and len(calls) == 3 and sum(calls) > 0
+    assert model.mechanism.steps_taken == 3
+    assert any(not torch.equal(p, q) for p, q in zip(model.unet.parameters(), before, strict=True))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="replays CUDA graphs: needs a CUDA device")
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fedgen_fit_trains_through_cuda_graphs_with_the_eager_runs_ledger(real_data_root, tmp_path,
