@@ -549,10 +549,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 loss = self.diffusion_loss(x, y)
                 self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group, num_groups=num_groups)
             except torch.OutOfMemoryError as err:  # nothing of this step was released or charged yet
-                raise ConfigError("model.max_physical_examples", f"a micro-batch of {len(x)} examples x "
-                                  f"{self.hparams.noise_draws} noise draws does not fit in the device's memory",
-                                  f"set model.init_args.max_physical_examples to {max(1, len(x) // 2)} or lower: "
-                                  "the logical batch, the noise and the privacy accounting stay the same") from err
+                raise self._micro_batch_too_large(len(x)) from err
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
 
     def _clipped_backward_captured(self, images: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
@@ -564,10 +561,17 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         try:
             return self._captured(images, labels)
         except torch.OutOfMemoryError as err:  # nothing of this step was released or charged yet
-            raise ConfigError("model.max_physical_examples", f"a captured micro-batch of {size} examples x "
-                              f"{self.hparams.noise_draws} noise draws does not fit in the device's memory",
-                              f"set model.init_args.max_physical_examples to {max(1, size // 2)} or lower, or "
-                              "cuda_graphs: false (a graph keeps its activations in its own pool)") from err
+            raise self._micro_batch_too_large(size) from err
+
+    def _micro_batch_too_large(self, size: int) -> ConfigError:
+        """The error for a micro-batch of ``size`` examples that ran out of device memory, naming the setting to
+        lower (with graphs, also the option to drop: a graph keeps its activations in its own pool)."""
+        graphs = " (or set cuda_graphs: false: a graph keeps its activations in its own pool)" \
+            if self.hparams.cuda_graphs else ""
+        return ConfigError("model.max_physical_examples", f"a micro-batch of {size} examples x "
+                           f"{self.hparams.noise_draws} noise draws does not fit in the device's memory",
+                           f"set model.init_args.max_physical_examples to {max(1, size // 2)} or lower{graphs}: "
+                           "the logical batch, the noise and the privacy accounting stay the same")
 
     def check_training(self, device: torch.device) -> None:
         if not self.hparams.cuda_graphs:

@@ -257,7 +257,7 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
     padding's pixels skipped by the kernel, which spares the padded copy and two fifths of ``M_i`` at 14x14). A few
     examples at a time, so that a chunk's Gram matrix and its column sums (or ``Gamma_i``) hold at most
     ``max(CHUNK_ELEMENTS, a.numel())`` values. With ``bound``, also the rounding bound ``sum_t ||g_t|| ||a_t||``
-    (:func:`_conv2d_rounding_bound`) from the two Gram matrices' diagonals (:func:`_gram_rounding_bound`)."""
+    (:func:`_conv2d_rounding_bound`) from the two Gram matrices' diagonals (:func:`_window_rounding_bound`)."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     draws = a.shape[0] // batch
     kernel = fused_norms.gram_applies(a, g)  # the windows' sum and its contraction with Gamma_i in one kernel
@@ -278,8 +278,8 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
                 gamma = torch.bmm(gs.transpose(1, 2), gs)  # (b, K T, K T)
             parts.append(fused_norms.gram_window_sq_norms(layer, gram, gamma, (height, width), (out_h, out_w)))
             if bound:
-                bounds.append(_gram_rounding_bound(layer, pixel_sq, gamma.diagonal(dim1=1, dim2=2), (height, width),
-                                                   padded=False))
+                bounds.append(_window_rounding_bound(layer, pixel_sq, gamma.diagonal(dim1=1, dim2=2), (height, width),
+                                                     padded=False))
             continue
         # a_t . a_s = sum_{u,v} M_i[p(t) + (u, v), p(s) + (u, v)], summed first over the column offsets v for
         # every padded row, then over the row offsets u: k_h + k_w reads of each entry where both at once take k_h k_w
@@ -299,18 +299,18 @@ def _conv2d_gram_sq_norms(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ba
         parts.append(torch.bmm(shifted, gamma).reshape(b))
         if bound:
             grad_sq = gamma.reshape(b, positions, positions).diagonal(dim1=1, dim2=2)
-            bounds.append(_gram_rounding_bound(layer, pixel_sq, grad_sq, (height, width), padded=True))
+            bounds.append(_window_rounding_bound(layer, pixel_sq, grad_sq, (height, width), padded=True))
     sq_norms = parts[0] if len(parts) == 1 else torch.cat(parts)
     return (sq_norms, bounds[0] if len(bounds) == 1 else torch.cat(bounds)) if bound else sq_norms
 
 
-def _gram_rounding_bound(layer: nn.Conv2d, pixel_sq: torch.Tensor, grad_sq: torch.Tensor, size: tuple[int, int],
-                         padded: bool) -> torch.Tensor:
-    """``sum_t ||g_t|| ||x_t||`` (:func:`_conv2d_rounding_bound`) from what the Gram path holds: ``pixel_sq`` (b,
-    K P), the squared norms of the input's pixels over the channels (the diagonal of ``M_i``; of ``size``, padded
-    already where ``padded``), and ``grad_sq`` (b, K T), those of the output gradient's positions (the diagonal
-    of ``Gamma_i``). ``||x_t||^2`` is the window sum of ``pixel_sq``, one convolution with a kernel of ones, so the
-    input and output gradient are not read again."""
+def _window_rounding_bound(layer: nn.Conv2d, pixel_sq: torch.Tensor, grad_sq: torch.Tensor, size: tuple[int, int],
+                           padded: bool) -> torch.Tensor:
+    """``sum_t ||g_t|| ||x_t||`` (:func:`_conv2d_rounding_bound`) from ``pixel_sq`` (b, K P), the squared norms of
+    the input's pixels over the channels (of ``size``, padded already where ``padded``), and ``grad_sq`` (b, K T),
+    those of the output gradient's positions: on the Gram path the diagonals of ``M_i`` and ``Gamma_i``, so the
+    input and output gradient are not read again. ``||x_t||^2`` is the window sum of ``pixel_sq``, one convolution
+    with a kernel of ones."""
     b = pixel_sq.shape[0]
     window_sq = F.conv2d(pixel_sq.reshape(-1, 1, *size), pixel_sq.new_ones(1, 1, *layer.kernel_size),
                          stride=layer.stride, padding=0 if padded else layer.padding, dilation=layer.dilation)
@@ -385,11 +385,11 @@ def _conv2d_rounding_bound(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, b
     """``sum_t ||g_t|| ||x_t||`` over each example's output positions t (and K rows), ``x_t`` the input window at t
     (all channels; with groups the bound holds by Cauchy-Schwarz over the groups): as
     :func:`_linear_rounding_bound`. ``||x_t||^2`` is the window sum of the pixels' squared norms over the channels
-    (one reduction that reads the input once), one convolution with a kernel of ones."""
-    pixel_sq = torch.linalg.vector_norm(a, dim=1, keepdim=True).square()
-    window_sq = F.conv2d(pixel_sq, a.new_ones(1, 1, *layer.kernel_size), stride=layer.stride, padding=layer.padding,
-                         dilation=layer.dilation)
-    return (torch.linalg.vector_norm(g, dim=1) * window_sq.squeeze(1).clamp(min=0).sqrt()).reshape(batch, -1).sum(1)
+    (one reduction that reads the input once), one convolution with a kernel of ones
+    (:func:`_window_rounding_bound`)."""
+    pixel_sq = torch.linalg.vector_norm(a, dim=1).square().reshape(batch, -1)
+    grad_sq = torch.linalg.vector_norm(g, dim=1).square().reshape(batch, -1)
+    return _window_rounding_bound(layer, pixel_sq, grad_sq, a.shape[2:], padded=False)
 
 
 def _conv2d_bias(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int,

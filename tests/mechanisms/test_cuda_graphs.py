@@ -133,36 +133,38 @@ def test_cuda_graphs_are_refused_without_cuda() -> None:
         CapturedBackward(_private(model, 1.0), lambda x, y: _loss(model, x, y), size=4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays a CUDA graph: needs a CUDA device")
-def test_replayed_sums_equal_the_eager_padded_sums_on_cuda() -> None:
-    gen = torch.Generator().manual_seed(3)
-    x, y = _data("image", 11, gen)
+def _eager_and_replayed_sums(n: int, seed: int, clip: float, steps) -> tuple[list, list]:
+    """The clipped sums the test model leaves on the GPU after ``steps(captured, model, x, y)`` drives a
+    ``CapturedBackward`` of micro-batches of 4 over ``n`` examples: eagerly, then replayed from a CUDA graph."""
+    x, y = _data("image", n, torch.Generator().manual_seed(seed))
     x, y = x.float().cuda(), y.cuda()
     sums = {}
     for graph in (False, True):
         model = _model("image").float().cuda()
-        mechanism = _private(model, 0.05)
-        captured = CapturedBackward(mechanism, lambda a, b, m=model: _loss(m, a, b), size=4, graph=graph)
+        captured = CapturedBackward(_private(model, clip), lambda a, b, m=model: _loss(m, a, b), size=4, graph=graph)
+        steps(captured, model, x, y)
+        sums[graph] = [p.summed_grad.clone() for p in model.parameters()]
+    return sums[False], sums[True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays a CUDA graph: needs a CUDA device")
+def test_replayed_sums_equal_the_eager_padded_sums_on_cuda() -> None:
+    def steps(captured, model, x, y):
         captured(x, y)
         captured(x[:5], y[:5])  # a second sample of another size: the same graph, more padding
-        sums[graph] = [p.summed_grad.clone() for p in model.parameters()]
-    for eager, replayed in zip(sums[False], sums[True], strict=True):
-        torch.testing.assert_close(replayed, eager, atol=1e-6, rtol=1e-5)
+
+    eager, replayed = _eager_and_replayed_sums(11, 3, 0.05, steps)
+    for e, r in zip(eager, replayed, strict=True):
+        torch.testing.assert_close(r, e, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="replays a CUDA graph: needs a CUDA device")
 def test_a_replay_under_bf16_autocast_uses_the_current_weights_on_cuda() -> None:
     """Captured under bfloat16 autocast (Lightning's ``precision="bf16-mixed"``), then the weights change: the
     replay's sums are the eager pass's with the new weights, not those of casts made before the change (a graph
-    that read autocast's cached casts of its first step would keep them)."""
-    gen = torch.Generator().manual_seed(7)
-    x, y = _data("image", 4, gen)
-    x, y = x.float().cuda(), y.cuda()
-    sums = {}
-    for graph in (False, True):
-        model = _model("image").float().cuda()
-        mechanism = _private(model, 1e3)  # no example clipped: the sums follow the weights linearly
-        captured = CapturedBackward(mechanism, lambda a, b, m=model: _loss(m, a, b), size=4, graph=graph)
+    that read autocast's cached casts of its first step would keep them). No example is clipped (C = 1e3), so the
+    sums follow the weights."""
+    def steps(captured, model, x, y):
         with torch.autocast("cuda", dtype=torch.bfloat16):  # one autocast region a step, as Lightning's
             captured(x, y)
         with torch.no_grad():
@@ -172,6 +174,7 @@ def test_a_replay_under_bf16_autocast_uses_the_current_weights_on_cuda() -> None
             p.summed_grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             captured(x, y)
-        sums[graph] = [p.summed_grad.clone() for p in model.parameters()]
-    for eager, replayed in zip(sums[False], sums[True], strict=True):
-        torch.testing.assert_close(replayed, eager, atol=1e-3, rtol=1e-2)
+
+    eager, replayed = _eager_and_replayed_sums(4, 7, 1e3, steps)
+    for e, r in zip(eager, replayed, strict=True):
+        torch.testing.assert_close(r, e, atol=1e-3, rtol=1e-2)
