@@ -109,9 +109,11 @@ class NearestUpsample2D(nn.Module):
 
 def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_channels: tuple[int, ...],
                attention: tuple[bool, ...], layers_per_block: int, norm_groups: int,
-               zero_init_residual: bool = False, attention_head_dim: int | None = 8) -> UNet2DModel:
+               zero_init_residual: bool = False, attention_head_dim: int | None = 8, num_views: int = 1
+               ) -> UNet2DModel:
     """diffusers' UNet2DModel with one class embedding per class plus a null class (index ``num_classes``), its
-    upsamplers on :class:`NearestUpsample2D`.
+    upsamplers on :class:`NearestUpsample2D`. With ``num_views > 1`` the class embedding is a
+    :class:`LabelAndViewEmbedding`: the UNet then takes each row's label and view index as ``class_labels`` (N, 2).
 
     Self-attention runs at the levels that ``attention`` names and always in the middle block (the last level's
     resolution), with heads of ``attention_head_dim`` channels each; ``None``: one head as wide as its block, the
@@ -152,6 +154,8 @@ def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_cha
             if (type(up) is Upsample2D and up.use_conv and up.interpolate and not up.use_conv_transpose
                     and up.norm is None and up.name == "conv"):
                 block.upsamplers[i] = NearestUpsample2D(up.conv)
+    if num_views > 1:
+        unet.class_embedding = LabelAndViewEmbedding(unet.class_embedding, num_views)
     if zero_init_residual:
         last_layers = [unet.conv_out]
         for module in unet.modules():
@@ -198,27 +202,46 @@ class StepClients(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def shift_randomly(images: torch.Tensor, shift: int) -> torch.Tensor:
+def shift_randomly(images: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image of ``images`` (N, C, H, W) moved by its own random offset (dy, dx) in ``[-shift, shift]^2`` pixels,
-    uniform over the (2 shift + 1)^2 offsets, the uncovered border filled with zeros; ``images`` itself for 0."""
-    if shift == 0:
-        return images
+    uniform over the (2 shift + 1)^2 offsets, the uncovered border filled with zeros. Returns the moved images and
+    each one's offset as an index, ``(dy + shift) (2 shift + 1) + (dx + shift)`` (the unmoved image's is
+    ``shift (2 shift + 2)``); for 0, ``images`` itself and zeros."""
     n, _, height, width = images.shape
+    if shift == 0:
+        return images, torch.zeros(n, dtype=torch.long, device=images.device)
     padded = F.pad(images, (shift,) * 4)
     dy, dx = (torch.randint(0, 2 * shift + 1, (2, n, 1), device=images.device)).unbind(0)
     rows = dy + torch.arange(height, device=images.device)  # (N, H): the padded rows each image keeps
     cols = dx + torch.arange(width, device=images.device)
     picked = padded[torch.arange(n, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return picked.permute(0, 3, 1, 2)  # advanced indexing put the channels last
+    # padded row p + r lands on row r: the image moved down by shift - p, whose index (shift - p) + shift is 2 shift - p
+    offsets = ((2 * shift - dy) * (2 * shift + 1) + (2 * shift - dx)).view(n)
+    return picked.permute(0, 3, 1, 2), offsets  # advanced indexing put the channels last
 
 
-def flip_randomly(images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """Each image of ``images`` (N, C, H, W) mirrored left to right with probability 1/2, on its own coin;
-    ``images`` itself when ``flip`` is false."""
+def flip_randomly(images: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image of ``images`` (N, C, H, W) mirrored left to right with probability 1/2, on its own coin. Returns
+    the images and whether each was mirrored (1) or not (0); when ``flip`` is false, ``images`` itself and zeros."""
     if not flip:
-        return images
-    mirrored = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
-    return torch.where(mirrored, images.flip(-1), images)
+        return images, torch.zeros(len(images), dtype=torch.long, device=images.device)
+    mirrored = torch.rand(len(images), device=images.device) < 0.5
+    return torch.where(mirrored[:, None, None, None], images.flip(-1), images), mirrored.long()
+
+
+class LabelAndViewEmbedding(nn.Module):
+    """The UNet's class embedding conditioned on the augmented view as well: for ``class_labels`` of shape (N, 2)
+    holding each row's label and view index, ``labels(label) + views(view)``. The view table starts at zero, so
+    the UNet starts as the one conditioned on labels alone."""
+
+    def __init__(self, labels: nn.Embedding, num_views: int) -> None:
+        super().__init__()
+        self.labels = labels
+        self.views = nn.Embedding(num_views, labels.embedding_dim)
+        nn.init.zeros_(self.views.weight)
+
+    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.labels(class_labels[:, 0]) + self.views(class_labels[:, 1])
 
 
 class DPDiffusion(Generator, name="dp_diffusion"):
@@ -258,6 +281,12 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             shift), augmentation multiplicity as ``augment_shift``, privacy unchanged. Only for data whose classes
             keep their meaning in a mirror (garments; not digits or letters): the generator learns both
             orientations.
+        augment_conditioning: tell the UNet each row's view (its shift and mirroring, as an index into a view
+            embedding added to the label's, :class:`LabelAndViewEmbedding`) and sample the unaugmented view, so the
+            augmentations train the UNet without leaking into the samples (the augmentation conditioning of Karras
+            et al., NeurIPS 2020 and 2022). Without it the generator draws shifted and mirrored images as it was
+            trained on them. Needs ``augment_shift`` or ``augment_flip``; post-processing of the trained UNet's
+            choice of view, so the privacy cost is unchanged.
         batch_size: expected logical batch size of the Poisson sampler.
         max_physical_examples: examples per forward pass (each with K rows); a larger logical batch is
             processed in micro-batches. Default: the whole logical batch at once.
@@ -306,7 +335,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  beta_schedule: str = "linear", prediction: Literal["epsilon", "v_prediction"] = "v_prediction",
                  timesteps: Literal["uniform", "lognormal"] = "uniform", lognormal_mean: float = -1.2,
                  lognormal_std: float = 1.2, noise_draws: int = 4, stratified_draws: bool = False,
-                 augment_shift: int = 0, augment_flip: bool = False,
+                 augment_shift: int = 0, augment_flip: bool = False, augment_conditioning: bool = False,
                  batch_size: int = 256,
                  max_physical_examples: int | None = None, cuda_graphs: bool = False, lr: float = 3e-4,
                  lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
@@ -342,6 +371,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if not 0 <= augment_shift < min(image_shape[1:]):
             raise ConfigError("model.augment_shift", f"{augment_shift} is not between 0 and the image size "
                               f"{tuple(image_shape[1:])} (exclusive)", "use e.g. 2, or 0 for no shifts")
+        if augment_conditioning and not (augment_shift or augment_flip):
+            raise ConfigError("model.augment_conditioning", "conditions the UNet on the augmented view, but no "
+                              "augmentation is set", "set augment_shift (e.g. 2) or augment_flip, or "
+                              "augment_conditioning: false")
         if sampler not in ("ddim", "ddpm"):
             raise ConfigError("model.sampler", f"unknown sampler {sampler!r}", "use ddim or ddpm")
         if sampler == "ddpm" and sampling_steps != num_train_timesteps:
@@ -383,7 +416,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),
                                layers_per_block=layers_per_block, norm_groups=norm_groups,
-                               zero_init_residual=zero_init_residual, attention_head_dim=attention_head_dim)
+                               zero_init_residual=zero_init_residual, attention_head_dim=attention_head_dim,
+                               num_views=self.num_views if augment_conditioning else 1)
         unsupported = unsupported_layers(self.unet)
         if unsupported:  # engine "auto" would fall back to Opacus, which has no noise multiplicity
             raise ConfigError("model", f"fedgen's clipping engine cannot clip {'; '.join(unsupported)}",
@@ -411,6 +445,28 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    @property
+    def num_views(self) -> int:
+        """How many views ``augment_shift`` and ``augment_flip`` make of an image: ``(2 s + 1)^2`` offsets, times 2
+        with mirroring. View ``offset (1 + flip) + mirrored`` (offsets as :func:`shift_randomly` numbers them)."""
+        shift, flip = self.hparams.augment_shift, self.hparams.augment_flip
+        return (2 * shift + 1) ** 2 * (2 if flip else 1)
+
+    @property
+    def unaugmented_view(self) -> int:
+        """The index of the image itself among the views: no shift, not mirrored."""
+        shift, flip = self.hparams.augment_shift, self.hparams.augment_flip
+        return shift * (2 * shift + 2) * (2 if flip else 1)
+
+    def conditioning(self, labels: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's ``class_labels`` for these labels: the labels, or with ``augment_conditioning`` each row's
+        label and view stacked (N, 2), the view :attr:`unaugmented_view` where ``views`` is None (sampling)."""
+        if not self.hparams.augment_conditioning:
+            return labels
+        if views is None:
+            views = torch.full_like(labels, self.unaugmented_view)
+        return torch.stack([labels, views], dim=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -466,8 +522,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         is set): their mean, which is the mean over examples of their K-draw losses, or each row's
         (``reduction="none"``, shape (B K,))."""
         draws = self.hparams.noise_draws
-        views = shift_randomly(images.repeat_interleave(draws, dim=0), self.hparams.augment_shift)
-        x0 = flip_randomly(views, self.hparams.augment_flip) * 2 - 1
+        shifted, offsets = shift_randomly(images.repeat_interleave(draws, dim=0), self.hparams.augment_shift)
+        views, mirrored = flip_randomly(shifted, self.hparams.augment_flip)
+        x0 = views * 2 - 1
         labels = labels.repeat_interleave(draws, dim=0)
         if self.hparams.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
@@ -477,7 +534,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                                     strata=draws if self.hparams.stratified_draws else 1)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         target = self.prediction_target(x0, noise, t)
-        error = F.mse_loss(self.unet(noisy, t, class_labels=labels).sample, target, reduction="none")
+        view = offsets * (2 if self.hparams.augment_flip else 1) + mirrored
+        out = self.unet(noisy, t, class_labels=self.conditioning(labels, view)).sample
+        error = F.mse_loss(out, target, reduction="none")
         return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
 
     def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -692,7 +751,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                     noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
                     noisy = self.noise_scheduler.add_noise(x0, noise, t)
                     target = self.prediction_target(x0, noise, t)
-                    out = net(noisy.repeat(classes, 1, 1, 1), t.repeat(classes), class_labels=labels).sample
+                    out = net(noisy.repeat(classes, 1, 1, 1), t.repeat(classes),
+                              class_labels=self.conditioning(labels)).sample
                     error += (out - target.repeat(classes, 1, 1, 1)).square().flatten(1).mean(1).view(classes, n)
                 found.append(error.argmin(0))
         return torch.cat(found)
@@ -732,10 +792,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 steps = t.expand(n)
                 if w > 0:
                     both = net(torch.cat([x, x]), torch.cat([steps, steps]),
-                               class_labels=torch.cat([labels, null])).sample
+                               class_labels=self.conditioning(torch.cat([labels, null]))).sample
                     conditional, unconditional = both.chunk(2)
                     eps = (1 + w) * conditional - w * unconditional
                 else:
-                    eps = net(x, steps, class_labels=labels).sample
+                    eps = net(x, steps, class_labels=self.conditioning(labels)).sample
                 x = scheduler.step(eps, t, x, generator=generator, **eta).prev_sample
         return ((x + 1) / 2).clamp(0, 1)

@@ -37,11 +37,14 @@ def _fit(model: DPDiffusion, data: TensorDataset, **trainer) -> L.Trainer:
     return fit
 
 
-@pytest.mark.parametrize("attention_head_dim", [8, None])
-def test_each_example_is_clipped_on_the_mean_of_its_k_draws(attention_head_dim: int | None) -> None:
+CONDITIONED_VIEWS = {"augment_shift": 1, "augment_flip": True, "augment_conditioning": True}
+
+
+@pytest.mark.parametrize(("attention_head_dim", "views"), [(8, {}), (None, {}), (8, CONDITIONED_VIEWS)])
+def test_each_example_is_clipped_on_the_mean_of_its_k_draws(attention_head_dim: int | None, views: dict) -> None:
     data = _data()
     x, y = data.tensors[0][:5], data.tensors[1][:5]
-    reference = _tiny(label_dropout=0.3, attention_head_dim=attention_head_dim)
+    reference = _tiny(label_dropout=0.3, attention_head_dim=attention_head_dim, **views)
     draws = reference.hparams.noise_draws
 
     # the truth: each example's loss is the mean of its K rows, differentiated alone
@@ -63,7 +66,7 @@ def test_each_example_is_clipped_on_the_mean_of_its_k_draws(attention_head_dim: 
             for j in range(len(params))]
 
     # the engine, with the same weights and the same random draws in the same order
-    model = _tiny(label_dropout=0.3, attention_head_dim=attention_head_dim,
+    model = _tiny(label_dropout=0.3, attention_head_dim=attention_head_dim, **views,
                   mechanism=DPSGD(noise_multiplier=1.0, max_grad_norm=clip, seed=0))
     optimizer = torch.optim.SGD(model.unet.parameters(), lr=0.0)
     model.mechanism.make_private(model.unet, optimizer, data_loader=model.attach_private_data(data), steps=5)
@@ -434,6 +437,7 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"sampling_eta": 1.5}, "model.sampling_eta"),
     ({"augment_shift": -1}, "model.augment_shift"),
     ({"augment_shift": 8}, "model.augment_shift"),  # the tiny model's images are 8x8
+    ({"augment_conditioning": True}, "model.augment_conditioning"),  # no augmentation to condition on
     ({"sampler": "ddpm", "num_train_timesteps": 6, "sampling_steps": 6, "sampling_eta": 1.0}, "model.sampling_eta"),
     ({"label_check_steps": []}, "model.label_check_steps"),
     ({"label_check_steps": [100, 1000]}, "model.label_check_steps"),  # T = 1000: steps 0 to 999
@@ -776,14 +780,17 @@ def test_random_shifts_move_each_image_by_its_own_offset_with_zero_fill() -> Non
     gen = torch.Generator().manual_seed(4)
     images = torch.zeros(2000, 2, 9, 9)
     images[:, :, 3:6, 3:6] = torch.rand(2000, 2, 3, 3, generator=gen) + 0.1  # a patch well inside the border
-    assert shift_randomly(images, 0) is images
+    same, zeros = shift_randomly(images, 0)
+    assert same is images and not zeros.any()
     torch.manual_seed(0)
-    moved = shift_randomly(images, 2)
+    moved, indices = shift_randomly(images, 2)
     offsets = []
-    for original, shifted in zip(images, moved, strict=True):
+    for original, shifted, index in zip(images, moved, indices.tolist(), strict=True):
         found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
                  if torch.equal(shifted, torch.roll(original, (dy, dx), dims=(1, 2)))]
         assert len(found) == 1
+        dy, dx = found[0]
+        assert index == (dy + 2) * 5 + (dx + 2)  # the offset's index: (0, 0) is 2 (2 2 + 2) = 12
         offsets.append(found[0])
     counts = torch.tensor([offsets.count((dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3)])
     assert int(counts.min()) > 40 and int(counts.max()) < 120  # 80 expected for each of the 25 offsets
@@ -794,12 +801,14 @@ def test_random_flips_mirror_about_half_of_the_images_each_on_its_own_coin() -> 
     from fedgen.generators.ddpm import flip_randomly
 
     images = torch.rand(2000, 2, 5, 7, generator=torch.Generator().manual_seed(5))
-    assert flip_randomly(images, False) is images
+    same, zeros = flip_randomly(images, False)
+    assert same is images and not zeros.any()
     torch.manual_seed(0)
-    out = flip_randomly(images, True)
+    out, flags = flip_randomly(images, True)
     same = (out == images).flatten(1).all(1)
     mirrored = (out == images.flip(-1)).flatten(1).all(1)
     assert bool((same ^ mirrored).all())  # one or the other, never a mix (random images have no symmetric one)
+    assert torch.equal(flags.bool(), mirrored)
     assert 900 < int(mirrored.sum()) < 1100  # 1000 expected
 
 
@@ -809,7 +818,7 @@ def test_augment_flip_reaches_the_loss_only_when_asked(monkeypatch: pytest.Monke
 
     seen = []
     real = ddpm.flip_randomly
-    monkeypatch.setattr(ddpm, "flip_randomly", lambda x, f: (seen.append((x.clone(), f)), real(x, f))[1])
+    monkeypatch.setattr(ddpm, "flip_randomly", lambda x, f: (seen.append((x.clone(), f)), real(x, f))[-1])
     x, y = _data(5).tensors
     _tiny(noise_draws=3, augment_flip=True).diffusion_loss(x, y)
     _tiny(noise_draws=3).diffusion_loss(x, y)
@@ -824,9 +833,66 @@ def test_augment_shift_reaches_the_loss_with_each_example_s_own_image(monkeypatc
 
     seen = []
     real = ddpm.shift_randomly
-    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s: (seen.append((x.clone(), s)), real(x, s))[1])
+    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s: (seen.append((x.clone(), s)), real(x, s))[-1])
     x, y = _data(5).tensors
     _tiny(noise_draws=3, augment_shift=2).diffusion_loss(x, y)
     _tiny(noise_draws=3).diffusion_loss(x, y)
     assert [s for _, s in seen] == [2, 0]
     torch.testing.assert_close(seen[0][0], x.repeat_interleave(3, dim=0), atol=0, rtol=0)
+
+
+def test_augment_conditioning_tells_the_unet_each_row_s_view_and_samples_the_unaugmented_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training: the UNet's class input is each row's label and the index of the view its image was made into
+    (offset and mirror, as shift_randomly and flip_randomly drew them). Sampling and the label check: the
+    unaugmented view. The view table starts at zero, so the UNet starts as the label-only one."""
+    import fedgen.generators.ddpm as ddpm
+
+    model = _tiny(noise_draws=3, label_dropout=0.0, **CONDITIONED_VIEWS)
+    assert isinstance(model.unet.class_embedding, ddpm.LabelAndViewEmbedding)
+    assert model.num_views == 9 * 2 and model.unaugmented_view == 4 * 2  # offset (0, 0) of 3 x 3, not mirrored
+    plain = _tiny(noise_draws=3, label_dropout=0.0)
+    x, y = _data(5).tensors
+    t = torch.tensor([3, 500, 999, 10, 7])
+    torch.testing.assert_close(model.unet(x, t, class_labels=model.conditioning(y)).sample,
+                               plain.unet(x, t, class_labels=y).sample)  # same weights, zero view table
+
+    drawn, inputs = [], []
+    real_shift, real_flip = ddpm.shift_randomly, ddpm.flip_randomly
+    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s: drawn.append(real_shift(x, s)) or drawn[-1])
+    monkeypatch.setattr(ddpm, "flip_randomly", lambda x, f: drawn.append(real_flip(x, f)) or drawn[-1])
+    forward = model.unet.forward
+    monkeypatch.setattr(model.unet, "forward", lambda *a, class_labels: inputs.append(class_labels) or
+                        forward(*a, class_labels=class_labels))
+    model.diffusion_loss(x, y)
+    (shifted, offsets), (views, mirrored) = drawn
+    assert torch.equal(inputs[0], torch.stack([y.repeat_interleave(3), offsets * 2 + mirrored], dim=1))
+    for image, offset, flipped, view in zip(x.repeat_interleave(3, dim=0), offsets.tolist(), mirrored.tolist(),
+                                            views, strict=True):
+        dy, dx = divmod(offset, 3)
+        moved = torch.roll(image, (dy - 1, dx - 1), dims=(1, 2))  # the tiny images' border is not zero: compare
+        want = moved.flip(-1) if flipped else moved               # the pixels away from it
+        torch.testing.assert_close(view[:, 2:-2, 2:-2], want[:, 2:-2, 2:-2])
+    assert len(set(inputs[0][:, 1].tolist())) > 3  # many views among 15 rows
+
+    seen = []  # the EMA copy samples and checks labels: spy on its class embedding
+    ema_embedding = model.ema.module.class_embedding
+    monkeypatch.setattr(ema_embedding, "forward", lambda c: seen.append(c) or
+                        ema_embedding.labels(c[:, 0]) + ema_embedding.views(c[:, 1]))
+    model.sample(4, labels=torch.tensor([0, 1, 2, 0]))
+    model.classify(torch.rand(2, 1, 8, 8, dtype=torch.float64), steps=[100])
+    assert seen and all(bool((c[:, 1] == model.unaugmented_view).all()) for c in seen)
+
+
+def test_fedgen_fit_trains_the_view_table_of_an_augment_conditioned_ddpm(real_data_root, tmp_path) -> None:
+    """Through ``fedgen fit``: the view embedding moves from zero, and the run's generator draws images."""
+    import json
+
+    from fedgen.cli import fit
+    from fedgen.cli_sample import load_fit_run
+
+    run = tmp_path / "run"
+    fit(_tiny_cli(real_data_root, 3, "--model.init_args.augment_conditioning=true", f"--run_dir={run}"))
+    generator, _ = load_fit_run(run)
+    assert generator.unet.class_embedding.views.weight.abs().sum() > 0
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] >= 0
