@@ -31,6 +31,9 @@ taken inside each example). The draws stay inside the example's clipped loss: no
 - DP-SGD (:class:`~fedgen.mechanisms.DPSGD`): Poisson sampling with expected batch ``batch_size``. A logical
   batch may be processed in physical micro-batches of at most ``max_physical_examples`` examples; their
   clipped sums add up and the step adds its noise once, so the sampling and the accounting are unchanged.
+- Augmentation multiplicity (``augment_shift``, ``augment_flip``): each of an example's K rows is its own shifted or
+  mirrored view, inside the example's clipped loss (no privacy cost). With ``augment_conditioning`` the UNet is told
+  each row's view and samples the unaugmented one (Karras et al., NeurIPS 2020 and 2022).
 - Classifier-free guidance (Ho and Salimans, 2021): during training each row's label is replaced by a null class
   with probability ``label_dropout``; sampling uses ``eps = (1 + w) eps(x, y) - w eps(x, null)``.
 - EMA of the weights (``ema_decay``, its warm-up's power ``ema_power``): post-processing of the privatized updates,
