@@ -452,15 +452,19 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     @property
     def num_views(self) -> int:
         """How many views ``augment_shift`` and ``augment_flip`` make of an image: ``(2 s + 1)^2`` offsets, times 2
-        with mirroring. View ``offset (1 + flip) + mirrored`` (offsets as :func:`shift_randomly` numbers them)."""
+        with mirroring, numbered by :meth:`view_index`."""
         shift, flip = self.hparams.augment_shift, self.hparams.augment_flip
         return (2 * shift + 1) ** 2 * (2 if flip else 1)
+
+    def view_index(self, offsets: torch.Tensor | int, mirrored: torch.Tensor | int) -> torch.Tensor | int:
+        """The view of an offset index (as :func:`shift_randomly` numbers them) and a mirror flag (0 or 1)."""
+        return offsets * (2 if self.hparams.augment_flip else 1) + mirrored
 
     @property
     def unaugmented_view(self) -> int:
         """The index of the image itself among the views: no shift, not mirrored."""
-        shift, flip = self.hparams.augment_shift, self.hparams.augment_flip
-        return shift * (2 * shift + 2) * (2 if flip else 1)
+        shift = self.hparams.augment_shift
+        return self.view_index(shift * (2 * shift + 2), 0)
 
     def conditioning(self, labels: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's ``class_labels`` for these labels: the labels, or with ``augment_conditioning`` each row's
@@ -537,8 +541,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                                     strata=draws if self.hparams.stratified_draws else 1)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         target = self.prediction_target(x0, noise, t)
-        view = offsets * (2 if self.hparams.augment_flip else 1) + mirrored
-        out = self.unet(noisy, t, class_labels=self.conditioning(labels, view)).sample
+        views = self.view_index(offsets, mirrored) if self.hparams.augment_conditioning else None
+        out = self.unet(noisy, t, class_labels=self.conditioning(labels, views)).sample
         error = F.mse_loss(out, target, reduction="none")
         return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
 
