@@ -145,6 +145,8 @@ SWITCHES = {
                                                   "kernel, against the engine's separable sums in PyTorch"),
     "row_sums": (fused_norms, "ROW_SUMS", "GroupNorm's per-example sums by the Triton kernel, against PyTorch's "
                                           "GroupNorm backward"),
+    "group_norm_backward": (fused_norms, "GROUP_NORM_BACKWARD", "GroupNorm's input gradient from the row sums "
+                                                                "(GroupNormFromRowSums), against PyTorch's backward"),
     "low_bits": (fused_norms, "LOW_BITS", "the TF32 rounding of book-kept operands in one Triton kernel, against "
                                           "PyTorch's add and bitwise and"),
     "gram_bounds": (per_example, "GRAM_BOUNDS", "TF32 rounding bounds of Gram-path convolutions from their Gram "
@@ -486,7 +488,8 @@ def main() -> None:
           f"{'on' if per_example.GRAM_NORMS else 'off'}; the fused kernel from {fused_norms.MIN_WINDOW} window "
           f"entries and {fused_norms.MIN_POSITIONS} positions; formed gradients in {per_example.FORM_PRECISION}; "
           f"book-kept norms and sums in {per_example.BOOK_PRECISION}; Gram windows by the kernel "
-          f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; TF32 rounding by the kernel "
+          f"{args.gram_windows}; GroupNorm sums by the kernel {args.row_sums}; GroupNorm backward from them "
+          f"{args.group_norm_backward}; TF32 rounding by the kernel "
           f"{args.low_bits}; TF32 clipped sums by {args.tf32_sums}; Gram-path bounds from diagonals "
           f"{args.gram_bounds}; "
           f"chunks of {per_example.CHUNK_ELEMENTS} values\n")

@@ -36,6 +36,9 @@ More kernels serve the engine's other memory-bound steps on a GPU, each behind a
 - :func:`row_sums` (on by default), ``sum_p g_p x_hat_p`` (from group statistics) and ``sum_p g_p`` over each row
   of two tensors in one read of each, for the per-example affine gradients of ``GroupNorm``
   (``per_example._group_norm``);
+- :func:`group_norm_input_grad` (on by default), GroupNorm's input gradient from those row sums, in one read of the
+  input and output gradient, so that the row sums are GroupNorm's own backward reduction and cost no pass of their
+  own;
 - :func:`cleared_low_bits` (on by default), the bit operations of ``precision.round_to_tf32`` in one read and one
   write of the tensor where PyTorch takes two of each.
 """
@@ -65,6 +68,14 @@ LOW_BITS = True
 #: On by measurement (one H200, 2026-12-03, the afternoon's runs): the ConvNet's step at batch 1024 0.13 to 0.30 ms
 #: faster, eager and graphed; per layer 0.35 against 0.61 ms at 128 channels, 28x28, batch 1024
 ROW_SUMS = True
+#: whether the engine gives GroupNorm the backward pass of :func:`group_norm_input_grad` on a GPU, which takes the
+#: input gradient from the row sums that the per-example gradients need anyway, where PyTorch's GroupNorm backward
+#: reads the input and output gradient once more for the same sums (``per_example.GroupNormFromRowSums``). On by
+#: measurement (one H200, 2026-12-04, docs/benchmarks.md; two rounds each, on against off): the ConvNet's step at batch
+#: 1024 took 9.82 and 9.77 ms eager against 10.77 and 10.81 ms (non-private about 9.45 ms), 9.89 and 9.76 ms graphed
+#: against 10.58 and 10.71 ms, and graphed at batch 256 2.95 and 2.89 ms against 3.11 and 3.32 ms; the UNet's at batch
+#: 1024 171.15 against 176.29 ms (K = 1) and 622.92 against 643.75 ms (K = 4)
+GROUP_NORM_BACKWARD = True
 #: the smallest layer (window entries C_in k_h k_w, output positions) where the kernel beat the unfold path. 144 (was
 #: 288) takes the diffusion examples' 16-channel convolutions at 28x28 off the unfold path, whose windows' copy and
 #: product took about 8 ms a layer at 4,096 examples x 4 draws: on one H200 (2026-12-03, docs/benchmarks.md) the
@@ -329,6 +340,76 @@ def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     _row_sums_kernel()[(-(-rows // block_rows),)](a, g, mean.contiguous(), rstd.contiguous(), gx, g_sum, rows, length,
                                                   per_group, BR=block_rows, BL=block)
     return gx, g_sum
+
+
+@functools.cache
+def _group_norm_input_grad_kernel():  # built on first use, as _kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def group_norm_input_grad_kernel(a_ptr, g_ptr, mean_ptr, rstd_ptr, w_ptr, gx_ptr, g_sum_ptr, out_ptr, rows,
+                                     length, per_group, channels, scale, BR: tl.constexpr, BL: tl.constexpr,
+                                     BG: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        live = r < rows
+        group = r // per_group
+        # the sums over the row's group of w_c sum g x_hat and w_c sum g, from the row sums of its channels
+        j = tl.arange(0, BG)
+        peers = group[:, None] * per_group + j[None, :]
+        take = live[:, None] & (j[None, :] < per_group)
+        w_peers = tl.load(w_ptr + peers % channels, mask=take, other=0.0)
+        w_gx = tl.sum(w_peers * tl.load(gx_ptr + peers, mask=take, other=0.0), axis=1)
+        w_g = tl.sum(w_peers * tl.load(g_sum_ptr + peers, mask=take, other=0.0), axis=1)
+        mean = tl.load(mean_ptr + group, mask=live, other=0.0)
+        rstd = tl.load(rstd_ptr + group, mask=live, other=0.0)
+        k_g = rstd * tl.load(w_ptr + r % channels, mask=live, other=0.0)
+        k_a = -w_gx * rstd * rstd * scale
+        k_1 = -k_a * mean - w_g * rstd * scale
+        for start in range(0, length, BL):
+            p = start + tl.arange(0, BL)
+            mask = live[:, None] & (p[None, :] < length)
+            g = tl.load(g_ptr + r[:, None] * length + p[None, :], mask=mask, other=0.0)
+            a = tl.load(a_ptr + r[:, None] * length + p[None, :], mask=mask, other=0.0)
+            tl.store(out_ptr + r[:, None] * length + p[None, :], k_g[:, None] * g + k_a[:, None] * a + k_1[:, None],
+                     mask=mask)
+
+    return group_norm_input_grad_kernel
+
+
+def group_norm_input_grad(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                          weight: torch.Tensor, gx: torch.Tensor, g_sum: torch.Tensor, per_group: int) -> torch.Tensor:
+    """GroupNorm's input gradient from the row sums of :func:`row_sums`, for float32 tensors ``a`` (the layer input)
+    and ``g`` (the output gradient) of shape (rows, length), rows ordered example by example and channel by channel,
+    in groups of ``per_group`` consecutive rows with statistics ``mean`` and ``rstd``; ``weight`` (C,) the scale
+    (channel ``r % C`` of row r), ``gx = sum_p g x_hat`` and ``g_sum = sum_p g`` per row. With M = per_group * length
+    values in a group and ``x_hat = (a - mu) r``,
+
+        dL/da = r (w g - (1/M) sum_group w g - x_hat (1/M) sum_group w g x_hat)
+              = k_g g + k_a a + k_1,  k_g = r w, k_a = -r^2 S_x / M, k_1 = -k_a mu - r S_g / M,
+
+    with ``S_x = sum_c w_c gx_c`` and ``S_g = sum_c w_c g_sum_c`` over the group's channels: the formula of PyTorch's
+    GroupNorm backward, whose own sums these are. One read of ``a`` and ``g`` and one write. Only where
+    :func:`row_sums_apply` holds (or on the CPU under Triton's interpreter, for tests)."""
+    import triton
+
+    rows, length = a.shape
+    if g.shape != a.shape or gx.shape != (rows,) or g_sum.shape != (rows,) or rows % per_group:
+        raise ValueError(f"a and g must have one shape (rows, length) and gx, g_sum one value a row; got "
+                         f"{tuple(a.shape)}, {tuple(g.shape)}, {tuple(gx.shape)}, {tuple(g_sum.shape)} for groups of "
+                         f"{per_group} rows")
+    if mean.shape != (rows // per_group,) or rstd.shape != mean.shape:
+        raise ValueError(f"mean and rstd must both have shape ({rows // per_group},), one per group of {per_group} "
+                         "rows")
+    a, g = a.contiguous(), g.contiguous()
+    block = min(512, triton.next_power_of_2(length))
+    block_rows = max(1, 2048 // block)
+    out = torch.empty_like(a)
+    _group_norm_input_grad_kernel()[(-(-rows // block_rows),)](
+        a, g, mean.contiguous(), rstd.contiguous(), weight.contiguous(), gx.contiguous(), g_sum.contiguous(), out,
+        rows, length, per_group, weight.numel(), 1.0 / (per_group * length), BR=block_rows, BL=block,
+        BG=triton.next_power_of_2(per_group))
+    return out
 
 
 @functools.cache

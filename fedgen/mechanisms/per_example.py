@@ -424,6 +424,54 @@ def _saved_group_stats(node: Any, rows: int, groups: int, dtype: torch.dtype
     return mean.detach().reshape(-1), rstd.detach().reshape(-1)
 
 
+class GroupNormFromRowSums(torch.autograd.Function):
+    """GroupNorm's backward pass from the row sums of its per-example gradients.
+
+    ``apply(a, weight, bias, output, mean, rstd, groups)`` returns ``output`` (a view of it, GroupNorm's result that
+    PyTorch's forward pass computed, with that pass's group statistics) with this backward in place of PyTorch's.
+    The engine's hook on the output gradient computes ``sum_p g x_hat`` and ``sum_p g`` per row (example and
+    channel) for the per-example gradients (:func:`_group_norm`) and leaves them on the node (``row_sums``); the
+    input gradient then takes one more pass (:func:`fused_norms.group_norm_input_grad`), where PyTorch's backward
+    reads the input and output gradient once more for the same sums. The weight and bias gradients are those sums
+    over the rows. Without the engine's sums (no hook ran) the backward takes them itself. GPU only (Triton)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, output: torch.Tensor,
+                mean: torch.Tensor, rstd: torch.Tensor, groups: int) -> torch.Tensor:
+        ctx.save_for_backward(a, weight)
+        ctx.group_stats, ctx.groups, ctx.row_sums = (mean, rstd), groups, None
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, weight = ctx.saved_tensors
+        (mean, rstd), rows, channels = ctx.group_stats, a.shape[0], a.shape[1]
+        per_group = channels // ctx.groups
+        flat_a = a.reshape(rows * channels, -1)
+        flat_g = g.to(a.dtype).reshape(rows * channels, -1)
+        gx, g_sum = ctx.row_sums if ctx.row_sums is not None else \
+            fused_norms.row_sums(flat_a, flat_g, mean, rstd, per_group)
+        ctx.row_sums = ctx.group_stats = None
+        grad_a = fused_norms.group_norm_input_grad(flat_a, flat_g, mean, rstd, weight, gx, g_sum,
+                                                   per_group).reshape(a.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = gx.reshape(rows, channels).sum(0) if ctx.needs_input_grad[1] else None
+        grad_bias = g_sum.reshape(rows, channels).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_a, grad_weight, grad_bias, None, None, None, None
+
+
+def _from_row_sums(layer: nn.Module, a: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+    """``output`` with :class:`GroupNormFromRowSums` as its backward where that applies: a ``GroupNorm`` with a scale,
+    float32 CUDA tensors with Triton (``fused_norms.GROUP_NORM_BACKWARD``, ``row_sums_apply``), the group statistics
+    saved by PyTorch's forward pass, and no torch.compile tracing; else None (the output keeps PyTorch's backward)."""
+    if not (isinstance(layer, nn.GroupNorm) and layer.weight is not None and fused_norms.GROUP_NORM_BACKWARD
+            and not torch.compiler.is_compiling() and fused_norms.row_sums_apply(a, output)):
+        return None
+    stats = _saved_group_stats(output.grad_fn, a.shape[0], layer.num_groups, a.dtype)
+    if stats is None:
+        return None
+    return GroupNormFromRowSums.apply(a, layer.weight, layer.bias, output.detach(), *stats, layer.num_groups)
+
+
 def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: int,
                 node: Any = None) -> dict[str, torch.Tensor]:
     """With ``x_hat = (a - mu) r`` (mean ``mu`` and inverse deviation ``r`` of the row's group), the weight's
@@ -438,7 +486,8 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     # one copy if the input is not contiguous (a one-row transposed or channels-last input reshapes to a strided
     # view, which the group view below could not take), then views
     a = a.reshape(1, rows * channels, positions).contiguous()
-    stats = _saved_group_stats(node, rows, groups, a.dtype)
+    ours = getattr(node, "group_stats", None) is not None  # GroupNormFromRowSums's node: it takes the row sums
+    stats = node.group_stats if ours else _saved_group_stats(node, rows, groups, a.dtype)
     if stats is None:
         var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
         stats = mean, (var + layer.eps).rsqrt()
@@ -446,6 +495,8 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
     g = g.reshape(1, rows * channels, positions)
     if fused_norms.row_sums_apply(a, g):  # sum g x_hat and sum g per row and channel in one read of each
         weight, bias = fused_norms.row_sums(a[0], g[0], mean, rstd, channels // groups)
+        if ours:
+            node.row_sums = weight, bias
     else:
         mask = [False, layer.weight is not None, layer.bias is not None]
         _, weight, bias = torch.ops.aten.native_group_norm_backward(
@@ -706,10 +757,14 @@ class PerExampleClipping:
         self._records: list[_Record] = []
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
 
-    def _record(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _record(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if torch.is_grad_enabled() and output.requires_grad:
+            replaced = _from_row_sums(layer, inputs[0], output)  # GroupNorm's backward from its row sums, on a GPU
+            output = output if replaced is None else replaced
             self._records.append(_Record(layer, inputs[0].detach(), output, output.grad_fn, inputs[0]._version,
                                          output._version))
+            return replaced
+        return None
 
     @property
     def pending(self) -> bool:

@@ -178,6 +178,102 @@ def test_row_sums_give_the_group_norm_per_example_gradients() -> None:
     assert "one per group of 2 rows" in report["refused"]  # statistics that do not match the groups
 
 
+GROUP_NORM_BACKWARD = """
+import copy, json, sys, torch
+from torch import nn
+from torch.nn import functional as F
+from fedgen.mechanisms import fused_norms, per_example
+from fedgen.mechanisms.per_example import GroupNormFromRowSums, PerExampleClipping
+fused_norms.row_sums_apply = lambda a, g: True  # forced on the CPU
+torch.manual_seed(0)
+layers = []
+for n, channels, groups, size in json.loads(sys.argv[1]):
+    a = torch.randn(n, channels, *size, dtype=torch.float64) * 3 + 1
+    w, b = torch.randn(channels, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
+    g = torch.randn_like(a)
+    a64, w64, b64 = (t.clone().requires_grad_() for t in (a, w, b))
+    want = torch.autograd.grad(F.group_norm(a64, groups, w64, b64, 1e-5), [a64, w64, b64], g)
+    got = {}
+    for stash in (False, True):  # the backward takes its own row sums, or those a hook left on its node
+        a32, w32, b32 = (t.float().requires_grad_() for t in (a, w, b))
+        out = F.group_norm(a32, groups, w32, b32, 1e-5)
+        stats = per_example._saved_group_stats(out.grad_fn, n, groups, torch.float32)
+        y = GroupNormFromRowSums.apply(a32, w32, b32, out.detach(), *stats, groups)
+        same = torch.equal(y, out)
+        if stash:
+            flat = a32.detach().reshape(n * channels, -1)
+            y.grad_fn.row_sums = fused_norms.row_sums(flat, g.float().reshape(n * channels, -1), *stats,
+                                                      channels // groups)
+        got[str(stash)] = [t.tolist() for t in torch.autograd.grad(y, [a32, w32, b32], g.float())] + [same]
+    layers.append({"want": [t.tolist() for t in want], "got": got})
+
+
+class Net(nn.Module):  # the input gradient of each GroupNorm reaches a convolution, strided inputs included
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.norm1 = nn.GroupNorm(3, 6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.norm2 = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = self.conv2(h).contiguous(memory_format=torch.channels_last)
+        return self.head(F.silu(self.norm2(h)).mean((2, 3)))
+
+
+model = Net()
+x, labels = torch.randn(5, 2, 7, 7), torch.randint(0, 3, (5,))
+truth = []
+for i in range(5):  # one backward pass per example, in float64 with PyTorch's GroupNorm
+    m = copy.deepcopy(model).double()
+    grads = torch.autograd.grad(F.cross_entropy(m(x[i:i + 1].double()), labels[i:i + 1]), list(m.parameters()))
+    truth.append(torch.cat([t.flatten() for t in grads]))
+truth = torch.stack(truth)
+clip = float(truth.norm(dim=1).median())
+factor = (clip / (truth.norm(dim=1) + 1e-6)).clamp(max=1.0)
+engine_sums, nodes = {}, {}
+for on in (True, False):
+    fused_norms.GROUP_NORM_BACKWARD = on
+    m = copy.deepcopy(model)
+    engine = PerExampleClipping(m, clip)
+    nodes[str(on)] = type(m.norm1(m.conv1(x)).grad_fn).__name__
+    engine.discard()
+    engine.backward(F.cross_entropy(m(x), labels))
+    engine_sums[str(on)] = torch.cat([p.summed_grad.flatten() for p in m.parameters()]).tolist()
+print(json.dumps({"layers": layers, "engine": engine_sums, "truth": (factor @ truth).tolist(), "nodes": nodes}))
+"""
+
+
+def test_group_norm_backward_from_row_sums_equals_pytorchs() -> None:
+    """``GroupNormFromRowSums`` (its kernels forced on the CPU, under the interpreter) gives GroupNorm's output
+    unchanged and PyTorch's input, weight and bias gradients (float64 truth), for one and several channels a group
+    and positions that no block divides, from its own row sums or from those a hook left on its node; through the
+    engine, a model whose GroupNorm input gradients reach convolutions (a channels-last input among them) gets the
+    clipped sums of per-example micro-batch truth, and the same as with PyTorch's GroupNorm backward."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cases = [(3, 6, 3, (5, 7)), (2, 8, 8, (4, 4)), (4, 4, 1, (33,)), (2, 12, 4, (3, 3))]
+    done = subprocess.run([sys.executable, "-c", GROUP_NORM_BACKWARD, json.dumps(cases)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, layer in zip(cases, report["layers"], strict=True):
+        for stash, got in layer["got"].items():
+            assert got[3], f"{case}: the output changed"
+            for name, value, want in zip(("input", "weight", "bias"), got[:3], layer["want"], strict=True):
+                want = torch.tensor(want, dtype=torch.float64)
+                assert want.abs().max() > 0
+                torch.testing.assert_close(torch.tensor(value, dtype=torch.float64), want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, c=case, n=name, s=stash: f"{c}, {n}, stash {s}: {m}")
+    assert report["nodes"] == {"True": "GroupNormFromRowSumsBackward", "False": "NativeGroupNormBackward0"}
+    truth = torch.tensor(report["truth"], dtype=torch.float64)
+    for on, sums in report["engine"].items():
+        torch.testing.assert_close(torch.tensor(sums, dtype=torch.float64), truth, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, o=on: f"GROUP_NORM_BACKWARD={o}: {m}")
+    torch.testing.assert_close(*(torch.tensor(report["engine"][k]) for k in ("True", "False")), rtol=1e-5, atol=1e-6)
+
+
 LOW_BITS = """
 import json, torch
 from fedgen.mechanisms import fused_norms, precision
@@ -294,3 +390,41 @@ def test_the_kernel_forms_gradients_only_where_their_offsets_fit(monkeypatch) ->
     with pytest.raises(ValueError, match="32-bit"):
         fused_norms.conv2d_weight_per_example(conv, torch.empty(59_000, 64, 16, 16, device="meta"),
                                               torch.empty(59_000, 64, 16, 16, device="meta"), 59_000)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels compiled for a GPU: needs CUDA")
+def test_on_cuda_group_norm_backward_from_row_sums_gives_pytorchs_sums(monkeypatch) -> None:
+    """On the GPU, fedgen's ConvNet (three GroupNorm layers, each input gradient reaching a convolution) gets its
+    GroupNorm outputs from ``GroupNormFromRowSums``, and its clipped sums in IEEE float32 lie as close to the float64
+    sums (PyTorch's GroupNorm in float64) as those of PyTorch's float32 GroupNorm backward do: the two float32 paths
+    differ only in the order of their additions."""
+    import copy
+
+    from fedgen.evaluation import ConvNet
+    from fedgen.mechanisms import per_example
+    from fedgen.mechanisms.per_example import PerExampleClipping
+
+    monkeypatch.setattr(per_example, "BOOK_PRECISION", "ieee")
+    torch.manual_seed(0)
+    model = ConvNet(image_shape=(1, 28, 28), num_classes=10).cuda()
+    x, y = torch.rand(48, 1, 28, 28, device="cuda"), torch.randint(0, 10, (48,), device="cuda")
+    sums, nodes = {}, {}
+    for key in ("row sums", "pytorch", "float64"):
+        monkeypatch.setattr(fused_norms, "GROUP_NORM_BACKWARD", key == "row sums")
+        net = copy.deepcopy(model).double() if key == "float64" else copy.deepcopy(model)
+        engine = PerExampleClipping(net, max_grad_norm=0.05)
+        norm = next(m for m in net.modules() if isinstance(m, nn.GroupNorm))
+        seen = []
+        handle = norm.register_forward_hook(lambda m, i, o: seen.append(type(o.grad_fn).__name__))  # after the engine
+        engine.backward(torch.nn.functional.cross_entropy(net(x.to(next(net.parameters()).dtype)), y))
+        handle.remove()
+        nodes[key] = seen[0]
+        sums[key] = torch.cat([p.summed_grad.double().flatten() for p in net.parameters()])
+    assert nodes == {"row sums": "GroupNormFromRowSumsBackward", "pytorch": "NativeGroupNormBackward0",
+                     "float64": "NativeGroupNormBackward0"}
+    reference = sums["float64"]
+    assert reference.abs().max() > 0
+    error = {key: float((sums[key] - reference).abs().max()) for key in ("row sums", "pytorch")}
+    assert error["row sums"] <= max(2 * error["pytorch"], 1e-6 * float(reference.abs().max())), error
+    # and the two float32 paths agree far more closely than either with float64 (whose gap is the convolutions' TF32)
+    torch.testing.assert_close(sums["row sums"], sums["pytorch"], rtol=0, atol=1e-4 * float(reference.abs().max()))
