@@ -6,7 +6,8 @@ input ``a_l`` and puts a hook on its output ``z_l``; one backward pass computes 
 ``g_l = dL/dz_l`` and hands each to its hook as soon as it exists (autograd is asked only for one small
 parameter per layer, a bias or a normalization weight, so it skips the large weight gradients and pins no
 layer output). A layer whose parameters are all small (GroupNorm, LayerNorm, Embedding) turns ``g_l`` into
-its per-example gradients at once and keeps only those; a ``Linear`` or ``Conv2d`` layer keeps ``(a_l, g_l)``
+its per-example gradients at once and keeps only those (on a GPU GroupNorm's backward then takes its input gradient
+from the same sums, :class:`GroupNormFromRowSums`); a ``Linear`` or ``Conv2d`` layer keeps ``(a_l, g_l)``
 until the clip factors are known, unless its per-example weight gradients hold at most ``FORM_RATIO`` times the
 values of that pair (:func:`forms_weight`: few weights, many positions, e.g. a UNet's high-resolution
 convolutions): then it forms them at once too, and they are both the norms' input and the sums' (no second
