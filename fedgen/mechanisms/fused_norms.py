@@ -326,20 +326,28 @@ def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     groups of ``per_group`` consecutive rows): GroupNorm's per-example affine gradients, the first taken as
     ``(sum g a - mean sum g) rstd``, in one read of each tensor (float32 sums). Only where :func:`row_sums_apply`
     holds (or on the CPU under Triton's interpreter, for tests)."""
+    a, g, grid, block_rows, block = _by_rows(a, g, mean, rstd, per_group)
+    rows, length = a.shape
+    gx = torch.empty(rows, device=a.device, dtype=torch.float32)
+    g_sum = torch.empty_like(gx)
+    _row_sums_kernel()[grid](a, g, mean.contiguous(), rstd.contiguous(), gx, g_sum, rows, length, per_group,
+                             BR=block_rows, BL=block)
+    return gx, g_sum
+
+
+def _by_rows(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, per_group: int
+             ) -> tuple[torch.Tensor, torch.Tensor, tuple[int], int, int]:
+    """The row kernels' operands and launch: ``a`` and ``g`` contiguous, the grid, rows per block and positions
+    per block, after checking the group statistics (one per group of ``per_group`` rows)."""
     import triton
 
     rows, length = a.shape
     if mean.shape != (rows // per_group,) or rstd.shape != mean.shape:
         raise ValueError(f"mean and rstd must both have shape ({rows // per_group},), one per group of {per_group} "
                          "rows")
-    a, g = a.contiguous(), g.contiguous()
     block = min(512, triton.next_power_of_2(length))
     block_rows = max(1, 2048 // block)
-    gx = torch.empty(rows, device=a.device, dtype=torch.float32)
-    g_sum = torch.empty_like(gx)
-    _row_sums_kernel()[(-(-rows // block_rows),)](a, g, mean.contiguous(), rstd.contiguous(), gx, g_sum, rows, length,
-                                                  per_group, BR=block_rows, BL=block)
-    return gx, g_sum
+    return a.contiguous(), g.contiguous(), (-(-rows // block_rows),), block_rows, block
 
 
 @functools.cache
@@ -398,14 +406,9 @@ def group_norm_input_grad(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, 
         raise ValueError(f"a and g must have one shape (rows, length) and gx, g_sum one value a row; got "
                          f"{tuple(a.shape)}, {tuple(g.shape)}, {tuple(gx.shape)}, {tuple(g_sum.shape)} for groups of "
                          f"{per_group} rows")
-    if mean.shape != (rows // per_group,) or rstd.shape != mean.shape:
-        raise ValueError(f"mean and rstd must both have shape ({rows // per_group},), one per group of {per_group} "
-                         "rows")
-    a, g = a.contiguous(), g.contiguous()
-    block = min(512, triton.next_power_of_2(length))
-    block_rows = max(1, 2048 // block)
+    a, g, grid, block_rows, block = _by_rows(a, g, mean, rstd, per_group)
     out = torch.empty_like(a)
-    _group_norm_input_grad_kernel()[(-(-rows // block_rows),)](
+    _group_norm_input_grad_kernel()[grid](
         a, g, mean.contiguous(), rstd.contiguous(), weight.contiguous(), gx.contiguous(), g_sum.contiguous(), out,
         rows, length, per_group, weight.numel(), 1.0 / (per_group * length), BR=block_rows, BL=block,
         BG=triton.next_power_of_2(per_group))
