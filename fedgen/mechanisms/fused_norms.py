@@ -326,19 +326,18 @@ def row_sums(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     groups of ``per_group`` consecutive rows): GroupNorm's per-example affine gradients, the first taken as
     ``(sum g a - mean sum g) rstd``, in one read of each tensor (float32 sums). Only where :func:`row_sums_apply`
     holds (or on the CPU under Triton's interpreter, for tests)."""
-    a, g, grid, block_rows, block = _by_rows(a, g, mean, rstd, per_group)
+    a, g, mean, rstd, grid, block_rows, block = _by_rows(a, g, mean, rstd, per_group)
     rows, length = a.shape
     gx = torch.empty(rows, device=a.device, dtype=torch.float32)
     g_sum = torch.empty_like(gx)
-    _row_sums_kernel()[grid](a, g, mean.contiguous(), rstd.contiguous(), gx, g_sum, rows, length, per_group,
-                             BR=block_rows, BL=block)
+    _row_sums_kernel()[grid](a, g, mean, rstd, gx, g_sum, rows, length, per_group, BR=block_rows, BL=block)
     return gx, g_sum
 
 
 def _by_rows(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, per_group: int
-             ) -> tuple[torch.Tensor, torch.Tensor, tuple[int], int, int]:
-    """The row kernels' operands and launch: ``a`` and ``g`` contiguous, the grid, rows per block and positions
-    per block, after checking the group statistics (one per group of ``per_group`` rows)."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int], int, int]:
+    """The row kernels' operands and launch: ``a``, ``g``, ``mean`` and ``rstd`` contiguous, the grid, rows per
+    block and positions per block, after checking the group statistics (one per group of ``per_group`` rows)."""
     import triton
 
     rows, length = a.shape
@@ -347,7 +346,8 @@ def _by_rows(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.T
                          "rows")
     block = min(512, triton.next_power_of_2(length))
     block_rows = max(1, 2048 // block)
-    return a.contiguous(), g.contiguous(), (-(-rows // block_rows),), block_rows, block
+    return (a.contiguous(), g.contiguous(), mean.contiguous(), rstd.contiguous(), (-(-rows // block_rows),),
+            block_rows, block)
 
 
 @functools.cache
@@ -406,10 +406,10 @@ def group_norm_input_grad(a: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, 
         raise ValueError(f"a and g must have one shape (rows, length) and gx, g_sum one value a row; got "
                          f"{tuple(a.shape)}, {tuple(g.shape)}, {tuple(gx.shape)}, {tuple(g_sum.shape)} for groups of "
                          f"{per_group} rows")
-    a, g, grid, block_rows, block = _by_rows(a, g, mean, rstd, per_group)
+    a, g, mean, rstd, grid, block_rows, block = _by_rows(a, g, mean, rstd, per_group)
     out = torch.empty_like(a)
     _group_norm_input_grad_kernel()[grid](
-        a, g, mean.contiguous(), rstd.contiguous(), weight.contiguous(), gx.contiguous(), g_sum.contiguous(), out,
+        a, g, mean, rstd, weight.contiguous(), gx.contiguous(), g_sum.contiguous(), out,
         rows, length, per_group, weight.numel(), 1.0 / (per_group * length), BR=block_rows, BL=block,
         BG=triton.next_power_of_2(per_group))
     return out
