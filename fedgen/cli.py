@@ -191,6 +191,14 @@ def fit(args: list[str]) -> dict[str, Any]:
     log.info("Privacy: %s on %d private examples (add/remove-one-%s neighbouring)",
              generator.mechanism.describe(), len(data.train_set), generator.mechanism.ledger.unit)
 
+    procedural_report = None
+    if getattr(generator, "procedural_pretraining", None) is not None:
+        if config.ckpt_path is None:
+            generator.to(trainer.strategy.root_device)
+            procedural_report = generator.pretrain_on_procedural_images()
+        else:
+            procedural_report = generator.procedural_pretraining.report() | {"trained": "by the run's first segment"}
+
     public_report = None
     if public is not None:
         public.prepare_data()
@@ -267,6 +275,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "dataset": getattr(data, "dataset", type(data).__name__),
         "privacy_ledger": generator.mechanism.ledger.state_dict(),
         "federation": federation_report,
+        "procedural_pretraining": procedural_report,
         "public_data": public_report,
         "central_images": warm_up_report if isinstance(warm_up, CentralImages) else None,
         "merf_images": warm_up_report if isinstance(warm_up, MerfImages) else None,

@@ -170,3 +170,22 @@ def test_the_profile_diff_gives_each_kernel_of_both_steps_and_totals_that_add_up
         assert abs(float(r[2]) - float(r[1]) - float(r[3])) <= 2e-3
     differences = [abs(float(r[3])) for r in kernels]
     assert differences == sorted(differences, reverse=True)
+
+
+PRIOR = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "pretraining_prior.py"))
+
+
+def test_the_prior_benchmark_paints_its_sources_and_measures_a_loss_per_step():
+    generator = torch.Generator().manual_seed(0)
+    strokes = PRIOR["source_images"]("mixed", 16, generator, None)
+    assert strokes.shape == (16, 1, 28, 28)
+    model = PRIOR["untrained_unet"]()
+    before = PRIOR["loss_on"](model, strokes)
+    assert len(before) == len(PRIOR["STEPS_MEASURED"]) and all(0 < v < 10 for v in before)
+    assert PRIOR["loss_on"](model, strokes) == before  # fixed noise: the same weights give the same losses
+    optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        model.diffusion_loss(strokes, torch.full((16,), model.null_class)).backward()
+        optimizer.step()
+    assert sum(PRIOR["loss_on"](model, strokes)) < sum(before)

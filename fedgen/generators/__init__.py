@@ -5,7 +5,8 @@ from fedgen.generators.central_images import CentralImages
 from fedgen.generators.ddpm import DPDiffusion
 from fedgen.generators.dp_merf import ConditionalConvGenerator, DPMerf
 from fedgen.generators.merf_images import MerfImages
+from fedgen.generators.pretraining import ProceduralPretraining
 from fedgen.generators.warm_up import WarmUpRelease
 
 __all__ = ["CentralImages", "ConditionalConvGenerator", "DPDiffusion", "DPMerf", "Generator", "MerfImages",
-           "WarmUpRelease", "stratified_labels"]
+           "ProceduralPretraining", "WarmUpRelease", "stratified_labels"]

@@ -40,6 +40,9 @@ taken inside each example). The draws stay inside the example's clipped loss: no
   no privacy cost. Samples come from the EMA weights.
 - Sampling: DDIM (Song, Meng, Ermon, ICLR 2021) with ``sampling_steps`` steps and ``sampling_eta`` of DDPM's
   posterior noise at each (0: deterministic), or the DDPM ancestral sampler.
+- Procedural pretraining (``procedural_pretraining``): before anything private, plain steps of the unconditional
+  loss on images painted by code (:class:`~fedgen.generators.pretraining.ProceduralPretraining`): no data, no
+  privacy cost.
 - Label check (``label_check_steps``): the generator classifies its own samples by Bayes' rule,
   ``p(c | x) ∝ p(x | c)``, with the prediction error under label c, averaged over a few steps, standing in for
   ``-log p(x | c)`` (the diffusion classifier of Li et al., ICCV 2023, and Clark & Jaini, NeurIPS 2023); a sample
@@ -70,6 +73,7 @@ from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
 from fedgen.generators.merf_images import MerfImages
+from fedgen.generators.pretraining import ProceduralPretraining
 from fedgen.mechanisms import DPSGD, CapturedBackward
 from fedgen.mechanisms.per_example import unsupported_layers
 
@@ -328,6 +332,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
         merf_images: a warm-up on a DP-Merf generator's samples instead (:class:`~fedgen.generators.merf_images.
             MerfImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
+        procedural_pretraining: unconditional pretraining on images painted by code, before the warm-up and
+            DP-SGD (:class:`~fedgen.generators.pretraining.ProceduralPretraining`; no data, no privacy cost): run by
+            :meth:`pretrain_on_procedural_images`.
     """
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -345,7 +352,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  ema_power: float = 8.0, label_dropout: float = 0.1, guidance_scale: float = 0.0,
                  sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
                  label_check_steps: list[int] | None = None, label_check_rounds: int = 3,
-                 central_images: CentralImages | None = None, merf_images: MerfImages | None = None) -> None:
+                 central_images: CentralImages | None = None, merf_images: MerfImages | None = None,
+                 procedural_pretraining: ProceduralPretraining | None = None) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
         if not isinstance(mechanism, DPSGD):
             raise ConfigError("model.mechanism", f"DP diffusion trains with DP-SGD, got {type(mechanism).__name__}",
@@ -415,7 +423,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self.warm_up_release = central_images if central_images is not None else merf_images
         if self.warm_up_release is not None:
             self.warm_up_release.check(mechanism, image_shape=self.image_shape)
-        self.save_hyperparameters(ignore=["mechanism", "central_images", "merf_images"])
+        if procedural_pretraining is not None:
+            procedural_pretraining.check()
+        #: the pretraining on images painted by code (:class:`~fedgen.generators.pretraining.ProceduralPretraining`)
+        self.procedural_pretraining = procedural_pretraining
+        self.save_hyperparameters(ignore=["mechanism", "central_images", "merf_images", "procedural_pretraining"])
         self.unet = build_unet(num_classes=num_classes, image_shape=self.image_shape,
                                block_channels=tuple(block_channels), attention=tuple(attention),
                                layers_per_block=layers_per_block, norm_groups=norm_groups,
@@ -660,6 +672,20 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                               f"{list(self.image_shape)}", "declare a public dataset of the same image shape")
         self._train_without_noise(dataset, steps, labelled=False)
         log.info("DPDiffusion: %d non-private pretraining steps on %d public examples", steps, len(dataset))
+
+    def pretrain_on_procedural_images(self) -> dict:
+        """The configured ``procedural_pretraining``: its ``steps`` plain Adam steps of the diffusion loss, every
+        label the null class, on images painted by code. It reads no data and records nothing in the ledger. It must
+        run before private training (and before a warm-up); the EMA restarts from the pretrained weights. Returns
+        the settings' report."""
+        settings = self.procedural_pretraining
+        if settings is None:
+            raise ConfigError("model.procedural_pretraining", "is not set", "set it, e.g. {steps: 200}")
+        painted = settings.dataset(self.image_shape, device=self.device)
+        self._train_without_noise(painted, settings.steps, labelled=False, batch_size=settings.batch_size)
+        log.info("DPDiffusion: %d pretraining steps on %d %s images painted by code (no data, no privacy cost)",
+                 settings.steps, len(painted), settings.kind)
+        return settings.report()
 
     def warm_up(self, dataset: Dataset) -> dict:
         """Make the configured warm-up release (central images or DP-Merf's samples) of the private ``dataset``

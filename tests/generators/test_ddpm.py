@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from torch import nn
 
 from fedgen.errors import ConfigError
-from fedgen.generators import DPDiffusion
+from fedgen.generators import DPDiffusion, ProceduralPretraining
 from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent, compute_epsilon
 
 
@@ -567,6 +567,54 @@ def test_public_pretraining_changes_the_weights_and_spends_no_privacy() -> None:
                                  data_loader=model.attach_private_data(_data()), steps=3)
     with pytest.raises(RuntimeError, match="before private training"):
         model.pretrain_on_public(_data(30), steps=1)
+
+
+def test_procedural_pretraining_changes_the_weights_and_spends_no_privacy() -> None:
+    model = _tiny(procedural_pretraining=ProceduralPretraining(steps=3, images=40, batch_size=8))
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    report = model.pretrain_on_procedural_images()
+    assert any(not torch.equal(p, b) for p, b in zip(model.unet.parameters(), before, strict=True))
+    assert model.mechanism.steps_taken == 0 and len(model.mechanism.ledger.events) == 0
+    assert all(p.grad is None for p in model.unet.parameters())
+    assert (report["steps"], report["images"], report["batch_size"]) == (3, 40, 8) and "no privacy" in report["data"]
+    assert int(model.ema.n_averaged) == 0  # the EMA restarts from the pretrained weights
+    with pytest.raises(ConfigError, match="procedural_pretraining"):
+        _tiny().pretrain_on_procedural_images()
+    with pytest.raises(ConfigError, match="procedural_pretraining.steps"):
+        _tiny(procedural_pretraining=ProceduralPretraining(steps=0))
+    with pytest.raises(ConfigError, match="procedural_pretraining.kind"):
+        _tiny(procedural_pretraining=ProceduralPretraining(kind="fractals"))
+    model.mechanism.make_private(model.unet, torch.optim.SGD(model.unet.parameters(), lr=0.1),
+                                 data_loader=model.attach_private_data(_data()), steps=3)
+    with pytest.raises(RuntimeError, match="before private training"):
+        model.pretrain_on_procedural_images()
+
+
+def test_fit_pretrains_on_procedural_images_once_and_records_it(real_data_root, tmp_path, monkeypatch) -> None:
+    """The pretraining runs before DP-SGD, is named in metrics.json, leaves the ledger to DP-SGD alone, and a resumed
+    run does not pretrain again."""
+    from fedgen.cli import fit
+
+    run = tmp_path / "run"
+    painted = '--model.init_args.procedural_pretraining={"steps": 2, "images": 40, "batch_size": 8}'
+    calls = []
+    pretrain = DPDiffusion.pretrain_on_procedural_images
+
+    def counted(self):
+        calls.append(self.mechanism.steps_taken)
+        return pretrain(self)
+
+    monkeypatch.setattr(DPDiffusion, "pretrain_on_procedural_images", counted)
+    metrics = fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", painted))
+    assert calls == [0]
+    assert (metrics["procedural_pretraining"]["steps"], metrics["procedural_pretraining"]["images"]) == (2, 40)
+    events = metrics["privacy_ledger"]["events"]
+    assert [(e["count"], e["noise_multiplier"], e["sample_rate"]) for e in events] == [(2, 1.5, 0.1)]
+    (run / "metrics.json").unlink()  # as if the run had stopped after its second step
+    resumed = fit(_tiny_cli(real_data_root, 3, f"--run_dir={run}", painted,
+                            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    assert calls == [0] and resumed["procedural_pretraining"]["trained"] == "by the run's first segment"
+    assert [e["count"] for e in resumed["privacy_ledger"]["events"]] == [3]
 
 
 def test_fit_names_the_public_dataset_in_the_run_folder_and_metrics(real_data_root, tmp_path, monkeypatch) -> None:
