@@ -54,6 +54,7 @@ The network is diffusers' ``UNet2DModel`` with class embeddings; the schedulers 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -193,6 +194,8 @@ def ema_with_warmup(decay: float, power: float = 8.0
 
 #: checkpoint key of the state of the clients that compute the steps (:class:`StepClients`)
 CLIENTS_KEY = "fedgen_step_clients"
+#: where a checkpoint keeps the settings of the procedural pretraining its run started with
+PROCEDURAL_KEY = "fedgen_procedural_pretraining"
 
 
 class StepClients(Protocol):
@@ -491,6 +494,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         super().on_save_checkpoint(checkpoint)
         if self.clients is not None:  # e.g. secure aggregation's counters, continued by a resumed run
             checkpoint[CLIENTS_KEY] = self.clients.state_dict()
+        if self.procedural_pretraining is not None:  # it leaves no trace in the ledger
+            checkpoint[PROCEDURAL_KEY] = dataclasses.asdict(self.procedural_pretraining)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # restores the ledger, before any step
@@ -498,6 +503,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
         if self.warm_up_release is not None:
             self.warm_up_release.check_resumed(self.mechanism.ledger)
+        settings = self.procedural_pretraining
+        started = checkpoint.get(PROCEDURAL_KEY)
+        if started != (None if settings is None else dataclasses.asdict(settings)):
+            raise ConfigError("model.procedural_pretraining", f"is {settings} here, but the checkpoint's run was "
+                              f"started with {started}", f"resume with procedural_pretraining: {started}")
 
     # -------------------------------------------------------------------------------- training
     def attach_private_data(self, dataset: Dataset, *, users: list | None = None, user_rate: float = 1.0

@@ -615,6 +615,14 @@ def test_fit_pretrains_on_procedural_images_once_and_records_it(real_data_root, 
                             f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
     assert calls == [0] and resumed["procedural_pretraining"]["trained"] == "by the run's first segment"
     assert [e["count"] for e in resumed["privacy_ledger"]["events"]] == [3]
+    # resuming with other settings, or none, is refused: the report would not describe the weights
+    (run / "metrics.json").unlink()
+    last = run / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    for other in (painted.replace('"steps": 2', '"steps": 5'), "--model.init_args.procedural_pretraining=null"):
+        with pytest.raises(ConfigError, match="procedural_pretraining"):
+            fit(_tiny_cli(real_data_root, 4, f"--run_dir={run}", other, f"--ckpt_path={last}"))
+        assert last.read_bytes() == saved  # nothing saved is lost
 
 
 def test_fit_names_the_public_dataset_in_the_run_folder_and_metrics(real_data_root, tmp_path, monkeypatch) -> None:
