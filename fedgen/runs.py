@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -70,9 +71,12 @@ def instantiate(parser: Any, config: Any) -> Any:
 
 def write_config(parser: Any, config: Any, run_dir: Path) -> None:
     """Create the run folder and save the resolved configuration: ``config.yaml``, or on resume beside it
-    ``config-resumed-<time>.yaml``."""
+    ``config-resumed-<time>.yaml`` (``-2``, ``-3``, ... after the time for a second resume within the same second)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = "config.yaml" if not (run_dir / "config.yaml").exists() else \
-        f"config-resumed-{datetime.now():%Y%m%d-%H%M%S}.yaml"
+    name = "config.yaml"
+    if (run_dir / name).exists():
+        stem = f"config-resumed-{datetime.now():%Y%m%d-%H%M%S}"
+        suffixes = itertools.chain([""], (f"-{i}" for i in itertools.count(2)))
+        name = next(f"{stem}{s}.yaml" for s in suffixes if not (run_dir / f"{stem}{s}.yaml").exists())
     parser.save(config, run_dir / name, skip_none=False, skip_validation=True)
     log.info("Run folder: %s", run_dir)

@@ -211,3 +211,28 @@ def test_a_second_config_replaces_the_budget_by_a_fixed_noise(tmp_path):
     mechanism = cli.model.mechanism
     assert mechanism.target_epsilon is None and mechanism.noise_multiplier == 1.2 and mechanism.delta == 1e-5
     assert cli.model.hparams["noise_draws"] == 4  # the rest of the example is kept
+
+
+def test_resumes_within_one_second_each_keep_their_config(tmp_path, monkeypatch) -> None:
+    """A run resumed twice in the same second (say, two refused resumes) writes two resumed configs, never over one."""
+    from datetime import datetime
+
+    from fedgen import runs
+
+    class Frozen:
+        @staticmethod
+        def now():
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    class Saver:
+        def save(self, config, path, **kwargs):
+            path.write_text(str(config))
+
+    monkeypatch.setattr(runs, "datetime", Frozen)
+    for segment in range(4):
+        runs.write_config(Saver(), f"segment {segment}", tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config-resumed-20260102-030405-2.yaml", "config-resumed-20260102-030405-3.yaml",
+                     "config-resumed-20260102-030405.yaml", "config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "segment 0"
+    assert (tmp_path / "config-resumed-20260102-030405-3.yaml").read_text() == "segment 3"
