@@ -162,10 +162,10 @@ def fit(args: list[str]) -> dict[str, Any]:
                                                          and hasattr(generator, "store_release")):
         raise ConfigError("federation", f"{type(generator).__name__} does not release a single sum",
                           "use a one-release generator such as fedgen.generators.DPMerf, or remove federation")
-    warm_up = getattr(generator, "warm_up_release", None)
-    if warm_up is not None and federation is not None:
-        raise ConfigError(warm_up.field, "the warm-up's release is drawn from the pooled private data, which a "
-                          "federation does not have", f"remove {warm_up.name}, or the federation")
+    warm_ups = getattr(generator, "warm_up_releases", ())
+    if warm_ups and federation is not None:
+        raise ConfigError(warm_ups[0].field, "the warm-up's release is drawn from the pooled private data, which a "
+                          "federation does not have", f"remove {warm_ups[0].name}, or the federation")
     public: VisionDataModule | None = cli.config_init.public_data
     if public is not None and dataset_name(config.public_data) == dataset_name(config.data):
         raise ConfigError("public_data", f"is {dataset_name(config.data)}, the private dataset itself",
@@ -212,15 +212,15 @@ def fit(args: list[str]) -> dict[str, Any]:
         log.warning("The generator was pretrained on %s (%d examples), declared PUBLIC: epsilon covers the "
                     "private data only.", public_report["dataset"], public_report["examples"])
 
-    warm_up_report = None
-    if warm_up is not None:
-        warm_up_report = dataclasses.asdict(warm_up)
-        if config.ckpt_path is None:
-            generator.to(trainer.strategy.root_device)
-            warm_up_report |= generator.warm_up(data.train_set)
-        else:
-            warm_up_report["released"] = "by the run's first segment; the checkpoint's ledger holds it"
-            log.info("Resuming: the checkpoint's ledger carries the warm-up's release; nothing is released.")
+    warm_up_reports = {release.name: dataclasses.asdict(release) for release in warm_ups}
+    if warm_ups and config.ckpt_path is None:
+        generator.to(trainer.strategy.root_device)
+        for name, report in generator.warm_up(data.train_set).items():
+            warm_up_reports[name] |= report
+    elif warm_ups:
+        for report in warm_up_reports.values():
+            report["released"] = "by the run's first segment; the checkpoint's ledger holds it"
+        log.info("Resuming: the checkpoint's ledger carries the warm-up's release; nothing is released.")
 
     federation_report = None
     if isinstance(federation, FederatedDPSGD):
@@ -277,8 +277,8 @@ def fit(args: list[str]) -> dict[str, Any]:
         "federation": federation_report,
         "procedural_pretraining": procedural_report,
         "public_data": public_report,
-        "central_images": warm_up_report if isinstance(warm_up, CentralImages) else None,
-        "merf_images": warm_up_report if isinstance(warm_up, MerfImages) else None,
+        "central_images": warm_up_reports.get(CentralImages.name),
+        "merf_images": warm_up_reports.get(MerfImages.name),
         "fid": fid,
         "sampling": sampling_report,
         "generator_seconds": generator_seconds,

@@ -21,6 +21,7 @@ unbalanced classes the images are lighter or darker; the warm-up only needs thei
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -71,11 +72,12 @@ class CentralImages(WarmUpRelease):
         return f"{self.releases} central-image rounds at rate {self.sample_rate:g}"
 
     def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism,
-                device: torch.device | str = "cpu") -> tuple[TensorDataset, dict]:
+                device: torch.device | str = "cpu", earlier: Sequence[WarmUpRelease] = ()
+                ) -> tuple[TensorDataset, dict]:
         """Release ``releases`` central images per class from ``dataset`` ((image, label) pairs), charged to
         ``mechanism``'s ledger; return them as a labelled dataset (``releases * num_classes`` images) and a
         report of the release. The sums are cheap: they run on the CPU whatever ``device``."""
-        self.check(mechanism)
+        self.check(mechanism, earlier=earlier)
         images, labels = dataset_to_tensors(dataset)
         mechanism.check_dataset_size(len(images))
         if labels.min() < 0 or labels.max() >= num_classes:

@@ -75,6 +75,7 @@ from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
 from fedgen.generators.merf_images import MerfImages
 from fedgen.generators.pretraining import ProceduralPretraining
+from fedgen.generators.warm_up import WarmUpRelease
 from fedgen.mechanisms import DPSGD, CapturedBackward
 from fedgen.mechanisms.per_example import unsupported_layers
 
@@ -333,8 +334,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             kept as last drawn, so the labels' proportions never change.
         central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
             CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
-        merf_images: a warm-up on a DP-Merf generator's samples instead (:class:`~fedgen.generators.merf_images.
-            MerfImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
+        merf_images: a warm-up on a DP-Merf generator's samples (:class:`~fedgen.generators.merf_images.
+            MerfImages`; part of the budget, on the same ledger): run by :meth:`warm_up`, after the central images'
+            when both are set (the spatial-then-frequency curriculum of FETA-Pro, Gong et al., 2026).
         procedural_pretraining: unconditional pretraining on images painted by code, before the warm-up and
             DP-SGD (:class:`~fedgen.generators.pretraining.ProceduralPretraining`; no data, no privacy cost): run by
             :meth:`pretrain_on_procedural_images`.
@@ -419,13 +421,17 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("model.lr", f"must be > 0, got {lr}", "use e.g. 3e-4")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"unknown schedule {lr_schedule!r}", "use constant or cosine")
-        if central_images is not None and merf_images is not None:
-            raise ConfigError("model.merf_images", "and central_images are both set: the generator warms up on one "
-                              "release", "remove one of them")
-        #: the warm-up's release (:class:`~fedgen.generators.warm_up.WarmUpRelease`), or None
-        self.warm_up_release = central_images if central_images is not None else merf_images
-        if self.warm_up_release is not None:
-            self.warm_up_release.check(mechanism, image_shape=self.image_shape)
+        #: the warm-up releases (:class:`~fedgen.generators.warm_up.WarmUpRelease`), in the order they run: coarse
+        #: class means before DP-Merf's samples
+        self.warm_up_releases: tuple[WarmUpRelease, ...] = tuple(
+            release for release in (central_images, merf_images) if release is not None)
+        for i, release in enumerate(self.warm_up_releases):
+            release.check(mechanism, image_shape=self.image_shape, earlier=self.warm_up_releases[:i])
+        if (central_images is not None and merf_images is not None and central_images.epsilon == merf_images.epsilon
+                and (central_images.releases, central_images.sample_rate) == (1, 1.0)):
+            raise ConfigError("model.central_images", "one round at sample rate 1 and DP-Merf's release at the same "
+                              "epsilon are the same Gaussian mechanism, which the ledger would merge into one event",
+                              "use more rounds or a lower sample_rate for the central images")
         if procedural_pretraining is not None:
             procedural_pretraining.check()
         #: the pretraining on images painted by code (:class:`~fedgen.generators.pretraining.ProceduralPretraining`)
@@ -501,8 +507,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         super().on_load_checkpoint(checkpoint)  # restores the ledger, before any step
         if self.clients is not None and CLIENTS_KEY in checkpoint:
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
-        if self.warm_up_release is not None:
-            self.warm_up_release.check_resumed(self.mechanism.ledger)
+        for position, release in enumerate(self.warm_up_releases):
+            release.check_resumed(self.mechanism.ledger, position)
         settings = self.procedural_pretraining
         started = checkpoint.get(PROCEDURAL_KEY)
         if started != (None if settings is None else dataclasses.asdict(settings)):
@@ -697,22 +703,24 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  settings.steps, len(painted), settings.kind)
         return settings.report()
 
-    def warm_up(self, dataset: Dataset) -> dict:
-        """Make the configured warm-up release (central images or DP-Merf's samples) of the private ``dataset``
-        (charged to the mechanism's ledger, so DP-SGD then calibrates its noise for the rest of the budget) and
-        train on its images, with their labels, for its ``steps`` Adam steps: post-processing of the release, no
-        further privacy cost. It must run before private training; the EMA restarts from the warmed-up weights.
-        Returns the release's report."""
-        if self.warm_up_release is None:
+    def warm_up(self, dataset: Dataset) -> dict[str, dict]:
+        """Make each configured warm-up release (central images, DP-Merf's samples, or both in that order) of the
+        private ``dataset`` (charged to the mechanism's ledger, so DP-SGD then calibrates its noise for the rest of
+        the budget) and train on its images, with their labels, for its ``steps`` Adam steps: post-processing of the
+        release, no further privacy cost. It must run before private training; the EMA restarts from the
+        warmed-up weights. Returns each release's report under its name (``central_images``, ``merf_images``)."""
+        if not self.warm_up_releases:
             raise ConfigError("model.central_images", "is not set, nor merf_images",
                               "set central_images or merf_images to warm up on a release")
         if self.mechanism.owns_backward:
             raise RuntimeError("the warm-up must run before private training starts")
-        released, report = self.warm_up_release.release(dataset, num_classes=self.num_classes,
-                                                        mechanism=self.mechanism, device=self.device)
-        self._train_without_noise(released, self.warm_up_release.steps, labelled=True,
-                                  batch_size=self.warm_up_release.batch_size)
-        return report
+        reports = {}
+        for i, release in enumerate(self.warm_up_releases):
+            released, reports[release.name] = release.release(
+                dataset, num_classes=self.num_classes, mechanism=self.mechanism, device=self.device,
+                earlier=self.warm_up_releases[:i])
+            self._train_without_noise(released, release.steps, labelled=True, batch_size=release.batch_size)
+        return reports
 
     def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool, batch_size: int | None = None
                              ) -> None:

@@ -13,6 +13,7 @@ calibrates its noise for what is left of the budget.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -82,12 +83,13 @@ class MerfImages(WarmUpRelease):
         return "DP-Merf's single release of the whole data"
 
     def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism,
-                device: torch.device | str = "cpu") -> tuple[TensorDataset, dict]:
+                device: torch.device | str = "cpu", earlier: Sequence[WarmUpRelease] = ()
+                ) -> tuple[TensorDataset, dict]:
         """Release DP-Merf's embedding of ``dataset`` ((image, label) pairs), charged to ``mechanism``'s ledger,
         train DP-Merf's generator on ``device`` and return ``images`` of its samples with their labels, and a
         report of the release."""
         image_shape = tuple(dataset[0][0].shape)
-        self.check(mechanism, image_shape=image_shape)
+        self.check(mechanism, image_shape=image_shape, earlier=earlier)
         # the release's noise gets a stream of its own, apart from DP-SGD's and the central images'
         gaussian = GaussianMechanism(target_epsilon=self.epsilon, delta=mechanism.delta, clip_norm=1.0,
                                      num_releases=1, accountant=mechanism.ledger.accountant,

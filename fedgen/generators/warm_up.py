@@ -4,11 +4,14 @@ noise before DP-SGD starts.
 The release is charged to the generator's ledger first; DP-SGD then calibrates its noise for what is left of its
 ``target_epsilon`` (the ledger composes both). Training on the released data is post-processing: no further cost.
 Two releases implement :class:`WarmUpRelease`: :class:`~fedgen.generators.CentralImages` (noisy class means) and
-:class:`~fedgen.generators.MerfImages` (a DP-Merf generator's samples).
+:class:`~fedgen.generators.MerfImages` (a DP-Merf generator's samples). A generator may chain them, each release
+after the ones before it on the ledger (``earlier``): coarse class means first, then DP-Merf's varied samples, the
+curriculum from spatial to frequency features of FETA-Pro (Gong, Li, Lin and Wang, 2026).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -38,19 +41,25 @@ class WarmUpRelease:
         """Refuse the subclass's own settings, for images of ``image_shape`` where known (``ConfigError`` naming
         the field)."""
 
-    def check(self, mechanism: Mechanism, *, image_shape: tuple[int, int, int] | None = None) -> None:
+    def check(self, mechanism: Mechanism, *, image_shape: tuple[int, int, int] | None = None,
+              earlier: Sequence[WarmUpRelease] = ()) -> None:
         """Refuse settings that cannot work with the generator's ``mechanism`` (and its images of ``image_shape``),
-        before anything is released."""
+        before anything is released. ``earlier``: the warm-up releases that come before this one; the ledger may
+        record theirs and nothing else."""
         self.check_settings(image_shape)
         check_at_least_one(f"{self.field}.steps", self.steps, "use e.g. 500")
         if mechanism.ledger.unit != "example":
             raise ConfigError(self.field, f"the warm-up release is example-level; the generator's ledger is "
                               f"{mechanism.ledger.unit}-level", f"remove {self.name} for user-level DP")
         target = mechanism.target_epsilon
-        if not self.epsilon > 0 or (target is not None and not self.epsilon < target):
-            raise ConfigError(f"{self.field}.epsilon", f"must be > 0 and below the mechanism's target_epsilon "
-                              f"({target}), got {self.epsilon}", "spend a small part of the budget, e.g. 0.1 of it")
-        if mechanism.ledger.events:
+        spent = sum(release.epsilon for release in earlier) + self.epsilon
+        if not self.epsilon > 0 or (target is not None and not spent < target):
+            together = f" (with {', '.join(r.name for r in earlier)}: {spent:g})" if earlier else ""
+            raise ConfigError(f"{self.field}.epsilon", f"must be > 0 and leave DP-SGD part of the mechanism's "
+                              f"target_epsilon ({target}), got {self.epsilon}{together}",
+                              "spend a small part of the budget on warm-ups, e.g. 0.2 of it in all")
+        events = mechanism.ledger.events
+        if len(events) > len(earlier) or any(not r.opens(e) for r, e in zip(earlier, events, strict=False)):
             raise ConfigError(self.field, "the generator's ledger already records releases",
                               "run the warm-up's release before any other private work")
 
@@ -62,16 +71,20 @@ class WarmUpRelease:
         """The release in a few words, for error messages."""
         raise NotImplementedError
 
-    def check_resumed(self, ledger: PrivacyLedger) -> None:
-        """A resumed run releases nothing again: the ledger restored from its checkpoint must open with the release
-        these settings describe, else the run was started otherwise."""
-        if not ledger.events or not self.opens(ledger.events[0]):
-            raise ConfigError(self.field, f"the checkpoint's ledger does not open with {self.describe()}: the run "
+    def check_resumed(self, ledger: PrivacyLedger, position: int = 0) -> None:
+        """A resumed run releases nothing again: the ledger restored from its checkpoint must hold the release these
+        settings describe at ``position`` (0: it opens the ledger; 1: after one earlier warm-up), else the run was
+        started otherwise."""
+        if len(ledger.events) <= position or not self.opens(ledger.events[position]):
+            where = "open with" if position == 0 else f"hold, after {position} earlier warm-up release(s),"
+            raise ConfigError(self.field, f"the checkpoint's ledger does not {where} {self.describe()}: the run "
                               "was started without them, or with other settings",
                               f"resume with the {self.name} the run was started with, or none")
 
     def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism,
-                device: torch.device | str = "cpu") -> tuple[TensorDataset, dict]:
-        """Release from ``dataset`` ((image, label) pairs) at ``epsilon``, charged to ``mechanism``'s ledger; return
-        the released images with their labels (pixels in [0, 1], on the CPU) and a report of the release."""
+                device: torch.device | str = "cpu", earlier: Sequence[WarmUpRelease] = ()
+                ) -> tuple[TensorDataset, dict]:
+        """Release from ``dataset`` ((image, label) pairs) at ``epsilon``, charged to ``mechanism``'s ledger after
+        the ``earlier`` warm-up releases; return the released images with their labels (pixels in [0, 1], on the
+        CPU) and a report of the release."""
         raise NotImplementedError

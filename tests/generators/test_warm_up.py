@@ -1,5 +1,5 @@
 """What every warm-up release does inside DPDiffusion: it trains the UNet on the released images before DP-SGD, on
-the same ledger, and only one release warms a generator up."""
+the same ledger; with both set, central images come first and DP-Merf's samples second."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_the_warm_up_trains_on_the_released_images_then_dp_sgd_shares_the_ledger
     mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
     model = _tiny(mechanism=mechanism, **{name: release})
     before = [p.detach().clone() for p in model.unet.parameters()]
-    report = model.warm_up(_data(200))
+    report = model.warm_up(_data(200))[name]
     assert report["images"] == images and report["warm_up_steps"] == 3 and len(mechanism.ledger.events) == 1
     assert any(not torch.equal(a, p) for a, p in zip(before, model.unet.parameters(), strict=True))
     assert int(model.ema.n_averaged) == 0  # the EMA restarts from the warmed-up weights
@@ -34,12 +34,65 @@ def test_the_warm_up_trains_on_the_released_images_then_dp_sgd_shares_the_ledger
         model.warm_up(_data(200))
 
 
-def test_a_generator_warms_up_on_one_release_only() -> None:
-    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0)
+def test_both_warm_ups_release_and_train_in_order_on_one_ledger() -> None:
+    """Central images are released and trained on first, then DP-Merf's samples; DP-SGD follows on the same
+    ledger, and a resumed run finds each release where it was made."""
+    central, merf = RELEASES["central_images"][0], RELEASES["merf_images"][0]
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
+    model = _tiny(mechanism=mechanism, central_images=central, merf_images=merf)
+    assert [release.name for release in model.warm_up_releases] == ["central_images", "merf_images"]
+    trained = []
+    train = model._train_without_noise
+
+    def spy(dataset, steps, **kwargs):
+        trained.append((len(dataset), steps, len(mechanism.ledger.events)))
+        train(dataset, steps, **kwargs)
+
+    model._train_without_noise = spy
+    reports = model.warm_up(_data(200))
+    assert trained == [(6, 3, 1), (30, 3, 2)]  # each release trained on right after it was made
+    first, second = mechanism.ledger.events
+    assert central.opens(first) and merf.opens(second) and not merf.opens(first)
+    assert (first.noise_multiplier, second.noise_multiplier) == (reports["central_images"]["noise_multiplier"],
+                                                                 reports["merf_images"]["noise_multiplier"])
+    assert int(model.ema.n_averaged) == 0
+    _fit(model, _data(200), max_steps=2)
+    assert len(mechanism.ledger.events) == 3 and mechanism.epsilon() <= 10.0
+    for position, release in enumerate(model.warm_up_releases):
+        release.check_resumed(mechanism.ledger, position)
+    with pytest.raises(ConfigError, match="DP-Merf's single release"):
+        merf.check_resumed(mechanism.ledger)  # it does not open the ledger
+
+
+def test_warm_ups_that_leave_dp_sgd_nothing_are_refused_before_any_release() -> None:
+    mechanism = DPSGD(target_epsilon=2.0, delta=1e-3, seed=0)
+    for name in RELEASES:  # each alone leaves DP-SGD half of the budget
+        _tiny(mechanism=mechanism, **{name: RELEASES[name][0]})
     with pytest.raises(ConfigError) as err:
         _tiny(mechanism=mechanism, central_images=RELEASES["central_images"][0],
               merf_images=RELEASES["merf_images"][0])
-    assert err.value.field == "model.merf_images" and "remove one" in err.value.fix
+    assert err.value.field == "model.merf_images.epsilon" and "with central_images: 2" in str(err.value)
+    assert not mechanism.ledger.events
+
+
+def test_a_chain_the_ledger_would_merge_into_one_event_is_refused() -> None:
+    """One central-image round of the whole data and DP-Merf's release at the same epsilon have the same noise
+    multiplier and rate; the ledger would record them as one event that neither release opens."""
+    with pytest.raises(ConfigError) as err:
+        _tiny(mechanism=DPSGD(target_epsilon=10.0, delta=1e-3, seed=0),
+              central_images=CentralImages(epsilon=1.0, releases=1, sample_rate=1.0, steps=3),
+              merf_images=RELEASES["merf_images"][0])
+    assert err.value.field == "model.central_images" and "merge" in str(err.value)
+
+
+def test_a_later_warm_up_refuses_a_ledger_that_holds_more_than_the_earlier_ones() -> None:
+    central, merf = RELEASES["central_images"][0], RELEASES["merf_images"][0]
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
+    merf.release(_data(200), num_classes=3, mechanism=mechanism)  # not the central images it should follow
+    with pytest.raises(ConfigError, match="already records"):
+        merf.check(mechanism, earlier=(central,))
+    with pytest.raises(ConfigError, match="already records"):
+        central.check(mechanism)
 
 
 @pytest.mark.parametrize(("name", "settings", "first"), [
@@ -68,3 +121,27 @@ def test_fedgen_fit_warms_up_and_calibrates_dp_sgd_for_the_rest(real_data_root, 
                                                                                          report["noise_multiplier"])
     assert (steps["count"], steps["sample_rate"]) == (4, 0.1)
     assert 9.0 < metrics["epsilon"] <= 10.0  # both together, at the target
+
+
+def test_fedgen_fit_runs_both_warm_ups_and_a_resume_releases_neither_again(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path / "run"
+    warm_ups = ('--model.init_args.central_images={"epsilon": 1.0, "releases": 3, "sample_rate": 0.5, "steps": 1}',
+                '--model.init_args.merf_images={"epsilon": 1.0, "images": 60, "steps": 1, "num_features": 200, '
+                '"epochs": 1}', "--model.init_args.mechanism.init_args.accountant=rdp")
+    first = fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", *warm_ups, fixed_noise=False))
+    central, merf, steps = first["privacy_ledger"]["events"]
+    assert (central["count"], central["sample_rate"], merf["count"], merf["sample_rate"]) == (3, 0.5, 1, 1.0)
+    assert first["central_images"]["images"] == 30 and first["merf_images"]["images"] == 60
+    assert 9.0 < first["epsilon"] <= 10.0  # DP-SGD calibrated for what both warm-ups left
+    (run / "metrics.json").unlink()  # as if the run had stopped after its second step
+    resume = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    resumed = fit(_tiny_cli(real_data_root, 4, f"--run_dir={run}", *warm_ups, resume, fixed_noise=False))
+    assert resumed["privacy_ledger"]["events"][:2] == [central, merf]
+    assert all("first segment" in resumed[name]["released"] for name in ("central_images", "merf_images"))
+    (run / "metrics.json").unlink()
+    with pytest.raises(ConfigError) as err:  # the run warmed up on both: resuming with one of them is refused
+        fit(_tiny_cli(real_data_root, 5, f"--run_dir={run}", warm_ups[1], warm_ups[2], resume, fixed_noise=False))
+    assert err.value.field == "model.merf_images"
