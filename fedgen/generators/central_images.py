@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, TensorDataset
 from fedgen.data import dataset_to_tensors
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.warm_up import WarmUpRelease
-from fedgen.mechanisms import GaussianMechanism, Mechanism
+from fedgen.mechanisms import Mechanism
 from fedgen.mechanisms.ledger import PrivacyEvent
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,8 @@ class CentralImages(WarmUpRelease):
             raise ConfigError("data", f"labels outside [0, {num_classes})", "check num_classes")
         # the noise and the sampling get streams of their own, apart from DP-SGD's (stream 1 samples its batches):
         # subsampled releases compose as accounted only if their samples are drawn independently
-        gaussian = GaussianMechanism(target_epsilon=self.epsilon, delta=mechanism.delta, clip_norm=self.clip_norm,
-                                     num_releases=self.releases, sample_rate=self.sample_rate,
-                                     accountant=mechanism.ledger.accountant, seed=mechanism.noise.derived_seed(2),
-                                     secure_noise=mechanism.noise.secure)
-        gaussian.use_ledger(mechanism.ledger)
+        gaussian = self.gaussian(mechanism, clip_norm=self.clip_norm, releases=self.releases,
+                                 sample_rate=self.sample_rate, stream=2)
         sampler = torch.Generator().manual_seed(mechanism.noise.derived_seed(3))
         flat = gaussian.clip(images.flatten(1))
         expected_class_size = self.sample_rate * len(flat) / num_classes
@@ -100,7 +97,7 @@ class CentralImages(WarmUpRelease):
             central.append(gaussian.release(sums) / expected_class_size)
         out = torch.cat(central).clamp(0, 1).reshape(-1, *images.shape[1:])
         report = {"releases": self.releases, "sample_rate": self.sample_rate, "clip_norm": self.clip_norm,
-                  "noise_multiplier": gaussian.noise_multiplier, "epsilon": gaussian.epsilon(),
+                  "noise_multiplier": gaussian.noise_multiplier, "epsilon": self.epsilon_alone(gaussian),
                   "images": len(out), "warm_up_steps": self.steps}
         log.info("Central images: %d released at epsilon %.4g (sigma %.4g, rate %g, %d rounds)", len(out),
                  report["epsilon"], report["noise_multiplier"], self.sample_rate, self.releases)

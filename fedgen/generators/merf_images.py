@@ -25,7 +25,7 @@ from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import stratified_labels
 from fedgen.generators.dp_merf import PAPER_BATCH_SIZE, DPMerf
 from fedgen.generators.warm_up import WarmUpRelease
-from fedgen.mechanisms import GaussianMechanism, Mechanism
+from fedgen.mechanisms import Mechanism
 from fedgen.mechanisms.ledger import PrivacyEvent
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,7 @@ class MerfImages(WarmUpRelease):
         report of the release."""
         image_shape = tuple(dataset[0][0].shape)
         self.check(mechanism, image_shape=image_shape, earlier=earlier)
-        # the release's noise gets a stream of its own, apart from DP-SGD's and the central images'
-        gaussian = GaussianMechanism(target_epsilon=self.epsilon, delta=mechanism.delta, clip_norm=1.0,
-                                     num_releases=1, accountant=mechanism.ledger.accountant,
-                                     seed=mechanism.noise.derived_seed(4), secure_noise=mechanism.noise.secure)
-        gaussian.use_ledger(mechanism.ledger)
+        gaussian = self.gaussian(mechanism, clip_norm=1.0, stream=4)
         merf = DPMerf(mechanism=gaussian, num_classes=num_classes, image_shape=image_shape,
                       num_features=self.num_features, length_scale=self.length_scale,
                       batch_size=self.merf_batch_size, steps_per_epoch=max(1, len(dataset) // PAPER_BATCH_SIZE))
@@ -108,7 +104,7 @@ class MerfImages(WarmUpRelease):
         merf.to(device)
         labels = stratified_labels(merf.label_distribution(), self.images)
         images = torch.cat([merf.sample(len(part), part).clamp(0, 1).cpu() for part in labels.split(10_000)])
-        report = {"noise_multiplier": gaussian.noise_multiplier, "epsilon": gaussian.epsilon(),
+        report = {"noise_multiplier": gaussian.noise_multiplier, "epsilon": self.epsilon_alone(gaussian),
                   "images": len(images), "warm_up_steps": self.steps}
         log.info("Merf images: %d drawn from DP-Merf released at epsilon %.4g (sigma %.4g)", len(images),
                  report["epsilon"], report["noise_multiplier"])

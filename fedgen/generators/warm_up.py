@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.errors import ConfigError, check_at_least_one
-from fedgen.mechanisms import Mechanism, PrivacyLedger
-from fedgen.mechanisms.ledger import PrivacyEvent
+from fedgen.mechanisms import GaussianMechanism, Mechanism, PrivacyLedger
+from fedgen.mechanisms.ledger import PrivacyEvent, SubsampledGaussianEvent, calibrate_noise_multiplier, compute_epsilon
 
 
 class WarmUpRelease:
@@ -62,6 +62,27 @@ class WarmUpRelease:
         if len(events) > len(earlier) or any(not r.opens(e) for r, e in zip(earlier, events, strict=False)):
             raise ConfigError(self.field, "the generator's ledger already records releases",
                               "run the warm-up's release before any other private work")
+
+    def gaussian(self, mechanism: Mechanism, *, clip_norm: float, releases: int = 1, sample_rate: float = 1.0,
+                 stream: int) -> GaussianMechanism:
+        """The release's Gaussian mechanism: its noise calibrated so that its ``releases`` at ``sample_rate`` alone
+        spend ``epsilon`` at the generator's delta, whatever the ledger already holds (the ledger then composes them
+        with the earlier warm-ups, which costs less than the sum of the shares); charging the generator's ledger;
+        its noise from a stream of its own (``stream``), apart from DP-SGD's and the other releases'."""
+        accountant = mechanism.ledger.accountant
+        sigma = calibrate_noise_multiplier(target_epsilon=self.epsilon, delta=mechanism.delta, sample_rate=sample_rate,
+                                           steps=releases, accountant=accountant)
+        gaussian = GaussianMechanism(noise_multiplier=sigma, delta=mechanism.delta, clip_norm=clip_norm,
+                                     num_releases=releases, sample_rate=sample_rate, accountant=accountant,
+                                     seed=mechanism.noise.derived_seed(stream), secure_noise=mechanism.noise.secure)
+        gaussian.use_ledger(mechanism.ledger)
+        return gaussian
+
+    @staticmethod
+    def epsilon_alone(gaussian: GaussianMechanism) -> float:
+        """What ``gaussian``'s planned releases spend on their own (the ledger composes them with the rest)."""
+        event = SubsampledGaussianEvent(gaussian.noise_multiplier, gaussian.sample_rate, gaussian.num_releases)
+        return compute_epsilon([event], gaussian.delta, gaussian.ledger.accountant)
 
     def opens(self, event: PrivacyEvent) -> bool:
         """Whether ``event``, a ledger's first, is the release these settings describe."""

@@ -56,6 +56,12 @@ def test_both_warm_ups_release_and_train_in_order_on_one_ledger() -> None:
     assert (first.noise_multiplier, second.noise_multiplier) == (reports["central_images"]["noise_multiplier"],
                                                                  reports["merf_images"]["noise_multiplier"])
     assert int(model.ema.n_averaged) == 0
+    # each release spends its own share, as it would alone; the ledger composes the two for less than their sum
+    alone = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
+    assert second.noise_multiplier == merf.release(_data(200), num_classes=3, mechanism=alone)[1]["noise_multiplier"]
+    for release in (central, merf):
+        assert 0.98 * release.epsilon < reports[release.name]["epsilon"] <= release.epsilon
+    assert max(central.epsilon, merf.epsilon) < mechanism.epsilon() < central.epsilon + merf.epsilon
     _fit(model, _data(200), max_steps=2)
     assert len(mechanism.ledger.events) == 3 and mechanism.epsilon() <= 10.0
     for position, release in enumerate(model.warm_up_releases):
