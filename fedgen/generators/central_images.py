@@ -15,7 +15,9 @@ generator's own ledger. The generator's DP-SGD then calibrates its noise for wha
 ``target_epsilon`` (the ledger composes both). The central image of class c is ``S_c / (sample_rate * N /
 num_classes)``, clamped to the pixel range: N, the dataset size, is public in DP-SGD's accounting as well,
 and dividing by the expected class size instead of the sampled count spends nothing on counts (with
-unbalanced classes the images are lighter or darker; the warm-up only needs their shape).
+unbalanced classes the images are lighter or darker; the warm-up only needs their shape). With ``median_filter``
+k, each released image is then replaced by its k x k median (post-processing, no privacy cost), which removes most
+of the noise's isolated specks while keeping strokes, as DP-FETA's and FETA-Pro's central images are denoised.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.data import dataset_to_tensors
@@ -47,6 +50,8 @@ class CentralImages(WarmUpRelease):
         sample_rate: probability with which each private example joins a round.
         clip_norm: L2 bound on one image (pixels in [0, 1]; an MNIST digit has norm 7 to 13).
         steps: non-private Adam steps of the generator on the released central images.
+        median_filter: the window k of a k x k median filter applied to each released image (odd; 0: none), see
+            :func:`median_filter`.
     """
 
     epsilon: float = 0.5
@@ -54,6 +59,7 @@ class CentralImages(WarmUpRelease):
     sample_rate: float = 0.05
     clip_norm: float = 10.0
     steps: int = 500
+    median_filter: int = 0
 
     name: ClassVar[str] = "central_images"
 
@@ -64,6 +70,9 @@ class CentralImages(WarmUpRelease):
         if not self.clip_norm > 0:
             raise ConfigError(f"{self.field}.clip_norm", f"must be > 0, got {self.clip_norm}", "use e.g. 10")
         check_at_least_one(f"{self.field}.releases", self.releases, "use e.g. 100")
+        if self.median_filter < 0 or (self.median_filter and self.median_filter % 2 == 0):
+            raise ConfigError(f"{self.field}.median_filter", f"must be 0 (none) or an odd window, got "
+                              f"{self.median_filter}", "use 3, or 0")
 
     def opens(self, event: PrivacyEvent) -> bool:
         return (getattr(event, "sample_rate", None), event.count) == (self.sample_rate, self.releases)
@@ -96,6 +105,8 @@ class CentralImages(WarmUpRelease):
                                                                                         flat[picked])
             central.append(gaussian.release(sums) / expected_class_size)
         out = torch.cat(central).clamp(0, 1).reshape(-1, *images.shape[1:])
+        if self.median_filter:
+            out = median_filter(out, self.median_filter)
         report = {"releases": self.releases, "sample_rate": self.sample_rate, "clip_norm": self.clip_norm,
                   "noise_multiplier": gaussian.noise_multiplier, "epsilon": self.epsilon_alone(gaussian),
                   "images": len(out), "warm_up_steps": self.steps}
@@ -103,3 +114,11 @@ class CentralImages(WarmUpRelease):
                  report["epsilon"], report["noise_multiplier"], self.sample_rate, self.releases)
         return TensorDataset(out, torch.arange(num_classes).repeat(self.releases)), report
 
+
+def median_filter(images: torch.Tensor, window: int) -> torch.Tensor:
+    """Each pixel of ``images`` (N, C, H, W) replaced by the median of its ``window`` x ``window`` neighbourhood
+    (odd ``window``; the borders repeat the edge pixels), channel by channel."""
+    half = window // 2
+    padded = F.pad(images, (half, half, half, half), mode="replicate")
+    patches = padded.unfold(2, window, 1).unfold(3, window, 1)  # (N, C, H, W, window, window)
+    return patches.flatten(-2).median(dim=-1).values

@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 from fedgen.errors import ConfigError
 from fedgen.generators import CentralImages
+from fedgen.generators.central_images import median_filter
 from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent
 
 
@@ -59,6 +60,31 @@ def test_two_mechanisms_with_the_same_seed_release_the_same_images_and_other_see
     assert torch.equal(a.tensors[0], b.tensors[0]) and not torch.equal(a.tensors[0], c.tensors[0])
 
 
+def test_the_median_filter_removes_isolated_specks_and_keeps_wide_strokes() -> None:
+    image = torch.zeros(1, 1, 9, 9)
+    image[0, 0, :, 3:6] = 1.0  # a stroke three pixels wide
+    image[0, 0, 1, 7] = 1.0  # a speck beside it
+    filtered = median_filter(image, 3)
+    assert filtered.shape == image.shape
+    assert filtered[0, 0, 1, 7] == 0 and (filtered[0, 0, :, 4] == 1).all()
+    assert torch.equal(filtered[0, 0, :, :7], image[0, 0, :, :7])
+    assert torch.equal(median_filter(image, 1), image)
+
+
+def test_filtered_central_images_are_post_processing_of_the_same_release() -> None:
+    """The same seed releases the same noisy sums whether or not they are filtered: the ledger is the same, and
+    the filtered images are the filter applied to the unfiltered ones."""
+    settings = dict(epsilon=1.0, releases=2, sample_rate=0.2, clip_norm=2.0, steps=1)
+    plain_mechanism = DPSGD(target_epsilon=10.0, seed=3, accountant="rdp")
+    filtered_mechanism = DPSGD(target_epsilon=10.0, seed=3, accountant="rdp")
+    plain, _ = CentralImages(**settings).release(_two_classes(), num_classes=2, mechanism=plain_mechanism)
+    filtered, report = CentralImages(**settings, median_filter=3).release(_two_classes(), num_classes=2,
+                                                                          mechanism=filtered_mechanism)
+    assert filtered_mechanism.ledger.events == plain_mechanism.ledger.events
+    assert torch.equal(filtered.tensors[0], median_filter(plain.tensors[0], 3))
+    assert not torch.equal(filtered.tensors[0], plain.tensors[0])
+
+
 @pytest.mark.parametrize("change,field", [
     ({"epsilon": 10.0}, "model.central_images.epsilon"),
     ({"epsilon": 0.0}, "model.central_images.epsilon"),
@@ -66,6 +92,8 @@ def test_two_mechanisms_with_the_same_seed_release_the_same_images_and_other_see
     ({"clip_norm": -1.0}, "model.central_images.clip_norm"),
     ({"releases": 0}, "model.central_images.releases"),
     ({"steps": 0}, "model.central_images.steps"),
+    ({"median_filter": 2}, "model.central_images.median_filter"),
+    ({"median_filter": -3}, "model.central_images.median_filter"),
 ])
 def test_bad_settings_are_refused_before_anything_is_released(change: dict, field: str) -> None:
     mechanism = DPSGD(target_epsilon=10.0, seed=0, accountant="rdp")
