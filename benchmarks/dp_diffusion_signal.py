@@ -67,10 +67,13 @@ def signal_by_groups(model: DPDiffusion, images: torch.Tensor, labels: torch.Ten
             "ms": seconds * 1e3}
 
 
-def measure_run(run: str, batch: int, draws: list[int], clip_norms: list[float], repeats: int) -> None:
+def measure_run(run: str, batch: int, draws: list[int], clip_norms: list[float], repeats: int,
+                trainable: list[str] | None = None) -> None:
     """rho and the signal to noise of the K-draw clipped sum at a ``fedgen fit`` run's trained (not averaged)
     weights, on ``batch`` of its private training images, for each K and C: the mean and the spread over
-    ``repeats`` batches (each its own images and random seed, which every K and C start from)."""
+    ``repeats`` batches (each its own images and random seed, which every K and C start from). With ``trainable``
+    (parts of parameter names), only the UNet's parameters whose names contain one of them are clipped and summed,
+    as in DP-SGD that trains only those: rho and the noise then count only them."""
     trained, data = load_fit_run(check_fit_run(run, ("config.yaml", "generator.ckpt")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data.prepare_data()
@@ -82,6 +85,11 @@ def measure_run(run: str, batch: int, draws: list[int], clip_norms: list[float],
     for clip_norm in clip_norms:
         model = copy.deepcopy(trained).to(device).train()
         model.mechanism = DPSGD(noise_multiplier=1e-6, max_grad_norm=clip_norm, seed=0)
+        if trainable:
+            for name, parameter in model.unet.named_parameters():
+                parameter.requires_grad_(any(part in name for part in trainable))
+            if not any(p.requires_grad for p in model.unet.parameters()):
+                raise SystemExit(f"--trainable {trainable}: no parameter of the UNet has such a name")
         loader = model.mechanism.data_loader(placeholder, batch_size=batch)
         model.mechanism.make_private(model.unet, torch.optim.SGD(model.unet.parameters(), 0.0), data_loader=loader,
                                      steps=10**6)
@@ -112,12 +120,14 @@ def main() -> None:
     parser.add_argument("--run", help="a `fedgen fit` run folder: measure at its trained weights (see above)")
     parser.add_argument("--clip_norms", nargs="+", type=float, default=[1.0], help="with --run: the norms C")
     parser.add_argument("--repeats", type=int, default=3, help="with --run: batches measured, each its own")
+    parser.add_argument("--trainable", nargs="+", help="with --run: only the parameters whose names contain one of "
+                        "these, e.g. attentions norm (see measure_run)")
     args = parser.parse_args()
     if args.repeats < 1 or min(args.clip_norms) <= 0:
         parser.error(f"--repeats must be at least 1 (got {args.repeats}) and every --clip_norms value positive (got "
                      f"{args.clip_norms}): e.g. --repeats 3 --clip_norms 1")
     if args.run:
-        measure_run(args.run, args.batch, args.draws, args.clip_norms, args.repeats)
+        measure_run(args.run, args.batch, args.draws, args.clip_norms, args.repeats, args.trainable)
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = MNISTDataModule() if args.dataset == "mnist" else FashionMNISTDataModule()

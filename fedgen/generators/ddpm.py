@@ -340,6 +340,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         procedural_pretraining: unconditional pretraining on images painted by code, before the warm-up and
             DP-SGD (:class:`~fedgen.generators.pretraining.ProceduralPretraining`; no data, no privacy cost): run by
             :meth:`pretrain_on_procedural_images`.
+        private_trainable: parts of the UNet's parameter names (e.g. ``["attentions", "norm"]``): DP-SGD trains only
+            the parameters whose names contain one of them and leaves the rest as the warm-up or pretraining left
+            them (all are trained before DP-SGD). DP-SGD's noise then spreads over fewer coordinates, at the cost of
+            what the frozen ones could still learn. ``None``: every parameter.
     """
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -358,7 +362,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
                  label_check_steps: list[int] | None = None, label_check_rounds: int = 3,
                  central_images: CentralImages | None = None, merf_images: MerfImages | None = None,
-                 procedural_pretraining: ProceduralPretraining | None = None) -> None:
+                 procedural_pretraining: ProceduralPretraining | None = None,
+                 private_trainable: list[str] | None = None) -> None:
         super().__init__(mechanism=mechanism, num_classes=num_classes, image_shape=image_shape)
         if not isinstance(mechanism, DPSGD):
             raise ConfigError("model.mechanism", f"DP diffusion trains with DP-SGD, got {type(mechanism).__name__}",
@@ -442,6 +447,16 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                                layers_per_block=layers_per_block, norm_groups=norm_groups,
                                zero_init_residual=zero_init_residual, attention_head_dim=attention_head_dim,
                                num_views=self.num_views if augment_conditioning else 1)
+        if private_trainable is not None:
+            names = [name for name, _ in self.unet.named_parameters()]
+            unmatched = [part for part in private_trainable if not any(part in name for name in names)]
+            if not private_trainable or unmatched:
+                raise ConfigError("model.private_trainable", f"{unmatched or 'an empty list'} names no parameter of "
+                                  f"the UNet", f"use parts of its parameter names, e.g. attentions, norm, up_blocks "
+                                  f"(the first of {len(names)}: {', '.join(names[:4])}), or null for all")
+            if cuda_graphs:
+                raise ConfigError("model.private_trainable", "is not supported with cuda_graphs",
+                                  "set cuda_graphs: false, or private_trainable: null")
         unsupported = unsupported_layers(self.unet)
         if unsupported:  # engine "auto" would fall back to Opacus, which has no noise multiplicity
             raise ConfigError("model", f"fedgen's clipping engine cannot clip {'; '.join(unsupported)}",
@@ -509,6 +524,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
         for position, release in enumerate(self.warm_up_releases):
             release.check_resumed(self.mechanism.ledger, position)
+        started = checkpoint.get("hyper_parameters", {}).get("private_trainable")
+        if started != self.hparams.private_trainable:
+            raise ConfigError("model.private_trainable", f"is {self.hparams.private_trainable} here, but the "
+                              f"checkpoint's run trained {started or 'every parameter'} privately",
+                              f"resume with private_trainable: {started}")
         settings = self.procedural_pretraining
         started = checkpoint.get(PROCEDURAL_KEY)
         if started != (None if settings is None else dataclasses.asdict(settings)):
@@ -533,7 +553,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         if self._loader is None:
             raise RuntimeError("call attach_private_data(dataset) before fitting DPDiffusion")
-        optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
+        parts = self.hparams.private_trainable
+        for name, parameter in self.unet.named_parameters():
+            parameter.requires_grad_(parts is None or any(part in name for part in parts))
+        optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=self.hparams.lr)
         trainer = self.trainer
         if trainer.max_steps is not None and trainer.max_steps > 0:
             plan = {"steps": trainer.max_steps}
@@ -668,6 +691,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                            "the logical batch, the noise and the privacy accounting stay the same")
 
     def check_training(self, device: torch.device) -> None:
+        if self.clients is not None and self.hparams.private_trainable is not None:
+            raise ConfigError("model.private_trainable", "is not supported in a federation: its clients compute "
+                              "steps over the whole UNet", "set private_trainable: null, or train centrally")
         if not self.hparams.cuda_graphs:
             return
         if device.type != "cuda":

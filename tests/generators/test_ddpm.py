@@ -952,3 +952,57 @@ def test_fedgen_fit_trains_the_view_table_of_an_augment_conditioned_ddpm(real_da
     generator, _ = load_fit_run(run)
     assert generator.unet.class_embedding.views.weight.abs().sum() > 0
     assert json.loads((run / "metrics.json").read_text())["test_accuracy"] >= 0
+
+
+def test_private_trainable_limits_dp_sgd_to_the_named_parameters() -> None:
+    """DP-SGD moves only the parameters whose names contain a listed part; the others keep their values, and the
+    noise is spread over the trained ones only (the ledger is the same as for the whole UNet)."""
+    model = _tiny(private_trainable=["attentions", "norm"])
+    before = {name: p.detach().clone() for name, p in model.unet.named_parameters()}
+    _fit(model, _data(), max_steps=2)
+    trained = {name for name in before if "attentions" in name or "norm" in name}
+    assert trained and len(trained) < len(before)
+    for name, parameter in model.unet.named_parameters():
+        assert torch.equal(parameter, before[name]) != (name in trained), name
+    whole = _tiny()
+    _fit(whole, _data(), max_steps=2)
+    assert model.mechanism.ledger.events == whole.mechanism.ledger.events
+
+
+def test_private_trainable_is_checked_when_the_generator_is_built() -> None:
+    with pytest.raises(ConfigError) as err:
+        _tiny(private_trainable=["attentions", "no_such_layer"])
+    assert err.value.field == "model.private_trainable" and "no_such_layer" in str(err.value)
+    assert "conv_in" in err.value.fix  # it shows what the names look like
+    with pytest.raises(ConfigError, match="an empty list"):
+        _tiny(private_trainable=[])
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        _tiny(private_trainable=["norm"], cuda_graphs=True, max_physical_examples=10)
+
+
+def test_a_run_resumes_only_with_the_private_trainable_it_started_with(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+
+    run = tmp_path / "run"
+    fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", "--model.init_args.private_trainable=[norm]"))
+    (run / "metrics.json").unlink()  # as if the run had stopped after its first step
+    resume = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(ConfigError) as err:
+        fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", resume))
+    assert err.value.field == "model.private_trainable" and "['norm']" in err.value.fix
+    resumed = fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", resume, "--model.init_args.private_trainable=[norm]"))
+    assert resumed["privacy_ledger"]["events"][0]["count"] == 2
+
+
+def test_a_federation_refuses_private_trainable(real_data_root, tmp_path) -> None:
+    from pathlib import Path
+
+    from fedgen.cli import fit
+
+    args = _tiny_cli(real_data_root, 1, f"--run_dir={tmp_path / 'run'}", "--federation.init_args.num_clients=3",
+                     "--model.init_args.private_trainable=[norm]")
+    args[1] = str(Path(__file__).resolve().parents[2] / "examples" / "federated_mnist_dp_diffusion.yaml")
+    with pytest.raises(ConfigError) as err:
+        fit(args)
+    assert err.value.field == "model.private_trainable" and "federation" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
