@@ -112,16 +112,11 @@ def test_refused_on_a_user_level_ledger_and_after_other_releases() -> None:
 
 
 def test_a_federation_has_no_pooled_data_to_release_central_images_from(real_data_root, tmp_path) -> None:
-    from pathlib import Path
-
     from fedgen.cli import fit
-    from tests.generators.test_ddpm import _tiny_cli
+    from tests.generators.test_ddpm import _tiny_federated_cli
 
-    args = _tiny_cli(real_data_root, 1, f"--run_dir={tmp_path / 'run'}", "--federation.init_args.num_clients=3",
-                     '--model.init_args.central_images={"epsilon": 1.0}')
-    args[1] = str(Path(__file__).resolve().parents[2] / "examples" / "federated_mnist_dp_diffusion.yaml")
     with pytest.raises(ConfigError) as err:
-        fit(args)
+        fit(_tiny_federated_cli(real_data_root, tmp_path / "run", '--model.init_args.central_images={"epsilon": 1.0}'))
     assert err.value.field == "model.central_images"
 
 

@@ -491,6 +491,15 @@ def _tiny_cli(root, steps: int, *extra: str, fixed_noise: bool = True) -> list[s
             "--model.init_args.central_images=null", *extra]  # the example's warm-up: its own tests set it
 
 
+def _tiny_federated_cli(root, run_dir, *extra: str) -> list[str]:
+    """:func:`_tiny_cli` for one step of the federated DP diffusion example, with three clients."""
+    from pathlib import Path
+
+    args = _tiny_cli(root, 1, f"--run_dir={run_dir}", "--federation.init_args.num_clients=3", *extra)
+    args[1] = str(Path(__file__).resolve().parents[2] / "examples" / "federated_mnist_dp_diffusion.yaml")
+    return args
+
+
 def test_a_cosine_learning_rate_falls_to_zero_over_the_planned_steps(real_data_root, tmp_path) -> None:
     from fedgen.cli import fit
 
@@ -995,14 +1004,9 @@ def test_a_run_resumes_only_with_the_private_trainable_it_started_with(real_data
 
 
 def test_a_federation_refuses_private_trainable(real_data_root, tmp_path) -> None:
-    from pathlib import Path
-
     from fedgen.cli import fit
 
-    args = _tiny_cli(real_data_root, 1, f"--run_dir={tmp_path / 'run'}", "--federation.init_args.num_clients=3",
-                     "--model.init_args.private_trainable=[norm]")
-    args[1] = str(Path(__file__).resolve().parents[2] / "examples" / "federated_mnist_dp_diffusion.yaml")
     with pytest.raises(ConfigError) as err:
-        fit(args)
+        fit(_tiny_federated_cli(real_data_root, tmp_path / "run", "--model.init_args.private_trainable=[norm]"))
     assert err.value.field == "model.private_trainable" and "federation" in str(err.value)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
