@@ -37,6 +37,7 @@ from fedgen.cli_sample import check_fit_run, load_fit_run
 from fedgen.data import FashionMNISTDataModule, MNISTDataModule
 from fedgen.data.datamodules import dataset_to_tensors
 from fedgen.generators import DPDiffusion
+from fedgen.generators.ddpm import train_only
 from fedgen.mechanisms import DPSGD
 
 
@@ -85,11 +86,8 @@ def measure_run(run: str, batch: int, draws: list[int], clip_norms: list[float],
     for clip_norm in clip_norms:
         model = copy.deepcopy(trained).to(device).train()
         model.mechanism = DPSGD(noise_multiplier=1e-6, max_grad_norm=clip_norm, seed=0)
-        if trainable:
-            for name, parameter in model.unet.named_parameters():
-                parameter.requires_grad_(any(part in name for part in trainable))
-            if not any(p.requires_grad for p in model.unet.parameters()):
-                raise SystemExit(f"--trainable {trainable}: no parameter of the UNet has such a name")
+        if not train_only(model.unet, trainable):
+            raise SystemExit(f"--trainable {trainable}: no parameter of the UNet has such a name")
         loader = model.mechanism.data_loader(placeholder, batch_size=batch)
         model.mechanism.make_private(model.unet, torch.optim.SGD(model.unet.parameters(), 0.0), data_loader=loader,
                                      steps=10**6)

@@ -57,7 +57,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
@@ -191,6 +191,21 @@ def ema_with_warmup(decay: float, power: float = 8.0
         n = float(num_averaged)
         torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (power + 2.0 + n)))
     return update
+
+
+def train_only(unet: nn.Module, parts: Sequence[str] | None) -> list[nn.Parameter]:
+    """Let gradients reach only the parameters of ``unet`` whose names contain one of ``parts`` (None: every
+    parameter), and return those: what DP-SGD trains under ``private_trainable``."""
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(parts is None or any(part in name for part in parts))
+    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+
+
+def check_started_with(field: str, here: Any, started: Any) -> None:
+    """Refuse to resume a run whose checkpoint was started with another setting of ``field`` than ``here``."""
+    if here != started:
+        raise ConfigError(field, f"is {here} here, but the checkpoint's run was started with {started}",
+                          f"resume with {field.rsplit('.', 1)[-1]}: {started}")
 
 
 #: checkpoint key of the state of the clients that compute the steps (:class:`StepClients`)
@@ -524,16 +539,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
         for position, release in enumerate(self.warm_up_releases):
             release.check_resumed(self.mechanism.ledger, position)
-        started = checkpoint.get("hyper_parameters", {}).get("private_trainable")
-        if started != self.hparams.private_trainable:
-            raise ConfigError("model.private_trainable", f"is {self.hparams.private_trainable} here, but the "
-                              f"checkpoint's run trained {started or 'every parameter'} privately",
-                              f"resume with private_trainable: {started}")
+        check_started_with("model.private_trainable", self.hparams.private_trainable,
+                           checkpoint.get("hyper_parameters", {}).get("private_trainable"))
         settings = self.procedural_pretraining
-        started = checkpoint.get(PROCEDURAL_KEY)
-        if started != (None if settings is None else dataclasses.asdict(settings)):
-            raise ConfigError("model.procedural_pretraining", f"is {settings} here, but the checkpoint's run was "
-                              f"started with {started}", f"resume with procedural_pretraining: {started}")
+        check_started_with("model.procedural_pretraining", None if settings is None else dataclasses.asdict(settings),
+                           checkpoint.get(PROCEDURAL_KEY))
 
     # -------------------------------------------------------------------------------- training
     def attach_private_data(self, dataset: Dataset, *, users: list | None = None, user_rate: float = 1.0
@@ -553,10 +563,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         if self._loader is None:
             raise RuntimeError("call attach_private_data(dataset) before fitting DPDiffusion")
-        parts = self.hparams.private_trainable
-        for name, parameter in self.unet.named_parameters():
-            parameter.requires_grad_(parts is None or any(part in name for part in parts))
-        optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=self.hparams.lr)
+        optimizer = torch.optim.Adam(train_only(self.unet, self.hparams.private_trainable), lr=self.hparams.lr)
         trainer = self.trainer
         if trainer.max_steps is not None and trainer.max_steps > 0:
             plan = {"steps": trainer.max_steps}
