@@ -8,6 +8,7 @@ spent from the checkpoint's ledger and adds none.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -27,10 +28,16 @@ from fedgen.runs import instantiate, parse_args
 log = logging.getLogger("fedgen")
 
 
-def load_fit_run(run: Path) -> tuple[Generator, VisionDataModule]:
+def load_fit_run(run: Path, sampling: dict[str, Any] | None = None) -> tuple[Generator, VisionDataModule]:
     """The generator of a ``fedgen fit`` run folder, built from the run's own ``config.yaml`` with the weights
-    and privacy ledger of its ``generator.ckpt``, and the run's data module (built, nothing loaded)."""
+    and privacy ledger of its ``generator.ckpt``, and the run's data module (built, nothing loaded).
+
+    ``sampling`` sets some of the generator's :attr:`~fedgen.generators.Generator.sampling_fields` anew (how it
+    draws: post-processing of the trained weights); any other field is refused, since it would change the trained
+    generator the checkpoint holds."""
     saved = yaml.safe_load((run / "config.yaml").read_text())
+    if sampling:
+        saved["model"] = _with_sampling(saved["model"], sampling)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=Generator)
     parser.add_argument("--data", type=VisionDataModule)
@@ -40,6 +47,20 @@ def load_fit_run(run: Path) -> tuple[Generator, VisionDataModule]:
     built.model.load_state_dict(checkpoint["state_dict"])
     built.model.on_load_checkpoint(checkpoint)  # the ledger: what the run spent
     return built.model.eval(), built.data
+
+
+def _with_sampling(model: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
+    """The saved ``model`` config with ``sampling``'s values in its init arguments, after checking that each names
+    one of the generator class's sampling fields."""
+    module, _, name = model["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    unknown = sorted(set(sampling) - set(cls.sampling_fields))
+    if unknown:
+        allowed = ", ".join(cls.sampling_fields) or "none"
+        raise ConfigError("sampling", f"{unknown} would change the trained {cls.__name__}, not only how it draws "
+                          f"(its sampling settings: {allowed})",
+                          "set only those here; to change anything else, train a new `fedgen fit` run")
+    return {**model, "init_args": {**model.get("init_args", {}), **sampling}}
 
 
 def save_synthetic(synthetic: torch.utils.data.TensorDataset, path: Path) -> torch.Tensor:
@@ -73,6 +94,10 @@ def sample_parser() -> ArgumentParser:
     parser.add_argument("--accelerator", type=Literal["auto", "cpu", "gpu"], default="auto",
                         help="Where to draw: auto takes a GPU when there is one.")
     parser.add_argument("--batch_size", type=int, default=1000, help="Images drawn at once.")
+    parser.add_argument("--sampling", type=dict[str, Any] | None, default=None,
+                        help="Sampler settings to draw with instead of the run's, e.g. '{sampling_eta: 0.5, "
+                             "sampling_steps: 100}' for a DP diffusion run (only the generator's sampling fields; "
+                             "post-processing, no privacy cost).")
     return parser
 
 
@@ -82,7 +107,8 @@ def sample(args: list[str]) -> dict[str, Any]:
 
     Writes ``out`` as ``{"images": uint8 (N, C, H, W), "labels": int64 (N,)}``, the layout of the run's own
     ``synthetic.pt``, and beside it ``<out>.png``, a grid of the first images of each class. The run folder's
-    existing files are only read. Sampling is post-processing: the privacy printed is what the run spent.
+    existing files are only read. Sampling is post-processing: the privacy printed is what the run spent. With
+    ``sampling`` the generator draws with those sampler settings instead of the run's (e.g. another DDIM eta).
     """
     parser = sample_parser()
     config = parse_args(parser, args)
@@ -97,7 +123,7 @@ def sample(args: list[str]) -> dict[str, Any]:
             raise ConfigError("out", f"{path} exists already", "name a new file; fedgen sample never overwrites")
     if config.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("accelerator", "gpu asked, but torch sees no CUDA device", "use auto or cpu")
-    generator, _ = load_fit_run(run)
+    generator, _ = load_fit_run(run, config.sampling)
     if config.num < generator.num_classes:
         raise ConfigError("num", f"{config.num} is fewer than one image per class ({generator.num_classes})",
                           f"draw at least {generator.num_classes}")
@@ -116,7 +142,7 @@ def sample(args: list[str]) -> dict[str, Any]:
     mechanism = generator.mechanism
     metrics = {"run": str(run), "out": str(out), "images": config.num, "seed": config.seed_everything,
                "generator": type(generator).__name__, "epsilon": mechanism.epsilon(), "delta": mechanism.delta,
-               "sampling": generator.sampling_report()}
+               "sampling_settings": generator.sampling_settings(), "sampling": generator.sampling_report()}
     log.info("Drew %d images from %s; privacy as the run spent it: %s", config.num, run,
              mechanism.ledger.summary(mechanism.delta))
     print(f"fedgen: drew {config.num} images from {run} (post-processing: epsilon={metrics['epsilon']:.4f} "

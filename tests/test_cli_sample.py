@@ -75,6 +75,8 @@ def test_sample_writes_beside_the_run_by_default_and_never_overwrites(fit_run, c
     (["--num=0"], "num"),
     (["--batch_size=0"], "batch_size"),
     (["--out=drawn.npy"], "out"),
+    (["--sampling={lr: 0.1}"], "sampling"),  # changes training, not drawing
+    (["--sampling={sampling_eta: 2.0}"], "model.sampling_eta"),  # the generator's own check
 ])
 def test_sample_refuses_bad_input_before_drawing(fit_run, tmp_path, extra, field) -> None:
     extra = [e.replace("drawn.npy", str(tmp_path / "drawn.npy")) for e in extra]  # a later --out wins
@@ -82,6 +84,34 @@ def test_sample_refuses_bad_input_before_drawing(fit_run, tmp_path, extra, field
         sample([f"--run={fit_run}", f"--out={tmp_path / 'x.pt'}", "--accelerator=cpu", *extra])
     assert err.value.field == field
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_draws_with_other_sampler_settings_than_the_run(fit_run, tmp_path) -> None:
+    """--sampling changes how the same trained weights draw: the same seed gives the same labels and other images,
+    and the report names the settings used; the run folder and its privacy stay as they were."""
+    before = _files(fit_run)
+    common = ["--num=12", "--seed_everything=3", "--accelerator=cpu"]
+    run_settings = sample([f"--run={fit_run}", f"--out={tmp_path / 'a.pt'}", *common])
+    other = sample([f"--run={fit_run}", f"--out={tmp_path / 'b.pt'}", *common,
+                    "--sampling={sampling_eta: 1.0, sampling_steps: 7}"])
+    assert run_settings["sampling_settings"]["sampling_eta"] == 0.0 and run_settings["sampling_settings"]["sampler"]
+    assert other["sampling_settings"] == {**run_settings["sampling_settings"], "sampling_eta": 1.0, "sampling_steps": 7}
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert torch.equal(a["labels"], b["labels"]) and not torch.equal(a["images"], b["images"])
+    assert other["epsilon"] == pytest.approx(run_settings["epsilon"])
+    assert _files(fit_run) == before
+
+
+def test_sample_refuses_sampler_settings_for_a_generator_without_them(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+    from tests.test_cli import tiny_args
+
+    run = tmp_path / "merf"
+    fit(tiny_args(real_data_root, run))
+    with pytest.raises(ConfigError) as err:
+        sample([f"--run={run}", f"--out={tmp_path / 'x.pt'}", "--sampling={sampling_eta: 0.5}"])
+    assert err.value.field == "sampling" and "none" in str(err.value)
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_sample_refuses_a_folder_that_is_not_a_fit_run(tmp_path) -> None:

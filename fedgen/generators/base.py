@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -42,6 +42,9 @@ class Generator(PrivateModule, Registered):
     """
 
     registry: Registry[Generator] = Registry("generator")
+    #: init arguments that only change how a trained generator draws (post-processing, no privacy cost), which
+    #: ``fedgen sample --sampling`` may set anew for a finished run; none unless a subclass names them
+    sampling_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, mechanism: Mechanism, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
@@ -119,6 +122,10 @@ class Generator(PrivateModule, Registered):
     def sample(self, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``n`` images in [0, 1] of shape ``(n, *image_shape)``, of the given ``labels`` (drawn if None)."""
         raise NotImplementedError
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The values of :attr:`sampling_fields` this generator draws with."""
+        return {field: self.hparams[field] for field in self.sampling_fields}
 
     def sampling_report(self) -> dict[str, Any] | None:
         """What sampling did beyond drawing, for ``metrics.json`` (e.g. samples rejected and drawn again); None if

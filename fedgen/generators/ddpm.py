@@ -361,6 +361,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             what the frozen ones could still learn. ``None``: every parameter.
     """
 
+    sampling_fields = ("sampler", "sampling_steps", "sampling_eta", "guidance_scale", "label_check_steps",
+                       "label_check_rounds")
+
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
                  attention_head_dim: int | None = 8,
