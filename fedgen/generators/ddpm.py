@@ -337,11 +337,16 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             :func:`ema_with_warmup`.
         label_dropout: probability of replacing a label by the null class during training (for guidance).
         guidance_scale: w of classifier-free guidance at sampling (0: plain conditional sampling).
-        sampler: ``"ddim"`` or ``"ddpm"``.
+        sampler: ``"ddim"``, ``"ddpm"`` or ``"edm"`` (Karras et al.'s stochastic Heun sampler, :meth:`_draw_edm`;
+            2 ``sampling_steps`` - 1 UNet evaluations).
         sampling_steps: denoising steps of the sampler.
         sampling_eta: DDIM's eta, how much fresh noise each sampling step draws: 0 none (deterministic DDIM), 1
             the variance of DDPM's posterior between the sampler's two steps (ancestral sampling on DDIM's
             stride), in between a share of it (Song, Meng and Ermon, 2021, eq. 16). For ``sampler: ddim``.
+        sampling_churn: S_churn of the edm sampler: before each step whose noise level sigma lies in
+            ``churn_range``, fresh noise raises it to sigma (1 + gamma), gamma = min(S_churn / steps, sqrt(2) - 1)
+            (0: the deterministic Heun sampler).
+        churn_range: [S_min, S_max], the noise levels sigma = sqrt((1 - abar_t) / abar_t) that churn.
         label_check_steps: the diffusion steps at which :meth:`classify` reads the generator's own class of each
             sample; a sample whose class is not its label is drawn again (see :meth:`sample`). ``None`` (the
             default): no check. E.g. ``[100, 200, ..., 900]`` for T = 1000.
@@ -361,8 +366,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             what the frozen ones could still learn. ``None``: every parameter.
     """
 
-    sampling_fields = ("sampler", "sampling_steps", "sampling_eta", "guidance_scale", "label_check_steps",
-                       "label_check_rounds")
+    sampling_fields = ("sampler", "sampling_steps", "sampling_eta", "sampling_churn", "churn_range",
+                       "guidance_scale", "label_check_steps", "label_check_rounds")
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
@@ -377,7 +382,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  max_physical_examples: int | None = None, cuda_graphs: bool = False, lr: float = 3e-4,
                  lr_schedule: Literal["constant", "cosine"] = "constant", ema_decay: float = 0.999,
                  ema_power: float = 8.0, label_dropout: float = 0.1, guidance_scale: float = 0.0,
-                 sampler: Literal["ddim", "ddpm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
+                 sampler: Literal["ddim", "ddpm", "edm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
+                 sampling_churn: float = 0.0, churn_range: tuple[float, float] = (0.05, 50.0),
                  label_check_steps: list[int] | None = None, label_check_rounds: int = 3,
                  central_images: CentralImages | None = None, merf_images: MerfImages | None = None,
                  procedural_pretraining: ProceduralPretraining | None = None,
@@ -414,17 +420,24 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("model.augment_conditioning", "conditions the UNet on the augmented view, but no "
                               "augmentation is set", "set augment_shift (e.g. 2) or augment_flip, or "
                               "augment_conditioning: false")
-        if sampler not in ("ddim", "ddpm"):
-            raise ConfigError("model.sampler", f"unknown sampler {sampler!r}", "use ddim or ddpm")
+        if sampler not in ("ddim", "ddpm", "edm"):
+            raise ConfigError("model.sampler", f"unknown sampler {sampler!r}", "use ddim, ddpm or edm")
         if sampler == "ddpm" and sampling_steps != num_train_timesteps:
             raise ConfigError("model.sampling_steps", f"the DDPM sampler runs all {num_train_timesteps} steps, "
                               f"got {sampling_steps}", "use sampler: ddim for fewer steps")
         if not 0 <= sampling_eta <= 1:
             raise ConfigError("model.sampling_eta", f"must be in [0, 1], got {sampling_eta}",
                               "use 0 (deterministic DDIM) to 1 (ancestral)")
-        if sampler == "ddpm" and sampling_eta:
-            raise ConfigError("model.sampling_eta", "applies to the DDIM sampler (DDPM's steps always draw their "
-                              "posterior's noise)", "use sampler: ddim, or sampling_eta: 0")
+        if sampler != "ddim" and sampling_eta:
+            raise ConfigError("model.sampling_eta", f"applies to the DDIM sampler, not {sampler}",
+                              "use sampler: ddim, or sampling_eta: 0 (edm's fresh noise is sampling_churn)")
+        if sampling_churn < 0 or (sampling_churn and sampler != "edm"):
+            raise ConfigError("model.sampling_churn", f"{sampling_churn} with sampler {sampler}: churn is the "
+                              "edm sampler's fresh noise, at least 0", "use sampler: edm with e.g. sampling_churn: "
+                              "10, or sampling_churn: 0")
+        if len(churn_range) != 2 or not 0 <= churn_range[0] < churn_range[1]:
+            raise ConfigError("model.churn_range", f"{churn_range} is not [lowest, highest] noise level with "
+                              "0 <= lowest < highest", "use e.g. [0.05, 50]")
         if label_check_steps is not None and (not label_check_steps or
                                               not all(0 <= step < num_train_timesteps for step in label_check_steps)):
             raise ConfigError("model.label_check_steps", f"{label_check_steps} is not a non-empty list of steps in "
@@ -864,6 +877,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
 
     def _draw(self, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One image per label from the sampler, in [0, 1]."""
+        if self.hparams.sampler == "edm":
+            return self._draw_edm(labels, generator)
         n = len(labels)
         if self.hparams.sampler == "ddim":
             scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
@@ -872,17 +887,71 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             scheduler, eta = DDPMScheduler.from_config(self.noise_scheduler.config), {}
         scheduler.set_timesteps(self.hparams.sampling_steps, device=self.device)
         x = torch.randn((n, *self.image_shape), generator=generator, device=self.device, dtype=self.dtype)
-        w = self.hparams.guidance_scale
-        null = torch.full_like(labels, self.null_class)
         with self._sampling_network() as net:
             for t in scheduler.timesteps:
-                steps = t.expand(n)
-                if w > 0:
-                    both = net(torch.cat([x, x]), torch.cat([steps, steps]),
-                               class_labels=self.conditioning(torch.cat([labels, null]))).sample
-                    conditional, unconditional = both.chunk(2)
-                    eps = (1 + w) * conditional - w * unconditional
-                else:
-                    eps = net(x, steps, class_labels=self.conditioning(labels)).sample
-                x = scheduler.step(eps, t, x, generator=generator, **eta).prev_sample
+                out = self._guided_output(net, x, t.expand(n), labels)
+                x = scheduler.step(out, t, x, generator=generator, **eta).prev_sample
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def _guided_output(self, net: nn.Module, x_t: torch.Tensor, steps: torch.Tensor, labels: torch.Tensor
+                       ) -> torch.Tensor:
+        """The UNet's output at ``x_t`` for ``labels``, with classifier-free guidance when ``guidance_scale`` w > 0:
+        ``(1 + w) f(x, y) - w f(x, null)``."""
+        w = self.hparams.guidance_scale
+        if w == 0:
+            return net(x_t, steps, class_labels=self.conditioning(labels)).sample
+        null = torch.full_like(labels, self.null_class)
+        both = net(torch.cat([x_t, x_t]), torch.cat([steps, steps]),
+                   class_labels=self.conditioning(torch.cat([labels, null]))).sample
+        conditional, unconditional = both.chunk(2)
+        return (1 + w) * conditional - w * unconditional
+
+    def _draw_edm(self, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The stochastic sampler of Karras, Aittala, Aila and Laine (NeurIPS 2022, Algorithm 2), on the UNet's
+        own steps, in [0, 1].
+
+        In the variance-exploding view x = x_t / a_t = x_0 + sigma_t eps, sigma_t = sqrt((1 - abar_t) / abar_t),
+        the UNet's output gives the denoiser D(x; sigma_t), its estimate of x_0 (clipped to [-1, 1] as DDIM's
+        is). The N = ``sampling_steps`` noise levels follow Karras et al.'s rho = 7 spacing between the largest
+        and smallest sigma_t, each moved to the step at or above it, then 0. At step i churn first adds fresh
+        noise, x <- x + sqrt(sigma_hat^2 - sigma_i^2) z, with sigma_hat the step at or above sigma_i (1 + gamma)
+        (``sampling_churn``; only inside ``churn_range``), then a Heun step goes from sigma_hat to sigma_{i+1}
+        (Euler for the last, to 0). The UNet sees only the steps it was trained on."""
+        n = len(labels)
+        abar = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float64)
+        table = ((1 - abar) / abar).sqrt()  # sigma_t, increasing in t
+
+        def step_at_or_above(sigma: torch.Tensor) -> torch.Tensor:
+            return torch.searchsorted(table, sigma * (1 - 1e-9)).clamp(max=len(table) - 1)
+
+        rho, ramp = 7.0, torch.linspace(0, 1, self.hparams.sampling_steps, dtype=torch.float64, device=self.device)
+        levels = (table[-1] ** (1 / rho) + ramp * (table[0] ** (1 / rho) - table[-1] ** (1 / rho))) ** rho
+        steps = torch.unique(step_at_or_above(levels)).flip(0)  # decreasing, no step twice
+        sigmas = torch.cat([table[steps], table.new_zeros(1)])
+        gamma = min(self.hparams.sampling_churn / len(steps), 2 ** 0.5 - 1)
+        lowest, highest = self.hparams.churn_range
+
+        def denoise(net: nn.Module, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+            a, s = abar[step].sqrt().to(self.dtype), (1 - abar[step]).sqrt().to(self.dtype)
+            x_t = a * x
+            out = self._guided_output(net, x_t, step.expand(n), labels)
+            x0 = a * x_t - s * out if self.hparams.prediction == "v_prediction" else (x_t - s * out) / a
+            return x0.clamp(-1, 1)
+
+        x = torch.randn((n, *self.image_shape), generator=generator, device=self.device, dtype=self.dtype)
+        x = x * sigmas[0].to(self.dtype)
+        with self._sampling_network() as net:
+            for i, step in enumerate(steps):
+                sigma, sigma_next = sigmas[i], sigmas[i + 1]
+                if gamma > 0 and lowest <= sigma <= highest:
+                    step = step_at_or_above(sigma * (1 + gamma))
+                    noise = torch.randn(x.shape, generator=generator, device=self.device, dtype=self.dtype)
+                    x = x + (table[step] ** 2 - sigma ** 2).sqrt().to(self.dtype) * noise
+                    sigma = table[step]
+                slope = (x - denoise(net, x, step)) / sigma.to(self.dtype)
+                moved = x + (sigma_next - sigma).to(self.dtype) * slope
+                if sigma_next > 0:  # Heun's correction with the slope at the step's end
+                    slope_next = (moved - denoise(net, moved, steps[i + 1])) / sigma_next.to(self.dtype)
+                    moved = x + (sigma_next - sigma).to(self.dtype) * (slope + slope_next) / 2
+                x = moved
         return ((x + 1) / 2).clamp(0, 1)

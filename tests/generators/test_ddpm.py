@@ -204,22 +204,90 @@ class _Oracle(torch.nn.Module):
         return SimpleNamespace(sample=out)
 
 
-@pytest.mark.parametrize("prediction, beta_schedule, eta", [("v_prediction", "linear", 0.0), ("epsilon", "linear", 0.0),
-                                                           ("v_prediction", "squaredcos_cap_v2", 0.0),
-                                                           ("v_prediction", "linear", 1.0)])
+@pytest.mark.parametrize("prediction, beta_schedule, sampling", [
+    ("v_prediction", "linear", {}), ("epsilon", "linear", {}), ("v_prediction", "squaredcos_cap_v2", {}),
+    ("v_prediction", "linear", {"sampling_eta": 1.0}),
+    ("v_prediction", "linear", {"sampler": "edm"}), ("epsilon", "linear", {"sampler": "edm"}),
+    ("v_prediction", "squaredcos_cap_v2", {"sampler": "edm", "sampling_churn": 40.0, "churn_range": (0.0, 1e3)}),
+])
 def test_training_target_and_sampler_agree_on_what_the_unet_predicts(prediction: str, beta_schedule: str,
-                                                                     eta: float) -> None:
+                                                                     sampling: dict) -> None:
     """With the exact denoiser of a one-image dataset the loss is 0 (the target is the one configured) and the
     sampler lands on that image (it reads the UNet's output as that same quantity), on either schedule, with or
-    without fresh noise at each DDIM step (the last step draws none)."""
+    without fresh noise at each DDIM step (the last step draws none), and with the edm sampler, with or without
+    churn (its last step goes to sigma 0, where the exact denoiser's estimate is the image)."""
     model = _tiny(prediction=prediction, beta_schedule=beta_schedule, ema_decay=0.0, guidance_scale=0.0,
-                  sampling_eta=eta)
+                  **sampling)
     image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     model.unet = _Oracle(model, image)
     loss = model.diffusion_loss(image.expand(5, -1, -1, -1), torch.zeros(5, dtype=torch.long))
     assert float(loss) < 1e-12
     samples = model.sample(3, torch.zeros(3, dtype=torch.long), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(samples, image.expand(3, -1, -1, -1), atol=1e-6, rtol=0)
+
+
+class _GaussianOracle(torch.nn.Module):
+    """The exact denoiser of Gaussian data, x_0 ~ N(mu, tau^2 I) on the [-1, 1] scale: from ``x_t = a x_0 + s eps``
+    its estimate of x_0 is the posterior mean ``mu + a tau^2 (x_t - a mu) / (a^2 tau^2 + s^2)``, which depends on
+    x_t (a one-image oracle returns its image whatever the input, so it cannot tell how a sampler scales it)."""
+
+    def __init__(self, model: DPDiffusion, mu: float, tau: float) -> None:
+        super().__init__()
+        self.mu, self.tau, self.model = mu, tau, [model]
+
+    def forward(self, x_t, t, class_labels=None):
+        from types import SimpleNamespace
+
+        abar = self.model[0].noise_scheduler.alphas_cumprod.to(x_t)[t.long()].view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        x0 = self.mu + a * self.tau ** 2 * (x_t - a * self.mu) / (a ** 2 * self.tau ** 2 + s ** 2)
+        eps = (x_t - a * x0) / s
+        out = eps if self.model[0].hparams.prediction == "epsilon" else a * eps - s * x0
+        return SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("sampling", [{"sampling_steps": 250}, {"sampler": "edm", "sampling_steps": 40},
+                                      {"sampler": "edm", "sampling_steps": 40, "sampling_churn": 20.0},
+                                      {"sampler": "edm", "sampling_steps": 40, "prediction": "epsilon"}])
+def test_samplers_draw_the_data_distribution_with_the_exact_denoiser(sampling: dict) -> None:
+    """With the exact denoiser of Gaussian data, N(0.2, 0.3^2) on the [-1, 1] scale, the samples' mean and spread
+    are the data's (on [0, 1]: 0.6 and 0.15): the sampler feeds the UNet the input it was trained on at each
+    step and reads its output as the target, with or without churn."""
+    model = _tiny(ema_decay=0.0, **sampling)
+    model.unet = _GaussianOracle(model, mu=0.2, tau=0.3)
+    samples = model.sample(400, torch.zeros(400, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert float(samples.mean()) == pytest.approx(0.6, abs=0.01)
+    assert float(samples.std()) == pytest.approx(0.15, rel=0.04)
+
+
+def test_edm_sampler_evaluates_the_unet_twice_a_step_but_the_last_and_churns_from_the_generator() -> None:
+    """N Heun steps make 2 N - 1 UNet evaluations, each at a step the UNet was trained on, from the largest step
+    down; churn draws its noise from the generator given (the same seed repeats, another differs, and no churn
+    differs from churn)."""
+    seen = []
+
+    def record(module, args, kwargs) -> None:
+        seen.append(args[1])
+
+    torch.manual_seed(0)
+    model = _tiny(sampler="edm", sampling_steps=5, ema_decay=0.0)
+    hook = model.unet.register_forward_pre_hook(record, with_kwargs=True)
+    model.sample(2, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert len(seen) == 2 * 5 - 1
+    assert all(t.dtype == torch.long and int(t.min()) == int(t.max()) for t in seen)
+    steps = [int(t[0]) for t in seen]  # s_0, then s_1 twice (Heun's end of step 0, start of step 1), ...
+    assert steps[0] == 999 and steps[1::2] == steps[2::2] and steps[-1] == 0
+    assert all(a > b for a, b in zip(steps[::2], steps[2::2], strict=False))
+
+    def draw(churn: float, seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        churned = _tiny(sampler="edm", sampling_steps=5, sampling_churn=churn, ema_decay=0.0)
+        return churned.sample(2, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(5.0, 1), draw(5.0, 1))
+    assert not torch.allclose(draw(5.0, 1), draw(5.0, 2), atol=1e-3)
+    assert not torch.allclose(draw(5.0, 1), draw(0.0, 1), atol=1e-3)
 
 
 class _ClassOracle(torch.nn.Module):
@@ -439,6 +507,10 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"augment_shift": 8}, "model.augment_shift"),  # the tiny model's images are 8x8
     ({"augment_conditioning": True}, "model.augment_conditioning"),  # no augmentation to condition on
     ({"sampler": "ddpm", "num_train_timesteps": 6, "sampling_steps": 6, "sampling_eta": 1.0}, "model.sampling_eta"),
+    ({"sampler": "edm", "sampling_eta": 0.5}, "model.sampling_eta"),  # edm's fresh noise is its churn
+    ({"sampling_churn": 10.0}, "model.sampling_churn"),  # churn is edm's; the default sampler is ddim
+    ({"sampler": "edm", "sampling_churn": -1.0}, "model.sampling_churn"),
+    ({"sampler": "edm", "churn_range": (50.0, 0.05)}, "model.churn_range"),
     ({"label_check_steps": []}, "model.label_check_steps"),
     ({"label_check_steps": [100, 1000]}, "model.label_check_steps"),  # T = 1000: steps 0 to 999
     ({"label_check_rounds": 0}, "model.label_check_rounds"),
