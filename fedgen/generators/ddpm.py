@@ -918,40 +918,40 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         (``sampling_churn``; only inside ``churn_range``), then a Heun step goes from sigma_hat to sigma_{i+1}
         (Euler for the last, to 0). The UNet sees only the steps it was trained on."""
         n = len(labels)
-        abar = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float64)
+        abar = self.noise_scheduler.alphas_cumprod.double().cpu()
         table = ((1 - abar) / abar).sqrt()  # sigma_t, increasing in t
 
         def step_at_or_above(sigma: torch.Tensor) -> torch.Tensor:
             return torch.searchsorted(table, sigma * (1 - 1e-9)).clamp(max=len(table) - 1)
 
-        rho, ramp = 7.0, torch.linspace(0, 1, self.hparams.sampling_steps, dtype=torch.float64, device=self.device)
+        rho, ramp = 7.0, torch.linspace(0, 1, self.hparams.sampling_steps, dtype=torch.float64)
         levels = (table[-1] ** (1 / rho) + ramp * (table[0] ** (1 / rho) - table[-1] ** (1 / rho))) ** rho
-        steps = torch.unique(step_at_or_above(levels)).flip(0)  # decreasing, no step twice
-        sigmas = torch.cat([table[steps], table.new_zeros(1)])
+        steps = torch.unique(step_at_or_above(levels)).flip(0).tolist()  # decreasing, no step twice
+        sigmas = table[steps].tolist() + [0.0]
         gamma = min(self.hparams.sampling_churn / len(steps), 2 ** 0.5 - 1)
         lowest, highest = self.hparams.churn_range
 
-        def denoise(net: nn.Module, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-            a, s = abar[step].sqrt().to(self.dtype), (1 - abar[step]).sqrt().to(self.dtype)
+        def denoise(net: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
+            a, s = float(abar[step].sqrt()), float((1 - abar[step]).sqrt())
             x_t = a * x
-            out = self._guided_output(net, x_t, step.expand(n), labels)
+            out = self._guided_output(net, x_t, torch.full((n,), step, device=self.device), labels)
             x0 = a * x_t - s * out if self.hparams.prediction == "v_prediction" else (x_t - s * out) / a
             return x0.clamp(-1, 1)
 
-        x = torch.randn((n, *self.image_shape), generator=generator, device=self.device, dtype=self.dtype)
-        x = x * sigmas[0].to(self.dtype)
+        x = sigmas[0] * torch.randn((n, *self.image_shape), generator=generator, device=self.device,
+                                    dtype=self.dtype)
         with self._sampling_network() as net:
             for i, step in enumerate(steps):
                 sigma, sigma_next = sigmas[i], sigmas[i + 1]
                 if gamma > 0 and lowest <= sigma <= highest:
-                    step = step_at_or_above(sigma * (1 + gamma))
+                    step = int(step_at_or_above(torch.tensor(sigma * (1 + gamma), dtype=torch.float64)))
                     noise = torch.randn(x.shape, generator=generator, device=self.device, dtype=self.dtype)
-                    x = x + (table[step] ** 2 - sigma ** 2).sqrt().to(self.dtype) * noise
-                    sigma = table[step]
-                slope = (x - denoise(net, x, step)) / sigma.to(self.dtype)
-                moved = x + (sigma_next - sigma).to(self.dtype) * slope
+                    x = x + (float(table[step]) ** 2 - sigma ** 2) ** 0.5 * noise
+                    sigma = float(table[step])
+                slope = (x - denoise(net, x, step)) / sigma
+                moved = x + (sigma_next - sigma) * slope
                 if sigma_next > 0:  # Heun's correction with the slope at the step's end
-                    slope_next = (moved - denoise(net, moved, steps[i + 1])) / sigma_next.to(self.dtype)
-                    moved = x + (sigma_next - sigma).to(self.dtype) * (slope + slope_next) / 2
+                    slope_next = (moved - denoise(net, moved, steps[i + 1])) / sigma_next
+                    moved = x + (sigma_next - sigma) * (slope + slope_next) / 2
                 x = moved
         return ((x + 1) / 2).clamp(0, 1)
