@@ -96,8 +96,12 @@ def test_sample_draws_with_other_sampler_settings_than_the_run(fit_run, tmp_path
                     "--sampling={sampling_eta: 1.0, sampling_steps: 7}"])
     assert run_settings["sampling_settings"]["sampling_eta"] == 0.0 and run_settings["sampling_settings"]["sampler"]
     assert other["sampling_settings"] == {**run_settings["sampling_settings"], "sampling_eta": 1.0, "sampling_steps": 7}
-    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    edm = sample([f"--run={fit_run}", f"--out={tmp_path / 'c.pt'}", *common,
+                  "--sampling={sampler: edm, sampling_steps: 3, sampling_churn: 5, churn_range: [0.1, 20]}"])
+    assert edm["sampling_settings"]["sampler"] == "edm" and list(edm["sampling_settings"]["churn_range"]) == [0.1, 20]
+    a, b, c = (torch.load(tmp_path / f"{name}.pt") for name in "abc")
     assert torch.equal(a["labels"], b["labels"]) and not torch.equal(a["images"], b["images"])
+    assert torch.equal(a["labels"], c["labels"]) and not torch.equal(a["images"], c["images"])
     assert other["epsilon"] == pytest.approx(run_settings["epsilon"])
     assert _files(fit_run) == before
 
