@@ -500,7 +500,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                              prediction_type=prediction)
         abar = self.noise_scheduler.alphas_cumprod.double()
-        log_sigma = 0.5 * torch.log((1 - abar) / abar)  # increasing in t
+        #: sigma_t = sqrt((1 - abar_t) / abar_t) of each training step, increasing in t (float64, on the host): the
+        #: noise levels that the lognormal step draws and the edm sampler map to steps
+        self._noise_levels = ((1 - abar) / abar).sqrt()
+        log_sigma = self._noise_levels.log()
         # a draw of log sigma maps to the step whose log sigma_t is nearest: cut at the midpoints
         self.register_buffer("_log_sigma_midpoints", ((log_sigma[1:] + log_sigma[:-1]) / 2).float(),
                              persistent=False)
@@ -918,8 +921,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         (``sampling_churn``; only inside ``churn_range``), then a Heun step goes from sigma_hat to sigma_{i+1}
         (Euler for the last, to 0). The UNet sees only the steps it was trained on."""
         n = len(labels)
-        abar = self.noise_scheduler.alphas_cumprod.double().cpu()
-        table = ((1 - abar) / abar).sqrt()  # sigma_t, increasing in t
+        table = self._noise_levels
 
         def step_at_or_above(sigma: torch.Tensor) -> torch.Tensor:
             return torch.searchsorted(table, sigma * (1 - 1e-9)).clamp(max=len(table) - 1)
@@ -932,7 +934,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         lowest, highest = self.hparams.churn_range
 
         def denoise(net: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
-            a, s = float(abar[step].sqrt()), float((1 - abar[step]).sqrt())
+            a = (1 + float(table[step]) ** 2) ** -0.5  # sqrt(abar_t), and s_t = sigma_t a_t
+            s = float(table[step]) * a
             x_t = a * x
             out = self._guided_output(net, x_t, torch.full((n,), step, device=self.device), labels)
             x0 = a * x_t - s * out if self.hparams.prediction == "v_prediction" else (x_t - s * out) / a
