@@ -771,14 +771,15 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             released, reports[release.name] = release.release(
                 dataset, num_classes=self.num_classes, mechanism=self.mechanism, device=self.device,
                 earlier=self.warm_up_releases[:i])
-            self._train_without_noise(released, release.steps, labelled=True, batch_size=release.batch_size)
+            self._train_without_noise(released, release.steps, labelled=True, batch_size=release.batch_size,
+                                      augment=release.augment)
         return reports
 
-    def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool, batch_size: int | None = None
-                             ) -> None:
+    def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool, batch_size: int | None = None,
+                             augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """``steps`` plain Adam steps of the diffusion loss on ``dataset``: with its labels (under label dropout),
-        or with every label set to the null class; ``batch_size`` examples a step (None: the generator's). Then
-        the EMA restarts from these weights."""
+        or with every label set to the null class; ``batch_size`` examples a step (None: the generator's), each
+        batch's images through ``augment`` first if given. Then the EMA restarts from these weights."""
         if self.mechanism.owns_backward:
             raise RuntimeError("training without noise must run before private training starts")
         batch_size = self.hparams.batch_size if batch_size is None else batch_size
@@ -787,6 +788,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         done = 0
         while done < steps:
             for images, labels in loader:
+                if augment is not None:
+                    images = augment(images)
                 images = images.to(self.device, self.dtype)
                 labels = labels.to(self.device) if labelled else torch.full((len(images),), self.null_class,
                                                                              device=self.device)

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
+from torchvision.transforms import v2
 
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.mechanisms import GaussianMechanism, Mechanism, PrivacyLedger
@@ -102,6 +103,12 @@ class WarmUpRelease:
                               "was started without them, or with other settings",
                               f"resume with the {self.name} the run was started with, or none")
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """The view of a batch of released ``images`` (N, C, H, W, pixels in [0, 1], on the CPU) that one warm-up
+        step trains on: the images themselves unless the release sets an augmentation (post-processing of the
+        release, no privacy cost)."""
+        return images
+
     def release(self, dataset: Dataset, *, num_classes: int, mechanism: Mechanism,
                 device: torch.device | str = "cpu", earlier: Sequence[WarmUpRelease] = ()
                 ) -> tuple[TensorDataset, dict]:
@@ -109,3 +116,16 @@ class WarmUpRelease:
         the ``earlier`` warm-up releases; return the released images with their labels (pixels in [0, 1], on the
         CPU) and a report of the release."""
         raise NotImplementedError
+
+
+def rand_augment(images: torch.Tensor, num_ops: int, max_magnitude: int) -> torch.Tensor:
+    """RandAugment (Cubuk, Zoph, Shlens and Le, 2020) on each of ``images`` (N, C, H, W, pixels in [0, 1]) apart:
+    ``num_ops`` operations drawn from torchvision's list (shears, shifts, rotation, contrast, ...) at a magnitude
+    drawn uniformly from 1 to ``max_magnitude`` of torchvision's 30 steps, as DP-FETA trains on its central images
+    (Li et al., 2025). The images are rounded to 8 bits first, as the operations expect; randomness from torch's
+    global generator."""
+    by_magnitude = [v2.RandAugment(num_ops=num_ops, magnitude=m) for m in range(1, max_magnitude + 1)]
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    picks = torch.randint(len(by_magnitude), (len(pixels),)).tolist()
+    augmented = torch.stack([by_magnitude[m](image) for m, image in zip(picks, pixels, strict=True)])
+    return augmented.to(images.dtype) / 255

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 from fedgen.errors import ConfigError
 from fedgen.generators import CentralImages
 from fedgen.generators.central_images import median_filter
+from fedgen.generators.warm_up import rand_augment
 from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent
 
 
@@ -85,6 +86,47 @@ def test_filtered_central_images_are_post_processing_of_the_same_release() -> No
     assert not torch.equal(filtered.tensors[0], plain.tensors[0])
 
 
+def test_a_downsampled_release_is_the_release_of_the_pooled_images_upsampled() -> None:
+    """``downsample`` f releases the f x f average-pooled images (one event, as at full size) and upsamples them
+    bilinearly: post-processing of that release. Pooling a 8 x 8 image by 2 halves its L2 norm."""
+    n = 4000
+    images = torch.zeros(n, 1, 8, 8)
+    labels = torch.arange(n) % 2
+    images[labels == 0, :, :, :4] = 0.5
+    images[labels == 1, :, :, 4:] = 0.5
+    pooled = TensorDataset(torch.nn.functional.avg_pool2d(images, 2), labels)
+    assert torch.allclose(pooled.tensors[0].flatten(1).norm(dim=1), images.flatten(1).norm(dim=1) / 2)
+    settings = dict(epsilon=1.0, releases=3, sample_rate=0.2, clip_norm=1.0, steps=1)
+    small_mechanism, mechanism = (DPSGD(target_epsilon=10.0, seed=3, accountant="rdp") for _ in range(2))
+    small, _ = CentralImages(**settings).release(pooled, num_classes=2, mechanism=small_mechanism)
+    released, report = CentralImages(**settings, downsample=2).release(TensorDataset(images, labels), num_classes=2,
+                                                                       mechanism=mechanism)
+    assert mechanism.ledger.events == small_mechanism.ledger.events and report["downsample"] == 2
+    upsampled = torch.nn.functional.interpolate(small.tensors[0], size=(8, 8), mode="bilinear", align_corners=False)
+    assert released.tensors[0].shape == (6, 1, 8, 8)
+    assert torch.allclose(released.tensors[0], upsampled.clamp(0, 1))
+    with pytest.raises(ConfigError) as err:
+        CentralImages(downsample=3).check(DPSGD(target_epsilon=10.0), image_shape=(1, 8, 8))
+    assert err.value.field == "model.central_images.downsample" and "8x8" in str(err.value)
+
+
+def test_rand_augment_gives_each_image_its_own_view_in_the_pixel_range() -> None:
+    """64 copies of one grey blob (8-bit values, so rounding alone changes nothing) come back as many views."""
+    torch.manual_seed(0)
+    y, x = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    blob = (0.8 * torch.exp(-(x - 14) ** 2 / 8 - (y - 14) ** 2 / 40) * 255).round() / 255
+    images = blob.expand(64, 1, 28, 28).clone()
+    views = rand_augment(images, num_ops=2, max_magnitude=3)
+    assert views.shape == images.shape and views.dtype == images.dtype
+    assert 0 <= float(views.min()) and float(views.max()) <= 1
+    changed = (views != images).flatten(1).any(dim=1)
+    assert 0.5 < float(changed.float().mean()) < 1  # most change; some draw identity or no-ops at a low magnitude
+    assert len({tuple(v.flatten().tolist()) for v in views[changed]}) > 20
+    assert CentralImages().augment(images) is images  # no augmentation unless asked
+    torch.manual_seed(0)
+    assert torch.equal(CentralImages(augment_ops=2, augment_magnitude=3).augment(images), views)
+
+
 @pytest.mark.parametrize("change,field", [
     ({"epsilon": 10.0}, "model.central_images.epsilon"),
     ({"epsilon": 0.0}, "model.central_images.epsilon"),
@@ -94,6 +136,11 @@ def test_filtered_central_images_are_post_processing_of_the_same_release() -> No
     ({"steps": 0}, "model.central_images.steps"),
     ({"median_filter": 2}, "model.central_images.median_filter"),
     ({"median_filter": -3}, "model.central_images.median_filter"),
+    ({"downsample": 0}, "model.central_images.downsample"),
+    ({"batch_size": 0}, "model.central_images.batch_size"),
+    ({"augment_ops": -1}, "model.central_images.augment_ops"),
+    ({"augment_magnitude": 0}, "model.central_images.augment_magnitude"),
+    ({"augment_magnitude": 31}, "model.central_images.augment_magnitude"),
 ])
 def test_bad_settings_are_refused_before_anything_is_released(change: dict, field: str) -> None:
     mechanism = DPSGD(target_epsilon=10.0, seed=0, accountant="rdp")

@@ -34,6 +34,33 @@ def test_the_warm_up_trains_on_the_released_images_then_dp_sgd_shares_the_ledger
         model.warm_up(_data(200))
 
 
+def test_each_warm_up_step_trains_on_the_release_s_augmented_views(monkeypatch) -> None:
+    """With ``augment_ops`` every step's batch of central images goes through RandAugment before the UNet sees it,
+    ``batch_size`` images a step; without it the UNet trains on the released images themselves."""
+    seen = []
+
+    def spy(self, images):
+        seen.append(images.clone())
+        return images.flip(-1)
+
+    for augment_ops in (0, 2):
+        seen.clear()
+        monkeypatch.setattr(CentralImages, "augment", spy if augment_ops else CentralImages.augment)
+        release = CentralImages(epsilon=1.0, releases=4, sample_rate=0.5, clip_norm=8.0, steps=5, batch_size=4,
+                                augment_ops=augment_ops)
+        model = _tiny(mechanism=DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp"),
+                      central_images=release)
+        losses = []
+        loss = model.diffusion_loss
+        model.diffusion_loss = lambda images, labels: losses.append(images.clone()) or loss(images, labels)
+        model.warm_up(_data(200))
+        assert len(losses) == 5 and all(len(images) == 4 for images in losses)
+        if augment_ops:
+            assert len(seen) == 5 and all(torch.equal(x.flip(-1), y) for x, y in zip(seen, losses, strict=True))
+        else:
+            assert seen == []
+
+
 def test_both_warm_ups_release_and_train_in_order_on_one_ledger() -> None:
     """Central images are released and trained on first, then DP-Merf's samples; DP-SGD follows on the same
     ledger, and a resumed run finds each release where it was made."""
@@ -134,13 +161,15 @@ def test_fedgen_fit_runs_both_warm_ups_and_a_resume_releases_neither_again(real_
     from tests.generators.test_ddpm import _tiny_cli
 
     run = tmp_path / "run"
-    warm_ups = ('--model.init_args.central_images={"epsilon": 1.0, "releases": 3, "sample_rate": 0.5, "steps": 1}',
+    warm_ups = ('--model.init_args.central_images={"epsilon": 1.0, "releases": 3, "sample_rate": 0.5, "steps": 2, '
+                '"downsample": 2, "clip_norm": 5.0, "batch_size": 8, "augment_ops": 2}',
                 '--model.init_args.merf_images={"epsilon": 1.0, "images": 60, "steps": 1, "num_features": 200, '
                 '"epochs": 1}', "--model.init_args.mechanism.init_args.accountant=rdp")
     first = fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", *warm_ups, fixed_noise=False))
     central, merf, steps = first["privacy_ledger"]["events"]
     assert (central["count"], central["sample_rate"], merf["count"], merf["sample_rate"]) == (3, 0.5, 1, 1.0)
     assert first["central_images"]["images"] == 30 and first["merf_images"]["images"] == 60
+    assert (first["central_images"]["downsample"], first["central_images"]["augment_ops"]) == (2, 2)
     assert 9.0 < first["epsilon"] <= 10.0  # DP-SGD calibrated for what both warm-ups left
     (run / "metrics.json").unlink()  # as if the run had stopped after its second step
     resume = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
