@@ -800,8 +800,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 if done == steps:
                     break
         self.unet.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.n_averaged.zero_()  # the next update copies these weights
+        if self.ema is not None:  # the EMA restarts at these weights: samples drawn now come from them
+            with torch.no_grad():
+                for kept, trained in zip(self.ema.module.parameters(), self.unet.parameters(), strict=True):
+                    kept.copy_(trained)
+            self.ema.n_averaged.zero_()  # and the first private step's update copies its weights over them
 
     # -------------------------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -28,6 +28,7 @@ def test_the_warm_up_trains_on_the_released_images_then_dp_sgd_shares_the_ledger
     assert report["images"] == images and report["warm_up_steps"] == 3 and len(mechanism.ledger.events) == 1
     assert any(not torch.equal(a, p) for a, p in zip(before, model.unet.parameters(), strict=True))
     assert int(model.ema.n_averaged) == 0  # the EMA restarts from the warmed-up weights
+    assert all(torch.equal(e, p) for e, p in zip(model.ema.module.parameters(), model.unet.parameters(), strict=True))
     _fit(model, _data(200), max_steps=2)
     assert len(mechanism.ledger.events) == 2 and mechanism.epsilon() <= 10.0
     with pytest.raises(RuntimeError, match="before private training"):
