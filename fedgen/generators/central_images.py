@@ -151,7 +151,6 @@ class CentralImages(WarmUpRelease):
                  report["epsilon"], report["noise_multiplier"], self.sample_rate, self.releases)
         return TensorDataset(out, torch.arange(num_classes).repeat(self.releases)), report
 
-
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         if not self.augment_ops:
             return images
