@@ -117,8 +117,8 @@ class CentralImages(WarmUpRelease):
         """Release ``releases`` central images per class from ``dataset`` ((image, label) pairs), charged to
         ``mechanism``'s ledger; return them as a labelled dataset (``releases * num_classes`` images) and a
         report of the release. The sums are cheap: they run on the CPU whatever ``device``."""
+        self.check(mechanism, image_shape=tuple(dataset[0][0].shape), earlier=earlier)
         images, labels = dataset_to_tensors(dataset)
-        self.check(mechanism, image_shape=tuple(images.shape[1:]), earlier=earlier)
         full_size = images.shape[2:]
         if self.downsample > 1:
             images = F.avg_pool2d(images, self.downsample)
