@@ -57,6 +57,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
@@ -771,8 +772,11 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             released, reports[release.name] = release.release(
                 dataset, num_classes=self.num_classes, mechanism=self.mechanism, device=self.device,
                 earlier=self.warm_up_releases[:i])
+            started = time.perf_counter()
             self._train_without_noise(released, release.steps, labelled=True, batch_size=release.batch_size,
                                       augment=release.augment)
+            log.info("DPDiffusion: %d warm-up steps on the %s in %.0f s", release.steps, release.name,
+                     time.perf_counter() - started)
         return reports
 
     def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool, batch_size: int | None = None,

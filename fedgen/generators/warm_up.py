@@ -123,9 +123,18 @@ def rand_augment(images: torch.Tensor, num_ops: int, max_magnitude: int) -> torc
     ``num_ops`` operations drawn from torchvision's list (shears, shifts, rotation, contrast, ...) at a magnitude
     drawn uniformly from 1 to ``max_magnitude`` of torchvision's 30 steps, as DP-FETA trains on its central images
     (Li et al., 2025). The images are rounded to 8 bits first, as the operations expect; randomness from torch's
-    global generator."""
+    global generator.
+
+    The per-image operations run on one CPU thread: on images this small, torch's thread pool only adds
+    synchronisation, and where another process shares the cores (two runs on one machine) its spinning threads made
+    each step several times slower."""
     by_magnitude = [v2.RandAugment(num_ops=num_ops, magnitude=m) for m in range(1, max_magnitude + 1)]
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     picks = torch.randint(len(by_magnitude), (len(pixels),)).tolist()
-    augmented = torch.stack([by_magnitude[m](image) for m, image in zip(picks, pixels, strict=True)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        augmented = torch.stack([by_magnitude[m](image) for m, image in zip(picks, pixels, strict=True)])
+    finally:
+        torch.set_num_threads(threads)
     return augmented.to(images.dtype) / 255

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from torchvision.transforms import v2
 
 from fedgen.errors import ConfigError
-from fedgen.generators import CentralImages
+from fedgen.generators import CentralImages, warm_up
 from fedgen.generators.central_images import median_filter
 from fedgen.generators.warm_up import rand_augment
 from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent
@@ -125,6 +126,31 @@ def test_rand_augment_gives_each_image_its_own_view_in_the_pixel_range() -> None
     assert CentralImages().augment(images) is images  # no augmentation unless asked
     torch.manual_seed(0)
     assert torch.equal(CentralImages(augment_ops=2, augment_magnitude=3).augment(images), views)
+
+
+def test_rand_augment_runs_its_operations_on_one_thread_and_restores_the_pool(monkeypatch) -> None:
+    """Tiny images gain nothing from the thread pool; the caller's thread count comes back, also after an error."""
+    seen, fail = [], []
+
+    class Recording(v2.RandAugment):
+        def forward(self, *inputs):
+            seen.append(torch.get_num_threads())
+            if fail:
+                raise RuntimeError("an operation failed")
+            return super().forward(*inputs)
+
+    monkeypatch.setattr(warm_up.v2, "RandAugment", Recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rand_augment(torch.rand(4, 1, 8, 8), num_ops=1, max_magnitude=2)
+        assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2
+        fail.append(True)
+        with pytest.raises(RuntimeError, match="an operation failed"):
+            rand_augment(torch.rand(4, 1, 8, 8), num_ops=1, max_magnitude=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("change,field", [
