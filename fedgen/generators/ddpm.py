@@ -805,9 +805,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                     break
         self.unet.zero_grad(set_to_none=True)
         if self.ema is not None:  # the EMA restarts at these weights: samples drawn now come from them
-            with torch.no_grad():
-                for kept, trained in zip(self.ema.module.parameters(), self.unet.parameters(), strict=True):
-                    kept.copy_(trained)
+            self.ema.module.load_state_dict(self.unet.state_dict())
             self.ema.n_averaged.zero_()  # and the first private step's update copies its weights over them
 
     # -------------------------------------------------------------------------------- sampling
