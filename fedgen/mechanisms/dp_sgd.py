@@ -232,6 +232,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
         self.planned_steps: int | None = None
         self.steps_taken = 0
         self._budget_key_seen: tuple | None = None
+        self._sampler: torch.Generator | None = None  # the Poisson loader's, see _sampler_generator
+        self._restored_sampler: torch.Tensor | None = None  # a checkpoint's sampler state, for a loader made later
 
     # ----------------------------------------------------------------------------------------- checks
     @staticmethod
@@ -329,7 +331,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
             raise ConfigError("batch_size", f"{batch_size} for a dataset of {len(dataset)} examples",
                               "use a batch size between 1 and the dataset size")
         self.check_dataset_size(len(dataset))
-        generator = torch.Generator().manual_seed(self.noise.sampling_seed())
+        generator = self._sampler_generator()
         base = DataLoader(dataset, batch_size=batch_size, **kwargs)  # validates the DataLoader options
         dataset, collate_fn = _fetch_whole_batches(dataset, base.collate_fn)
         return DPDataLoader(dataset, sample_rate=batch_size / len(dataset), generator=generator,
@@ -354,9 +356,23 @@ class DPSGD(Mechanism, name="dp_sgd"):
             raise ConfigError("batch_size", f"{batch_size} examples a step from users sampled at rate {user_rate:g} "
                               f"({user_rate * len(dataset):.0f} examples expected)",
                               "lower the batch size or raise the user sampling rate")
-        generator = torch.Generator().manual_seed(self.noise.sampling_seed())
+        generator = self._sampler_generator()
         return UserPoissonLoader(dataset, users=users, user_rate=user_rate, example_rate=example_rate,
                                  generator=generator)
+
+    def _sampler_generator(self) -> torch.Generator:
+        """The Poisson sampler's generator, seeded from the noise source, in the state a restored checkpoint left.
+
+        The accountant takes every step's sample to be drawn independently of the others. A resumed run whose
+        sampler started again from its seed would draw the first steps' batches again, and its epsilon would be
+        too low. So a seeded run's checkpoint carries the sampler's state (:meth:`state_dict`), and a resumed run
+        draws the batches the uninterrupted run would have drawn. A secure run's sampler is seeded from the OS
+        afresh, in every segment; its state is not saved, so a checkpoint does not tell which examples the past
+        steps used."""
+        self._sampler = torch.Generator().manual_seed(self.noise.sampling_seed())
+        if self._restored_sampler is not None:
+            self._sampler.set_state(self._restored_sampler)
+        return self._sampler
 
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader: DataLoader,
                      epochs: int | None = None, steps: int | None = None) -> tuple[nn.Module, DPOptimizer]:
@@ -492,12 +508,24 @@ class DPSGD(Mechanism, name="dp_sgd"):
         return self.max_grad_norm if sensitivity is None else sensitivity
 
     def state_dict(self) -> dict:
-        return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier}
+        sampler = None if self.noise.secure else (
+            self._sampler.get_state() if self._sampler is not None else self._restored_sampler)
+        return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier,
+                                       "sampler": sampler}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.steps_taken = state["steps_taken"]
         self.noise_multiplier = state["noise_multiplier"]
+        sampler = state.get("sampler")
+        if sampler is None and self.steps_taken and not self.noise.secure:
+            # a checkpoint from before the sampler's state was saved: continue on a stream of its own, never used
+            # before, rather than the seed's, whose first batches the run has already used
+            stream = torch.Generator().manual_seed(self.noise.derived_seed(2**32 + self.steps_taken))
+            sampler = stream.get_state()
+        self._restored_sampler = sampler
+        if sampler is not None and self._sampler is not None:
+            self._sampler.set_state(sampler)
 
     def describe(self) -> str:
         sigma = "calibrated at plan time" if self.noise_multiplier is None else f"{self.noise_multiplier:.4g}"

@@ -612,16 +612,23 @@ def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> No
 
 def test_a_run_stopped_part_way_resumes_from_its_last_epoch(real_data_root, tmp_path, monkeypatch) -> None:
     """300 examples at batch 30: 10 steps an epoch. A run of 2 epochs dies at step 15; its checkpoint holds the
-    first epoch (10 steps in the ledger), and the resumed run ends with the 20 planned steps charged once."""
+    first epoch (10 steps in the ledger), and the resumed run ends with the 20 planned steps charged once. The
+    resumed run's Poisson batches are those the first run drew after its checkpoint, not its first ones again."""
     from fedgen.cli import fit
 
     run = tmp_path / "run"
     train = DPDiffusion.training_step
+    seen: dict[str, dict[int, tuple]] = {"first": {}, "resumed": {}}
 
-    def dies_at_step_15(self, batch, batch_idx):
-        if self.global_step == 15:
-            raise RuntimeError("the machine went away")
-        return train(self, batch, batch_idx)
+    def recording(segment):
+        def step(self, batch, batch_idx):
+            seen[segment][self.global_step] = (len(batch[0]), float(batch[0].double().sum()))
+            if segment == "first" and self.global_step == 15:
+                raise RuntimeError("the machine went away")
+            return train(self, batch, batch_idx)
+        return step
+
+    dies_at_step_15 = recording("first")
 
     monkeypatch.setattr(DPDiffusion, "training_step", dies_at_step_15)
     args = [a for a in _tiny_cli(real_data_root, 1, f"--run_dir={run}") if not a.startswith("--trainer.max_steps")]
@@ -629,10 +636,13 @@ def test_a_run_stopped_part_way_resumes_from_its_last_epoch(real_data_root, tmp_
         fit([*args, "--trainer.max_epochs=2"])
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 10
-    monkeypatch.setattr(DPDiffusion, "training_step", train)
+    monkeypatch.setattr(DPDiffusion, "training_step", recording("resumed"))
     resumed = fit([*args, "--trainer.max_epochs=2", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     events = resumed["privacy_ledger"]["events"]
     assert [(e["count"], e["noise_multiplier"], e["sample_rate"]) for e in events] == [(20, 1.5, 0.1)]
+    assert sorted(seen["resumed"]) == list(range(10, 20))
+    assert [seen["resumed"][t] for t in range(10, 16)] == [seen["first"][t] for t in range(10, 16)]
+    assert [seen["resumed"][t] for t in range(10, 15)] != [seen["first"][t] for t in range(0, 5)]
 
 
 def test_public_pretraining_changes_the_weights_and_spends_no_privacy() -> None:

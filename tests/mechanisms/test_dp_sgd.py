@@ -655,6 +655,52 @@ def test_resumed_mechanism_respects_restored_ledger() -> None:
     assert resumed.epsilon() <= target
 
 
+def _poisson_batches(mechanism: DPSGD, steps: int, loader=None) -> list[list[int]]:
+    """The example indices of ``steps`` Poisson batches of 100 examples at rate 0.1, epoch after epoch."""
+    if loader is None:
+        loader = mechanism.data_loader(TensorDataset(torch.arange(100)), batch_size=10)
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        for (x,) in loader:
+            batches.append(sorted(x.tolist()))
+            if len(batches) == steps:
+                break
+    return batches
+
+
+@pytest.mark.parametrize("loader_first", [True, False], ids=["loader-then-checkpoint", "checkpoint-then-loader"])
+def test_a_resumed_seeded_run_draws_the_batches_of_the_uninterrupted_run(loader_first: bool) -> None:
+    """The accountant takes each step's Poisson sample to be independent of the others: a resumed run must not
+    start its sampler again from the seed, which would repeat the first steps' batches."""
+    uninterrupted = _poisson_batches(DPSGD(noise_multiplier=1.0, seed=0), 25)
+    first = DPSGD(noise_multiplier=1.0, seed=0)
+    assert _poisson_batches(first, 10) == uninterrupted[:10]  # one epoch of 10 steps, then the checkpoint
+    resumed = DPSGD(noise_multiplier=1.0, seed=0)
+    loader = resumed.data_loader(TensorDataset(torch.arange(100)), batch_size=10) if loader_first else None
+    resumed.load_state_dict(first.state_dict())
+    assert _poisson_batches(resumed, 15, loader) == uninterrupted[10:]
+
+
+def test_a_checkpoint_without_the_sampler_state_resumes_on_a_fresh_stream() -> None:
+    """Checkpoints written before the sampler's state was saved: the resumed sampler takes a stream of its own,
+    not the seed's, so the first steps' batches are not drawn again."""
+    first = DPSGD(noise_multiplier=1.0, seed=0)
+    used = _poisson_batches(first, 10)
+    state = first.state_dict() | {"sampler": None, "steps_taken": 10}  # as an older checkpoint after 10 steps
+    resumed = DPSGD(noise_multiplier=1.0, seed=0)
+    resumed.load_state_dict(state)
+    again = _poisson_batches(resumed, 10)
+    assert sum(a == b for a, b in zip(again, used, strict=True)) <= 1
+
+
+def test_a_secure_run_keeps_no_sampler_state() -> None:
+    """With secure noise the sampler is seeded from the OS in every segment, and a checkpoint does not tell which
+    examples the past steps used."""
+    first = DPSGD(noise_multiplier=1.0, secure_noise=True)
+    _poisson_batches(first, 10)
+    assert first.state_dict()["sampler"] is None
+
+
 def test_auto_engine_is_fedgen_where_it_supports_the_model_and_opacus_elsewhere() -> None:
     loader_data = TensorDataset(torch.zeros(20, 1))
     supported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.LazyLinear(2))
