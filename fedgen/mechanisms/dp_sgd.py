@@ -233,7 +233,6 @@ class DPSGD(Mechanism, name="dp_sgd"):
         self.steps_taken = 0
         self._budget_key_seen: tuple | None = None
         self._sampler: torch.Generator | None = None  # the Poisson loader's, see _sampler_generator
-        self._restored_sampler: torch.Tensor | None = None  # a checkpoint's sampler state, for a loader made later
 
     # ----------------------------------------------------------------------------------------- checks
     @staticmethod
@@ -361,7 +360,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
                                  generator=generator)
 
     def _sampler_generator(self) -> torch.Generator:
-        """The Poisson sampler's generator, seeded from the noise source, in the state a restored checkpoint left.
+        """The Poisson sampler's generator, seeded from the noise source when first needed, one for the mechanism.
 
         The accountant takes every step's sample to be drawn independently of the others. A resumed run whose
         sampler started again from its seed would draw the first steps' batches again, and its epsilon would be
@@ -369,9 +368,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
         draws the batches the uninterrupted run would have drawn. A secure run's sampler is seeded from the OS
         afresh, in every segment; its state is not saved, so a checkpoint does not tell which examples the past
         steps used."""
-        self._sampler = torch.Generator().manual_seed(self.noise.sampling_seed())
-        if self._restored_sampler is not None:
-            self._sampler.set_state(self._restored_sampler)
+        if self._sampler is None:
+            self._sampler = torch.Generator().manual_seed(self.noise.sampling_seed())
         return self._sampler
 
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader: DataLoader,
@@ -508,8 +506,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
         return self.max_grad_norm if sensitivity is None else sensitivity
 
     def state_dict(self) -> dict:
-        sampler = None if self.noise.secure else (
-            self._sampler.get_state() if self._sampler is not None else self._restored_sampler)
+        sampler = None if self.noise.secure or self._sampler is None else self._sampler.get_state()
         return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier,
                                        "sampler": sampler}
 
@@ -523,9 +520,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
             # before, rather than the seed's, whose first batches the run has already used
             stream = torch.Generator().manual_seed(self.noise.derived_seed(2**32 + self.steps_taken))
             sampler = stream.get_state()
-        self._restored_sampler = sampler
-        if sampler is not None and self._sampler is not None:
-            self._sampler.set_state(sampler)
+        if sampler is not None:
+            self._sampler_generator().set_state(sampler)
 
     def describe(self) -> str:
         sigma = "calibrated at plan time" if self.noise_multiplier is None else f"{self.noise_multiplier:.4g}"
