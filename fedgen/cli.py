@@ -9,7 +9,7 @@ validation data), test once on the real test set, and write a run folder:
     run_dir/generator.ckpt     the final generator checkpoint (with the ledger)
     run_dir/synthetic.pt       {"images": uint8 (N, C, H, W), "labels": int64 (N,)}
     run_dir/samples.png        a grid of samples, one row per class
-    run_dir/metrics.json       epsilon, delta, test_accuracy, num_synthetic, ...
+    run_dir/metrics.json       epsilon, delta, noise (seeded or secure), test_accuracy, num_synthetic, ...
 """
 
 from __future__ import annotations
@@ -264,6 +264,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         "delta": generator.mechanism.delta,
         "neighbouring": f"add/remove one {generator.mechanism.ledger.unit}",
         "accountant": generator.mechanism.ledger.accountant,
+        "noise": generator.mechanism.noise.mode,
         "test_accuracy": result["test_accuracy"],
         "synthetic_val_accuracy": result["synthetic_val_accuracy"],
         "selected_epoch": result["selected_epoch"],
@@ -365,6 +366,7 @@ def federate(args: list[str]) -> dict[str, Any]:
         "delta": mechanism.delta if mechanism is not None else None,
         "neighbouring": f"add/remove one {mechanism.ledger.unit}" if mechanism is not None else None,
         "privacy_ledger": mechanism.ledger.state_dict() if mechanism is not None else None,
+        "noise": mechanism.noise.mode if mechanism is not None else None,
         "test_accuracy": accuracy,
         "classifier": config.classifier,
         "strategy": type(trainer.strategy).__name__,

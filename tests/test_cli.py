@@ -36,6 +36,7 @@ def test_fit_writes_the_run_folder(real_data_root, tmp_path):
     each = [r["test_accuracy"] for r in saved["per_classifier"]]
     assert len(each) == 2 and saved["test_accuracy"] == pytest.approx(sum(each) / 2)
     assert 0.99 < saved["epsilon"] <= 1.0 and saved["delta"] == 1e-4 and saved["num_synthetic"] == 100
+    assert saved["noise"] == "seeded"
     synthetic = torch.load(run / "synthetic.pt")
     assert synthetic["images"].shape == (100, 1, 28, 28) and synthetic["images"].dtype == torch.uint8
     assert synthetic["labels"].shape == (100,)
@@ -55,6 +56,21 @@ def test_resume_continues_the_same_ledger(real_data_root, tmp_path):
     assert resumed["epsilon"] == pytest.approx(first["epsilon"])
     assert [e["count"] for e in resumed["privacy_ledger"]["events"]] == [1]  # no second release
     assert (run / "config.yaml").exists() and list(run.glob("config-resumed-*.yaml"))
+
+
+def test_a_resume_that_changes_the_noise_source_fails_and_keeps_the_run(real_data_root, tmp_path, capsys):
+    """A run's noise is seeded or secure from its first release to its last: metrics.json could not say which."""
+    run = tmp_path / "run"
+    fit(tiny_args(real_data_root, run))
+    (run / "metrics.json").unlink()  # pretend the run was interrupted after the generator's first epoch
+    saved = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    with pytest.raises(SystemExit):
+        main(["fit", *tiny_args(real_data_root, run, "--trainer.max_epochs=2",
+                                "--model.init_args.mechanism.init_args.secure_noise=true",
+                                f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")])
+    err = capsys.readouterr().err
+    assert "mechanism.secure_noise" in err and "seeded" in err and "secure_noise: false" in err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == saved
 
 
 def test_fit_logs_each_epoch_with_its_steps_metrics_and_epsilon_spent(real_data_root, tmp_path, caplog):

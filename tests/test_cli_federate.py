@@ -33,6 +33,7 @@ def test_federate_trains_across_clients_and_writes_the_run_folder(real_data_root
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert 9.9 < saved["epsilon"] <= 10 and saved["neighbouring"] == "add/remove one user"
+    assert saved["noise"] == "seeded"
     assert saved["rounds"] == 2 and saved["num_clients"] == 20 and sum(saved["client_sizes"]) == 600
     assert [e["count"] for e in saved["privacy_ledger"]["events"]] == [2]
     assert saved["privacy_ledger"]["events"][0]["sample_rate"] == 0.5

@@ -109,10 +109,16 @@ class Mechanism(Registered):
         return {"ledger": self.ledger.state_dict(), "noise": self.noise.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = "secure" if state["noise"]["secure"] else "seeded"
+        if saved != self.noise.mode:  # a run's noise is one or the other from its first release to its last
+            raise ConfigError("mechanism.secure_noise", f"the checkpoint's noise is {saved}, the config's "
+                              f"{self.noise.mode}", f"resume with secure_noise: {str(saved == 'secure').lower()}, "
+                              "as the run began; or start a new run")
         self.ledger.load_state_dict(state["ledger"])
         self.noise.load_state_dict(state["noise"])
 
     def describe(self) -> str:
         """One line with the privacy parameters, for logs."""
         budget = f"target_epsilon={self.target_epsilon:g}" if self.target_epsilon is not None else "no budget"
-        return f"{type(self).__name__}({budget}, delta={self.delta:g}, accountant={self.ledger.accountant})"
+        return (f"{type(self).__name__}({budget}, delta={self.delta:g}, accountant={self.ledger.accountant}, "
+                f"noise={self.noise.mode})")

@@ -43,6 +43,11 @@ class NoiseSource:
             self._generators[device] = gen
         return self._generators[device]
 
+    @property
+    def mode(self) -> str:
+        """``"secure"`` (``os.urandom``) or ``"seeded"`` (reproducible from ``seed``)."""
+        return "secure" if self.secure else "seeded"
+
     def normal(self, shape: tuple[int, ...] | torch.Size, *, std: float, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor of i.i.d. N(0, std^2) draws."""

@@ -118,6 +118,21 @@ def test_secure_noise_is_not_reproducible() -> None:
     assert not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("saved_secure", [False, True])
+def test_a_checkpoint_loads_only_into_a_mechanism_with_the_same_noise_source(saved_secure: bool) -> None:
+    """Seeded and secure noise never mix within one run, so what a run reports of its noise holds for all of it."""
+    first = GaussianMechanism(noise_multiplier=1.0, secure_noise=saved_secure, seed=3)
+    first.release(torch.zeros(4))
+    assert f"noise={first.noise.mode}" in first.describe()
+    with pytest.raises(ConfigError, match="mechanism.secure_noise") as err:
+        GaussianMechanism(noise_multiplier=1.0, secure_noise=not saved_secure, seed=3).load_state_dict(
+            first.state_dict())
+    assert f"secure_noise: {str(saved_secure).lower()}" in str(err.value)
+    same = GaussianMechanism(noise_multiplier=1.0, secure_noise=saved_secure, seed=3)
+    same.load_state_dict(first.state_dict())
+    assert same.ledger.state_dict() == first.ledger.state_dict()
+
+
 def test_secure_noise_odd_sizes_and_shapes() -> None:
     mech = GaussianMechanism(noise_multiplier=1.0, secure_noise=True)
     for shape in [(1,), (3,), (7, 5), (2, 3, 3)]:
