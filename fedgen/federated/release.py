@@ -135,6 +135,9 @@ class FederatedRelease:
         if self.client_clip_norm is not None and self.client_clip_norm < mechanism.clip_norm:
             raise ConfigError("federation.client_clip_norm", f"{self.client_clip_norm} is below the mechanism's "
                               f"clip_norm {mechanism.clip_norm}", "use a bound >= the mechanism's clip_norm")
+        if mechanism.sample_rate != 1.0:
+            raise ConfigError("model.mechanism.sample_rate", f"is {mechanism.sample_rate:g}, but the federated release "
+                              "sums every client's data (no subsampling)", "use sample_rate: 1")
         if self.noise == "distributed":
             self._check_distributed(mechanism)
         clients = make_clients(dataset, self.partitioner, self.num_clients)
@@ -186,9 +189,6 @@ class FederatedRelease:
         if mechanism.ledger.accountant == "prv":
             raise ConfigError("model.mechanism.accountant", "the PRV accountant cannot account for the Skellam "
                               "release of distributed noise", "use accountant: auto or rdp")
-        if mechanism.sample_rate != 1.0:
-            raise ConfigError("model.mechanism.sample_rate", f"is {mechanism.sample_rate}, but the federated release "
-                              "sums every client's data (no subsampling)", "use sample_rate: 1")
 
     def _skellam_mu(self, mechanism: GaussianMechanism, l2: float, l1: float) -> float:
         """The total Skellam parameter mu of the release (noise Sk(mu, mu) per coordinate, variance 2 mu).

@@ -109,6 +109,10 @@ class DPMerf(Generator, name="dp_merf"):
             raise ConfigError("model.mechanism", f"DP-Merf releases a sum once and needs a GaussianMechanism, "
                               f"got {type(mechanism).__name__}",
                               "use class_path: fedgen.mechanisms.GaussianMechanism")
+        if mechanism.sample_rate != 1.0:
+            raise ConfigError("model.mechanism.sample_rate", f"is {mechanism.sample_rate:g}, but DP-Merf releases the "
+                              "sum over the whole private dataset, not over a subsample (a rate below 1 would "
+                              "under-report epsilon)", "set sample_rate: 1.0 (the default)")
         if mechanism.clip_norm != 1.0:
             raise ConfigError("model.mechanism.clip_norm", f"is {mechanism.clip_norm}, but DP-Merf's contributions "
                               "have norm exactly 1 (its sensitivity is fixed)", "set clip_norm: 1.0")
@@ -179,7 +183,14 @@ class DPMerf(Generator, name="dp_merf"):
         log.info("DP-Merf released its mean embedding once: %s", self.mechanism.ledger.summary(self.mechanism.delta))
 
     def release_embedding(self, dataset: Dataset) -> None:
-        """Sum every private example's contribution and release the sum once through the mechanism."""
+        """Sum every private example's contribution and release the sum once through the mechanism.
+
+        Each example is clipped on its own, so this central release is example-level DP; user-level DP comes from
+        a federation that clips each client's sum (``FederatedRelease(client_clip_norm=...)``)."""
+        if self.mechanism.ledger.unit != "example":
+            raise ConfigError("model.mechanism.unit", f"is {self.mechanism.ledger.unit!r}, but the central release "
+                              "clips each example, not each user's examples together",
+                              "set unit: example, or release through a federation with client_clip_norm")
         self.store_release(self.mechanism.release(self.embedding_sum(dataset)), len(dataset))
 
     def released_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,13 +160,23 @@ def test_distributed_noise_is_refused_before_anything_is_computed(monkeypatch):
     assert caught.value.field == "federation.noise" and "secure_aggregation: true" in caught.value.fix
     with pytest.raises(ConfigError, match="federation.noise"):
         FederatedRelease(noise="local")
-    for mechanism, field in [(GaussianMechanism(target_epsilon=1.0, delta=1e-4, accountant="prv"), "accountant"),
-                             (GaussianMechanism(noise_multiplier=1.0, delta=1e-4, sample_rate=0.5), "sample_rate")]:
-        merf = tiny_merf(mechanism=mechanism)
-        monkeypatch.setattr(merf, "embedding_sum", lambda _: pytest.fail("a client computed before the check"))
-        with pytest.raises(ConfigError, match=field):
-            FederatedRelease(num_clients=4, noise="distributed").run(merf, blobs(100))
-        assert len(merf.mechanism.ledger) == 0
+    merf = tiny_merf(mechanism=GaussianMechanism(target_epsilon=1.0, delta=1e-4, accountant="prv"))
+    monkeypatch.setattr(merf, "embedding_sum", lambda _: pytest.fail("a client computed before the check"))
+    with pytest.raises(ConfigError, match="accountant"):
+        FederatedRelease(num_clients=4, noise="distributed").run(merf, blobs(100))
+    assert len(merf.mechanism.ledger) == 0
+
+
+@pytest.mark.parametrize("noise", ["central", "distributed"])
+def test_a_subsampled_mechanism_is_refused_whatever_the_noise(monkeypatch, noise):
+    """The release sums every client's whole data; a ledger event at a rate below 1 would under-report epsilon.
+    DP-Merf refuses such a mechanism itself; the federation checks any generator that releases one sum."""
+    merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=1e-4))
+    merf.mechanism.sample_rate = 0.01  # a generator of one sum that does not check its mechanism's rate
+    monkeypatch.setattr(merf, "embedding_sum", lambda _: pytest.fail("a client computed before the check"))
+    with pytest.raises(ConfigError, match="model.mechanism.sample_rate"):
+        FederatedRelease(num_clients=4, noise=noise).run(merf, blobs(100))
+    assert len(merf.mechanism.ledger) == 0
 
 
 def test_distributed_release_past_the_budget_is_refused_before_noise_is_drawn(monkeypatch):

@@ -130,7 +130,9 @@ def test_synthesize_gives_a_labelled_dataset_in_the_released_proportions():
     ("kwargs", "field"),
     [({"num_features": 101}, "num_features"), ({"length_scale": 0.0}, "length_scale"),
      ({"count_weight": 1.0}, "count_weight"), ({"image_shape": (1, 30, 30)}, "image_shape"),
-     ({"mechanism": GaussianMechanism(noise_multiplier=1.0, clip_norm=0.5)}, "clip_norm")],
+     ({"mechanism": GaussianMechanism(noise_multiplier=1.0, clip_norm=0.5)}, "clip_norm"),
+     # the release sums the whole dataset: a subsampled event on the ledger would under-report epsilon
+     ({"mechanism": GaussianMechanism(noise_multiplier=1.0, sample_rate=0.01)}, "mechanism.sample_rate")],
 )
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -150,6 +152,15 @@ def test_mismatched_data_is_refused_before_any_release():
     with pytest.raises(ConfigError, match="delta"):
         tiny_merf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=0.05)).attach_private_data(blobs())
     assert len(mechanism.ledger) == 0
+
+
+def test_the_central_release_is_refused_at_user_level_before_anything_is_released():
+    """Each example is clipped on its own: a user with many examples moves the sum by more than one clip norm."""
+    merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=1e-4, unit="user"))
+    with pytest.raises(ConfigError, match="model.mechanism.unit") as err:
+        trainer().fit(merf, merf.attach_private_data(blobs()))
+    assert "client_clip_norm" in err.value.fix
+    assert len(merf.mechanism.ledger) == 0 and not bool(merf.released)
 
 
 def _utility(real_data_root, noise_multiplier: float) -> float:
