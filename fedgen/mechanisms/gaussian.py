@@ -100,6 +100,9 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         if sensitivity < self.clip_norm:
             raise ValueError(f"sensitivity {sensitivity} is below clip_norm {self.clip_norm}: a sum of clipped "
                              "contributions cannot have a smaller sensitivity than the clip norm")
+        if not clipped_sum.is_floating_point():
+            raise TypeError(f"the sum to release is {clipped_sum.dtype}; Gaussian noise needs a floating-point sum "
+                            "(e.g. counts.double()), else it would be rounded away")
         self.charge(SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate, 1))
         noise = self.noise.normal(clipped_sum.shape, std=self.noise_multiplier * sensitivity,
                                   device=clipped_sum.device, dtype=clipped_sum.dtype)

@@ -50,10 +50,13 @@ class NoiseSource:
 
     def normal(self, shape: tuple[int, ...] | torch.Size, *, std: float, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A tensor of i.i.d. N(0, std^2) draws."""
+        """A tensor of i.i.d. N(0, std^2) draws, of a floating-point ``dtype``."""
+        if not dtype.is_floating_point:
+            raise TypeError(f"Gaussian noise must be floating point, not {dtype}: rounded draws are not the noise "
+                            "the accountant assumes")
         device = torch.device(device)
-        if self.secure:
-            return std * _secure_standard_normal(tuple(shape)).to(device=device, dtype=dtype)
+        if self.secure:  # scaled in float64, then rounded once to dtype
+            return (std * _secure_standard_normal(tuple(shape))).to(device=device, dtype=dtype)
         return torch.normal(0.0, std, size=tuple(shape), generator=self._generator(device), device=device, dtype=dtype)
 
     def skellam(self, shape: int | tuple[int, ...], mu: float) -> np.ndarray:

@@ -112,6 +112,19 @@ def test_calibrated_noise_has_its_std(secure: bool) -> None:
     assert variance_test_rejects(released, sigma * 3.0 * 1.02)
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["seeded", "secure"])
+def test_an_integer_sum_is_refused_before_the_ledger_is_charged(secure: bool) -> None:
+    """Noise cast to an integer dtype would be rounded toward zero (most coordinates released exactly)."""
+    mech = GaussianMechanism(noise_multiplier=2.0, seed=None if secure else 1, secure_noise=secure)
+    with pytest.raises(TypeError, match="floating-point"):
+        mech.release(torch.tensor([10, 20, 30]))
+    assert len(mech.ledger) == 0
+    with pytest.raises(TypeError, match="floating point"):
+        mech.noise.normal((3,), std=2.0, dtype=torch.int64)
+    counts = mech.release(torch.tensor([10, 20, 30]).double())
+    assert counts.dtype == torch.float64 and len(mech.ledger) == 1
+
+
 def test_secure_noise_is_not_reproducible() -> None:
     a = GaussianMechanism(noise_multiplier=1.0, secure_noise=True, seed=3).release(torch.zeros(1000))
     b = GaussianMechanism(noise_multiplier=1.0, secure_noise=True, seed=3).release(torch.zeros(1000))
