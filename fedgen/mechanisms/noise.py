@@ -33,15 +33,24 @@ class NoiseSource:
         if seed is None and not secure:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[str, torch.Generator] = {}  # one stream per device type
         self._numpy: np.random.Generator | None = None
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[device] = gen
-        return self._generators[device]
+        """The stream of ``device``'s type. A run draws from one stream per type wherever it runs: moved to another
+        GPU (e.g. resumed on ``cuda:1`` after ``cuda:0``), the stream carries on from its state there; restarted
+        from the seed, it would repeat noise the run has already added."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = self._generators.get(device.type)
+        if gen is None or gen.device != device:
+            moved = torch.Generator(device=device)
+            if gen is None:
+                moved.manual_seed(self.seed)
+            else:
+                moved.set_state(gen.get_state())
+            self._generators[device.type] = gen = moved
+        return gen
 
     @property
     def mode(self) -> str:
@@ -95,7 +104,7 @@ class NoiseSource:
 
     def state_dict(self) -> dict:
         state = {"seed": self.seed, "secure": self.secure,
-                 "states": {str(d): g.get_state() for d, g in self._generators.items()}}
+                 "states": {kind: g.get_state() for kind, g in self._generators.items()}}
         if self._numpy is not None:
             state["numpy"] = self._numpy.bit_generator.state
         return state
@@ -107,10 +116,10 @@ class NoiseSource:
         if state.get("numpy") is not None:
             self._numpy = np.random.Generator(np.random.PCG64())
             self._numpy.bit_generator.state = state["numpy"]
-        for name, rng_state in state.get("states", {}).items():
-            device = torch.device(name)
+        for name, rng_state in state.get("states", {}).items():  # keyed by type ("cuda"; "cuda:0" before)
+            device = torch.device(torch.device(name).type)
             if device.type == "cuda" and not torch.cuda.is_available():
-                continue
+                continue  # drawn on the CPU from here on: another generator, whose stream this run has not used
             self._generator(device).set_state(rng_state)
 
 

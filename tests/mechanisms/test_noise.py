@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fedgen.mechanisms import NoiseSource
 
@@ -16,3 +17,36 @@ def test_each_stream_has_its_own_seed_and_the_sampler_is_stream_one() -> None:
     assert NoiseSource(secure=True).derived_seed(2) != NoiseSource(secure=True).derived_seed(2)  # os.urandom
     with pytest.raises(ValueError, match="from 1"):
         source.derived_seed(0)
+
+
+def test_a_restored_source_continues_its_stream_and_never_draws_the_first_noise_again() -> None:
+    first = NoiseSource(seed=7)
+    used = first.normal((1000,), std=1.0)
+    state = first.state_dict()
+    ahead = first.normal((1000,), std=1.0)
+    resumed = NoiseSource(seed=0)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.normal((1000,), std=1.0), ahead) and not torch.equal(ahead, used)
+
+
+def test_a_checkpoint_keyed_by_device_index_loads_into_the_stream_of_its_type() -> None:
+    """Checkpoints written before the streams were kept per device type name the device ("cpu", "cuda:0")."""
+    first = NoiseSource(seed=7)
+    first.normal((10,), std=1.0)
+    old = first.state_dict()
+    ahead = first.normal((10,), std=1.0)
+    resumed = NoiseSource(seed=7)
+    resumed.load_state_dict(old | {"states": {"cpu": old["states"]["cpu"], "cuda:0": old["states"]["cpu"]}})
+    assert torch.equal(resumed.normal((10,), std=1.0), ahead)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="moves a stream between two GPUs: needs two CUDA devices")
+def test_a_run_resumed_on_another_gpu_continues_the_stream_it_drew_on_the_first() -> None:
+    first = NoiseSource(seed=7)
+    used = first.normal((1000,), std=1.0, device="cuda:0")
+    state = first.state_dict()
+    ahead = first.normal((1000,), std=1.0, device="cuda:0")
+    resumed = NoiseSource(seed=7)
+    resumed.load_state_dict(state)
+    moved = resumed.normal((1000,), std=1.0, device="cuda:1")
+    assert torch.equal(moved.cpu(), ahead.cpu()) and not torch.equal(moved.cpu(), used.cpu())
