@@ -74,7 +74,7 @@ def audit(args: list[str]) -> dict[str, Any]:
                           seed=config.seed_everything)
     _plot_canary_scores(result, run_dir / "scores.png")
     metrics = {k: v for k, v in result.items() if k not in ("scores", "in_training")}
-    metrics |= {"audit": "one run, white-box gradient canaries (Steinke et al. 2023, delta = 0 bound)",
+    metrics |= {"audit": "one run, white-box gradient canaries (Steinke et al. 2023, bound at the mechanism's delta)",
                 "canaries": {"scores": result["scores"], "in_training": result["in_training"]}}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"fedgen: epsilon lower bound {result['epsilon_lower_bound']:.3f} at {1 - config.beta:.0%} confidence "

@@ -15,7 +15,7 @@ from fedgen.errors import ConfigError
 def test_fedgen_audit_catches_dp_sgd_without_noise(tmp_path) -> None:
     run = tmp_path / "audit"
     metrics = audit(["--mechanism=fedgen.mechanisms.DPSGD", "--mechanism.noise_multiplier=1e-6",
-                     "--mechanism.delta=1e-3", "--mechanism.seed=1", f"--run_dir={run}"])
+                     "--mechanism.delta=1e-5", "--mechanism.seed=1", f"--run_dir={run}"])
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["epsilon_lower_bound"] == metrics["epsilon_lower_bound"] > 2
     assert saved["correct"] == saved["guesses"] == 200

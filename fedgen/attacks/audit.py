@@ -2,18 +2,21 @@
 
 m canaries are each included in the training data independently with probability 1/2. After training, an
 attack scores every canary; the auditor guesses "in" for the ``k_plus`` highest scores, "out" for the
-``k_minus`` lowest, and abstains on the rest. If the training run is epsilon-DP (pure, delta = 0), each of
-the r = k_plus + k_minus guesses is correct with probability at most p = e^eps / (1 + e^eps), independently
-enough that the number of correct guesses W is stochastically dominated by Binomial(r, p). So eps is rejected
-at confidence 1 - beta when ``P[Binomial(r, p_eps) >= W] <= beta``, and the largest rejected eps is a lower
-bound on the run's true epsilon. (The paper's bound with delta > 0 is slightly smaller; this is its delta = 0
-form, the one given in fedgen's references.)
+``k_minus`` lowest, and abstains on the rest. With W correct of the r = k_plus + k_minus guesses, the hypothesis
+"the run is (eps, delta)-DP" is rejected at confidence 1 - beta when its p-value is at most beta:
+
+    p(eps, delta) = P[Bin(r, q) >= W] + 2 m delta * max_{1 <= i <= W} P[W - i <= Bin(r, q) < W] / i,
+    q = e^eps / (1 + e^eps)
+
+(their Theorem for approximate DP; with delta = 0 only the binomial tail remains: each guess is then right with
+probability at most q). The bound reported is the largest eps below which every eps is rejected, a lower bound on
+the run's epsilon at the delta its claim is made at.
 """
 
 from __future__ import annotations
 
-import math
 
+import numpy as np
 import torch
 from scipy.stats import binom
 
@@ -21,29 +24,45 @@ from fedgen.errors import ConfigError
 from fedgen.mechanisms import DPSGD
 
 
-def epsilon_lower_bound(correct: int, guesses: int, *, beta: float = 0.05) -> float:
-    """The largest eps with ``P[Binomial(guesses, e^eps / (1 + e^eps)) >= correct] <= beta`` (0 if none),
-    found by bisection: the tail probability grows with eps."""
+def audit_p_value(correct: int, guesses: int, eps: float | np.ndarray, *, canaries: int = 0,
+                  delta: float = 0.0) -> float | np.ndarray:
+    """``p(eps, delta)`` above: how likely ``correct`` or more right guesses of ``guesses`` are if the run is
+    (eps, delta)-DP with ``canaries`` canaries (at most 1); ``eps`` may be an array."""
+    eps = np.asarray(eps, dtype=np.float64)
+    q = 1 / (1 + np.exp(-eps))
+    p = binom.sf(correct - 1, guesses, q)
+    if delta > 0 and correct > 0:
+        below = binom.pmf(np.arange(correct - 1, -1, -1), guesses, q[..., None])  # P[Bin = W - i], i = 1 .. W
+        p = p + 2 * canaries * delta * np.max(np.cumsum(below, axis=-1) / np.arange(1, correct + 1), axis=-1)
+    p = np.minimum(p, 1.0)
+    return float(p) if p.ndim == 0 else p
+
+
+def epsilon_lower_bound(correct: int, guesses: int, *, canaries: int | None = None, delta: float = 0.0,
+                        beta: float = 0.05, resolution: float = 1e-3) -> float:
+    """The largest eps, on a grid of step ``resolution``, such that every grid eps up to it has
+    ``audit_p_value <= beta`` (0 if eps = 0 is not rejected). Stopping at the first eps not rejected keeps the
+    bound valid even where the p-value is not monotone in eps. ``delta`` > 0 needs ``canaries`` (m)."""
     if not 0 <= correct <= guesses or guesses < 1:
         raise ConfigError("guesses", f"{correct} correct of {guesses} guesses is impossible",
                           "give 0 <= correct <= guesses and at least one guess")
     if not 0 < beta < 1:
         raise ConfigError("beta", f"must be in (0, 1), got {beta}", "use e.g. 0.05 (95% confidence)")
-
-    def tail(eps: float) -> float:
-        return float(binom.sf(correct - 1, guesses, 1 / (1 + math.exp(-eps))))
-
-    if tail(0.0) > beta:
+    if not 0 <= delta < 1:
+        raise ConfigError("delta", f"must be in [0, 1), got {delta}", "give the delta the claim is made at")
+    if delta > 0 and (canaries is None or canaries < guesses):
+        raise ConfigError("canaries", f"{canaries} canaries for {guesses} guesses",
+                          "give the number of canaries m (at least the number of guesses) with delta > 0")
+    m = canaries or 0
+    if audit_p_value(correct, guesses, 0.0, canaries=m, delta=delta) > beta:
         return 0.0
-    low, high = 0.0, 1.0
-    while tail(high) <= beta:
-        low, high = high, 2 * high
-        if high > 1e3:  # every guess right and beta tiny: the bound is as large as the guesses allow
-            return low
-    for _ in range(100):
-        mid = (low + high) / 2
-        low, high = (mid, high) if tail(mid) <= beta else (low, mid)
-    return low
+    chunk = 1000
+    for first in range(1, round(1e3 / resolution), chunk):  # grid points first .. first + chunk - 1
+        grid = np.arange(first, first + chunk) * resolution
+        refused = np.flatnonzero(audit_p_value(correct, guesses, grid, canaries=m, delta=delta) > beta)
+        if len(refused):
+            return round((first + refused[0] - 1) * resolution, 12)
+    return 1e3  # every guess right and beta tiny: the bound is as large as the guesses allow
 
 
 def audit_guesses(scores: torch.Tensor, included: torch.Tensor, *, k_plus: int, k_minus: int) -> tuple[int, int]:
@@ -65,15 +84,17 @@ class OneRunAudit:
     Args:
         num_canaries: m.
         k_plus: "in" guesses on the highest scores; ``k_minus``: "out" guesses on the lowest.
+        delta: the delta of the claim audited (0: pure DP).
         beta: 1 - confidence of the bound.
         seed: seed of the inclusion coins.
     """
 
-    def __init__(self, *, num_canaries: int, k_plus: int, k_minus: int, beta: float = 0.05, seed: int = 0) -> None:
+    def __init__(self, *, num_canaries: int, k_plus: int, k_minus: int, delta: float = 0.0, beta: float = 0.05,
+                 seed: int = 0) -> None:
         if num_canaries < 1 or k_plus < 0 or k_minus < 0 or not 1 <= k_plus + k_minus <= num_canaries:
             raise ConfigError("audit", f"num_canaries={num_canaries}, k_plus={k_plus}, k_minus={k_minus}",
                               "use at least one guess and at most one per canary")
-        self.num_canaries, self.k_plus, self.k_minus, self.beta = num_canaries, k_plus, k_minus, beta
+        self.num_canaries, self.k_plus, self.k_minus, self.delta, self.beta = num_canaries, k_plus, k_minus, delta, beta
         self.included = torch.rand(num_canaries, generator=torch.Generator().manual_seed(seed)) < 0.5
 
     def epsilon_lower_bound(self, scores: torch.Tensor) -> dict[str, float]:
@@ -82,7 +103,8 @@ class OneRunAudit:
             raise ConfigError("scores", f"{len(scores)} scores for {self.num_canaries} canaries", "score every canary")
         correct, guesses = audit_guesses(scores, self.included, k_plus=self.k_plus, k_minus=self.k_minus)
         return {"correct": correct, "guesses": guesses,
-                "epsilon_lower_bound": epsilon_lower_bound(correct, guesses, beta=self.beta)}
+                "epsilon_lower_bound": epsilon_lower_bound(correct, guesses, canaries=self.num_canaries,
+                                                           delta=self.delta, beta=self.beta)}
 
 
 def check_audit_plan(*, num_canaries: int, guesses: int, sample_rate: float) -> None:
@@ -107,14 +129,15 @@ def audit_dp_sgd(mechanism: DPSGD, *, num_canaries: int = 1000, guesses: int = 2
     DP-SGD's proof allows (it sees the final weights and each canary's gradient is worst-case), so the bound
     tests the mechanism's implementation: clipping, sampling and noise.
 
-    Returns the guesses' outcome, the bound at confidence ``1 - beta``, the epsilon the mechanism's ledger
-    claims for the run, and each canary's score and inclusion.
+    Returns the guesses' outcome, the bound at confidence ``1 - beta`` and the mechanism's delta, the epsilon
+    the mechanism's ledger claims for the run at that delta, and each canary's score and inclusion.
     """
     from torch import nn
     from torch.utils.data import TensorDataset
 
     check_audit_plan(num_canaries=num_canaries, guesses=guesses, sample_rate=sample_rate)
-    audit = OneRunAudit(num_canaries=num_canaries, k_plus=guesses // 2, k_minus=guesses // 2, beta=beta, seed=seed)
+    audit = OneRunAudit(num_canaries=num_canaries, k_plus=guesses // 2, k_minus=guesses // 2,
+                        delta=mechanism.delta, beta=beta, seed=seed)
     clip = mechanism.max_grad_norm
     inputs = -clip * torch.eye(num_canaries)[audit.included]  # loss -<w, x>: the per-example gradient is C e_j
     linear = nn.Linear(num_canaries, 1, bias=False)
