@@ -15,7 +15,6 @@ the run's epsilon at the delta its claim is made at.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from scipy.stats import binom
