@@ -56,7 +56,8 @@ class _LedgerDPOptimizer(DPOptimizer):
         per parameter launched hundreds of small kernels for a UNet), split into their shapes."""
         self._mechanism.charge_step()
         noise_source: NoiseSource = self._mechanism.noise
-        std = self.noise_multiplier * self._mechanism.pop_step_sensitivity()
+        # the mechanism's sigma, the one charge_step recorded (a state loaded after make_private may change it)
+        std = self._mechanism.noise_multiplier * self._mechanism.pop_step_sensitivity()
         groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
             _check_processed_flag(p.summed_grad)

@@ -655,6 +655,38 @@ def test_resumed_mechanism_respects_restored_ledger() -> None:
     assert resumed.epsilon() <= target
 
 
+@pytest.mark.parametrize("engine", ["fedgen", "opacus"])
+def test_a_state_loaded_after_make_private_sets_the_noise_the_steps_add(engine: str, monkeypatch) -> None:
+    """Opacus' own resume order (wrap, then load the checkpoint): the steps must add the sigma the ledger records,
+    not the one calibrated for the remaining steps before the load."""
+    data = TensorDataset(torch.randn(2000, 4), torch.randint(0, 2, (2000,)))
+
+    def segment(planned: int, state: dict | None = None) -> tuple[DPSGD, list[float]]:
+        mechanism = DPSGD(target_epsilon=2.0, delta=1e-4, seed=0, engine=engine)
+        loader = mechanism.data_loader(data, batch_size=100)
+        net = nn.Linear(4, 2)
+        net, optimizer = mechanism.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), data_loader=loader,
+                                                steps=planned)
+        if state is not None:
+            mechanism.load_state_dict(state)
+        stds: list[float] = []
+        draw = mechanism.noise.normal
+        monkeypatch.setattr(mechanism.noise, "normal", lambda *a, **k: stds.append(k["std"]) or draw(*a, **k))
+        for _ in range(5):
+            x, y = next(iter(loader))
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            mechanism.backward(loss) if mechanism.owns_backward else loss.backward()
+            optimizer.step()
+        return mechanism, stds
+
+    first, _ = segment(100)
+    resumed, stds = segment(50, first.state_dict())  # calibrated for 50 steps first: a smaller sigma
+    assert resumed.noise_multiplier == first.noise_multiplier
+    assert stds == [pytest.approx(first.noise_multiplier * first.max_grad_norm)] * 5
+    assert {e.noise_multiplier for e in resumed.ledger.events} == {first.noise_multiplier}
+
+
 def _poisson_batches(mechanism: DPSGD, steps: int, loader=None) -> list[list[int]]:
     """The example indices of ``steps`` Poisson batches of 100 examples at rate 0.1, epoch after epoch."""
     if loader is None:
