@@ -73,6 +73,7 @@ class Generator(PrivateModule, Registered):
     def on_fit_start(self) -> None:
         """Subclasses that override this call it first: the clock starts with ``trainer.fit`` (a one-release
         generator's release included)."""
+        super().on_fit_start()
         self._started = time.perf_counter()
 
     def on_train_end(self) -> None:

@@ -93,6 +93,13 @@ class Mechanism(Registered):
         (a mechanism that clips per example itself, such as ``DPSGD(engine="fedgen")``)."""
         return False
 
+    @property
+    def one_sample_per_step(self) -> bool:
+        """Whether each optimizer step must come from exactly one batch of the mechanism's sampler (DP-SGD: the
+        ledger records one subsampled step per optimizer step, so a training loop may not accumulate several
+        sampled batches into one step)."""
+        return False
+
     def charge(self, event: PrivacyEvent) -> None:
         """Record ``event`` (a Gaussian or a Skellam release) in the ledger, or raise if it would exceed the budget
         (nothing is recorded then)."""

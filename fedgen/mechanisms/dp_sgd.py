@@ -441,6 +441,10 @@ class DPSGD(Mechanism, name="dp_sgd"):
     def owns_backward(self) -> bool:
         return self.engine_in_use == "fedgen"
 
+    @property
+    def one_sample_per_step(self) -> bool:
+        return True
+
     def backward(self, loss: torch.Tensor, *, draws: int = 1, groups: torch.Tensor | None = None,
                  num_groups: int = 1, weights: torch.Tensor | None = None) -> None:
         """``engine="fedgen"``: turn the mean ``loss`` of the last forward pass into clipped per-example gradient

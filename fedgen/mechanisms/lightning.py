@@ -22,9 +22,21 @@ class PrivateModule(L.LightningModule):
       one restores it: a resumed run continues the same budget, never a fresh one.
     - Training stops cleanly before the first step the budget does not allow: ``trainer.should_stop`` is
       set and the epoch ends, so checkpoint callbacks save the final state with its ledger.
+    - Under a mechanism whose steps are one sampled batch each (DP-SGD), ``accumulate_grad_batches`` other than 1
+      is refused before the first step: several Poisson batches summed into one noisy step would let an example
+      drawn in more than one of them add more than the clip norm, in a step the ledger counts once.
     """
 
     mechanism: Mechanism | None = None
+
+    def on_fit_start(self) -> None:
+        """Subclasses that override this call it first."""
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
+        if self.mechanism is not None and self.mechanism.one_sample_per_step and accumulate != 1:
+            name = type(self.mechanism).__name__
+            raise ConfigError("trainer.accumulate_grad_batches", f"is {accumulate}, but each {name} step must be one "
+                              "Poisson batch (the ledger counts one sample per step)",
+                              "set accumulate_grad_batches: 1, and a larger batch_size for larger steps")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.mechanism is not None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from fedgen.errors import ConfigError
 from fedgen.evaluation import MLP, Classifier
 from fedgen.mechanisms import DPSGD
 from tests.evaluation.test_downstream import separable
 
 
-def train_dp(noise_multiplier: float, *, epochs: int = 3, target_epsilon: float | None = None, root=None):
+def train_dp(noise_multiplier: float, *, epochs: int = 3, target_epsilon: float | None = None, root=None,
+             **trainer_args):
     train, test = separable(1200, seed=0), separable(400, seed=1)
     mechanism = DPSGD(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, max_grad_norm=1.0,
                       delta=1e-4, seed=0)
@@ -21,7 +24,8 @@ def train_dp(noise_multiplier: float, *, epochs: int = 3, target_epsilon: float 
                        lr=3e-3, mechanism=mechanism, private_loader=loader, epochs=epochs)
     callbacks = [ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)] if root else []
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=bool(root), callbacks=callbacks)
+                        enable_model_summary=False, enable_checkpointing=bool(root), callbacks=callbacks,
+                        **trainer_args)
     trainer.fit(model, loader)
     accuracy = trainer.test(model, DataLoader(test, batch_size=400), verbose=False)[0]["test/accuracy"]
     return accuracy, mechanism
@@ -43,3 +47,12 @@ def test_training_stops_cleanly_at_the_budget_and_the_checkpoint_keeps_the_ledge
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["fedgen_privacy"]
     assert saved["steps_taken"] == mechanism.steps_taken
     assert sum(e["count"] for e in saved["ledger"]["events"]) == mechanism.steps_taken
+
+
+def test_accumulating_several_poisson_batches_into_one_step_is_refused_before_any_step(monkeypatch):
+    """An example drawn in two of the accumulated batches would add twice the clip norm to a step counted once."""
+    taken = []
+    monkeypatch.setattr(DPSGD, "charge_step", lambda self: taken.append(1))
+    with pytest.raises(ConfigError, match="accumulate_grad_batches") as err:
+        train_dp(1.0, accumulate_grad_batches=2)
+    assert "accumulate_grad_batches: 1" in err.value.fix and not taken
