@@ -676,11 +676,19 @@ def unsupported_layers(module: nn.Module) -> list[str]:
     """The layers of ``module`` with trainable parameters that :class:`PerExampleClipping` cannot clip, each as
     ``"name: reason"``; empty when the engine supports the whole model."""
     problems = []
+    owners: dict[int, list[str]] = {}
     for name, layer in module.named_modules():
         if any(p.requires_grad for p in layer.parameters(recurse=False)):
             reason = _why_unsupported(layer)
             if reason is not None:
                 problems.append(f"{name or '<root>'}: {reason}")
+        for p in layer.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(name or "<root>")
+    for names in owners.values():
+        if len(names) > 1:  # each layer's norm would be taken apart: sqrt(|a|^2 + |b|^2), not |a + b|
+            problems.append(f"{' and '.join(names)}: share a parameter (tied weights), whose per-example gradient "
+                            "is the sum of their parts")
     return problems
 
 

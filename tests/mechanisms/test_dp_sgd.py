@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.mechanisms import (DPSGD, GaussianMechanism, NoiseSource, PrivateModule, SubsampledGaussianEvent,
                                compute_epsilon)
+from fedgen.mechanisms.per_example import unsupported_layers
 
 
 class ConvNet(nn.Module):
@@ -731,6 +732,43 @@ def test_a_secure_run_keeps_no_sampler_state() -> None:
     first = DPSGD(noise_multiplier=1.0, secure_noise=True)
     _poisson_batches(first, 10)
     assert first.state_dict()["sampler"] is None
+
+
+class _TiedEmbedding(nn.Module):
+    """A language-model head tied to its embedding: one parameter, two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def test_tied_weights_are_clipped_by_opacus_as_one_parameter_and_refused_by_fedgens_engine() -> None:
+    """fedgen's engine takes each layer's norm on its own, sqrt(|a|^2 + |b|^2) for a parameter whose per-example
+    gradient is a + b, which lets one example add more than C."""
+    torch.manual_seed(0)
+    net = _TiedEmbedding()
+    with torch.no_grad():
+        net.embed.weight.mul_(30)  # gradients far above the clip norm
+    assert any("embed and head" in problem for problem in unsupported_layers(net))
+    data = TensorDataset(torch.tensor([3]), torch.tensor([7]))  # one example, sampled at rate 1 every step
+    with pytest.raises(ConfigError, match="tied"):
+        DPSGD(noise_multiplier=1.0, engine="fedgen").make_private(
+            net, torch.optim.SGD(net.parameters(), lr=0.0), data_loader=DPSGD(noise_multiplier=1.0).data_loader(
+                data, batch_size=1), epochs=1)
+    mechanism = DPSGD(noise_multiplier=1e-9, max_grad_norm=1.0, seed=0)
+    loader = mechanism.data_loader(data, batch_size=1)
+    wrapped, optimizer = mechanism.make_private(net, torch.optim.SGD(net.parameters(), lr=0.0), data_loader=loader,
+                                                epochs=1)
+    assert mechanism.engine_in_use == "opacus"
+    tokens, target = next(iter(loader))
+    F.cross_entropy(wrapped(tokens), target).backward()
+    optimizer.step()
+    assert net.embed.weight.grad.norm() == pytest.approx(1.0, rel=1e-4)  # the example's whole gradient, clipped
 
 
 def test_auto_engine_is_fedgen_where_it_supports_the_model_and_opacus_elsewhere() -> None:
