@@ -392,6 +392,12 @@ class DPSGD(Mechanism, name="dp_sgd"):
             raise ConfigError("mechanism.engine", "user-level DP-SGD installs each step's per-user clipped sum, "
                               "which Opacus' optimizer cannot take", "use engine: auto or fedgen")
         self.validate(module)
+        low = sorted({str(p.dtype) for p in module.parameters() if p.requires_grad and p.dtype not in
+                      (torch.float32, torch.float64)})
+        if low:  # the clipped sum would be rounded in that dtype, and one example could then move it by more than C
+            raise ConfigError("trainer.precision", f"the private parameters are {', '.join(low)}; DP-SGD clips, sums "
+                              "and noises in their dtype", "keep float32 weights: precision 32, or bf16-mixed "
+                              "(autocast; fedgen computes the private sums in float32)")
         sample_rate = data_loader.sample_rate
         if (epochs is None) == (steps is None):
             raise ConfigError("epochs", "give exactly one of epochs or steps", "plan the run by epochs or by steps")

@@ -771,6 +771,18 @@ def test_tied_weights_are_clipped_by_opacus_as_one_parameter_and_refused_by_fedg
     assert net.embed.weight.grad.norm() == pytest.approx(1.0, rel=1e-4)  # the example's whole gradient, clipped
 
 
+@pytest.mark.parametrize("engine", ["fedgen", "opacus"])
+def test_low_precision_private_parameters_are_refused_before_any_step(engine: str) -> None:
+    """bfloat16 weights (Lightning's bf16-true) would round each step's clipped sum before the noise: removing one
+    example then moved a sum of 512 by 1.5 C."""
+    net = nn.Linear(4, 2).to(torch.bfloat16)
+    mechanism = DPSGD(noise_multiplier=1.0, engine=engine)
+    loader = mechanism.data_loader(TensorDataset(torch.zeros(20, 4)), batch_size=5)
+    with pytest.raises(ConfigError, match="trainer.precision") as err:
+        mechanism.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), data_loader=loader, epochs=1)
+    assert "bf16-mixed" in err.value.fix and mechanism.steps_taken == 0 and len(mechanism.ledger) == 0
+
+
 def test_auto_engine_is_fedgen_where_it_supports_the_model_and_opacus_elsewhere() -> None:
     loader_data = TensorDataset(torch.zeros(20, 1))
     supported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.LazyLinear(2))
