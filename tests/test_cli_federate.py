@@ -28,16 +28,18 @@ def tiny_args(root: Path, run_dir: Path, *extra: str, rounds: int = 2) -> list[s
 
 def test_federate_trains_across_clients_and_writes_the_run_folder(real_data_root, tmp_path):
     run = tmp_path / "run"
-    metrics = federate(tiny_args(real_data_root, run, f"{MECHANISM}.target_epsilon=10"))
+    metrics = federate(tiny_args(real_data_root, run, f"{MECHANISM}.target_epsilon=100"))
     assert {"config.yaml", "metrics.json", "model.pt", "checkpoints"} <= {p.name for p in run.iterdir()}
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
-    assert 9.9 < saved["epsilon"] <= 10 and saved["neighbouring"] == "add/remove one user"
+    assert 99 < saved["epsilon"] <= 100 and saved["neighbouring"] == "add/remove one user"
     assert saved["noise"] == "seeded"
     assert saved["rounds"] == 2 and saved["num_clients"] == 20 and sum(saved["client_sizes"]) == 600
     assert [e["count"] for e in saved["privacy_ledger"]["events"]] == [2]
     assert saved["privacy_ledger"]["events"][0]["sample_rate"] == 0.5
-    assert saved["test_accuracy"] > 0.25  # ten classes: chance is 0.1
+    # ten classes: chance is 0.1. Two noisy rounds over Dirichlet-skewed clients learn little: 0.27 to 0.48 over
+    # seeds 0 to 4 at epsilon 100 (at epsilon 10, 0.12 to 0.27: too close to chance for a test)
+    assert saved["test_accuracy"] > 0.2
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["round"] == 2
 
 

@@ -55,9 +55,10 @@ class ClientSampler:
 
     Args:
         rate: each client joins independently with this probability (Poisson sampling).
-        count: this many clients, uniformly without replacement (not Poisson: user-level DP accounting
-            with subsampling amplification does not apply, and the ledger then uses q = 1).
-        seed: seed of the sampling.
+        count: this many clients, uniformly without replacement (no privacy mechanism only: a user added to the
+            data may displace another, so client-level DP refuses it).
+        seed: seed of the sampling without a privacy mechanism; under client-level DP the sampling is seeded from
+            the mechanism's noise source instead (from ``os.urandom`` in secure mode).
     """
 
     def __init__(self, *, rate: float | None = None, count: int | None = None, seed: int = 0) -> None:
@@ -72,13 +73,10 @@ class ClientSampler:
         self.count = count
         self.seed = seed
 
-    def dp_sample_rate(self) -> float:
-        """The sample rate user-level accounting may use: ``rate`` for Poisson sampling, else 1."""
-        return self.rate if self.rate is not None else 1.0
-
-    def sample(self, num_clients: int, round_index: int) -> list[int]:
-        """The ids of the clients of round ``round_index`` (reproducible from the seed and the round)."""
-        rng = np.random.default_rng([self.seed, round_index])
+    def sample(self, num_clients: int, round_index: int, *, seed: int | None = None) -> list[int]:
+        """The ids of the clients of round ``round_index``, a function of the seed (``seed``, else the sampler's)
+        and the round alone, so a resumed federation draws what the uninterrupted one would have."""
+        rng = np.random.default_rng([self.seed if seed is None else seed, round_index])
         if self.rate is not None:
             return np.flatnonzero(rng.random(num_clients) < self.rate).tolist()
         if self.count > num_clients:

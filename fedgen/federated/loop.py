@@ -134,11 +134,14 @@ def _federate(fabric: L.Fabric, trainer: FederatedTrainer, model: nn.Module, cli
     if isinstance(dataset, TensorDataset):  # in-memory data moves to the device once, not batch by batch
         dataset = TensorDataset(*(t.to(device) for t in dataset.tensors))
     client_data = [c.dataset(dataset) for c in clients]
+    sampling_seed = strategy.sampling_seed()
+    if sampling_seed is not None and world > 1:  # every process samples the same clients: process 0's draw
+        sampling_seed = fabric.broadcast(sampling_seed, src=0)
     while trainer.round < trainer.rounds:
         if strategy.exhausted():  # the ledgers of all processes hold the same events
             log.warning("Privacy budget reached after %d rounds; the federation stops here.", trainer.round)
             break
-        picked = trainer.sampler.sample(len(clients), trainer.round)
+        picked = trainer.sampler.sample(len(clients), trainer.round, seed=sampling_seed)
         total = torch.zeros_like(global_params)
         total_weight = torch.zeros((), dtype=torch.float64, device=device)
         for cid in picked[rank::world]:

@@ -97,6 +97,11 @@ class Strategy(Registered):
     def check_plan(self, sampler: ClientSampler, rounds: int) -> None:
         """Refuse, before any round, a client sampling or round count this strategy cannot account for."""
 
+    def sampling_seed(self) -> int | None:
+        """The seed of the client sampling when the privacy guarantee depends on it, from the mechanism's noise
+        source; None: the sampler's own seed."""
+        return None
+
     def exhausted(self) -> bool:
         """Whether the privacy budget allows no further round (never, without a mechanism)."""
         return False
@@ -165,16 +170,24 @@ class ClientLevelDP(Strategy, name="client_level_dp"):
         """The ledger's sample rate must be the sampler's (a lower one would under-report epsilon), and a
         noise calibrated from the budget must be calibrated for the planned rounds."""
         mechanism = self.mechanism
-        rate = sampler.dp_sample_rate()
-        if mechanism.sample_rate != rate:
-            why = "Poisson rate" if sampler.rate is not None else "rate for a fixed count of clients (no amplification)"
+        if sampler.rate is None:  # a user added to the data displaces another picked one: the sum moves by 2 C
+            raise ConfigError("federation.sampler.count", f"a fixed count of {sampler.count} clients a round: adding "
+                              "one user can displace another, which moves the clipped sum by twice the clip norm, "
+                              "more than the ledger's Gaussian accounts for",
+                              "sample clients by Poisson sampling: rate (rate: 1.0 takes every client every round)")
+        if mechanism.sample_rate != sampler.rate:
             raise ConfigError("strategy.mechanism.sample_rate",
-                              f"is {mechanism.sample_rate:g}, but the client sampler's {why} is {rate:g}",
-                              f"set sample_rate: {rate:g} on the mechanism")
+                              f"is {mechanism.sample_rate:g}, but the client sampler's Poisson rate is {sampler.rate:g}",
+                              f"set sample_rate: {sampler.rate:g} on the mechanism")
         if mechanism.calibrates_noise and mechanism.num_releases != rounds:
             raise ConfigError("strategy.mechanism.num_releases",
                               f"the noise would be calibrated for {mechanism.num_releases} rounds, but the "
                               f"federation runs {rounds}", f"set num_releases: {rounds} on the mechanism")
+
+    def sampling_seed(self) -> int:
+        """The sampling is part of the guarantee (its amplification): drawn from the mechanism's noise source, so
+        that in secure mode it comes from ``os.urandom`` and no saved config tells which clients took part."""
+        return self.mechanism.noise.sampling_seed()
 
     def exhausted(self) -> bool:
         mechanism = self.mechanism

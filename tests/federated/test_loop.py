@@ -111,6 +111,40 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert second.strategy.mechanism.epsilon() == whole.strategy.mechanism.epsilon()
 
 
+def test_client_level_dp_refuses_a_fixed_count_of_clients_before_any_round():
+    """A user added to the data may displace a picked client: the clipped sum moves by 2 S, not S."""
+    strategy = ClientLevelDP(strategy=FedAvg(), mechanism=user_level(noise_multiplier=1.0, sample_rate=1.0))
+    with pytest.raises(ConfigError, match="federation.sampler.count") as err:
+        FederatedTrainer(rounds=2, sampler=ClientSampler(count=5), strategy=strategy)
+    assert "rate: 1.0" in err.value.fix and len(strategy.mechanism.ledger) == 0
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["seeded", "secure"])
+def test_client_level_dp_samples_clients_from_the_mechanisms_noise_source(secure, monkeypatch):
+    """The sampler's seed is in config.yaml; the amplification needs a sampling nobody can replay."""
+    seeds = []
+    sample = ClientSampler.sample
+    monkeypatch.setattr(ClientSampler, "sample",
+                        lambda self, n, r, seed=None: seeds.append(seed) or sample(self, n, r, seed=seed))
+
+    def run() -> ClientLevelDP:
+        mechanism = GaussianMechanism(unit="user", delta=1e-3, noise_multiplier=1.0, sample_rate=0.5,
+                                      seed=None if secure else 0, secure_noise=secure)
+        strategy = ClientLevelDP(strategy=FedAvg(), mechanism=mechanism)
+        trainer, clients, data = federation(strategy, rounds=2, rate=0.5, num_clients=6)
+        trainer.fit(mlp(), clients, data)
+        return strategy
+
+    strategy = run()
+    first = seeds[:]
+    assert len(first) == 2 and first[0] == first[1] != 0  # one seed a run, not the sampler's (0)
+    run()
+    if secure:
+        assert seeds[2] != first[0]  # os.urandom: a new secret each run
+    else:
+        assert seeds[2] == first[0] == strategy.mechanism.noise.sampling_seed()  # reproducible from the seed
+
+
 def test_bad_federation_config_names_the_field():
     with pytest.raises(ConfigError, match="unit"):
         ClientLevelDP(strategy=FedAvg(), mechanism=GaussianMechanism(noise_multiplier=1.0))
