@@ -30,7 +30,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule
+from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule, same_source
 from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one
 from fedgen.evaluation import TrainOnSynthetic, classifiers, evaluate_accuracy
 from fedgen.evaluation.fid import NETWORK as FID_NETWORK
@@ -167,9 +167,12 @@ def fit(args: list[str]) -> dict[str, Any]:
         raise ConfigError(warm_ups[0].field, "the warm-up's release is drawn from the pooled private data, which a "
                           "federation does not have", f"remove {warm_ups[0].name}, or the federation")
     public: VisionDataModule | None = cli.config_init.public_data
-    if public is not None and dataset_name(config.public_data) == dataset_name(config.data):
-        raise ConfigError("public_data", f"is {dataset_name(config.data)}, the private dataset itself",
-                          "declare a different dataset public (e.g. FashionMNIST or EMNIST for MNIST), or remove it")
+    if public is not None and same_source(dataset_name(config.public_data), dataset_name(config.data)):
+        same = dataset_name(config.public_data) == dataset_name(config.data)
+        raise ConfigError("public_data", f"is {dataset_name(config.public_data)}, " + (
+                          "the private dataset itself" if same else f"cut from the same images as the private "
+                          f"{dataset_name(config.data)}"), "declare a dataset of other images public (e.g. "
+                          "FashionMNIST or KMNIST for MNIST), or remove it")
     check_at_least_one("public_steps", config.public_steps, "use e.g. 1000")
     if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
         raise ConfigError("fid_samples", f"{config.fid_samples} is not between 0 and num_synthetic "

@@ -8,6 +8,7 @@ from fedgen.data.datamodules import (
     VisionDataModule,
     dataset_to_tensors,
     load_vision_dataset,
+    same_source,
     vision_dataset_class,
 )
 from fedgen.data.partition import DirichletPartitioner, IIDPartitioner, Partitioner, ShardPartitioner
@@ -28,5 +29,6 @@ __all__ = [
     "default_cache_root",
     "load_vision_dataset",
     "resolve_data_root",
+    "same_source",
     "vision_dataset_class",
 ]

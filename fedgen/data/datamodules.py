@@ -30,6 +30,18 @@ from fedgen.errors import ConfigError, DataNotFoundError
 COMMON_DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "CIFAR10", "CIFAR100", "SVHN", "STL10")
 """Image-classification datasets from torchvision that fit in memory; shown when a name is wrong."""
 
+SAME_SOURCE = (frozenset({"mnist", "qmnist", "emnist"}),)
+"""Datasets cut from the same original images, by lower-case name: QMNIST rebuilds MNIST's own digits from NIST's
+forms, and EMNIST converts NIST Special Database 19, which holds the forms MNIST was drawn from. One of them
+declared public beside another as private would put private images outside the guarantee."""
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether datasets ``a`` and ``b`` (names, any case) are the same or cut from the same original images."""
+    a, b = a.lower(), b.lower()
+    return a == b or any(a in family and b in family for family in SAME_SOURCE)
+
+
 _RESERVED_KWARGS = {
     "root": "remove it and set data.root instead",
     "download": "remove it and set data.download instead",

@@ -744,6 +744,19 @@ def test_the_private_dataset_cannot_be_declared_public(real_data_root, tmp_path)
     assert err.value.field == "public_data" and not run.exists()
 
 
+@pytest.mark.parametrize("public", ["QMNIST", "EMNIST"])
+def test_a_dataset_cut_from_the_private_images_cannot_be_declared_public(real_data_root, tmp_path, public) -> None:
+    """QMNIST rebuilds MNIST's digits; EMNIST comes from the NIST forms MNIST was drawn from."""
+    from fedgen.cli import fit
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", "--public_data=fedgen.data.VisionDataModule",
+                      f"--public_data.dataset={public}", f"--public_data.root={real_data_root}"))
+    assert err.value.field == "public_data" and "same images as the private mnist" in err.value.problem
+    assert not run.exists()
+
+
 def test_bf16_mixed_precision_trains_with_the_engine_in_float32(real_data_root, tmp_path, monkeypatch) -> None:
     """trainer.precision=bf16-mixed (autocast around each step): the UNet runs in bfloat16 while the clipping
     engine's norms and sums see exact float32 copies with autocast off; the ledger is unchanged."""
