@@ -683,7 +683,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         size = self.hparams.max_physical_examples or len(images)
         if self.hparams.cuda_graphs:  # central steps only (check_training)
             loss = self._clipped_backward_captured(images, labels, size)
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(images))
+            self.log("train/loss", loss.detach(), prog_bar=True, on_step=False, on_epoch=True, batch_size=len(images))
             return
         chunks = list(zip(images.split(size), labels.split(size), strict=True))
         groups = clients.split(size) if clients is not None else [None] * len(chunks)
@@ -694,7 +694,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 self.mechanism.backward(loss, draws=self.hparams.noise_draws, groups=group, num_groups=num_groups)
             except torch.OutOfMemoryError as err:  # nothing of this step was released or charged yet
                 raise self._micro_batch_too_large(len(x)) from err
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
+            # the epoch's mean over its micro-batches, weighted by their sizes (the progress line prints it)
+            self.log("train/loss", loss.detach(), prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
 
     def _clipped_backward_captured(self, images: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
         """:meth:`_clipped_backward` through one CUDA graph of a micro-batch of ``size`` examples, captured at the

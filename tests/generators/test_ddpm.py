@@ -87,6 +87,18 @@ def test_micro_batches_make_one_noisy_step_per_logical_batch() -> None:
                                                       strict=True))  # the EMA moved, but lags the weights
 
 
+def test_the_logged_training_loss_is_the_epochs_mean_over_its_micro_batches(monkeypatch) -> None:
+    """What the progress line prints as train/loss: every micro-batch's loss, weighted by its size."""
+    model, seen = _tiny(max_physical_examples=3), []
+    loss_of = model.diffusion_loss
+    monkeypatch.setattr(model, "diffusion_loss", lambda x, y: seen.append((float(loss := loss_of(x, y)), len(x)))
+                        or loss)
+    trainer = _fit(model, _data(), max_steps=3)
+    assert len(seen) > 3  # several micro-batches a step
+    mean = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(mean, rel=1e-6)
+
+
 def test_the_ledger_is_charged_per_step_whatever_the_number_of_draws() -> None:
     data = _data(200)
     ledgers = []
