@@ -21,11 +21,17 @@ log = logging.getLogger(__name__)
 
 
 def clip_rows(contributions: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Scale each row (first dimension indexes units) to L2 norm at most ``clip_norm``."""
+    """Scale each row (first dimension indexes units) to L2 norm at most ``clip_norm``.
+
+    Rows in float16 or bfloat16 are scaled in float32 and by a further 1 - eps of their dtype: rounding each entry
+    back moves it by at most eps / 2 relatively, so the rounded row's norm stays within ``clip_norm``."""
     flat = contributions.flatten(1)
-    norms = flat.norm(dim=1, keepdim=True)
-    scale = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
-    return (flat * scale).reshape(contributions.shape)
+    low = flat.dtype in (torch.float16, torch.bfloat16)
+    work = flat.float() if low else flat
+    scale = (clip_norm / (work.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+    if low:
+        scale = scale * (1 - torch.finfo(flat.dtype).eps)
+    return (work * scale).to(flat.dtype).reshape(contributions.shape)
 
 
 class GaussianMechanism(Mechanism, name="gaussian"):
