@@ -63,12 +63,12 @@ class ClientSampler:
 
     def __init__(self, *, rate: float | None = None, count: int | None = None, seed: int = 0) -> None:
         if (rate is None) == (count is None):
-            raise ConfigError("federation.sampling", "give exactly one of rate or count",
+            raise ConfigError("federation.sampler", "give exactly one of rate or count",
                               "set rate (Poisson sampling) or count (a fixed number of clients per round)")
         if rate is not None and not 0 < rate <= 1:
-            raise ConfigError("federation.sampling.rate", f"must be in (0, 1], got {rate}", "use e.g. 0.1")
+            raise ConfigError("federation.sampler.rate", f"must be in (0, 1], got {rate}", "use e.g. 0.1")
         if count is not None and count < 1:
-            raise ConfigError("federation.sampling.count", f"must be >= 1, got {count}", "use e.g. 10")
+            raise ConfigError("federation.sampler.count", f"must be >= 1, got {count}", "use e.g. 10")
         self.rate = rate
         self.count = count
         self.seed = seed
@@ -80,6 +80,6 @@ class ClientSampler:
         if self.rate is not None:
             return np.flatnonzero(rng.random(num_clients) < self.rate).tolist()
         if self.count > num_clients:
-            raise ConfigError("federation.sampling.count", f"{self.count} clients per round but only "
+            raise ConfigError("federation.sampler.count", f"{self.count} clients per round but only "
                               f"{num_clients} clients", f"use count <= {num_clients}")
         return sorted(rng.choice(num_clients, size=self.count, replace=False).tolist())

@@ -45,8 +45,9 @@ def test_fixed_count_sampling():
         sampler.sample(3, 0)
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [({}, "sampling"), ({"rate": 0.1, "count": 2}, "sampling"),
-                                               ({"rate": 0.0}, "rate"), ({"count": 0}, "count")])
+@pytest.mark.parametrize(("kwargs", "field"), [({}, "sampler"), ({"rate": 0.1, "count": 2}, "sampler"),
+                                               ({"rate": 0.0}, "sampler.rate"), ({"count": 0}, "sampler.count")])
 def test_bad_sampling_names_the_field(kwargs, field):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ConfigError) as err:
         ClientSampler(**kwargs)
+    assert err.value.field == f"federation.{field}"  # the config's key: --federation.sampler.init_args.*
