@@ -42,8 +42,9 @@ def _per_example(model: nn.Module, dataset: Dataset, statistic, batch_size: int)
 
 
 def loss_scores(model: nn.Module, dataset: Dataset, *, batch_size: int = 1000) -> torch.Tensor:
-    """LOSS attack scores (Yeom et al., 2018): the negative cross-entropy of each example."""
-    return _per_example(model, dataset, lambda z, y: -F.cross_entropy(z, y, reduction="none"), batch_size)
+    """LOSS attack scores (Yeom et al., 2018): the negative cross-entropy of each example, in float64 (in float32
+    every loss below about 1e-7 rounds to 0, and the most confident examples, where low FPRs are read, tie)."""
+    return _per_example(model, dataset, lambda z, y: -F.cross_entropy(z.double(), y, reduction="none"), batch_size)
 
 
 @dataclass
@@ -81,10 +82,14 @@ class MembershipResult:
 
 
 def evaluate_membership(member_scores: torch.Tensor, non_member_scores: torch.Tensor) -> MembershipResult:
-    """AUC and the TPR at each FPR of :data:`LOW_FPRS` (the largest TPR whose FPR does not exceed it)."""
+    """AUC and the TPR at each FPR of :data:`LOW_FPRS` (the largest TPR whose FPR does not exceed it).
+
+    Only the scores' order matters. They are replaced by their ranks scaled into [0, 1], ties kept: torchmetrics
+    passes scores outside [0, 1] through a sigmoid, which in float64 merges every score above about 37."""
     if min(len(member_scores), len(non_member_scores)) < 1:
         raise ConfigError("scores", "needs at least one member and one non-member", "give both sets of examples")
-    scores = torch.cat([member_scores, non_member_scores]).double()
+    distinct, rank = torch.unique(torch.cat([member_scores, non_member_scores]).double(), return_inverse=True)
+    scores = rank.double() / max(1, len(distinct) - 1)
     truth = torch.cat([torch.ones(len(member_scores)), torch.zeros(len(non_member_scores))]).long()
     fpr, tpr, _ = binary_roc(scores, truth)
     tpr_at = {target: float(tpr[fpr <= target].max()) for target in LOW_FPRS}
@@ -110,12 +115,14 @@ class LiRA:
     Shadow models are trained on random halves of a population (each example is IN about half of them). For
     each example the logit-scaled confidences of IN and OUT shadows are fitted by Gaussians; the target
     model's confidence ``phi`` is scored by ``log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out)`` (online) or
-    by ``Phi((phi - mu_out) / s_out)`` (offline, OUT shadows only). With few shadows, one variance over all
-    examples (``global_variance``) is more stable, as the paper recommends.
+    by ``(phi - mu_out) / s_out`` (offline, OUT shadows only; the paper's ``Phi`` of it ranks the same, but rounds
+    to 1 past z = 8.3, tying the most confident examples). With few shadows, one variance over all examples
+    (``global_variance``: the mean of the per-example variances) is more stable, as the paper recommends.
 
     Args:
         train: the user's factory: trains and returns a fresh model on the dataset it is given.
-        num_shadows: shadow models (even; the paper uses 64 to 256).
+        num_shadows: shadow models (even, at least 4 so that each side has two values to take a variance of;
+            the paper uses 64 to 256).
         online: use IN shadows too (more accurate, needs the candidates in the shadows' data).
         global_variance: one variance per side for all examples.
         seed: seed of the random halves.
@@ -123,9 +130,9 @@ class LiRA:
 
     def __init__(self, *, train: Callable[[Dataset], nn.Module], num_shadows: int = 16, online: bool = True,
                  global_variance: bool = False, seed: int = 0) -> None:
-        if num_shadows < 2 or num_shadows % 2:
-            raise ConfigError("attack.num_shadows", f"must be an even number >= 2, got {num_shadows}",
-                              "use e.g. 16 (the paper uses 64 or more)")
+        if num_shadows < 4 or num_shadows % 2:
+            raise ConfigError("attack.num_shadows", f"must be an even number >= 4 (two IN and two OUT per example "
+                              f"for a variance), got {num_shadows}", "use e.g. 16 (the paper uses 64 or more)")
         self.train, self.num_shadows, self.online = train, num_shadows, online
         self.global_variance, self.seed = global_variance, seed
         self._confidences: torch.Tensor | None = None  # (shadows, population)
@@ -162,7 +169,7 @@ class LiRA:
         mu_out, s_out = gaussian(~member)
         out_dist = torch.distributions.Normal(mu_out, s_out)
         if not self.online:
-            return out_dist.cdf(phi)
+            return (phi - mu_out) / s_out
         mu_in, s_in = gaussian(member)
         return torch.distributions.Normal(mu_in, s_in).log_prob(phi) - out_dist.log_prob(phi)
 
@@ -194,17 +201,21 @@ def diffusion_loss_scores(model: nn.Module, images: torch.Tensor, labels: torch.
     2023): members are denoised better, so the score is minus each example's noise-prediction error, averaged
     over ``repeats`` (timestep, noise) draws fixed by ``seed`` and shared by all candidates. ``model`` is any
     object with ``device`` and ``diffusion_loss(images, labels, reduction="none")`` giving each example's rows
-    consecutively (e.g. :class:`~fedgen.generators.DPDiffusion`)."""
-    state = torch.random.get_rng_state()
+    consecutively (e.g. :class:`~fedgen.generators.DPDiffusion`). The model is scored in eval mode: every row
+    under its example's own label (no label dropout)."""
+    device = torch.device(model.device)
+    was_training = model.training
+    model.eval()
     scores = []
-    try:
-        for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
-            total = torch.zeros(len(x), dtype=torch.float64)
-            for r in range(repeats):
-                torch.manual_seed(seed + r)  # the same draws for every candidate
-                rows = model.diffusion_loss(x.to(model.device), y.to(model.device), reduction="none")
-                total += rows.reshape(len(x), -1).mean(1).double().cpu()  # an example's rows are consecutive
-            scores.append(-total / repeats)
+    try:  # the global generators (CPU and the model's GPU) are left as they were
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+                total = torch.zeros(len(x), dtype=torch.float64)
+                for r in range(repeats):
+                    torch.manual_seed(seed + r)  # the same draws for every candidate
+                    rows = model.diffusion_loss(x.to(device), y.to(device), reduction="none")
+                    total += rows.reshape(len(x), -1).mean(1).double().cpu()  # an example's rows are consecutive
+                scores.append(-total / repeats)
     finally:
-        torch.random.set_rng_state(state)
+        model.train(was_training)
     return torch.cat(scores)

@@ -605,13 +605,14 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         """The prediction error (of the noise or of v; see ``prediction``) of the batch's B x K rows (rows
         ``i K .. i K + K - 1`` are example i's draws, each its own view when ``augment_shift`` or ``augment_flip``
         is set): their mean, which is the mean over examples of their K-draw losses, or each row's
-        (``reduction="none"``, shape (B K,))."""
+        (``reduction="none"``, shape (B K,)). Labels are dropped (``label_dropout``) in training mode only, as
+        ``nn.Dropout`` drops units: in eval mode every row keeps its example's label."""
         draws = self.hparams.noise_draws
         shifted, offsets = shift_randomly(images.repeat_interleave(draws, dim=0), self.hparams.augment_shift)
         views, mirrored = flip_randomly(shifted, self.hparams.augment_flip)
         x0 = views * 2 - 1
         labels = labels.repeat_interleave(draws, dim=0)
-        if self.hparams.label_dropout > 0:
+        if self.training and self.hparams.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         noise = torch.randn_like(x0)
@@ -790,6 +791,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         batch_size = self.hparams.batch_size if batch_size is None else batch_size
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
         optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
+        self.train()  # label dropout applies
         done = 0
         while done < steps:
             for images, labels in loader:

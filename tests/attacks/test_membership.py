@@ -24,6 +24,27 @@ def test_roc_numbers_on_known_scores() -> None:
     assert (result.members, result.non_members) == (4, 1000)
 
 
+def test_only_the_order_of_the_scores_counts_however_large_they_are() -> None:
+    """torchmetrics passes scores outside [0, 1] through a sigmoid, which in float64 merges all above about 37."""
+    members, non_members = torch.linspace(60, 80, 50, dtype=torch.float64), torch.linspace(38, 58, 50,
+                                                                                          dtype=torch.float64)
+    for shift in (0.0, -70.0, 1e6):
+        result = evaluate_membership(members + shift, non_members + shift)
+        assert result.auc == 1.0 and result.tpr_at_fpr[0.001] == 1.0
+    tied = evaluate_membership(torch.tensor([50.0, 50.0]), torch.tensor([50.0, 50.0]))
+    assert tied.auc == 0.5 and tied.tpr_at_fpr[0.001] == 0.0  # ties stay ties: no guess below FPR 1
+
+
+def test_loss_scores_do_not_tie_at_zero_for_confident_examples() -> None:
+    """In float32 every cross-entropy below about 1e-7 rounds to 0: the most confident examples all tied."""
+    net = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    data = TensorDataset(torch.tensor([[20.0, 0.0], [25.0, 0.0], [30.0, 0.0]]), torch.zeros(3, dtype=torch.long))
+    scores = loss_scores(net, data)
+    assert scores.dtype == torch.float64 and scores[0] < scores[1] < scores[2] < 0
+
+
 def test_the_roc_curve_is_written_as_a_png(tmp_path) -> None:
     from PIL import Image
 
@@ -89,8 +110,9 @@ def test_lira_beats_the_loss_attack_at_one_percent_fpr_on_an_overfit_model() -> 
     loss_result = evaluate_membership(loss[is_member], loss[~is_member])
     assert lira_result.tpr_at_fpr[0.01] > loss_result.tpr_at_fpr[0.01] + 0.05
     assert lira_result.auc > 0.85
-    with pytest.raises(ConfigError):
-        LiRA(train=train, num_shadows=3)
+    for too_few in (3, 2):  # two shadows leave one IN and one OUT value per example: no variance
+        with pytest.raises(ConfigError, match="num_shadows"):
+            LiRA(train=train, num_shadows=too_few)
 
 
 def test_gan_leaks_finds_members_of_a_memorizing_generator_and_not_of_an_independent_one() -> None:
@@ -127,5 +149,8 @@ def test_the_loss_attack_finds_the_members_a_diffusion_model_memorized() -> None
     model.pretrain_on_public(TensorDataset(images[:10], labels[:10]), steps=300)  # memorize 10 images, no privacy
     after = diffusion_loss_scores(model, images, labels, repeats=4)
     torch.testing.assert_close(after, diffusion_loss_scores(model, images, labels, repeats=4))  # fixed draws
+    assert model.training  # the mode it had; scoring ran in eval mode, with no label dropout:
+    model.hparams.label_dropout = 0.9
+    torch.testing.assert_close(after, diffusion_loss_scores(model, images, labels, repeats=4))
     assert evaluate_membership(after[:10], after[10:]).auc > 0.9
     assert 0.25 < evaluate_membership(before[:10], before[10:]).auc < 0.75
