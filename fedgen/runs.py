@@ -17,7 +17,9 @@ def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Pa
     """The run folder: ``run_dir``, else the folder of the checkpoint being resumed, else a new timestamped
     ``runs/<name>-<time>``.
 
-    A folder that holds a finished run (its ``metrics.json``) is never written into again.
+    A folder that holds a finished run (its ``metrics.json``) is never written into again, and one that holds an
+    unfinished run's checkpoints only by a resume (``ckpt_path``): a new run there would overwrite them, and the
+    privacy ledger of what was already spent on the data with them.
     """
     if run_dir is not None:
         folder = Path(run_dir)
@@ -27,10 +29,24 @@ def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Pa
             folder = folder.parent
     else:
         folder = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if folder.exists() and not folder.is_dir() or any(p.exists() and not p.is_dir() for p in folder.parents):
+        raise ConfigError("run_dir", f"{folder} is, or lies under, a file", "give a folder path for --run_dir")
     if (folder / "metrics.json").exists():
         raise ConfigError("run_dir", f"{folder} already holds a finished run",
                           "give a new --run_dir (to continue a finished run, resume its checkpoint into a new folder)")
+    checkpoints = folder / "checkpoints"
+    if ckpt_path is None and ((folder / "generator.ckpt").exists() or (checkpoints.is_dir() and any(
+            checkpoints.iterdir()))):
+        raise ConfigError("run_dir", f"{folder} holds an unfinished run's checkpoints, which a new run would overwrite "
+                          "with their privacy ledger", f"resume it with --ckpt_path={checkpoints / 'last.ckpt'}, or "
+                          "give a new --run_dir")
     return folder
+
+
+def check_seed(seed: int, field: str = "seed_everything") -> None:
+    """Seeds are what numpy and torch accept: integers in [0, 2^32)."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(field, f"{seed} is outside [0, 2^32)", "use e.g. 0")
 
 
 def dataset_name(data_config: Any) -> str:

@@ -144,6 +144,27 @@ def test_a_finished_run_folder_is_never_overwritten(real_data_root, tmp_path, ca
     assert (run / "metrics.json").read_text() == '{"epsilon": 1.0}'
 
 
+def test_a_new_run_never_overwrites_an_unfinished_runs_checkpoints(real_data_root, tmp_path, capsys):
+    """Only a resume (--ckpt_path) may write into a folder whose checkpoints carry a ledger."""
+    run = tmp_path / "run"
+    fit(tiny_args(real_data_root, run))
+    (run / "metrics.json").unlink()  # as if it had stopped part-way
+    saved = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} | {
+        "generator.ckpt": (run / "generator.ckpt").read_bytes()}
+    with pytest.raises(SystemExit):
+        main(["fit", *tiny_args(real_data_root, run)])
+    err = capsys.readouterr().err
+    assert "run_dir" in err and "--ckpt_path=" in err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} | {
+        "generator.ckpt": (run / "generator.ckpt").read_bytes()} == saved
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for path in (a_file, a_file / "run"):
+        with pytest.raises(SystemExit):
+            main(["fit", *tiny_args(real_data_root, path)])
+        assert "run_dir" in capsys.readouterr().err
+
+
 def test_unknown_command_and_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])

@@ -12,6 +12,7 @@ Subclass it to add a mechanism; ``class Mine(Mechanism, name="mine")`` registers
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
@@ -63,9 +64,18 @@ class Mechanism(Registered):
         if noise_multiplier is None and target_epsilon is None:
             raise ConfigError("mechanism.noise_multiplier", "neither noise_multiplier nor target_epsilon is set",
                               "set target_epsilon (the noise is then calibrated) or noise_multiplier")
-        if noise_multiplier is not None and not noise_multiplier > 0:
-            raise ConfigError("mechanism.noise_multiplier", f"must be > 0, got {noise_multiplier}",
+        if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+            raise ConfigError("mechanism.noise_multiplier", f"must be a finite number > 0, got {noise_multiplier}",
                               "use a positive noise multiplier; without noise there is no privacy")
+
+    @staticmethod
+    def check_resumed_noise(given: float | None, saved: float | None) -> None:
+        """A noise multiplier set in the config must be the one the checkpoint's run used: the restored one would
+        replace it unseen, while the saved config still named the other."""
+        if given is not None and saved is not None and given != saved:
+            raise ConfigError("mechanism.noise_multiplier", f"is {given:g}, but the checkpoint's run adds noise "
+                              f"{saved:g}", f"resume with noise_multiplier: {saved:g} (or null with target_epsilon), "
+                              "or start a new run")
 
     def use_ledger(self, ledger: PrivacyLedger) -> None:
         """Share ``ledger`` with other mechanisms spending the same data's budget."""
@@ -121,6 +131,13 @@ class Mechanism(Registered):
             raise ConfigError("mechanism.secure_noise", f"the checkpoint's noise is {saved}, the config's "
                               f"{self.noise.mode}", f"resume with secure_noise: {str(saved == 'secure').lower()}, "
                               "as the run began; or start a new run")
+        ledger = PrivacyLedger(accountant=self.ledger.accountant, unit=self.ledger.unit)
+        ledger.load_state_dict(state["ledger"])
+        spent = ledger.epsilon(self.delta)
+        if self.target_epsilon is not None and spent > self.target_epsilon:
+            raise ConfigError("mechanism.target_epsilon", f"is {self.target_epsilon:g}, but the checkpoint's run has "
+                              f"spent epsilon {spent:.4g} at delta {self.delta:g} already",
+                              f"resume with target_epsilon >= {spent:.4g} (the run's), or start a new run")
         self.ledger.load_state_dict(state["ledger"])
         self.noise.load_state_dict(state["noise"])
 

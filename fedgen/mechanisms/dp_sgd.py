@@ -23,6 +23,7 @@ training cleanly when the budget is spent and keeps the ledger in checkpoints.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -215,8 +216,8 @@ class DPSGD(Mechanism, name="dp_sgd"):
         super().__init__(target_epsilon=target_epsilon, delta=delta, accountant=accountant, seed=seed,
                          secure_noise=secure_noise, unit=unit)
         self.check_noise(noise_multiplier, target_epsilon)
-        if not max_grad_norm > 0:
-            raise ConfigError("mechanism.max_grad_norm", f"must be > 0, got {max_grad_norm}",
+        if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ConfigError("mechanism.max_grad_norm", f"must be a finite number > 0, got {max_grad_norm}",
                               "use a positive clipping norm, e.g. 1.0")
         if engine not in ("auto", "opacus", "fedgen"):
             raise ConfigError("mechanism.engine", f"unknown clipping engine {engine!r}", "use auto, opacus or fedgen")
@@ -226,6 +227,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
         self._private_params: list[nn.Parameter] = []
         self._step_sensitivity: float | None = None  # set by put_clipped_sum for the next step only
         self.noise_multiplier = noise_multiplier
+        self._given_noise_multiplier = noise_multiplier  # the config's, against which a checkpoint is checked
         self.max_grad_norm = float(max_grad_norm)
         self.sample_rate: float | None = None
         self.max_steps: int | None = None
@@ -522,6 +524,7 @@ class DPSGD(Mechanism, name="dp_sgd"):
                                        "sampler": sampler}
 
     def load_state_dict(self, state: dict) -> None:
+        self.check_resumed_noise(self._given_noise_multiplier, state["noise_multiplier"])
         super().load_state_dict(state)
         self.steps_taken = state["steps_taken"]
         self.noise_multiplier = state["noise_multiplier"]

@@ -9,6 +9,7 @@ sensitivity is ``C``, so one release is the Gaussian mechanism with noise multip
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -65,8 +66,9 @@ class GaussianMechanism(Mechanism, name="gaussian"):
                               "use the probability with which each unit joins a release (1 = all)")
         self.sample_rate = float(sample_rate)
         self.check_noise(noise_multiplier, target_epsilon)
-        if not clip_norm > 0:
-            raise ConfigError("mechanism.clip_norm", f"must be > 0, got {clip_norm}", "use a positive clip norm")
+        if not (clip_norm > 0 and math.isfinite(clip_norm)):
+            raise ConfigError("mechanism.clip_norm", f"must be a finite number > 0, got {clip_norm}",
+                              "use a positive clip norm")
         check_at_least_one("mechanism.num_releases", num_releases, "plan at least one release")
         self.clip_norm = float(clip_norm)
         self.num_releases = num_releases
@@ -122,6 +124,7 @@ class GaussianMechanism(Mechanism, name="gaussian"):
         return super().state_dict() | {"noise_multiplier": self._noise_multiplier}
 
     def load_state_dict(self, state: dict) -> None:
+        self.check_resumed_noise(None if self.calibrates_noise else self._noise_multiplier, state["noise_multiplier"])
         super().load_state_dict(state)
         self._noise_multiplier = state["noise_multiplier"]
 

@@ -452,10 +452,27 @@ def test_state_dict_round_trip() -> None:
     mechanism.plan(sample_rate=0.1, steps=10)
     for _ in range(4):
         mechanism.charge_step()
-    other = DPSGD(noise_multiplier=9.0, accountant="rdp", seed=1)
+    other = DPSGD(target_epsilon=100.0, accountant="rdp", seed=1)  # noise calibrated: the checkpoint's is taken
     other.load_state_dict(mechanism.state_dict())
     assert other.steps_taken == 4 and other.noise_multiplier == 1.3
     assert other.epsilon() == mechanism.epsilon() > 0
+
+
+def test_a_checkpoint_is_refused_by_a_config_that_names_other_noise_or_a_budget_it_has_spent() -> None:
+    """Either would be replaced by the checkpoint's unseen, while the saved config said otherwise."""
+    mechanism = DPSGD(noise_multiplier=1.3, accountant="rdp", seed=0)
+    mechanism.plan(sample_rate=0.1, steps=100)
+    for _ in range(100):
+        mechanism.charge_step()
+    spent = mechanism.epsilon()
+    with pytest.raises(ConfigError, match="mechanism.noise_multiplier") as err:
+        DPSGD(noise_multiplier=9.0, accountant="rdp").load_state_dict(mechanism.state_dict())
+    assert "noise_multiplier: 1.3" in err.value.fix
+    with pytest.raises(ConfigError, match="mechanism.target_epsilon"):
+        DPSGD(target_epsilon=spent / 2, accountant="rdp").load_state_dict(mechanism.state_dict())
+    within = DPSGD(noise_multiplier=1.3, target_epsilon=spent * 1.01, accountant="rdp")
+    within.load_state_dict(mechanism.state_dict())
+    assert within.steps_taken == 100
 
 
 def test_bad_config() -> None:

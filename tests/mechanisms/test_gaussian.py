@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
-from fedgen.mechanisms import GaussianMechanism, clip_rows
+from fedgen.mechanisms import DPSGD, GaussianMechanism, clip_rows
 
 ALPHA = 1e-6
 DIM = 200_000
@@ -144,6 +144,27 @@ def test_a_checkpoint_loads_only_into_a_mechanism_with_the_same_noise_source(sav
     same = GaussianMechanism(noise_multiplier=1.0, secure_noise=saved_secure, seed=3)
     same.load_state_dict(first.state_dict())
     assert same.ledger.state_dict() == first.ledger.state_dict()
+
+
+def test_a_checkpoint_with_other_noise_is_refused_unless_the_noise_is_calibrated() -> None:
+    first = GaussianMechanism(noise_multiplier=2.0, seed=0)
+    first.release(torch.zeros(4))
+    with pytest.raises(ConfigError, match="mechanism.noise_multiplier"):
+        GaussianMechanism(noise_multiplier=1.0).load_state_dict(first.state_dict())
+    calibrated = GaussianMechanism(target_epsilon=100.0)
+    calibrated.load_state_dict(first.state_dict())
+    assert calibrated.noise_multiplier == 2.0
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_infinite_or_nan_noise_and_clip_norms_are_refused(bad: float) -> None:
+    """A YAML `.inf` passes a `> 0` check: infinite noise, or an infinite clip norm that bounds nothing."""
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        GaussianMechanism(noise_multiplier=bad)
+    with pytest.raises(ConfigError, match="clip_norm"):
+        GaussianMechanism(noise_multiplier=1.0, clip_norm=bad)
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        DPSGD(noise_multiplier=1.0, max_grad_norm=bad)
 
 
 def test_secure_noise_odd_sizes_and_shapes() -> None:
