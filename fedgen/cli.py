@@ -26,9 +26,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchvision
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule, same_source
 from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one
@@ -135,6 +136,18 @@ class EpochLog(Callback):
                  pl_module.training_seconds)
 
 
+def check_training_length(trainer: L.Trainer) -> None:
+    """Refuse a generator's training of no steps (the privacy would be spent on an untrained generator) or of no
+    bound (DP-SGD plans its noise for a known number of steps; the run would never end)."""
+    for field, value in (("trainer.max_epochs", trainer.max_epochs), ("trainer.max_steps", trainer.max_steps)):
+        if value == 0:
+            raise ConfigError(field, "is 0: the private data would be released to a generator that never trains",
+                              "train for at least one epoch or step")
+    if trainer.max_epochs == -1 and trainer.max_steps == -1:
+        raise ConfigError("trainer.max_epochs", "is -1 with max_steps -1: the training has no end",
+                          "set trainer.max_epochs or trainer.max_steps")
+
+
 def build_fit_cli(args: list[str]) -> FedgenCLI:
     """``fedgen fit``'s parser and the objects it configures (generator, mechanism, data, trainer), built from
     ``args`` without running anything; a config that cannot be built raises :class:`ConfigError`."""
@@ -146,9 +159,14 @@ def build_fit_cli(args: list[str]) -> FedgenCLI:
                          auto_configure_optimizers=False,
                          trainer_defaults={"logger": False, "max_epochs": 5,
                                            "callbacks": [epoch_checkpoint(), EpochLog()]},
-                         parser_kwargs={"prog": "fedgen fit"})
+                         parser_kwargs={"prog": "fedgen fit", "exit_on_error": False})
+    except ArgumentError as err:  # the parser refused an option: name it, as fedgen's other commands do
+        raise ConfigError("config", str(err).strip(), "see fedgen fit --help") from err
     except ValueError as err:  # building the configured objects failed: report the config error inside
         raise config_error(err) from err
+    except MisconfigurationException as err:  # Lightning refused the trainer's settings
+        raise ConfigError("trainer", str(err).strip(), "correct the trainer's settings (e.g. accelerator: cpu "
+                          "where there is no GPU)") from err
 
 
 def fit(args: list[str]) -> dict[str, Any]:
@@ -174,6 +192,7 @@ def fit(args: list[str]) -> dict[str, Any]:
                           f"{dataset_name(config.data)}"), "declare a dataset of other images public (e.g. "
                           "FashionMNIST or KMNIST for MNIST), or remove it")
     check_at_least_one("public_steps", config.public_steps, "use e.g. 1000")
+    check_training_length(trainer)
     if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
         raise ConfigError("fid_samples", f"{config.fid_samples} is not between 0 and num_synthetic "
                           f"({config.num_synthetic})", "use e.g. 10000, or 0 for no FID")

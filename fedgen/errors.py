@@ -26,6 +26,26 @@ def check_at_least_one(field: str, value: int, fix: str) -> None:
         raise ConfigError(field, f"must be >= 1, got {value}", fix)
 
 
+def check_positive(field: str, value: float, fix: str) -> None:
+    """Refuse a value that is not a finite number > 0 with a ConfigError naming ``field``."""
+    if not (value > 0 and value != float("inf")):
+        raise ConfigError(field, f"must be a finite number > 0, got {value}", fix)
+
+
+def check_accelerator(field: str, accelerator: str) -> None:
+    """Refuse a Lightning accelerator name that is unknown, or that this machine does not have."""
+    if accelerator == "auto":
+        return
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    name = "cuda" if accelerator == "gpu" else accelerator
+    known = sorted(AcceleratorRegistry.available_accelerators())
+    if name not in known:
+        raise ConfigError(field, f"unknown accelerator {accelerator!r}", f"use auto, gpu or one of {known}")
+    if not AcceleratorRegistry[name]["accelerator"].is_available():
+        raise ConfigError(field, f"{accelerator} is not available on this machine", "use auto or cpu")
+
+
 class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing and cannot be downloaded."""
 

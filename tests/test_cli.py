@@ -118,11 +118,27 @@ BAD_CONFIGS = [
     (["--num_synthetic=3"], "num_synthetic"),
     (["--evaluation.classifier=resnet9000"], "classifier"),
     (["--model.init_args.mechanism.init_args.clip_norm=0.5"], "clip_norm"),
+    (["--model.init_args.latent_dim=-1"], "model.latent_dim"),
+    (["--model.init_args.steps_per_epoch=-2"], "model.steps_per_epoch"),
+    (["--model.init_args.embedding_batch_size=0"], "model.embedding_batch_size"),
+    (["--model.init_args.lr=-1"], "model.lr"),
+    (["--model.init_args.lr_decay=-1"], "model.lr_decay"),
+    (["--model.init_args.mechanism.init_args.sample_rate=0.5"], "model.mechanism.sample_rate"),
+    (["--trainer.max_epochs=0"], "trainer.max_epochs"),
+    (["--trainer.max_epochs=-1", "--trainer.max_steps=-1"], "trainer.max_epochs"),
+    (["--evaluation.lr=-1"], "evaluation.lr"),
+    (["--evaluation.accelerator=tpu"], "evaluation.accelerator"),
+    (["--trainer.accelerator=gpu"], "trainer"),
+    (["--model.init_args.num_featurez=200"], "num_featurez"),
 ]
 
 
 @pytest.mark.parametrize(("extra", "field"), BAD_CONFIGS, ids=[f"{i}-{f[:20]}" for i, (_, f) in enumerate(BAD_CONFIGS)])
-def test_bad_config_fails_before_training_and_names_the_field(real_data_root, tmp_path, capsys, extra, field):
+def test_bad_config_fails_before_training_and_names_the_field(real_data_root, tmp_path, capsys, monkeypatch, extra,
+                                                              field):
+    from fedgen.mechanisms import GaussianMechanism
+
+    monkeypatch.setattr(GaussianMechanism, "charge", lambda *a: pytest.fail("released before the check"))
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny_args(real_data_root, run, *extra)])

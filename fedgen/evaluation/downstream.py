@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 from torchmetrics.classification import MulticlassAccuracy
 
-from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.errors import ConfigError, check_accelerator, check_at_least_one, check_positive
 from fedgen.evaluation.classifiers import classifiers
 from fedgen.mechanisms import DPSGD, PrivateModule
 
@@ -136,6 +136,8 @@ class TrainOnSynthetic:
         check_at_least_one("evaluation.batch_size", batch_size, "use e.g. 256")
         if not 0 < val_fraction < 1:
             raise ConfigError("evaluation.val_fraction", f"must be in (0, 1), got {val_fraction}", "use e.g. 0.1")
+        check_positive("evaluation.lr", lr, "use e.g. 1e-3")
+        check_accelerator("evaluation.accelerator", accelerator)
         self.classifier = classifier
         self.epochs = epochs
         self.batch_size = batch_size

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.errors import ConfigError, check_at_least_one, check_positive
 from fedgen.generators.base import Generator
 from fedgen.mechanisms import GaussianMechanism
 from fedgen.mechanisms.precision import exact_float32, ieee_fp32
@@ -124,6 +124,13 @@ class DPMerf(Generator, name="dp_merf"):
         if not 0 < count_weight < 1:
             raise ConfigError("model.count_weight", f"must be in (0, 1), got {count_weight}", "use e.g. 0.1")
         check_at_least_one("model.batch_size", batch_size, "use e.g. 100")
+        check_at_least_one("model.latent_dim", latent_dim, "use e.g. 20")
+        check_at_least_one("model.embedding_batch_size", embedding_batch_size, "use e.g. 2000")
+        if steps_per_epoch is not None:
+            check_at_least_one("model.steps_per_epoch", steps_per_epoch, "use e.g. 600, or null (data size / batch)")
+        check_positive("model.lr", lr, "use e.g. 0.01")
+        if not 0 < lr_decay <= 1:
+            raise ConfigError("model.lr_decay", f"must be in (0, 1], got {lr_decay}", "use e.g. 0.9, or 1 for none")
         self.save_hyperparameters(ignore=["mechanism"])
         self.generator = ConditionalConvGenerator(latent_dim=latent_dim, num_classes=num_classes,
                                                   image_shape=self.image_shape)
