@@ -38,6 +38,7 @@ from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
 from fedgen.federated import FederatedDPSGD, FederatedRelease, FederatedTrainer, make_clients
 from fedgen.generators import CentralImages, Generator, MerfImages
+from fedgen.mechanisms.lightning import CHECKPOINT_KEY
 from fedgen.cli_attacks import attack, audit, membership
 from fedgen.cli_sample import sample, save_synthetic
 from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
@@ -136,6 +137,48 @@ class EpochLog(Callback):
                  pl_module.training_seconds)
 
 
+DATA_KEY = "fedgen_data"
+
+
+class PrivateDataRecord(Callback):
+    """Writes into every checkpoint which private data the run trains on (dataset name and size), so that a resume
+    on other data is refused before anything runs."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[DATA_KEY] = self.record
+
+
+def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[str, Any]) -> None:
+    """Refuse, before anything is written or released, a ``ckpt_path`` that cannot continue this run: missing,
+    unreadable, without a privacy ledger, of another generator class or settings, or of other private data."""
+    fix = "give a checkpoint of this run (<run>/checkpoints/last.ckpt), or start a new run without --ckpt_path"
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError("ckpt_path", f"{path} is not a file", fix)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unreadable file: a truncated save, a text file, another format
+        raise ConfigError("ckpt_path", f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err})",
+                          fix) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or CHECKPOINT_KEY not in checkpoint:
+        raise ConfigError("ckpt_path", f"{path} is not a fedgen checkpoint (no weights or no privacy ledger)", fix)
+    saved_class = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if saved_class is not None and saved_class.rsplit(".", 1)[-1] != type(generator).__qualname__:
+        raise ConfigError("ckpt_path", f"{path} holds a {saved_class}, the config a {type(generator).__name__}", fix)
+    saved = checkpoint["state_dict"]  # may hold more (parts made during training, e.g. an EMA), never less
+    if any(k not in saved or tuple(saved[k].shape) != tuple(v.shape) for k, v in generator.state_dict().items()):
+        raise ConfigError("ckpt_path", f"{path} holds a {type(generator).__name__} of other settings (its weights "
+                          "differ in names or shapes)", "resume with the model settings the run was started with")
+    saved_data = checkpoint.get(DATA_KEY)
+    if saved_data is not None and saved_data != record:
+        raise ConfigError("ckpt_path", f"{path} trained on {saved_data['dataset']} ({saved_data['examples']} "
+                          f"examples), the config gives {record['dataset']} ({record['examples']})",
+                          "resume on the private data the run began with")
+
+
 def check_training_length(trainer: L.Trainer) -> None:
     """Refuse a generator's training of no steps (the privacy would be spent on an untrained generator) or of no
     bound (DP-SGD plans its noise for a known number of steps; the run would never end)."""
@@ -209,6 +252,10 @@ def fit(args: list[str]) -> dict[str, Any]:
     else:
         loader = generator.attach_private_data(data.train_set)
     generator.check_training(trainer.strategy.root_device)
+    record = {"dataset": dataset_name(config.data), "examples": len(data.train_set)}
+    if config.ckpt_path is not None:
+        check_resume_checkpoint(config.ckpt_path, generator, record)
+    trainer.callbacks.append(PrivateDataRecord(record))
     write_config(cli.parser, config, run_dir)
     log.info("Privacy: %s on %d private examples (add/remove-one-%s neighbouring)",
              generator.mechanism.describe(), len(data.train_set), generator.mechanism.ledger.unit)

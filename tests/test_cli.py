@@ -181,6 +181,29 @@ def test_a_new_run_never_overwrites_an_unfinished_runs_checkpoints(real_data_roo
         assert "run_dir" in capsys.readouterr().err
 
 
+def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_anything_is_written(real_data_root, tmp_path,
+                                                                                         capsys):
+    run = tmp_path / "run"
+    fit(tiny_args(real_data_root, run))
+    (run / "metrics.json").unlink()
+    last = run / "checkpoints" / "last.ckpt"
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    other_data = ["--data.class_path=fedgen.data.FashionMNISTDataModule", f"--data.init_args.root={real_data_root}",
+                  "--data.init_args.train_subset=600", "--data.init_args.test_subset=200"]
+    cases = [([f"--ckpt_path={tmp_path / 'missing.ckpt'}"], "is not a file"),
+             ([f"--ckpt_path={text}"], "cannot be read"),
+             ([f"--ckpt_path={last}", "--model.init_args.num_features=100"], "other settings"),
+             ([f"--ckpt_path={last}", *other_data], "trained on mnist (600 examples)")]
+    for extra, problem in cases:
+        target = tmp_path / f"resumed-{len(problem)}"
+        with pytest.raises(SystemExit):
+            main(["fit", *tiny_args(real_data_root, target, "--trainer.max_epochs=2", *extra)])
+        err = capsys.readouterr().err
+        assert "ckpt_path" in err and problem in err, err
+        assert not target.exists()  # no run folder, no config written
+
+
 def test_unknown_command_and_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])
