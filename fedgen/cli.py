@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 import sys
 import time
 import warnings
@@ -41,7 +43,8 @@ from fedgen.generators import CentralImages, Generator, MerfImages
 from fedgen.mechanisms.lightning import CHECKPOINT_KEY
 from fedgen.cli_attacks import attack, audit, membership
 from fedgen.cli_sample import sample, save_synthetic
-from fedgen.runs import config_error, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
+from fedgen.runs import (check_seed, config_error, dataset_name, instantiate, parse_args, resolve_run_dir,
+                         write_config)
 
 log = logging.getLogger("fedgen")
 
@@ -85,6 +88,12 @@ class FedgenCLI(LightningCLI):
         parser.add_argument("--fid_samples", type=int, default=0,
                             help="FID between this many synthetic and real test images (0: no FID; needs "
                                  "fedgen[fid]; slow on a CPU).")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        seed = self.config.seed_everything
+        if type(seed) is int:  # checked before LightningCLI seeds with it; True/False (a random seed, or none) pass
+            check_seed(seed)
 
     def before_instantiate_classes(self) -> None:
         config = self.config
@@ -179,6 +188,17 @@ def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[s
                           "resume on the private data the run began with")
 
 
+def check_synthetic_fits_in_memory(num_synthetic: int, image_shape: tuple[int, ...]) -> None:
+    """Refuse a synthetic set the machine cannot hold (as 8-bit images saved, and twice in float32 to train on),
+    before the privacy is spent on a run that would fail at its end."""
+    needed = num_synthetic * math.prod(image_shape) * 9
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ConfigError("num_synthetic", f"{num_synthetic} images of {list(image_shape)} need about "
+                          f"{needed / 2**30:.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB",
+                          "use e.g. 60000")
+
+
 def check_training_length(trainer: L.Trainer) -> None:
     """Refuse a generator's training of no steps (the privacy would be spent on an untrained generator) or of no
     bound (DP-SGD plans its noise for a known number of steps; the run would never end)."""
@@ -236,6 +256,8 @@ def fit(args: list[str]) -> dict[str, Any]:
                           "FashionMNIST or KMNIST for MNIST), or remove it")
     check_at_least_one("public_steps", config.public_steps, "use e.g. 1000")
     check_training_length(trainer)
+    generator.check_trainer(trainer)
+    check_synthetic_fits_in_memory(config.num_synthetic, generator.image_shape)
     if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
         raise ConfigError("fid_samples", f"{config.fid_samples} is not between 0 and num_synthetic "
                           f"({config.num_synthetic})", "use e.g. 10000, or 0 for no FID")
@@ -393,6 +415,7 @@ def federate(args: list[str]) -> dict[str, Any]:
     """
     parser = federate_parser()
     config = parse_args(parser, args)
+    check_seed(config.seed_everything)
     L.seed_everything(config.seed_everything, verbose=False)
     name = f"federated-{config.classifier}-{dataset_name(config.data)}"
     run_dir = resolve_run_dir(config.run_dir, config.ckpt_path, name)
@@ -414,8 +437,9 @@ def federate(args: list[str]) -> dict[str, Any]:
     try:
         net = classifiers.get(config.classifier)(image_shape=data.image_shape, num_classes=data.num_classes,
                                                  **(config.classifier_args or {}))
-    except TypeError as err:
-        raise ConfigError("classifier_args", str(err), "give only arguments the classifier takes") from err
+    except (TypeError, ValueError, RuntimeError) as err:  # unknown arguments, or values no layer can take
+        raise ConfigError("classifier_args", str(err), "give only arguments the classifier takes, as positive "
+                          "integers (e.g. {width: 32, depth: 2})") from err
     write_config(parser, config, run_dir)
     if mechanism is not None:
         log.info("Privacy: %s (add/remove-one-%s neighbouring) over %d clients",

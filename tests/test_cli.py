@@ -130,6 +130,8 @@ BAD_CONFIGS = [
     (["--evaluation.accelerator=tpu"], "evaluation.accelerator"),
     (["--trainer.accelerator=gpu"], "trainer"),
     (["--model.init_args.num_featurez=200"], "num_featurez"),
+    (["--seed_everything=-1"], "seed_everything"),
+    (["--num_synthetic=100000000000"], "num_synthetic"),
 ]
 
 

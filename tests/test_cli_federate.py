@@ -68,6 +68,11 @@ BAD = [
     (["--classifier=resnet"], "classifier"),
     (["--federation.sampler.init_args.rate=1.5"], "rate"),
     (["--num_clients=0"], "num_clients"),
+    (["--classifier_args={width: -1, depth: 1}"], "classifier_args"),
+    (["--federation.accelerator=gpu"], "federation.accelerator"),
+    (["--seed_everything=-1"], "seed_everything"),
+    (["--federation.sampler.init_args.rate=null", "--federation.sampler.init_args.count=5"],
+     "federation.sampler.count"),  # client-level DP: a fixed count is refused
 ]
 
 
@@ -78,4 +83,4 @@ def test_bad_config_fails_before_any_round_and_names_the_field(real_data_root, t
         main(["federate", *tiny_args(real_data_root, run, *extra)])
     assert exit_info.value.code == 2
     assert field in capsys.readouterr().err
-    assert not (run / "checkpoints").exists()
+    assert not run.exists()  # nothing written: no checkpoints, not even config.yaml

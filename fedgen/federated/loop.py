@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.errors import ConfigError, check_accelerator, check_at_least_one
 from fedgen.federated.clients import Client, ClientSampler
 from fedgen.federated.strategy import Strategy
 
@@ -55,6 +55,7 @@ class FederatedTrainer:
         check_at_least_one("federation.rounds", rounds, "run at least one round")
         check_at_least_one("federation.devices", devices, "use e.g. 1")
         check_at_least_one("federation.checkpoint_every", checkpoint_every, "use e.g. 1")
+        check_accelerator("federation.accelerator", accelerator)
         strategy.check_plan(sampler, rounds)
         if capture and devices > 1:
             raise ConfigError("federation.capture", "capturing a client's traffic needs devices=1",

@@ -31,12 +31,24 @@ class PrivateModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Subclasses that override this call it first."""
-        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
-        if self.mechanism is not None and self.mechanism.one_sample_per_step and accumulate != 1:
-            name = type(self.mechanism).__name__
+        self.check_trainer(self.trainer)
+
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Refuse trainer settings the mechanism cannot account for (also callable before ``fit``, e.g. before a
+        generator's warm-up releases): under DP-SGD, accumulated batches (each step must be one Poisson batch)
+        and weights in 16 bits (the clipped sum would be rounded before the noise)."""
+        if self.mechanism is None or not self.mechanism.one_sample_per_step:
+            return
+        name = type(self.mechanism).__name__
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        if accumulate != 1:
             raise ConfigError("trainer.accumulate_grad_batches", f"is {accumulate}, but each {name} step must be one "
                               "Poisson batch (the ledger counts one sample per step)",
                               "set accumulate_grad_batches: 1, and a larger batch_size for larger steps")
+        precision = str(getattr(trainer, "precision", "32-true"))
+        if precision in ("16-true", "bf16-true"):
+            raise ConfigError("trainer.precision", f"is {precision}: {name} would clip, sum and noise in 16 bits",
+                              "use precision 32, or bf16-mixed (autocast; fedgen computes the private sums in float32)")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.mechanism is not None:

@@ -181,3 +181,19 @@ def test_fedgen_fit_runs_both_warm_ups_and_a_resume_releases_neither_again(real_
     with pytest.raises(ConfigError) as err:  # the run warmed up on both: resuming with one of them is refused
         fit(_tiny_cli(real_data_root, 5, f"--run_dir={run}", warm_ups[1], warm_ups[2], resume, fixed_noise=False))
     assert err.value.field == "model.merf_images"
+
+
+@pytest.mark.parametrize(("extra", "field"), [("--trainer.precision=bf16-true", "trainer.precision"),
+                                              ("--trainer.max_steps=0", "trainer.max_steps")])
+def test_trainer_settings_dp_sgd_cannot_take_are_refused_before_the_warm_up_releases(real_data_root, tmp_path,
+                                                                                      monkeypatch, extra, field):
+    """The warm-ups release before trainer.fit: a refusal that waited for DP-SGD would come after their spending."""
+    from fedgen.cli import fit
+    from fedgen.mechanisms import GaussianMechanism
+    from tests.generators.test_ddpm import _tiny_cli
+
+    monkeypatch.setattr(GaussianMechanism, "charge", lambda *a: pytest.fail("a warm-up released before the check"))
+    warm_up = '--model.init_args.central_images={"epsilon": 1.0, "releases": 1, "sample_rate": 0.5, "steps": 2}'
+    with pytest.raises(ConfigError) as err:
+        fit(_tiny_cli(real_data_root, 2, f"--run_dir={tmp_path / 'run'}", warm_up, extra, fixed_noise=False))
+    assert err.value.field == field and not (tmp_path / "run").exists()
