@@ -273,6 +273,8 @@ def fit(args: list[str]) -> dict[str, Any]:
         loader = federation.attach(generator, data.train_set)
     else:
         loader = generator.attach_private_data(data.train_set)
+    if isinstance(federation, FederatedRelease):
+        federation.check(generator, data.train_set)
     generator.check_training(trainer.strategy.root_device)
     record = {"dataset": dataset_name(config.data), "examples": len(data.train_set)}
     if config.ckpt_path is not None:

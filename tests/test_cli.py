@@ -240,6 +240,17 @@ def test_federated_example_runs_end_to_end_with_one_release(real_data_root, tmp_
     assert "federation" in (run / "config.yaml").read_text()
 
 
+def test_a_federated_release_that_cannot_run_is_refused_before_the_run_folder_is_written(real_data_root, tmp_path,
+                                                                                        capsys):
+    run = tmp_path / "run"
+    args = tiny_args(real_data_root, run, "--federation.init_args.num_clients=1000")
+    args[1] = str(FEDERATED_EXAMPLE)
+    with pytest.raises(SystemExit):
+        main(["fit", *args])
+    assert "federation.num_clients: 1000 clients but only 600" in capsys.readouterr().err
+    assert not run.exists()
+
+
 
 def _fit_examples() -> list[str]:
     """The examples written for ``fedgen fit``: those that name a generator (``model``) and a ``trainer``."""

@@ -123,11 +123,15 @@ class FederatedRelease:
         l2 = bound * self.scale + math.sqrt(dim)
         return l2, min(math.sqrt(dim) * l2, l2 * l2)
 
-    def run(self, generator: ReleasesOneSum, dataset: Dataset, *,
-            device: torch.device | str | None = None) -> dict[str, Any]:
-        """Split ``dataset`` among the clients, aggregate their sums, release once; returns a report."""
-        mechanism = generator.mechanism
-        unit = "example" if self.client_clip_norm is None else "user"
+    @property
+    def unit(self) -> str:
+        """The neighbouring unit this release protects: one example, or one client's whole data (user)."""
+        return "example" if self.client_clip_norm is None else "user"
+
+    def check(self, generator: ReleasesOneSum, dataset: Dataset) -> None:
+        """Refuse settings this release cannot run or account for with ``generator`` on ``dataset``, before any
+        client computes (``run`` checks again)."""
+        mechanism, unit = generator.mechanism, self.unit
         if mechanism.ledger.unit != unit:
             raise ConfigError("model.mechanism.unit", f"is {mechanism.ledger.unit!r}, but this federation gives "
                               f"{unit}-level DP", f"set unit: {unit} on the mechanism (client_clip_norm "
@@ -140,6 +144,15 @@ class FederatedRelease:
                               "sums every client's data (no subsampling)", "use sample_rate: 1")
         if self.noise == "distributed":
             self._check_distributed(mechanism)
+        if self.num_clients > len(dataset):
+            raise ConfigError("federation.num_clients", f"{self.num_clients} clients but only {len(dataset)} "
+                              "private examples", f"use num_clients <= {len(dataset)}")
+
+    def run(self, generator: ReleasesOneSum, dataset: Dataset, *,
+            device: torch.device | str | None = None) -> dict[str, Any]:
+        """Split ``dataset`` among the clients, aggregate their sums, release once; returns a report."""
+        self.check(generator, dataset)
+        mechanism, unit = generator.mechanism, self.unit
         clients = make_clients(dataset, self.partitioner, self.num_clients)
         start = time.perf_counter()
         if device is not None:  # the clients' embedding runs where the generator will train (e.g. the GPU)
