@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 import sys
 import time
 import warnings
@@ -43,8 +41,8 @@ from fedgen.generators import CentralImages, Generator, MerfImages
 from fedgen.mechanisms.lightning import CHECKPOINT_KEY
 from fedgen.cli_attacks import attack, audit, membership
 from fedgen.cli_sample import sample, save_synthetic
-from fedgen.runs import (check_seed, config_error, dataset_name, instantiate, parse_args, resolve_run_dir,
-                         write_config)
+from fedgen.runs import (check_images_fit_in_memory, check_seed, config_error, dataset_name, instantiate, parse_args,
+                         resolve_run_dir, write_config)
 
 log = logging.getLogger("fedgen")
 
@@ -188,17 +186,6 @@ def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[s
                           "resume on the private data the run began with")
 
 
-def check_synthetic_fits_in_memory(num_synthetic: int, image_shape: tuple[int, ...]) -> None:
-    """Refuse a synthetic set the machine cannot hold (as 8-bit images saved, and twice in float32 to train on),
-    before the privacy is spent on a run that would fail at its end."""
-    needed = num_synthetic * math.prod(image_shape) * 9
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > memory:
-        raise ConfigError("num_synthetic", f"{num_synthetic} images of {list(image_shape)} need about "
-                          f"{needed / 2**30:.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB",
-                          "use e.g. 60000")
-
-
 def check_training_length(trainer: L.Trainer) -> None:
     """Refuse a generator's training of no steps (the privacy would be spent on an untrained generator) or of no
     bound (DP-SGD plans its noise for a known number of steps; the run would never end)."""
@@ -257,7 +244,8 @@ def fit(args: list[str]) -> dict[str, Any]:
     check_at_least_one("public_steps", config.public_steps, "use e.g. 1000")
     check_training_length(trainer)
     generator.check_trainer(trainer)
-    check_synthetic_fits_in_memory(config.num_synthetic, generator.image_shape)
+    # the synthetic set: 8-bit images saved, and twice in float32 to train on
+    check_images_fit_in_memory("num_synthetic", config.num_synthetic, generator.image_shape, bytes_per_pixel=9)
     if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
         raise ConfigError("fid_samples", f"{config.fid_samples} is not between 0 and num_synthetic "
                           f"({config.num_synthetic})", "use e.g. 10000, or 0 for no FID")

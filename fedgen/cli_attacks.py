@@ -17,7 +17,7 @@ import torch
 import torchvision
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from fedgen.attacks.audit import audit_dp_sgd, check_audit_plan
+from fedgen.attacks.audit import audit_dp_sgd, check_audit_delta, check_audit_plan
 from fedgen.attacks.membership import diffusion_loss_scores, evaluate_membership, gan_leaks_scores
 from fedgen.attacks.gradient_inversion import (
     GradientInversion,
@@ -31,7 +31,7 @@ from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators import DPMerf
 from fedgen.mechanisms import DPSGD, GaussianMechanism, SecureAggregator, SubsampledGaussianEvent, compute_epsilon
-from fedgen.runs import dataset_name, instantiate, parse_args, resolve_run_dir, write_config
+from fedgen.runs import check_seed, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
 
@@ -61,11 +61,14 @@ def audit(args: list[str]) -> dict[str, Any]:
     """
     parser = audit_parser()
     config = parse_args(parser, args)
+    check_seed(config.seed_everything)
     L.seed_everything(config.seed_everything, verbose=False)
-    check_audit_plan(num_canaries=config.num_canaries, guesses=config.guesses, sample_rate=config.sample_rate)
+    check_audit_plan(num_canaries=config.num_canaries, guesses=config.guesses, sample_rate=config.sample_rate,
+                     steps=config.steps, beta=config.beta)
+    built = instantiate(parser, config)
+    check_audit_delta(built.mechanism, num_canaries=config.num_canaries, seed=config.seed_everything)
     run_dir = resolve_run_dir(config.run_dir, None, "audit-dpsgd")
     config.run_dir = str(run_dir)
-    built = instantiate(parser, config)
     write_config(parser, config, run_dir)
     log.info("Auditing %s with %d canaries, %d steps at q = %g", built.mechanism.describe(), config.num_canaries,
              config.steps, config.sample_rate)
@@ -149,17 +152,26 @@ def attack(args: list[str]) -> dict[str, Any]:
     """
     parser = attack_parser()
     config = parse_args(parser, args)
+    check_seed(config.seed_everything)
     L.seed_everything(config.seed_everything, verbose=False)
     check_at_least_one("batch_size", config.batch_size, "use 1 for single-example updates")
     if not config.examples or len(config.examples) % config.batch_size:
         raise ConfigError("examples", f"{len(config.examples)} examples do not make whole batches of "
                           f"{config.batch_size}", "give a multiple of batch_size indices")
-    if config.noise_multiplier < 0 or not config.max_grad_norm > 0:
+    if not config.noise_multiplier >= 0 or not config.max_grad_norm > 0:
         raise ConfigError("noise_multiplier", f"noise_multiplier={config.noise_multiplier}, "
                           f"max_grad_norm={config.max_grad_norm}", "use noise_multiplier >= 0 and max_grad_norm > 0")
     if config.secure_aggregation_clients < 3:
         raise ConfigError("secure_aggregation_clients", f"is {config.secure_aggregation_clients}",
                           "secure aggregation needs at least 3 clients")
+    if not 0 < config.delta < 1:
+        raise ConfigError("delta", f"must be in (0, 1), got {config.delta}", "use e.g. 1e-5")
+    if config.defence in ("dp_merf", "secure_aggregation"):  # DP-Merf's own checks, named as the options
+        if config.num_features < 2 or config.num_features % 2:
+            raise ConfigError("num_features", f"must be an even number >= 2, got {config.num_features}",
+                              "use e.g. 10000")
+        if not config.length_scale > 0:
+            raise ConfigError("length_scale", f"must be > 0, got {config.length_scale}", "use e.g. 7.0")
     attack_name = config.attack.class_path.rsplit(".", 1)[-1].lower()
     run_dir = resolve_run_dir(config.run_dir, None, f"attack-{attack_name}-{dataset_name(config.data)}")
     config.run_dir = str(run_dir)
@@ -169,8 +181,8 @@ def attack(args: list[str]) -> dict[str, Any]:
     data.setup("fit")
     if max(config.examples) >= len(data.train_set) or min(config.examples) < 0:
         raise ConfigError("examples", f"indices must be in [0, {len(data.train_set)})", "pick training examples")
-    write_config(parser, config, run_dir)
     client = _Client(config, data)
+    write_config(parser, config, run_dir)
     originals, reconstructions, updates = [], [], []
     for start in range(0, len(config.examples), config.batch_size):
         batch = [data.train_set[i] for i in config.examples[start:start + config.batch_size]]
@@ -311,11 +323,17 @@ def membership(args: list[str]) -> dict[str, Any]:
     """
     parser = membership_parser()
     config = parse_args(parser, args)
+    check_seed(config.seed_everything)
     L.seed_everything(config.seed_everything, verbose=False)
     check_at_least_one("members", config.members, "use e.g. 2000")
     check_at_least_one("non_members", config.non_members, "use e.g. 2000")
     check_at_least_one("repeats", config.repeats, "use e.g. 8")
     attacked = check_fit_run(config.run, ("config.yaml", "generator.ckpt", "synthetic.pt"))
+    # The default run folder lies in runs/: inside the attacked run only if runs/ is.
+    own = Path(config.run_dir if config.run_dir is not None else "runs").resolve()
+    if own == attacked.resolve() or attacked.resolve() in own.parents:
+        raise ConfigError("run_dir", f"{own} is, or lies inside, the attacked run {attacked.resolve()}, which "
+                          "fedgen membership only reads", "give a --run_dir outside the --run folder")
     generator, data = load_fit_run(attacked)
     data.prepare_data()
     data.setup("fit")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators import Generator
-from fedgen.runs import instantiate, parse_args
+from fedgen.runs import check_images_fit_in_memory, check_seed, instantiate, parse_args
 
 log = logging.getLogger("fedgen")
 
@@ -43,8 +44,20 @@ def load_fit_run(run: Path, sampling: dict[str, Any] | None = None) -> tuple[Gen
     parser.add_argument("--data", type=VisionDataModule)
     built = instantiate(parser, parse_args(parser, ["--model", json.dumps(saved["model"]),
                                                     "--data", json.dumps(saved["data"])]))
-    checkpoint = torch.load(run / "generator.ckpt", map_location="cpu", weights_only=False)
-    built.model.load_state_dict(checkpoint["state_dict"])
+    path = run / "generator.ckpt"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # empty, truncated or not a checkpoint: whatever unpickling raises
+        raise ConfigError("run", f"{path} cannot be read ({type(err).__name__}: {err})",
+                          "give a run folder whose generator.ckpt `fedgen fit` wrote in full") from err
+    try:
+        built.model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as err:  # no state_dict, or another generator's weights
+        problem = " ".join(f"{type(err).__name__}: {err}".split())
+        problem = problem if len(problem) <= 300 else problem[:300] + " ..."
+        raise ConfigError("run", f"{path} does not hold the weights of the {type(built.model).__name__} its "
+                          f"config.yaml builds ({problem})", "give a run folder whose config.yaml and "
+                          "generator.ckpt come from the same `fedgen fit` run") from err
     built.model.on_load_checkpoint(checkpoint)  # the ledger: what the run spent
     return built.model.eval(), built.data
 
@@ -81,6 +94,21 @@ def check_fit_run(run: str | None, needs: tuple[str, ...]) -> Path:
     return folder
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``out`` whose folder cannot be created or written: a file on its path, or a folder not writable."""
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError("out", f"{existing} is a file, so the folder of {out} cannot be created",
+                          "give a path whose folders are folders (or can be created)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("out", f"{existing} is not writable", "give a path in a folder you can write")
+
+
+#: bytes a drawn pixel takes at the peak of ``fedgen sample``: the float32 images, and two float32 copies while
+#: they are clamped and turned into 8-bit values
+BYTES_PER_PIXEL = 12
+
+
 def sample_parser() -> ArgumentParser:
     """The options of ``fedgen sample``."""
     parser = ArgumentParser(prog="fedgen sample", description=sample.__doc__, exit_on_error=False)
@@ -112,6 +140,7 @@ def sample(args: list[str]) -> dict[str, Any]:
     """
     parser = sample_parser()
     config = parse_args(parser, args)
+    check_seed(config.seed_everything)
     check_at_least_one("num", config.num, "use e.g. 10000")
     check_at_least_one("batch_size", config.batch_size, "use e.g. 1000")
     run = check_fit_run(config.run, ("config.yaml", "generator.ckpt"))
@@ -121,12 +150,14 @@ def sample(args: list[str]) -> dict[str, Any]:
     for path in (out, out.with_suffix(".png")):
         if path.exists():
             raise ConfigError("out", f"{path} exists already", "name a new file; fedgen sample never overwrites")
+    check_out_folder(out)
     if config.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("accelerator", "gpu asked, but torch sees no CUDA device", "use auto or cpu")
     generator, _ = load_fit_run(run, config.sampling)
     if config.num < generator.num_classes:
         raise ConfigError("num", f"{config.num} is fewer than one image per class ({generator.num_classes})",
                           f"draw at least {generator.num_classes}")
+    check_images_fit_in_memory("num", config.num, generator.image_shape, BYTES_PER_PIXEL)
 
     L.seed_everything(config.seed_everything, verbose=False)
     use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and torch.cuda.is_available())

@@ -133,3 +133,57 @@ def test_fedgen_membership_refuses_bad_input_before_any_work(real_data_root, tmp
     with pytest.raises(ConfigError) as err:
         membership([f"--run={tmp_path / 'fit'}", f"--run_dir={tmp_path / 'm'}", *extra])
     assert err.value.field == field and not (tmp_path / "m").exists()
+
+
+def test_fedgen_membership_refuses_a_run_dir_in_the_attacked_run(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+    from fedgen.cli_attacks import membership
+    from tests.generators.test_ddpm import _tiny_cli
+
+    run = tmp_path / "fit"
+    fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", "--evaluation.repeats=1"))
+    (tmp_path / "link").symlink_to(run)
+    before = {str(p): p.stat().st_mtime_ns for p in run.rglob("*")}
+    for run_dir in (run / "membership", tmp_path / "link" / "a" / "b", run):
+        with pytest.raises(ConfigError) as err:
+            membership([f"--run={run}", "--members=20", "--non_members=20", "--repeats=1", f"--run_dir={run_dir}"])
+        assert err.value.field == "run_dir" and "inside, the attacked run" in str(err.value)
+        assert {str(p): p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+@pytest.mark.parametrize("command", ["audit", "attack", "membership"])
+def test_fedgen_attack_commands_refuse_a_negative_seed_with_exit_2(real_data_root, tmp_path, capsys, command) -> None:
+    from fedgen.cli import main
+
+    run = tmp_path / "run"
+    args = {"audit": ["--mechanism=fedgen.mechanisms.DPSGD", "--mechanism.noise_multiplier=1.0", f"--run_dir={run}"],
+            "attack": _attack_args(real_data_root, run),
+            "membership": [f"--run={tmp_path / 'nothing'}", f"--run_dir={run}"]}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([command, *args, "--seed_everything=-1"])
+    assert exited.value.code == 2
+    assert "fedgen: error: seed_everything: " in capsys.readouterr().err and not run.exists()
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    (["--beta=0"], "beta"),
+    (["--beta=2"], "beta"),
+    (["--steps=0"], "steps"),
+    (["--mechanism.delta=0.1", "--num_canaries=100", "--guesses=2"], "mechanism.delta"),  # about 50 included
+])
+def test_fedgen_audit_refuses_a_bad_plan_before_the_run_folder(tmp_path, extra, field) -> None:
+    run = tmp_path / "audit"
+    with pytest.raises(ConfigError) as err:
+        audit(["--mechanism=fedgen.mechanisms.DPSGD", "--mechanism.noise_multiplier=1.0", f"--run_dir={run}", *extra])
+    assert err.value.field == field and not run.exists()
+
+
+@pytest.mark.parametrize(("extra", "field"), [(["--defence=dp_sgd", "--delta=2"], "delta"),
+                                              (["--defence=dp_merf", "--num_features=101"], "num_features"),
+                                              (["--defence=secure_aggregation", "--length_scale=0"], "length_scale")])
+def test_fedgen_attack_names_bad_defence_options_before_the_run_folder(real_data_root, tmp_path, extra,
+                                                                       field) -> None:
+    run = tmp_path / "bad"
+    with pytest.raises(ConfigError) as err:
+        attack(_attack_args(real_data_root, run, *extra))
+    assert err.value.field == field and not run.exists()

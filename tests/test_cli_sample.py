@@ -77,6 +77,8 @@ def test_sample_writes_beside_the_run_by_default_and_never_overwrites(fit_run, c
     (["--out=drawn.npy"], "out"),
     (["--sampling={lr: 0.1}"], "sampling"),  # changes training, not drawing
     (["--sampling={sampling_eta: 2.0}"], "model.sampling_eta"),  # the generator's own check
+    (["--seed_everything=-1"], "seed_everything"),
+    (["--num=100000000000"], "num"),  # more images than memory holds
 ])
 def test_sample_refuses_bad_input_before_drawing(fit_run, tmp_path, extra, field) -> None:
     extra = [e.replace("drawn.npy", str(tmp_path / "drawn.npy")) for e in extra]  # a later --out wins
@@ -147,3 +149,27 @@ def test_sample_draws_a_dp_merf_run_in_its_released_label_proportions(real_data_
     generator, _ = load_fit_run(run)
     expected = stratified_labels(generator.label_distribution(), 200).bincount(minlength=10)
     assert torch.equal(torch.load(tmp_path / "m.pt")["labels"].bincount(minlength=10), expected)
+
+
+def test_sample_refuses_an_out_under_a_file_before_drawing(fit_run, tmp_path) -> None:
+    (tmp_path / "f").write_bytes(b"kept")
+    with pytest.raises(ConfigError) as err:
+        sample([f"--run={fit_run}", "--num=10", f"--out={tmp_path / 'f' / 'x.pt'}", "--accelerator=cpu"])
+    assert err.value.field == "out" and "is a file" in str(err.value)
+    assert (tmp_path / "f").read_bytes() == b"kept" and list(tmp_path.iterdir()) == [tmp_path / "f"]
+
+
+@pytest.mark.parametrize("checkpoint", ["empty", "another generator's"])
+def test_sample_refuses_an_unreadable_checkpoint_with_exit_2(fit_run, tmp_path, capsys, checkpoint) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((fit_run / "config.yaml").read_text())
+    if checkpoint == "empty":
+        (run / "generator.ckpt").write_bytes(b"")
+    else:
+        torch.save({"state_dict": {"weight": torch.zeros(3)}}, run / "generator.ckpt")
+    with pytest.raises(SystemExit) as exited:
+        main(["sample", f"--run={run}", "--num=10", f"--out={tmp_path / 'x.pt'}", "--accelerator=cpu"])
+    assert exited.value.code == 2
+    assert "fedgen: error: run: " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "generator.ckpt", "run"]

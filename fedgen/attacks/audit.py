@@ -94,7 +94,7 @@ class OneRunAudit:
             raise ConfigError("audit", f"num_canaries={num_canaries}, k_plus={k_plus}, k_minus={k_minus}",
                               "use at least one guess and at most one per canary")
         self.num_canaries, self.k_plus, self.k_minus, self.delta, self.beta = num_canaries, k_plus, k_minus, delta, beta
-        self.included = torch.rand(num_canaries, generator=torch.Generator().manual_seed(seed)) < 0.5
+        self.included = included_canaries(num_canaries, seed)
 
     def epsilon_lower_bound(self, scores: torch.Tensor) -> dict[str, float]:
         """The guesses' outcome and the bound: ``{"correct", "guesses", "epsilon_lower_bound"}``."""
@@ -106,14 +106,38 @@ class OneRunAudit:
                                                            delta=self.delta, beta=self.beta)}
 
 
-def check_audit_plan(*, num_canaries: int, guesses: int, sample_rate: float) -> None:
-    """Refuse an audit that cannot run: an odd number of guesses or more guesses than canaries, or a sampling
-    rate outside (0, 1]."""
+def included_canaries(num_canaries: int, seed: int) -> torch.Tensor:
+    """The seeded coins of the audit: which of ``num_canaries`` canaries enter training (each with probability 1/2)."""
+    return torch.rand(num_canaries, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+def check_audit_plan(*, num_canaries: int, guesses: int, sample_rate: float, steps: int = 1,
+                     beta: float = 0.05) -> None:
+    """Refuse an audit that cannot run: an odd number of guesses or more guesses than canaries, a sampling
+    rate outside (0, 1], fewer than one step, or a ``beta`` outside (0, 1)."""
     if guesses % 2 or not 2 <= guesses <= num_canaries:
         raise ConfigError("guesses", f"{guesses} for {num_canaries} canaries",
                           "use an even number of guesses, at most the number of canaries (e.g. 200 of 1000)")
     if not 0 < sample_rate <= 1:
         raise ConfigError("sample_rate", f"{sample_rate} is outside (0, 1]", "use e.g. 0.5")
+    if steps < 1:
+        raise ConfigError("steps", f"must be >= 1, got {steps}", "use e.g. 20")
+    if not 0 < beta < 1:
+        raise ConfigError("beta", f"must be in (0, 1), got {beta}", "use e.g. 0.05 (95% confidence)")
+
+
+def check_audit_delta(mechanism: DPSGD, *, num_canaries: int, seed: int) -> None:
+    """Refuse a mechanism whose delta is not below 1/n for the n canaries the seeded coins put in training (the
+    training set of the audited run), before it trains; the fields are those of ``fedgen audit``."""
+    included = int(included_canaries(num_canaries, seed).sum())
+    if included == 0:
+        raise ConfigError("num_canaries", f"none of the {num_canaries} canaries enters training with seed {seed}",
+                          "use more canaries, e.g. 1000")
+    try:
+        mechanism.check_dataset_size(included)
+    except ConfigError as err:
+        raise ConfigError("mechanism.delta", f"{err.problem} canaries in training (of {num_canaries})",
+                          err.fix) from err
 
 
 def audit_dp_sgd(mechanism: DPSGD, *, num_canaries: int = 1000, guesses: int = 200, sample_rate: float = 0.5,
@@ -134,7 +158,7 @@ def audit_dp_sgd(mechanism: DPSGD, *, num_canaries: int = 1000, guesses: int = 2
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    check_audit_plan(num_canaries=num_canaries, guesses=guesses, sample_rate=sample_rate)
+    check_audit_plan(num_canaries=num_canaries, guesses=guesses, sample_rate=sample_rate, steps=steps, beta=beta)
     audit = OneRunAudit(num_canaries=num_canaries, k_plus=guesses // 2, k_minus=guesses // 2,
                         delta=mechanism.delta, beta=beta, seed=seed)
     clip = mechanism.max_grad_norm

@@ -177,7 +177,8 @@ class ClientLevelDP(Strategy, name="client_level_dp"):
                               "sample clients by Poisson sampling: rate (rate: 1.0 takes every client every round)")
         if mechanism.sample_rate != sampler.rate:
             raise ConfigError("strategy.mechanism.sample_rate",
-                              f"is {mechanism.sample_rate:g}, but the client sampler's Poisson rate is {sampler.rate:g}",
+                              f"is {mechanism.sample_rate:g}, but the client sampler's Poisson rate is "
+                              f"{sampler.rate:g}",
                               f"set sample_rate: {sampler.rate:g} on the mechanism")
         if mechanism.calibrates_noise and mechanism.num_releases != rounds:
             raise ConfigError("strategy.mechanism.num_releases",
