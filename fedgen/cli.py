@@ -430,6 +430,8 @@ def federate(args: list[str]) -> dict[str, Any]:
     except (TypeError, ValueError, RuntimeError) as err:  # unknown arguments, or values no layer can take
         raise ConfigError("classifier_args", str(err), "give only arguments the classifier takes, as positive "
                           "integers (e.g. {width: 32, depth: 2})") from err
+    if config.ckpt_path is not None:
+        trainer.read_checkpoint(config.ckpt_path, net)
     write_config(parser, config, run_dir)
     if mechanism is not None:
         log.info("Privacy: %s (add/remove-one-%s neighbouring) over %d clients",

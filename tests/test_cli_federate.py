@@ -59,6 +59,26 @@ def test_federate_resumes_at_the_round_it_stopped_and_ends_where_an_uninterrupte
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_federate_refuses_a_checkpoint_that_is_not_this_runs_before_writing_anything(real_data_root, tmp_path,
+                                                                                     capsys):
+    fixed_noise = (f"{MECHANISM}.noise_multiplier=1.0", f"{MECHANISM}.target_epsilon=1000")
+    part = tmp_path / "part"
+    federate(tiny_args(real_data_root, part, *fixed_noise, "--federation.rounds=1", rounds=3))
+    (part / "metrics.json").unlink()
+    fit_checkpoint = tmp_path / "fit.ckpt"
+    torch.save({"state_dict": {}, "fedgen_privacy": {}}, fit_checkpoint)
+    cases = [(tmp_path / "missing.ckpt", [], "is not a file"), (fit_checkpoint, [], "not a federation checkpoint"),
+             (part / "checkpoints" / "last.ckpt", ["--classifier_args={width: 8, depth: 1}"], "parameters")]
+    for i, (path, extra, problem) in enumerate(cases):
+        target = tmp_path / f"resumed-{i}"
+        with pytest.raises(SystemExit):
+            main(["federate", *tiny_args(real_data_root, target, *fixed_noise, f"--ckpt_path={path}", *extra,
+                                         rounds=3)])
+        err = capsys.readouterr().err
+        assert "ckpt_path" in err and problem in err, err
+        assert not target.exists()
+
+
 BAD = [
     ([f"{MECHANISM}.sample_rate=0.2"], "sample_rate"),  # the sampler's rate is 0.5: epsilon would be under-reported
     ([f"{MECHANISM}.num_releases=7"], "num_releases"),

@@ -78,7 +78,7 @@ class FederatedTrainer:
         """Train ``model`` across ``clients`` (each holding part of ``dataset``); resume from ``ckpt_path``."""
         resume_params = None
         if ckpt_path is not None:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            state = self.read_checkpoint(ckpt_path, model)
             self._restore(state)
             resume_params = state["global_params"]
             log.info("Resuming the federation at round %d from %s", self.round, ckpt_path)
@@ -96,6 +96,26 @@ class FederatedTrainer:
             model.load_state_dict(weights)
         self._restore(state)
         return model
+
+    @staticmethod
+    def read_checkpoint(ckpt_path: str, model: nn.Module) -> dict:
+        """The federation checkpoint at ``ckpt_path``, after checking that it is one (round, strategy, global
+        parameters) for ``model``'s parameter count; a ``ConfigError`` on ``ckpt_path`` otherwise."""
+        fix = "give a federation checkpoint of this run (<run>/checkpoints/last.ckpt), or start without --ckpt_path"
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise ConfigError("ckpt_path", f"{path} is not a file", fix)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # any unreadable file: a truncated save, a text file, another format
+            raise ConfigError("ckpt_path", f"{path} cannot be read ({type(err).__name__}: {err})", fix) from err
+        if not isinstance(state, dict) or not {"round", "history", "strategy", "global_params"} <= set(state):
+            raise ConfigError("ckpt_path", f"{path} is not a federation checkpoint (a fedgen fit checkpoint?)", fix)
+        size = sum(p.numel() for p in model.parameters())
+        if state["global_params"].numel() != size:
+            raise ConfigError("ckpt_path", f"{path} holds {state['global_params'].numel()} parameters, the model "
+                              f"{size}", "resume with the classifier settings the run was started with")
+        return state
 
     def state_dict(self, global_params: torch.Tensor | None = None) -> dict:
         state = {"round": self.round, "history": self.history, "strategy": self.strategy.state_dict()}
