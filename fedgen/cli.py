@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule, same_source
-from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one
+from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one, load_checkpoint
 from fedgen.evaluation import TrainOnSynthetic, classifiers, evaluate_accuracy
 from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
@@ -163,13 +163,7 @@ def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[s
     unreadable, without a privacy ledger, of another generator class or settings, or of other private data."""
     fix = "give a checkpoint of this run (<run>/checkpoints/last.ckpt), or start a new run without --ckpt_path"
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError("ckpt_path", f"{path} is not a file", fix)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unreadable file: a truncated save, a text file, another format
-        raise ConfigError("ckpt_path", f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err})",
-                          fix) from err
+    checkpoint = load_checkpoint("ckpt_path", path, fix)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or CHECKPOINT_KEY not in checkpoint:
         raise ConfigError("ckpt_path", f"{path} is not a fedgen checkpoint (no weights or no privacy ledger)", fix)
     saved_class = checkpoint.get("hyper_parameters", {}).get("_class_path")

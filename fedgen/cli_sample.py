@@ -22,7 +22,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fedgen.data import VisionDataModule
-from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.errors import ConfigError, check_at_least_one, load_checkpoint
 from fedgen.generators import Generator
 from fedgen.runs import check_images_fit_in_memory, check_seed, instantiate, parse_args
 
@@ -45,11 +45,7 @@ def load_fit_run(run: Path, sampling: dict[str, Any] | None = None) -> tuple[Gen
     built = instantiate(parser, parse_args(parser, ["--model", json.dumps(saved["model"]),
                                                     "--data", json.dumps(saved["data"])]))
     path = run / "generator.ckpt"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # empty, truncated or not a checkpoint: whatever unpickling raises
-        raise ConfigError("run", f"{path} cannot be read ({type(err).__name__}: {err})",
-                          "give a run folder whose generator.ckpt `fedgen fit` wrote in full") from err
+    checkpoint = load_checkpoint("run", path, "give a run folder whose generator.ckpt `fedgen fit` wrote in full")
     try:
         built.model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, RuntimeError) as err:  # no state_dict, or another generator's weights

@@ -6,6 +6,9 @@ training starts and before anything already saved is touched.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid.
@@ -44,6 +47,20 @@ def check_accelerator(field: str, accelerator: str) -> None:
         raise ConfigError(field, f"unknown accelerator {accelerator!r}", f"use auto, gpu or one of {known}")
     if not AcceleratorRegistry[name]["accelerator"].is_available():
         raise ConfigError(field, f"{accelerator} is not available on this machine", "use auto or cpu")
+
+
+def load_checkpoint(field: str, path: str | Path, fix: str) -> Any:
+    """``torch.load`` of the file at ``path`` (onto the CPU), or a ConfigError naming ``field`` if there is no such
+    file or it cannot be read as a checkpoint."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, f"{path} is not a file", fix)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unreadable file: empty, truncated, a text file, another format
+        raise ConfigError(field, f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err})", fix) from err
 
 
 class DataNotFoundError(FileNotFoundError):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedgen.errors import ConfigError, check_accelerator, check_at_least_one
+from fedgen.errors import ConfigError, check_accelerator, check_at_least_one, load_checkpoint
 from fedgen.federated.clients import Client, ClientSampler
 from fedgen.federated.strategy import Strategy
 
@@ -103,12 +103,7 @@ class FederatedTrainer:
         parameters) for ``model``'s parameter count; a ``ConfigError`` on ``ckpt_path`` otherwise."""
         fix = "give a federation checkpoint of this run (<run>/checkpoints/last.ckpt), or start without --ckpt_path"
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise ConfigError("ckpt_path", f"{path} is not a file", fix)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # any unreadable file: a truncated save, a text file, another format
-            raise ConfigError("ckpt_path", f"{path} cannot be read ({type(err).__name__}: {err})", fix) from err
+        state = load_checkpoint("ckpt_path", path, fix)
         if not isinstance(state, dict) or not {"round", "history", "strategy", "global_params"} <= set(state):
             raise ConfigError("ckpt_path", f"{path} is not a federation checkpoint (a fedgen fit checkpoint?)", fix)
         size = sum(p.numel() for p in model.parameters())
