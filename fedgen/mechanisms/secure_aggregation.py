@@ -656,6 +656,7 @@ class SecureAggregator:
         self._advertise_keys(run)
         self._share_keys(run)
         masked_sum = self._collect_masked_inputs(run, vectors, noise)
+        self._check_senders_connected(run)
         total = self._unmask(run, masked_sum)
 
         senders = np.flatnonzero(run.sending)
@@ -741,6 +742,30 @@ class SecureAggregator:
         for u in np.flatnonzero(run.sending):
             run.costs.upload(u, math.ceil(m * self.bits / 8))
         return masked_sum
+
+    @staticmethod
+    def _check_senders_connected(run: _Run) -> None:
+        """Before any share is revealed: the clients that sent masked inputs must form one connected group of the
+        neighbour graph. Pairwise masks cancel inside any group with no sending neighbour outside it, so once the
+        self-masks are revealed the server could sum each group's masked inputs into that group's own sum
+        (possible on a sparse graph when clients drop before masking; the complete graph never splits)."""
+        senders = set(np.flatnonzero(run.sending).tolist())
+        if not senders:
+            return
+        start = min(senders)
+        reached, frontier = {start}, [start]
+        while frontier:
+            u = frontier.pop()
+            for v in run.neighbours[u]:
+                if v in senders and v not in reached:
+                    reached.add(v)
+                    frontier.append(v)
+        if reached != senders:
+            raise SecureAggregationError(
+                f"the {len(senders)} clients that sent masked inputs are split into unconnected groups of the "
+                f"neighbour graph (one of {len(reached)}); revealing their self-masks would give the server each "
+                "group's own sum, so the round stops before any share is revealed. Use a larger degree, or the "
+                "full graph")
 
     def _unmask(self, run: _Run, masked_sum: np.ndarray) -> np.ndarray:
         """Round 4: survivors reveal s-shares of neighbours that sent nothing and b-shares of those that

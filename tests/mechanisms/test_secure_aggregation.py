@@ -107,6 +107,29 @@ def test_k_regular_defaults_and_graph():
     assert np.abs(result.total - plain_sum(updates, result.included)).max() <= result.max_quantization_error
 
 
+def test_senders_split_by_dropouts_stop_the_round_before_any_share_is_revealed(monkeypatch):
+    """On a ring of degree 4, clients 3, 4, 8 and 9 dropping before masking leave {0, 1, 2} and {5, 6, 7} with no
+    edge between them; each dropped client still has 3 of its 5 share holders, so the round could finish, and
+    the server could then unmask {5, 6, 7}'s own sum from their masked inputs."""
+    def ring(n: int, degree: int, rng: np.random.Generator) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        assert degree == 4  # clients in ring order 0 .. n - 1, each joined to the two nearest on either side
+        edges = [(min(u, (u + d) % n), max(u, (u + d) % n)) for u in range(n) for d in (1, 2)]
+        return [sorted({(u + d) % n for d in (-2, -1, 1, 2)}) for u in range(n)], edges
+
+    monkeypatch.setattr(sa, "neighbour_graph", ring)
+    revealed = []
+    monkeypatch.setattr(sa.SecureAggregationClient, "reveal", lambda *a, **k: revealed.append(1))
+    updates = {i: v for i, v in enumerate(clipped_updates(10, 5, seed=5).values())}
+    agg = SecureAggregator(clip_norm=1.0, graph="k_regular", degree=4, threshold=3, seed=0)
+    with pytest.raises(SecureAggregationError, match="unconnected groups"):
+        agg.aggregate(updates, dropped_before_masking={3, 4, 8, 9})
+    assert not revealed
+    monkeypatch.undo()
+    monkeypatch.setattr(sa, "neighbour_graph", ring)
+    result = agg.aggregate(updates, dropped_before_masking={3, 8})  # still one group: the round completes
+    assert np.abs(result.total - plain_sum(updates, result.included)).max() <= result.max_quantization_error
+
+
 @pytest.mark.parametrize("bits", [32, 64])
 def test_chunks_and_threads_agree(bits):
     updates = clipped_updates(6, 3 * CHUNK_ELEMENTS + 5, seed=2)  # t = 4 of 6: two may drop
@@ -135,14 +158,14 @@ def test_torch_inputs_give_a_float64_tensor_of_their_shape():
     ("full", {}, 5, 0, 7, 8),
     ("full", {}, 0, 5, 7, 8),
     ("full", {}, 3, 2, 7, 8),
-    ("k_regular", {"degree": 4, "threshold": 3}, 10, 0, None, 3),
+    ("k_regular", {"degree": 4, "threshold": 3}, 10, 0, None, None),  # the 2 senders left are not neighbours
     ("k_regular", {"degree": 4, "threshold": 3}, 0, 10, None, 3),
 ])
 def test_too_many_dropouts_fail_loudly(graph, kwargs, before, after, available, needed):
     updates = clipped_updates(12, 10, seed=4)
     ids = sorted(updates)
     agg = SecureAggregator(clip_norm=1.0, graph=graph, seed=0, **kwargs)
-    pattern = rf"\d+ of its \d+ share holders answered .*, {needed} are needed"
+    pattern = rf"\d+ of its \d+ share holders answered .*, {needed} are needed" if needed else "unconnected groups"
     with pytest.raises(SecureAggregationError, match=pattern) as caught:
         agg.aggregate(updates, dropped_before_masking=set(ids[:before]),
                       dropped_after_masking=set(ids[before:before + after]))
