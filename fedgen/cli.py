@@ -178,6 +178,9 @@ def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[s
         raise ConfigError("ckpt_path", f"{path} trained on {saved_data['dataset']} ({saved_data['examples']} "
                           f"examples), the config gives {record['dataset']} ({record['examples']})",
                           "resume on the private data the run began with")
+    # The generator's and mechanism's own resume checks (noise, budget, warm-ups), now rather than in trainer.fit,
+    # which loads the same checkpoint again: restoring is idempotent.
+    generator.on_load_checkpoint(checkpoint)
 
 
 def check_training_length(trainer: L.Trainer) -> None:
@@ -424,8 +427,8 @@ def federate(args: list[str]) -> dict[str, Any]:
     except (TypeError, ValueError, RuntimeError) as err:  # unknown arguments, or values no layer can take
         raise ConfigError("classifier_args", str(err), "give only arguments the classifier takes, as positive "
                           "integers (e.g. {width: 32, depth: 2})") from err
-    if config.ckpt_path is not None:
-        trainer.read_checkpoint(config.ckpt_path, net)
+    if config.ckpt_path is not None:  # its checks, and the strategy's own (noise, budget), before anything is written
+        trainer.strategy.load_state_dict(trainer.read_checkpoint(config.ckpt_path, net)["strategy"])
     write_config(parser, config, run_dir)
     if mechanism is not None:
         log.info("Privacy: %s (add/remove-one-%s neighbouring) over %d clients",

@@ -24,6 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one, load_checkpoint
 from fedgen.generators import Generator
+from fedgen.mechanisms.lightning import CHECKPOINT_KEY
 from fedgen.runs import check_images_fit_in_memory, check_seed, instantiate, parse_args
 
 log = logging.getLogger("fedgen")
@@ -54,7 +55,8 @@ def load_fit_run(run: Path, sampling: dict[str, Any] | None = None) -> tuple[Gen
         raise ConfigError("run", f"{path} does not hold the weights of the {type(built.model).__name__} its "
                           f"config.yaml builds ({problem})", "give a run folder whose config.yaml and "
                           "generator.ckpt come from the same `fedgen fit` run") from err
-    built.model.on_load_checkpoint(checkpoint)  # the ledger: what the run spent
+    # what the run spent, read only: the first config.yaml may predate a resume's settings (e.g. a raised budget)
+    built.model.mechanism.load_state_dict(checkpoint[CHECKPOINT_KEY], resume=False)
     return built.model.eval(), built.data
 
 

@@ -41,11 +41,11 @@ def check_accelerator(field: str, accelerator: str) -> None:
         return
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
-    name = "cuda" if accelerator == "gpu" else accelerator
     known = sorted(AcceleratorRegistry.available_accelerators())
-    if name not in known:
+    names = ["cuda", "mps"] if accelerator == "gpu" else [accelerator]  # Lightning's "gpu" is either
+    if not any(name in known for name in names):
         raise ConfigError(field, f"unknown accelerator {accelerator!r}", f"use auto, gpu or one of {known}")
-    if not AcceleratorRegistry[name]["accelerator"].is_available():
+    if not any(AcceleratorRegistry[name]["accelerator"].is_available() for name in names if name in known):
         raise ConfigError(field, f"{accelerator} is not available on this machine", "use auto or cpu")
 
 

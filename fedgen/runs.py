@@ -20,8 +20,8 @@ def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Pa
     ``runs/<name>-<time>``.
 
     A folder that holds a finished run (its ``metrics.json``) is never written into again, and one that holds an
-    unfinished run's checkpoints only by a resume (``ckpt_path``): a new run there would overwrite them, and the
-    privacy ledger of what was already spent on the data with them.
+    unfinished run's checkpoints only by that run's resume (a ``ckpt_path`` inside it): any other run there would
+    overwrite them, and the privacy ledger of what was already spent on the data with them.
     """
     if run_dir is not None:
         folder = Path(run_dir)
@@ -37,7 +37,8 @@ def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Pa
         raise ConfigError("run_dir", f"{folder} already holds a finished run",
                           "give a new --run_dir (to continue a finished run, resume its checkpoint into a new folder)")
     checkpoints = folder / "checkpoints"
-    if ckpt_path is None and ((folder / "generator.ckpt").exists() or (checkpoints.is_dir() and any(
+    resuming_here = ckpt_path is not None and folder.resolve() in Path(ckpt_path).resolve().parents
+    if not resuming_here and ((folder / "generator.ckpt").exists() or (checkpoints.is_dir() and any(
             checkpoints.iterdir()))):
         raise ConfigError("run_dir", f"{folder} holds an unfinished run's checkpoints, which a new run would overwrite "
                           "with their privacy ledger", f"resume it with --ckpt_path={checkpoints / 'last.ckpt'}, or "

@@ -71,6 +71,7 @@ def test_a_resume_that_changes_the_noise_source_fails_and_keeps_the_run(real_dat
     err = capsys.readouterr().err
     assert "mechanism.secure_noise" in err and "seeded" in err and "secure_noise: false" in err
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == saved
+    assert not list(run.glob("config-resumed-*.yaml"))  # refused before the resumed config was written
 
 
 def test_fit_logs_each_epoch_with_its_steps_metrics_and_epsilon_spent(real_data_root, tmp_path, caplog):
@@ -128,7 +129,7 @@ BAD_CONFIGS = [
     (["--trainer.max_epochs=-1", "--trainer.max_steps=-1"], "trainer.max_epochs"),
     (["--evaluation.lr=-1"], "evaluation.lr"),
     (["--evaluation.accelerator=tpu"], "evaluation.accelerator"),
-    (["--trainer.accelerator=gpu"], "trainer"),
+    *([] if torch.cuda.is_available() else [(["--trainer.accelerator=gpu"], "trainer")]),  # bad only without one
     (["--model.init_args.num_featurez=200"], "num_featurez"),
     (["--seed_everything=-1"], "seed_everything"),
     (["--num_synthetic=100000000000"], "num_synthetic"),
@@ -175,6 +176,12 @@ def test_a_new_run_never_overwrites_an_unfinished_runs_checkpoints(real_data_roo
     assert "run_dir" in err and "--ckpt_path=" in err
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} | {
         "generator.ckpt": (run / "generator.ckpt").read_bytes()} == saved
+    other = tmp_path / "other"  # another run's checkpoint resumed into this folder would overwrite its ledger too
+    fit(tiny_args(real_data_root, other))
+    with pytest.raises(SystemExit):
+        main(["fit", *tiny_args(real_data_root, run, f"--ckpt_path={other / 'checkpoints' / 'last.ckpt'}")])
+    assert "run_dir" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == saved["last.ckpt"]
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     for path in (a_file, a_file / "run"):

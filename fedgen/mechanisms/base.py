@@ -125,7 +125,16 @@ class Mechanism(Registered):
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.state_dict(), "noise": self.noise.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, resume: bool = True) -> None:
+        """Restore a checkpoint's state. ``resume``: the run goes on under this mechanism's settings, which must
+        then agree with the checkpoint's (refused otherwise); ``resume=False`` only reads what the run spent (e.g.
+        to sample from a finished run, whose first config may predate a resume's)."""
+        if resume:
+            self._check_resumable(state)
+        self.ledger.load_state_dict(state["ledger"])
+        self.noise.load_state_dict(state["noise"])
+
+    def _check_resumable(self, state: dict) -> None:
         saved = "secure" if state["noise"]["secure"] else "seeded"
         if saved != self.noise.mode:  # a run's noise is one or the other from its first release to its last
             raise ConfigError("mechanism.secure_noise", f"the checkpoint's noise is {saved}, the config's "
@@ -138,8 +147,6 @@ class Mechanism(Registered):
             raise ConfigError("mechanism.target_epsilon", f"is {self.target_epsilon:g}, but the checkpoint's run has "
                               f"spent epsilon {spent:.4g} at delta {self.delta:g} already",
                               f"resume with target_epsilon >= {spent:.4g} (the run's), or start a new run")
-        self.ledger.load_state_dict(state["ledger"])
-        self.noise.load_state_dict(state["noise"])
 
     def describe(self) -> str:
         """One line with the privacy parameters, for logs."""

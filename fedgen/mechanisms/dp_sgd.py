@@ -523,9 +523,10 @@ class DPSGD(Mechanism, name="dp_sgd"):
         return super().state_dict() | {"steps_taken": self.steps_taken, "noise_multiplier": self.noise_multiplier,
                                        "sampler": sampler}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.check_resumed_noise(self._given_noise_multiplier, state["noise_multiplier"])
-        super().load_state_dict(state)
+    def load_state_dict(self, state: dict, *, resume: bool = True) -> None:
+        if resume:
+            self.check_resumed_noise(self._given_noise_multiplier, state["noise_multiplier"])
+        super().load_state_dict(state, resume=resume)
         self.steps_taken = state["steps_taken"]
         self.noise_multiplier = state["noise_multiplier"]
         sampler = state.get("sampler")

@@ -24,14 +24,22 @@ log = logging.getLogger(__name__)
 def clip_rows(contributions: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """Scale each row (first dimension indexes units) to L2 norm at most ``clip_norm``.
 
-    Rows in float16 or bfloat16 are scaled in float32 and by a further 1 - eps of their dtype: rounding each entry
-    back moves it by at most eps / 2 relatively, so the rounded row's norm stays within ``clip_norm``."""
+    Rows in float16 or bfloat16 that need scaling are scaled in float32 to a bound lowered by what rounding back can
+    add: each entry moves by at most eps / 2 relatively, or by half the smallest subnormal absolutely, so a row of d
+    entries by at most eps / 2 of its norm plus sqrt(d) times that half (triangle inequality)."""
     flat = contributions.flatten(1)
     low = flat.dtype in (torch.float16, torch.bfloat16)
     work = flat.float() if low else flat
-    scale = (clip_norm / (work.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+    target = clip_norm
     if low:
-        scale = scale * (1 - torch.finfo(flat.dtype).eps)
+        info = torch.finfo(flat.dtype)
+        target = (clip_norm - math.sqrt(flat.shape[1]) * info.smallest_normal * info.eps / 2) * (1 - info.eps)
+        if not target > clip_norm / 2:
+            raise ValueError(f"clip_norm {clip_norm} is too small for {flat.dtype} rows of {flat.shape[1]} entries: "
+                             "rounding could move them past it; clip in float32")
+    scale = (target / (work.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+    if low:  # rows within the bound are left as they are (scale 1 and the cast back are exact)
+        scale = torch.where(work.norm(dim=1, keepdim=True) <= clip_norm, torch.ones_like(scale), scale)
     return (work * scale).to(flat.dtype).reshape(contributions.shape)
 
 
@@ -123,9 +131,11 @@ class GaussianMechanism(Mechanism, name="gaussian"):
     def state_dict(self) -> dict:
         return super().state_dict() | {"noise_multiplier": self._noise_multiplier}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.check_resumed_noise(None if self.calibrates_noise else self._noise_multiplier, state["noise_multiplier"])
-        super().load_state_dict(state)
+    def load_state_dict(self, state: dict, *, resume: bool = True) -> None:
+        if resume:
+            self.check_resumed_noise(None if self.calibrates_noise else self._noise_multiplier,
+                                     state["noise_multiplier"])
+        super().load_state_dict(state, resume=resume)
         self._noise_multiplier = state["noise_multiplier"]
 
     def describe(self) -> str:

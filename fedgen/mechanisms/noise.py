@@ -116,11 +116,22 @@ class NoiseSource:
         if state.get("numpy") is not None:
             self._numpy = np.random.Generator(np.random.PCG64())
             self._numpy.bit_generator.state = state["numpy"]
+        by_type: dict[str, torch.Tensor] = {}
         for name, rng_state in state.get("states", {}).items():  # keyed by type ("cuda"; "cuda:0" before)
-            device = torch.device(torch.device(name).type)
-            if device.type == "cuda" and not torch.cuda.is_available():
+            kind = torch.device(name).type
+            if kind in by_type:  # an older checkpoint drew on two GPUs, each stream from the seed: go past both
+                rng_state = max(rng_state, by_type[kind], key=_philox_offset)
+            by_type[kind] = rng_state
+        for kind, rng_state in by_type.items():
+            if kind == "cuda" and not torch.cuda.is_available():
                 continue  # drawn on the CPU from here on: another generator, whose stream this run has not used
-            self._generator(device).set_state(rng_state)
+            self._generator(torch.device(kind)).set_state(rng_state)
+
+
+def _philox_offset(state: torch.Tensor) -> int:
+    """The offset of a CUDA generator's state (16 bytes: the seed, then the Philox offset): how far its stream
+    has been drawn."""
+    return int.from_bytes(bytes(state[8:16].tolist()), "little")
 
 
 def _secure_standard_normal(shape: tuple[int, ...]) -> torch.Tensor:

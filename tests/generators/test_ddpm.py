@@ -622,6 +622,23 @@ def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> No
     assert resumed["epsilon"] == pytest.approx(expected)
 
 
+def test_a_run_resumed_with_a_raised_budget_can_still_be_sampled(real_data_root, tmp_path) -> None:
+    """Sampling reads what a run spent; only a resume checks the config's budget against it. The run folder's
+    first config.yaml keeps the first budget, below what the resumed run spent."""
+    from fedgen.cli import fit
+    from fedgen.cli_sample import sample
+
+    run, mechanism = tmp_path / "run", "--model.init_args.mechanism.init_args"
+    sigma = f"{mechanism}.noise_multiplier=1.0"  # 2 steps at q = 0.1 spend 0.86, 12 steps 1.71 (delta 1e-3)
+    first = fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", sigma, f"{mechanism}.target_epsilon=1.0"))
+    (run / "metrics.json").unlink()
+    resumed = fit(_tiny_cli(real_data_root, 12, f"--run_dir={run}", sigma, f"{mechanism}.target_epsilon=3.0",
+                            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    assert first["epsilon"] <= 1.0 < resumed["epsilon"] <= 3.0
+    drawn = sample([f"--run={run}", "--num=10", f"--out={tmp_path / 'more.pt'}", "--accelerator=cpu"])
+    assert drawn["epsilon"] == pytest.approx(resumed["epsilon"])
+
+
 def test_a_run_stopped_part_way_resumes_from_its_last_epoch(real_data_root, tmp_path, monkeypatch) -> None:
     """300 examples at batch 30: 10 steps an epoch. A run of 2 epochs dies at step 15; its checkpoint holds the
     first epoch (10 steps in the ledger), and the resumed run ends with the 20 planned steps charged once. The

@@ -203,13 +203,20 @@ def test_clip_rows() -> None:
     torch.testing.assert_close(cos, torch.ones_like(cos))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_clipped_low_precision_rows_stay_within_the_bound_after_rounding(dtype: torch.dtype) -> None:
-    """Scaled in their own dtype, bfloat16 rows came out up to 0.6% above the clip norm."""
-    rows = (torch.randn(2000, 257, generator=torch.Generator().manual_seed(0)) * 5).to(dtype)
-    clipped = clip_rows(rows, 1.0)
+@pytest.mark.parametrize(("dtype", "clip", "width"), [(torch.float16, 1.0, 257), (torch.bfloat16, 1.0, 257),
+                                                      (torch.float16, 1e-3, 10000), (torch.float16, 1e-4, 10000)])
+def test_clipped_low_precision_rows_stay_within_the_bound_after_rounding(dtype: torch.dtype, clip: float,
+                                                                         width: int) -> None:
+    """Scaled in their own dtype, bfloat16 rows came out up to 0.6% above the clip norm; float16 rows whose entries
+    fall below its smallest normal number round by an absolute step, up to 1.3% above it."""
+    rows = (torch.randn(200, width, generator=torch.Generator().manual_seed(0)) * 5 * clip).to(dtype)
+    clipped = clip_rows(rows, clip)
     norms = clipped.double().norm(dim=1)
-    assert clipped.dtype == dtype and (norms <= 1.0).all() and (norms > 0.98).all()
+    assert clipped.dtype == dtype and (norms <= clip).all() and (norms > 0.95 * clip).all()
+    inside = (rows[:3].float() * (0.5 * clip / rows[:3].float().norm(dim=1, keepdim=True))).to(dtype)
+    assert torch.equal(clip_rows(inside, clip), inside)  # rows within the bound are left as they are
+    with pytest.raises(ValueError, match="too small"):
+        clip_rows(rows.to(torch.float16), 1e-7)
 
 
 def test_release_sum_is_clipped_sum_plus_seeded_noise() -> None:

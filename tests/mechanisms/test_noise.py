@@ -29,15 +29,27 @@ def test_a_restored_source_continues_its_stream_and_never_draws_the_first_noise_
     assert torch.equal(resumed.normal((1000,), std=1.0), ahead) and not torch.equal(ahead, used)
 
 
-def test_a_checkpoint_keyed_by_device_index_loads_into_the_stream_of_its_type() -> None:
-    """Checkpoints written before the streams were kept per device type name the device ("cpu", "cuda:0")."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="restores a CUDA generator's state: needs a CUDA device")
+def test_checkpoints_keyed_by_gpu_index_continue_past_every_stream_they_drew() -> None:
+    """Checkpoints written before the streams were kept per device type name the device ("cuda:0"); a run that drew
+    on two GPUs then holds two streams, each from the seed, and must go on past the longer one."""
     first = NoiseSource(seed=7)
-    first.normal((10,), std=1.0)
-    old = first.state_dict()
-    ahead = first.normal((10,), std=1.0)
+    first.normal((1000,), std=1.0, device="cuda")
+    short = first.state_dict()["states"]["cuda"]
+    used = first.normal((1000,), std=1.0, device="cuda")
+    long = first.state_dict()["states"]["cuda"]
+    ahead = first.normal((1000,), std=1.0, device="cuda")
     resumed = NoiseSource(seed=7)
-    resumed.load_state_dict(old | {"states": {"cpu": old["states"]["cpu"], "cuda:0": old["states"]["cpu"]}})
-    assert torch.equal(resumed.normal((10,), std=1.0), ahead)
+    resumed.load_state_dict(first.state_dict() | {"states": {"cuda:0": long, "cuda:1": short}})
+    drawn = resumed.normal((1000,), std=1.0, device="cuda")
+    assert torch.equal(drawn, ahead) and not torch.equal(drawn, used)
+
+
+def test_the_philox_offset_is_read_from_the_second_eight_bytes_of_a_cuda_state() -> None:
+    from fedgen.mechanisms.noise import _philox_offset
+
+    state = torch.tensor(list((7).to_bytes(8, "little") + (4096).to_bytes(8, "little")), dtype=torch.uint8)
+    assert _philox_offset(state) == 4096
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="moves a stream between two GPUs: needs two CUDA devices")
