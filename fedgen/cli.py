@@ -174,10 +174,11 @@ def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[s
         raise ConfigError("ckpt_path", f"{path} holds a {type(generator).__name__} of other settings (its weights "
                           "differ in names or shapes)", "resume with the model settings the run was started with")
     saved_data = checkpoint.get(DATA_KEY)
-    if saved_data is not None and saved_data != record:
+    if saved_data is not None and any(saved_data.get(key, value) != value for key, value in record.items()):
         raise ConfigError("ckpt_path", f"{path} trained on {saved_data['dataset']} ({saved_data['examples']} "
-                          f"examples), the config gives {record['dataset']} ({record['examples']})",
-                          "resume on the private data the run began with")
+                          f"examples, public pretraining {saved_data.get('public_data')}), the config gives "
+                          f"{record['dataset']} ({record['examples']}, {record['public_data']})",
+                          "resume on the private data, and with the public_data and public_steps, the run began with")
     # The generator's and mechanism's own resume checks (noise, budget, warm-ups), now rather than in trainer.fit,
     # which loads the same checkpoint again: restoring is idempotent.
     generator.on_load_checkpoint(checkpoint)
@@ -186,7 +187,8 @@ def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[s
 def check_training_length(trainer: L.Trainer) -> None:
     """Refuse a generator's training of no steps (the privacy would be spent on an untrained generator) or of no
     bound (DP-SGD plans its noise for a known number of steps; the run would never end)."""
-    for field, value in (("trainer.max_epochs", trainer.max_epochs), ("trainer.max_steps", trainer.max_steps)):
+    for field, value in (("trainer.max_epochs", trainer.max_epochs), ("trainer.max_steps", trainer.max_steps),
+                         ("trainer.limit_train_batches", trainer.limit_train_batches)):
         if value == 0:
             raise ConfigError(field, "is 0: the private data would be released to a generator that never trains",
                               "train for at least one epoch or step")
@@ -243,8 +245,8 @@ def fit(args: list[str]) -> dict[str, Any]:
     generator.check_trainer(trainer)
     # the synthetic set: 8-bit images saved, and twice in float32 to train on
     check_images_fit_in_memory("num_synthetic", config.num_synthetic, generator.image_shape, bytes_per_pixel=9)
-    if config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
-        raise ConfigError("fid_samples", f"{config.fid_samples} is not between 0 and num_synthetic "
+    if config.fid_samples == 1 or config.fid_samples < 0 or config.fid_samples > config.num_synthetic:
+        raise ConfigError("fid_samples", f"{config.fid_samples} is not 0 or between 2 and num_synthetic "
                           f"({config.num_synthetic})", "use e.g. 10000, or 0 for no FID")
     fid_network = InceptionFeatures() if config.fid_samples else None  # it must load before any private work
     if config.num_synthetic < generator.num_classes:
@@ -261,7 +263,11 @@ def fit(args: list[str]) -> dict[str, Any]:
     if isinstance(federation, FederatedRelease):
         federation.check(generator, data.train_set)
     generator.check_training(trainer.strategy.root_device)
-    record = {"dataset": dataset_name(config.data), "examples": len(data.train_set)}
+    if config.fid_samples and min(config.fid_samples, len(data.test_set)) < 2:
+        raise ConfigError("fid_samples", f"the test set has {len(data.test_set)} image(s); FID needs 2 or more",
+                          "use a larger data.test_subset, or fid_samples: 0")
+    record = {"dataset": dataset_name(config.data), "examples": len(data.train_set),
+              "public_data": None if public is None else [dataset_name(config.public_data), config.public_steps]}
     if config.ckpt_path is not None:
         check_resume_checkpoint(config.ckpt_path, generator, record)
     trainer.callbacks.append(PrivateDataRecord(record))

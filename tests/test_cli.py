@@ -132,6 +132,9 @@ BAD_CONFIGS = [
     *([] if torch.cuda.is_available() else [(["--trainer.accelerator=gpu"], "trainer")]),  # bad only without one
     (["--model.init_args.num_featurez=200"], "num_featurez"),
     (["--seed_everything=-1"], "seed_everything"),
+    ([f"--model.init_args.mechanism.init_args.seed={2**70}"], "mechanism.seed"),  # failed at the first noise draw
+    (["--fid_samples=1"], "fid_samples"),  # refused only after training before
+    (["--trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
     (["--num_synthetic=100000000000"], "num_synthetic"),
 ]
 

@@ -213,6 +213,7 @@ def check_started_with(field: str, here: Any, started: Any) -> None:
 CLIENTS_KEY = "fedgen_step_clients"
 #: where a checkpoint keeps the settings of the procedural pretraining its run started with
 PROCEDURAL_KEY = "fedgen_procedural_pretraining"
+WARM_UPS_KEY = "fedgen_warm_ups"
 
 
 class StepClients(Protocol):
@@ -426,6 +427,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if sampler == "ddpm" and sampling_steps != num_train_timesteps:
             raise ConfigError("model.sampling_steps", f"the DDPM sampler runs all {num_train_timesteps} steps, "
                               f"got {sampling_steps}", "use sampler: ddim for fewer steps")
+        if sampler == "ddim" and sampling_steps > num_train_timesteps:
+            raise ConfigError("model.sampling_steps", f"{sampling_steps} DDIM steps for {num_train_timesteps} "
+                              "training timesteps", f"use at most {num_train_timesteps}, e.g. 50")
         if not 0 <= sampling_eta <= 1:
             raise ConfigError("model.sampling_eta", f"must be in [0, 1], got {sampling_eta}",
                               "use 0 (deterministic DDIM) to 1 (ancestral)")
@@ -552,6 +556,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             checkpoint[CLIENTS_KEY] = self.clients.state_dict()
         if self.procedural_pretraining is not None:  # it leaves no trace in the ledger
             checkpoint[PROCEDURAL_KEY] = dataclasses.asdict(self.procedural_pretraining)
+        # the ledger holds each warm-up's release, not all its settings (e.g. the epsilon metrics.json reports)
+        checkpoint[WARM_UPS_KEY] = {release.name: dataclasses.asdict(release) for release in self.warm_up_releases}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # restores the ledger, before any step
@@ -559,6 +565,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             self.clients.load_state_dict(checkpoint[CLIENTS_KEY])
         for position, release in enumerate(self.warm_up_releases):
             release.check_resumed(self.mechanism.ledger, position)
+        if WARM_UPS_KEY in checkpoint:  # written since the settings were saved; older checkpoints: the ledger only
+            for release in self.warm_up_releases:
+                check_started_with(f"model.{release.name}", dataclasses.asdict(release),
+                                   checkpoint[WARM_UPS_KEY].get(release.name))
         check_started_with("model.private_trainable", self.hparams.private_trainable,
                            checkpoint.get("hyper_parameters", {}).get("private_trainable"))
         settings = self.procedural_pretraining

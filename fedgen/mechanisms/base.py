@@ -51,6 +51,9 @@ class Mechanism(Registered):
                  unit: Literal["example", "user"] = "example") -> None:
         check_target_epsilon(target_epsilon)
         check_delta(delta)
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ConfigError("mechanism.seed", f"{seed} is outside [0, 2^63)",
+                              "use e.g. 0, or null (drawn from the run's seed)")
         if unit not in UNITS:  # named as the config names it (the ledger, built directly, says "unit")
             raise ConfigError("mechanism.unit", f"unknown neighbouring unit {unit!r}", f"use one of {list(UNITS)}")
         self.target_epsilon = target_epsilon

@@ -527,6 +527,7 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"label_check_steps": [100, 1000]}, "model.label_check_steps"),  # T = 1000: steps 0 to 999
     ({"label_check_rounds": 0}, "model.label_check_rounds"),
     ({"cuda_graphs": True}, "model.cuda_graphs"),  # no max_physical_examples: no fixed micro-batch to capture
+    ({"num_train_timesteps": 100, "sampling_steps": 200}, "model.sampling_steps"),  # failed after training
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -761,6 +762,10 @@ def test_fit_names_the_public_dataset_in_the_run_folder_and_metrics(real_data_ro
     assert (saved["public_data"]["dataset"], saved["public_data"]["examples"], saved["public_data"]["steps"]) == (
         "fashionmnist", 100, 2)
     assert "outside the privacy guarantee" in saved["public_data"]["privacy"]
+    (run / "metrics.json").unlink()  # resumed without the public data, the run would no longer record it
+    with pytest.raises(ConfigError, match="public_data"):
+        fit(_tiny_cli(real_data_root, 2, f"--run_dir={run}", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    assert not list(run.glob("config-resumed-*.yaml"))
 
 
 def test_the_private_dataset_cannot_be_declared_public(real_data_root, tmp_path) -> None:

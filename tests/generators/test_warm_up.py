@@ -181,6 +181,10 @@ def test_fedgen_fit_runs_both_warm_ups_and_a_resume_releases_neither_again(real_
     with pytest.raises(ConfigError) as err:  # the run warmed up on both: resuming with one of them is refused
         fit(_tiny_cli(real_data_root, 5, f"--run_dir={run}", warm_ups[1], warm_ups[2], resume, fixed_noise=False))
     assert err.value.field == "model.merf_images"
+    other_epsilon = warm_ups[0].replace('"epsilon": 1.0', '"epsilon": 3.0')  # same releases: only the settings differ
+    with pytest.raises(ConfigError) as err:
+        fit(_tiny_cli(real_data_root, 5, f"--run_dir={run}", other_epsilon, *warm_ups[1:], resume, fixed_noise=False))
+    assert err.value.field == "model.central_images"
 
 
 @pytest.mark.parametrize(("extra", "field"), [("--trainer.precision=bf16-true", "trainer.precision"),
