@@ -262,6 +262,13 @@ def fit(args: list[str]) -> dict[str, Any]:
         loader = generator.attach_private_data(data.train_set)
     if isinstance(federation, FederatedRelease):
         federation.check(generator, data.train_set)
+    if public is not None:
+        try:
+            public.prepare_data()
+            public.setup("fit")
+        except DataNotFoundError as err:  # its message names data.*: the public dataset's fields are public_data.*
+            raise DataNotFoundError(str(err).replace("data.", "public_data.")) from err
+        generator.check_public_data(public.train_set)
     generator.check_training(trainer.strategy.root_device)
     if config.fid_samples and min(config.fid_samples, len(data.test_set)) < 2:
         raise ConfigError("fid_samples", f"the test set has {len(data.test_set)} image(s); FID needs 2 or more",
@@ -284,9 +291,7 @@ def fit(args: list[str]) -> dict[str, Any]:
             procedural_report = generator.procedural_pretraining.report() | {"trained": "by the run's first segment"}
 
     public_report = None
-    if public is not None:
-        public.prepare_data()
-        public.setup("fit")
+    if public is not None:  # loaded and checked above, before the run folder
         public_report = {"dataset": dataset_name(config.public_data), "split": "train",
                          "examples": len(public.train_set), "steps": config.public_steps,
                          "privacy": "declared public by the user: outside the privacy guarantee"}

@@ -216,6 +216,15 @@ def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_anything_is
         assert not target.exists()  # no run folder, no config written
 
 
+def test_public_data_for_a_generator_without_public_pretraining_is_refused_before_the_run_folder(real_data_root,
+                                                                                                  tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["fit", *tiny_args(real_data_root, run, "--public_data=fedgen.data.FashionMNISTDataModule",
+                                f"--public_data.root={real_data_root}", "--public_data.train_subset=20")])
+    assert "public_data: DPMerf has no public pretraining" in capsys.readouterr().err and not run.exists()
+
+
 def test_unknown_command_and_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])

@@ -109,11 +109,16 @@ class Generator(PrivateModule, Registered):
         """Give the generator the private training set; returns the loader that drives training steps."""
         raise NotImplementedError
 
+    def check_public_data(self, dataset: Dataset) -> None:
+        """Refuse ``dataset`` for :meth:`pretrain_on_public` before any work (a generator without public
+        pretraining refuses any)."""
+        raise ConfigError("public_data", f"{type(self).__name__} has no public pretraining",
+                          "remove public_data, or use a generator that supports it (DPDiffusion)")
+
     def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:
         """Train without privacy on ``dataset``, declared public, before any private step. The public data is
         outside the privacy guarantee; the run records its name. Generators without this step refuse it."""
-        raise ConfigError("public_data", f"{type(self).__name__} has no public pretraining",
-                          "remove public_data, or use a generator that supports it (DPDiffusion)")
+        self.check_public_data(dataset)
 
     # ---------------------------------------------------------------------------------- sampling
     def label_distribution(self) -> torch.Tensor:

@@ -742,15 +742,18 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("model.cuda_graphs", "a federated step keeps one clipped sum per client, which a "
                               "captured pass cannot split", "set cuda_graphs: false with a federation")
 
+    def check_public_data(self, dataset: Dataset) -> None:
+        image, _ = dataset[0]
+        if tuple(image.shape) != self.image_shape:
+            raise ConfigError("public_data", f"has images of shape {list(image.shape)}, the private data "
+                              f"{list(self.image_shape)}", "declare a public dataset of the same image shape")
+
     def pretrain_on_public(self, dataset: Dataset, *, steps: int) -> None:
         """Non-private, unconditional pretraining on a public dataset: ``steps`` Adam steps of the diffusion
         loss with every label set to the null class (the public classes need not match the private ones).
         It must run before private training; the EMA restarts from the pretrained weights."""
         check_at_least_one("public_steps", steps, "use e.g. 1000")
-        image, _ = dataset[0]
-        if tuple(image.shape) != self.image_shape:
-            raise ConfigError("public_data", f"has images of shape {list(image.shape)}, the private data "
-                              f"{list(self.image_shape)}", "declare a public dataset of the same image shape")
+        self.check_public_data(dataset)
         self._train_without_noise(dataset, steps, labelled=False)
         log.info("DPDiffusion: %d non-private pretraining steps on %d public examples", steps, len(dataset))
 

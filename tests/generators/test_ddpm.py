@@ -778,6 +778,17 @@ def test_the_private_dataset_cannot_be_declared_public(real_data_root, tmp_path)
     assert err.value.field == "public_data" and not run.exists()
 
 
+def test_public_data_that_cannot_be_used_is_refused_before_the_run_folder(real_data_root, tmp_path) -> None:
+    from fedgen.cli import fit
+    from fedgen.errors import DataNotFoundError
+
+    run = tmp_path / "run"
+    with pytest.raises(DataNotFoundError, match="public_data.root"):  # no CIFAR-10 here
+        fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", "--public_data=fedgen.data.CIFAR10DataModule",
+                      f"--public_data.root={real_data_root}"))
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("public", ["QMNIST", "EMNIST"])
 def test_a_dataset_cut_from_the_private_images_cannot_be_declared_public(real_data_root, tmp_path, public) -> None:
     """QMNIST rebuilds MNIST's digits; EMNIST comes from the NIST forms MNIST was drawn from."""
