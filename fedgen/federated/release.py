@@ -94,6 +94,12 @@ class FederatedRelease:
         if not 0 <= dropout < 1 / 3:
             raise ConfigError("federation.dropout", f"must be in [0, 1/3), got {dropout}",
                               "secure aggregation tolerates fewer than a third of the clients dropping")
+        if secure_aggregation:  # its settings checked now, under the names this config gives them
+            try:
+                SecureAggregator(clip_norm=1.0, scale=scale, bits=bits, graph=graph)
+            except ConfigError as err:
+                raise ConfigError(err.field.replace("secure_aggregation.", "federation."), err.problem,
+                                  err.fix) from err
         if client_clip_norm is not None and not client_clip_norm > 0:
             raise ConfigError("federation.client_clip_norm", f"must be > 0, got {client_clip_norm}",
                               "set the bound on one client's sum, or null for example-level DP")

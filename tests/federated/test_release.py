@@ -167,6 +167,15 @@ def test_distributed_noise_is_refused_before_anything_is_computed(monkeypatch):
     assert len(merf.mechanism.ledger) == 0
 
 
+@pytest.mark.parametrize(("kwargs", "field"), [({"bits": 100}, "federation.bits"), ({"scale": 0.0}, "federation.scale"),
+                                               ({"graph": "ring"}, "federation.graph")])
+def test_secure_aggregation_settings_are_refused_when_the_federation_is_built(kwargs, field):
+    """Before: only when the clients' sums were aggregated, after the run folder was written, as secure_aggregation.*."""
+    with pytest.raises(ConfigError) as err:
+        FederatedRelease(num_clients=4, **kwargs)
+    assert err.value.field == field
+
+
 @pytest.mark.parametrize("noise", ["central", "distributed"])
 def test_a_subsampled_mechanism_is_refused_whatever_the_noise(monkeypatch, noise):
     """The release sums every client's whole data; a ledger event at a rate below 1 would under-report epsilon.
