@@ -135,6 +135,9 @@ def build_unet(*, num_classes: int, image_shape: tuple[int, int, int], block_cha
     ICLR 2021) that DPDM trains (its ``init_scale`` of 0)."""
     c, h, w = image_shape
     levels = len(block_channels)
+    if levels < 1 or any(not isinstance(ch, int) or ch < 1 for ch in block_channels):
+        raise ConfigError("model.block_channels", f"must be one or more positive channel counts, got "
+                          f"{list(block_channels)}", "use e.g. [16, 32, 32]")
     if len(attention) != levels:
         raise ConfigError("model.attention", f"has {len(attention)} entries for {levels} levels",
                           "give one true/false per entry of block_channels")

@@ -528,6 +528,8 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"label_check_rounds": 0}, "model.label_check_rounds"),
     ({"cuda_graphs": True}, "model.cuda_graphs"),  # no max_physical_examples: no fixed micro-batch to capture
     ({"num_train_timesteps": 100, "sampling_steps": 200}, "model.sampling_steps"),  # failed after training
+    ({"block_channels": (0, 16)}, "model.block_channels"),  # failed at the first step
+    ({"block_channels": (), "attention": ()}, "model.block_channels"),
 ])
 def test_bad_configurations_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
