@@ -50,6 +50,8 @@ class ProceduralPretraining:
         check_at_least_one(f"{self.field}.images", self.images, "use e.g. 60000")
         if self.batch_size is not None:
             check_at_least_one(f"{self.field}.batch_size", self.batch_size, "use e.g. 512, or null")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"{self.field}.seed", f"{self.seed} is outside [0, 2^63)", "use e.g. 0")
 
     def dataset(self, image_shape: tuple[int, int, int], device: torch.device | str = "cpu") -> ProceduralImages:
         return ProceduralImages(self.images, image_shape=image_shape, kind=self.kind, seed=self.seed, device=device)

@@ -707,6 +707,8 @@ def test_procedural_pretraining_changes_the_weights_and_spends_no_privacy() -> N
         _tiny(procedural_pretraining=ProceduralPretraining(steps=0))
     with pytest.raises(ConfigError, match="procedural_pretraining.kind"):
         _tiny(procedural_pretraining=ProceduralPretraining(kind="fractals"))
+    with pytest.raises(ConfigError, match="procedural_pretraining.seed"):  # a traceback when painting, before
+        _tiny(procedural_pretraining=ProceduralPretraining(seed=2**70))
     model.mechanism.make_private(model.unet, torch.optim.SGD(model.unet.parameters(), lr=0.1),
                                  data_loader=model.attach_private_data(_data()), steps=3)
     with pytest.raises(RuntimeError, match="before private training"):
