@@ -176,8 +176,8 @@ def check_resume_checkpoint(ckpt_path: str, generator: Generator, record: dict[s
     saved_data = checkpoint.get(DATA_KEY)
     if saved_data is not None and any(saved_data.get(key, value) != value for key, value in record.items()):
         raise ConfigError("ckpt_path", f"{path} trained on {saved_data['dataset']} ({saved_data['examples']} "
-                          f"examples, public pretraining {saved_data.get('public_data')}), the config gives "
-                          f"{record['dataset']} ({record['examples']}, {record['public_data']})",
+                          f"examples; public pretraining: {saved_data.get('public_data') or 'none'}), the config "
+                          f"gives {record['dataset']} ({record['examples']}; {record['public_data'] or 'none'})",
                           "resume on the private data, and with the public_data and public_steps, the run began with")
     # The generator's and mechanism's own resume checks (noise, budget, warm-ups), now rather than in trainer.fit,
     # which loads the same checkpoint again: restoring is idempotent.

@@ -206,7 +206,7 @@ def test_a_checkpoint_that_cannot_continue_the_run_is_refused_before_anything_is
     cases = [([f"--ckpt_path={tmp_path / 'missing.ckpt'}"], "is not a file"),
              ([f"--ckpt_path={text}"], "cannot be read"),
              ([f"--ckpt_path={last}", "--model.init_args.num_features=100"], "other settings"),
-             ([f"--ckpt_path={last}", *other_data], "trained on mnist (600 examples)")]
+             ([f"--ckpt_path={last}", *other_data], "trained on mnist (600 examples; public pretraining: none)")]
     for extra, problem in cases:
         target = tmp_path / f"resumed-{len(problem)}"
         with pytest.raises(SystemExit):
