@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,14 @@ def dataset_name(data_config: Any) -> str:
     return str(dataset).replace("DataModule", "").lower()
 
 
+#: a ConfigError's message, ``<field>: <problem>. Fix: <fix>``, as a line of jsonargparse's report on a union type
+_NESTED_ERROR = re.compile(r"^\s*-\s*(?P<field>[\w.]+): (?P<problem>.*?)\. Fix: (?P<fix>.*)$", re.MULTILINE)
+
+
 def config_error(err: BaseException) -> ConfigError:
-    """The ConfigError that jsonargparse wrapped while instantiating, or one carrying its message."""
+    """The ConfigError that jsonargparse wrapped while instantiating; or, where it kept only the text (an option
+    that may take one of several classes, e.g. ``federation``), the first one its report quotes; or one carrying
+    its whole message."""
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
@@ -67,6 +74,9 @@ def config_error(err: BaseException) -> ConfigError:
             return cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
+    quoted = _NESTED_ERROR.search(str(err))
+    if quoted is not None:
+        return ConfigError(quoted["field"], quoted["problem"], quoted["fix"])
     return ConfigError("config", str(err).strip(), "correct the value named above")
 
 

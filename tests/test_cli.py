@@ -268,6 +268,12 @@ def test_a_federated_release_that_cannot_run_is_refused_before_the_run_folder_is
         main(["fit", *args])
     assert "federation.num_clients: 1000 clients but only 600" in capsys.readouterr().err
     assert not run.exists()
+    args = tiny_args(real_data_root, run, "--federation.init_args.num_clients=0")
+    args[1] = str(FEDERATED_EXAMPLE)
+    with pytest.raises(SystemExit):
+        main(["fit", *args])
+    # fedgen's own message comes first, not the report jsonargparse makes on an option of several possible classes
+    assert capsys.readouterr().err.startswith("fedgen: error: federation.num_clients: must be >= 1, got 0. Fix:")
 
 
 
