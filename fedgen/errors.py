@@ -49,6 +49,25 @@ def check_accelerator(field: str, accelerator: str) -> None:
         raise ConfigError(field, f"{accelerator} is not available on this machine", "use auto or cpu")
 
 
+def machine_memory() -> int | None:
+    """This machine's memory in bytes; None where the OS does not report it."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(field: str, needed: int, what: str, fix: str) -> None:
+    """Refuse a setting whose ``what`` needs ``needed`` bytes, more than this machine's memory (no check where the
+    OS does not report it)."""
+    total = machine_memory()
+    if total is not None and needed > total:
+        raise ConfigError(field, f"{what} needs about {needed / 2**30:.3g} GiB of memory, more than this machine's "
+                          f"{total / 2**30:.3g} GiB", fix)
+
+
 def load_checkpoint(field: str, path: str | Path, fix: str) -> Any:
     """``torch.load`` of the file at ``path`` (onto the CPU), or a ConfigError naming ``field`` if there is no such
     file or it cannot be read as a checkpoint."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_fits_in_memory, machine_memory
 
 log = logging.getLogger("fedgen")
 
@@ -113,13 +112,9 @@ def write_config(parser: Any, config: Any, run_dir: Path) -> None:
 
 def check_images_fit_in_memory(field: str, num: int, image_shape: tuple[int, ...], bytes_per_pixel: int) -> None:
     """Refuse ``num`` images of ``image_shape`` that would not fit in this machine's memory, at ``bytes_per_pixel``
-    bytes a pixel at the command's peak; no check where the OS does not report its memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return
+    bytes a pixel at the command's peak."""
     per_image = bytes_per_pixel * math.prod(image_shape)
-    if num * per_image > total:
-        raise ConfigError(field, f"{num} images of shape {list(image_shape)} need about {num * per_image / 2**30:.3g} "
-                          f"GiB of memory, more than this machine's {total / 2**30:.3g} GiB",
-                          f"use at most {total // per_image} images (e.g. 60000)")
+    total = machine_memory()
+    most = f"at most {total // per_image}" if total else "fewer"
+    check_fits_in_memory(field, num * per_image, f"{num} images of shape {list(image_shape)}",
+                         f"use {most} images (e.g. 60000)")

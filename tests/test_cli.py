@@ -135,6 +135,7 @@ BAD_CONFIGS = [
     ([f"--model.init_args.mechanism.init_args.seed={2**70}"], "mechanism.seed"),  # failed at the first noise draw
     (["--fid_samples=1"], "fid_samples"),  # refused only after training before
     (["--trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
+    (["--model.init_args.num_features=20000000000"], "model.num_features"),  # 31 TB of frequencies
     (["--num_synthetic=100000000000"], "num_synthetic"),
 ]
 

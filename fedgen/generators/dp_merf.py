@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fedgen.errors import ConfigError, check_at_least_one, check_positive
+from fedgen.errors import ConfigError, check_at_least_one, check_fits_in_memory, check_positive
 from fedgen.generators.base import Generator
 from fedgen.mechanisms import GaussianMechanism
 from fedgen.mechanisms.precision import exact_float32, ieee_fp32
@@ -80,6 +80,12 @@ class _StepIndices(Dataset):
         return i
 
 
+def check_frequencies_fit(field: str, image_shape: tuple[int, ...], num_features: int) -> None:
+    """Refuse random features whose frequencies (pixels x num_features / 2 in float32) would not fit in memory."""
+    check_fits_in_memory(field, math.prod(image_shape) * num_features // 2 * 4,
+                         f"{num_features} random features of {list(image_shape)} images", "use e.g. 10000")
+
+
 class DPMerf(Generator, name="dp_merf"):
     """Class-conditional DP-Merf generator (Harder et al., AISTATS 2021).
 
@@ -124,6 +130,7 @@ class DPMerf(Generator, name="dp_merf"):
         if not 0 < count_weight < 1:
             raise ConfigError("model.count_weight", f"must be in (0, 1), got {count_weight}", "use e.g. 0.1")
         check_at_least_one("model.batch_size", batch_size, "use e.g. 100")
+        check_frequencies_fit("model.num_features", image_shape, num_features)
         check_at_least_one("model.latent_dim", latent_dim, "use e.g. 20")
         check_at_least_one("model.embedding_batch_size", embedding_batch_size, "use e.g. 2000")
         if steps_per_epoch is not None:

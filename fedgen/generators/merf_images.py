@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import stratified_labels
-from fedgen.generators.dp_merf import PAPER_BATCH_SIZE, DPMerf
+from fedgen.generators.dp_merf import PAPER_BATCH_SIZE, DPMerf, check_frequencies_fit
 from fedgen.generators.warm_up import WarmUpRelease
 from fedgen.mechanisms import Mechanism
 from fedgen.mechanisms.ledger import PrivacyEvent
@@ -66,6 +66,8 @@ class MerfImages(WarmUpRelease):
             raise ConfigError(self.field, f"DP-Merf's generator draws images whose height and width are multiples of "
                               f"4, not {image_shape[1]}x{image_shape[2]}",
                               "use central_images for this image size, or pad the images to a multiple of 4")
+        if image_shape is not None:
+            check_frequencies_fit(f"{self.field}.num_features", image_shape, self.num_features)
         check_at_least_one(f"{self.field}.images", self.images, "use e.g. 60000")
         check_at_least_one(f"{self.field}.batch_size", self.batch_size, "use e.g. 512")
         check_at_least_one(f"{self.field}.epochs", self.epochs, "use e.g. 5")

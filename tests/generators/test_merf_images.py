@@ -87,6 +87,7 @@ def test_dp_merf_draws_its_batch_for_the_papers_number_of_steps(merf_batch_size:
     ({"epochs": 0}, "model.merf_images.epochs"),
     ({"merf_batch_size": 0}, "model.merf_images.merf_batch_size"),
     ({"num_features": 501}, "model.merf_images.num_features"),
+    ({"num_features": 20_000_000_000}, "model.merf_images.num_features"),  # 31 TB of frequencies: past memory
     ({"length_scale": 0.0}, "model.merf_images.length_scale"),
     ({"steps": 0}, "model.merf_images.steps"),
     ({"epsilon": 10.0}, "model.merf_images.epsilon"),
