@@ -37,9 +37,10 @@ def clip_rows(contributions: torch.Tensor, clip_norm: float) -> torch.Tensor:
         if not target > clip_norm / 2:
             raise ValueError(f"clip_norm {clip_norm} is too small for {flat.dtype} rows of {flat.shape[1]} entries: "
                              "rounding could move them past it; clip in float32")
-    scale = (target / (work.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+    norms = work.norm(dim=1, keepdim=True)
+    scale = (target / (norms + 1e-12)).clamp(max=1.0)
     if low:  # rows within the bound are left as they are (scale 1 and the cast back are exact)
-        scale = torch.where(work.norm(dim=1, keepdim=True) <= clip_norm, torch.ones_like(scale), scale)
+        scale = torch.where(norms <= clip_norm, torch.ones_like(scale), scale)
     return (work * scale).to(flat.dtype).reshape(contributions.shape)
 
 
