@@ -43,7 +43,7 @@ from fedgen.data import dataset_to_tensors
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.warm_up import WarmUpRelease, rand_augment
 from fedgen.mechanisms import Mechanism
-from fedgen.mechanisms.ledger import PrivacyEvent
+from fedgen.mechanisms.ledger import PrivacyEvent, SubsampledGaussianEvent
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,10 @@ class CentralImages(WarmUpRelease):
 
     def opens(self, event: PrivacyEvent) -> bool:
         return (getattr(event, "sample_rate", None), event.count) == (self.sample_rate, self.releases)
+
+    def planned_event(self, mechanism: Mechanism) -> PrivacyEvent:
+        sigma = self.noise_multiplier(mechanism, releases=self.releases, sample_rate=self.sample_rate)
+        return SubsampledGaussianEvent(sigma, self.sample_rate, self.releases)
 
     def describe(self) -> str:
         return f"{self.releases} central-image rounds at rate {self.sample_rate:g}"

@@ -78,6 +78,7 @@ from fedgen.generators.merf_images import MerfImages
 from fedgen.generators.pretraining import ProceduralPretraining
 from fedgen.generators.warm_up import WarmUpRelease
 from fedgen.mechanisms import DPSGD, CapturedBackward
+from fedgen.mechanisms.ledger import SubsampledGaussianEvent, compute_epsilon
 from fedgen.mechanisms.per_example import unsupported_layers
 
 log = logging.getLogger(__name__)
@@ -733,6 +734,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                            "the logical batch, the noise and the privacy accounting stay the same")
 
     def check_training(self, device: torch.device) -> None:
+        self.check_warm_ups_leave_a_step()
         if self.clients is not None and self.hparams.private_trainable is not None:
             raise ConfigError("model.private_trainable", "is not supported in a federation: its clients compute "
                               "steps over the whole UNet", "set private_trainable: null, or train centrally")
@@ -744,6 +746,27 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if self.clients is not None:
             raise ConfigError("model.cuda_graphs", "a federated step keeps one clipped sum per client, which a "
                               "captured pass cannot split", "set cuda_graphs: false with a federation")
+
+    def check_warm_ups_leave_a_step(self) -> None:
+        """Refuse, before anything is released, warm-ups after which DP-SGD at its configured ``noise_multiplier``
+        could not take one step within ``target_epsilon``: the releases would be spent and the run would stop at
+        its first step. (A noise calibrated at plan time always fits the rest of the budget.)"""
+        mechanism = self.mechanism
+        if (not self.warm_up_releases or self._loader is None or mechanism.noise_multiplier is None
+                or mechanism.target_epsilon is None):
+            return
+        warm_ups = [release.planned_event(mechanism) for release in self.warm_up_releases]
+        step = SubsampledGaussianEvent(mechanism.noise_multiplier, self._loader.sample_rate, 1)
+        accountant, delta = mechanism.ledger.accountant, mechanism.delta
+        with_step = compute_epsilon([*mechanism.ledger.events, *warm_ups, step], delta, accountant)
+        if with_step > mechanism.target_epsilon:
+            names = " and ".join(release.name for release in self.warm_up_releases)
+            spent = compute_epsilon([*mechanism.ledger.events, *warm_ups], delta, accountant)
+            raise ConfigError("mechanism.noise_multiplier", f"{mechanism.noise_multiplier:g} leaves DP-SGD no step "
+                              f"after {names} (epsilon {spent:.4g}): one step would bring epsilon to "
+                              f"{with_step:.4g}, over target_epsilon {mechanism.target_epsilon:g}",
+                              "leave noise_multiplier unset (it is then calibrated to what the warm-ups leave), "
+                              "raise it, or give the warm-ups a smaller epsilon")
 
     def check_public_data(self, dataset: Dataset) -> None:
         image, _ = dataset[0]

@@ -26,7 +26,7 @@ from fedgen.generators.base import stratified_labels
 from fedgen.generators.dp_merf import PAPER_BATCH_SIZE, DPMerf, check_frequencies_fit
 from fedgen.generators.warm_up import WarmUpRelease
 from fedgen.mechanisms import Mechanism
-from fedgen.mechanisms.ledger import PrivacyEvent
+from fedgen.mechanisms.ledger import PrivacyEvent, SubsampledGaussianEvent
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class MerfImages(WarmUpRelease):
 
     def opens(self, event: PrivacyEvent) -> bool:
         return (getattr(event, "sample_rate", None), event.count) == (1.0, 1)
+
+    def planned_event(self, mechanism: Mechanism) -> PrivacyEvent:
+        return SubsampledGaussianEvent(self.noise_multiplier(mechanism), 1.0, 1)
 
     def describe(self) -> str:
         return "DP-Merf's single release of the whole data"

@@ -71,13 +71,23 @@ class WarmUpRelease:
         with the earlier warm-ups, which costs less than the sum of the shares); charging the generator's ledger;
         its noise from a stream of its own (``stream``), apart from DP-SGD's and the other releases'."""
         accountant = mechanism.ledger.accountant
-        sigma = calibrate_noise_multiplier(target_epsilon=self.epsilon, delta=mechanism.delta, sample_rate=sample_rate,
-                                           steps=releases, accountant=accountant)
+        sigma = self.noise_multiplier(mechanism, releases=releases, sample_rate=sample_rate)
         gaussian = GaussianMechanism(noise_multiplier=sigma, delta=mechanism.delta, clip_norm=clip_norm,
                                      num_releases=releases, sample_rate=sample_rate, accountant=accountant,
                                      seed=mechanism.noise.derived_seed(stream), secure_noise=mechanism.noise.secure)
         gaussian.use_ledger(mechanism.ledger)
         return gaussian
+
+    def noise_multiplier(self, mechanism: Mechanism, *, releases: int = 1, sample_rate: float = 1.0) -> float:
+        """The Gaussian noise multiplier at which ``releases`` at ``sample_rate`` alone spend ``epsilon`` at the
+        generator's delta."""
+        return calibrate_noise_multiplier(target_epsilon=self.epsilon, delta=mechanism.delta, sample_rate=sample_rate,
+                                          steps=releases, accountant=mechanism.ledger.accountant)
+
+    def planned_event(self, mechanism: Mechanism) -> PrivacyEvent:
+        """The event the release will record in ``mechanism``'s ledger, known before anything is released: a
+        generator checks with it that its DP-SGD keeps a step of the budget after the warm-ups."""
+        raise NotImplementedError
 
     @staticmethod
     def epsilon_alone(gaussian: GaussianMechanism) -> float:

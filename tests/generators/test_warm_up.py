@@ -109,6 +109,36 @@ def test_warm_ups_that_leave_dp_sgd_nothing_are_refused_before_any_release() -> 
     assert not mechanism.ledger.events
 
 
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_the_planned_event_is_the_one_the_release_records(name: str) -> None:
+    release = RELEASES[name][0]
+    mechanism = DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp")
+    planned = release.planned_event(mechanism)
+    release.release(_data(200), num_classes=3, mechanism=mechanism)
+    assert list(mechanism.ledger.events) == [planned]
+
+
+def test_a_fixed_noise_the_warm_ups_leave_no_step_is_refused_before_any_release() -> None:
+    """At a configured noise_multiplier, DP-SGD's budget after the warm-ups can hold no step: refused by the
+    pre-release check (where a calibrated noise always fits what is left)."""
+    central = RELEASES["central_images"][0]  # epsilon 1 of the 2
+    for sigma, refused in ((0.3, True), (20.0, False)):
+        mechanism = DPSGD(target_epsilon=2.0, noise_multiplier=sigma, delta=1e-3, seed=0, accountant="rdp")
+        model = _tiny(mechanism=mechanism, central_images=central)
+        model.attach_private_data(_data(200))
+        if refused:
+            with pytest.raises(ConfigError, match="leaves DP-SGD no step after central_images") as err:
+                model.check_training(torch.device("cpu"))
+            assert err.value.field == "mechanism.noise_multiplier"
+        else:
+            model.check_training(torch.device("cpu"))
+        assert not mechanism.ledger.events  # nothing released either way
+    calibrated = DPSGD(target_epsilon=2.0, delta=1e-3, seed=0, accountant="rdp")
+    model = _tiny(mechanism=calibrated, central_images=central)
+    model.attach_private_data(_data(200))
+    model.check_training(torch.device("cpu"))
+
+
 def test_a_chain_the_ledger_would_merge_into_one_event_is_refused() -> None:
     """One central-image round of the whole data and DP-Merf's release at the same epsilon have the same noise
     multiplier and rate; the ledger would record them as one event that neither release opens."""
