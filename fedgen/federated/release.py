@@ -55,6 +55,9 @@ class ReleasesOneSum(Protocol):
 
     def store_release(self, noisy_sum: torch.Tensor, num_private: int) -> None: ...
 
+    #: the buffer the release is stored in (its size is the released sum's)
+    noisy_sum: torch.Tensor
+
 
 class FederatedRelease:
     """Release a generator's clipped sum from data split across simulated clients.
@@ -153,6 +156,14 @@ class FederatedRelease:
         if self.num_clients > len(dataset):
             raise ConfigError("federation.num_clients", f"{self.num_clients} clients but only {len(dataset)} "
                               "private examples", f"use num_clients <= {len(dataset)}")
+        if self.secure_aggregation:  # the modular sum's range, from the split's sizes alone
+            sizes = [len(client) for client in make_clients(dataset, self.partitioner, self.num_clients)]
+            aggregator, mu = self._aggregator(mechanism, max(sizes), generator.noisy_sum.numel())
+            try:
+                aggregator.check_range(self.num_clients, math.sqrt(2 * mu))
+            except ConfigError as err:
+                raise ConfigError(err.field.replace("secure_aggregation.", "federation."), err.problem,
+                                  err.fix) from err
 
     def run(self, generator: ReleasesOneSum, dataset: Dataset, *,
             device: torch.device | str | None = None) -> dict[str, Any]:
@@ -166,7 +177,7 @@ class FederatedRelease:
         local = {c.id: generator.embedding_sum(c.dataset(dataset)).double().cpu() for c in clients}
         if self.client_clip_norm is not None:
             local = {cid: clip_rows(vector.unsqueeze(0), self.client_clip_norm)[0] for cid, vector in local.items()}
-        bound = mechanism.clip_norm if self.client_clip_norm is None else self.client_clip_norm
+        bound = self._bound(mechanism)
         client_compute = time.perf_counter() - start
         dim = next(iter(local.values())).numel()
         sizes = [len(c) for c in clients]
@@ -176,10 +187,7 @@ class FederatedRelease:
         if self.noise == "distributed":
             return report | self._release_distributed(generator, dataset, local, bound, max(sizes))
         if self.secure_aggregation:
-            # The L2 bound on one client's vector, which secure aggregation checks its range with.
-            client_bound = max(sizes) * mechanism.clip_norm if self.client_clip_norm is None else bound
-            aggregator = SecureAggregator(clip_norm=client_bound, scale=self.scale,
-                                          bits=self.bits, graph=self.graph)
+            aggregator, _ = self._aggregator(mechanism, max(sizes), dim)
             num_dropped = int(self.dropout * self.num_clients)
             dropped = set(range(self.num_clients - num_dropped, self.num_clients))
             result = aggregator.aggregate(local, dropped_after_masking=dropped)
@@ -201,6 +209,25 @@ class FederatedRelease:
         log.info("Federated release from %d clients (%s, secure aggregation %s, central noise, sensitivity %.6g)",
                  self.num_clients, report["partitioner"], "on" if self.secure_aggregation else "off", sensitivity)
         return report
+
+    def _client_bound(self, mechanism: GaussianMechanism, largest_client: int) -> float:
+        """The L2 bound on one client's vector, which secure aggregation checks its range with: the clipped sum of
+        its examples, or its own clipped sum (user-level)."""
+        return largest_client * mechanism.clip_norm if self.client_clip_norm is None else self.client_clip_norm
+
+    def _aggregator(self, mechanism: GaussianMechanism, largest_client: int, dim: int
+                    ) -> tuple[SecureAggregator, float]:
+        """Secure aggregation of the clients' vectors of ``dim`` coordinates, and the Skellam parameter mu of the
+        noise the clients add in all (Sk(mu, mu) per coordinate, variance 2 mu; 0 for central noise)."""
+        aggregator = SecureAggregator(clip_norm=self._client_bound(mechanism, largest_client), scale=self.scale,
+                                      bits=self.bits, graph=self.graph)
+        if self.noise != "distributed":
+            return aggregator, 0.0
+        return aggregator, self._skellam_mu(mechanism, *self.skellam_sensitivities(self._bound(mechanism), dim))
+
+    def _bound(self, mechanism: GaussianMechanism) -> float:
+        """How far one unit moves one client's vector in L2: an example's clip_norm, or a client's bound."""
+        return mechanism.clip_norm if self.client_clip_norm is None else self.client_clip_norm
 
     @staticmethod
     def _check_distributed(mechanism: GaussianMechanism) -> None:
@@ -238,13 +265,11 @@ class FederatedRelease:
         mechanism = generator.mechanism
         dim = next(iter(local.values())).numel()
         l2, l1 = self.skellam_sensitivities(bound, dim)
-        mu = self._skellam_mu(mechanism, l2, l1)
+        aggregator, mu = self._aggregator(mechanism, largest_client, dim)
+        noise_std = math.sqrt(2 * mu)  # the included clients' total noise
         guaranteed = self.num_clients  # no client drops before masking
         mu_client = mu / guaranteed
-        client_bound = largest_client * mechanism.clip_norm if self.client_clip_norm is None else bound
-        aggregator = SecureAggregator(clip_norm=client_bound, scale=self.scale, bits=self.bits, graph=self.graph)
-        noise_std = math.sqrt(2 * mu_client * self.num_clients)  # the included clients' total noise
-        aggregator.check_range(self.num_clients, noise_std)  # before the ledger is charged
+        aggregator.check_range(self.num_clients, noise_std)  # checked by check() too; again before the charge
         mechanism.charge(SkellamEvent(mu, l2, l1))
         shares = {cid: mechanism.noise.skellam(tuple(vector.shape), mu_client) for cid, vector in local.items()}
         num_dropped = int(self.dropout * self.num_clients)

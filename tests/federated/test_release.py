@@ -195,3 +195,17 @@ def test_distributed_release_past_the_budget_is_refused_before_noise_is_drawn(mo
     with pytest.raises(PrivacyBudgetExceeded):
         FederatedRelease(num_clients=4, noise="distributed").run(merf, blobs(100))
     assert len(merf.mechanism.ledger) == 0 and not bool(merf.released)
+
+
+@pytest.mark.parametrize("noise", ["central", "distributed"])
+def test_a_modular_range_too_small_for_the_sum_is_refused_by_check_before_any_client_computes(monkeypatch, noise):
+    """The range needs the largest client's size (and, for distributed noise, the calibrated Skellam spread):
+    known from the split alone, so ``check`` refuses it, before the run folder is written or a client computes."""
+    merf = tiny_merf(mechanism=GaussianMechanism(target_epsilon=1.0, delta=1e-4, seed=0))
+    monkeypatch.setattr(merf, "embedding_sum", lambda _: pytest.fail("a client computed before the check"))
+    federation = FederatedRelease(num_clients=4, noise=noise, bits=24, scale=2.0**20)  # 4 x 25 x 2^20 > 2^23
+    with pytest.raises(ConfigError) as err:
+        federation.check(merf, blobs(100))
+    assert err.value.field == "federation.bits" and "use bits >=" in err.value.fix
+    assert len(merf.mechanism.ledger) == 0
+    FederatedRelease(num_clients=4, noise=noise, bits=64, scale=2.0**20).check(merf, blobs(100))
