@@ -32,7 +32,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from fedgen.data import IIDPartitioner, Partitioner, VisionDataModule, same_source
-from fedgen.errors import ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one, load_checkpoint
+from fedgen.errors import (ConfigError, DataNotFoundError, PrivacyBudgetExceeded, check_at_least_one, fields_under,
+                           load_checkpoint)
 from fedgen.evaluation import TrainOnSynthetic, classifiers, evaluate_accuracy
 from fedgen.evaluation.fid import NETWORK as FID_NETWORK
 from fedgen.evaluation.fid import InceptionFeatures, frechet_inception_distance
@@ -197,6 +198,11 @@ def check_training_length(trainer: L.Trainer) -> None:
                           "set trainer.max_epochs or trainer.max_steps")
 
 
+#: where the objects fit builds sit in its config: an error raised inside one names its field from there
+FIT_PATHS = {"mechanism": "model.mechanism", "batch_size": "model.batch_size",
+             "partitioner": "federation.partitioner"}
+
+
 def build_fit_cli(args: list[str]) -> FedgenCLI:
     """``fedgen fit``'s parser and the objects it configures (generator, mechanism, data, trainer), built from
     ``args`` without running anything; a config that cannot be built raises :class:`ConfigError`."""
@@ -211,8 +217,9 @@ def build_fit_cli(args: list[str]) -> FedgenCLI:
                          parser_kwargs={"prog": "fedgen fit", "exit_on_error": False})
     except ArgumentError as err:  # the parser refused an option: name it, as fedgen's other commands do
         raise ConfigError("config", str(err).strip(), "see fedgen fit --help") from err
-    except ValueError as err:  # building the configured objects failed: report the config error inside
-        raise config_error(err) from err
+    except ValueError as err:  # building the configured objects failed: report the config error inside, by the
+        with fields_under(FIT_PATHS):  # name its field has in this config
+            raise config_error(err) from err
     except MisconfigurationException as err:  # Lightning refused the trainer's settings
         raise ConfigError("trainer", str(err).strip(), "correct the trainer's settings (e.g. accelerator: cpu "
                           "where there is no GPU)") from err
@@ -256,10 +263,11 @@ def fit(args: list[str]) -> dict[str, Any]:
     # Everything that can be checked is checked before the first private release.
     data.prepare_data()
     data.setup("fit")
-    if isinstance(federation, FederatedDPSGD):  # the clients compute every step
-        loader = federation.attach(generator, data.train_set)
-    else:
-        loader = generator.attach_private_data(data.train_set)
+    with fields_under(FIT_PATHS):  # the loader's batch size, the mechanism's settings
+        if isinstance(federation, FederatedDPSGD):  # the clients compute every step
+            loader = federation.attach(generator, data.train_set)
+        else:
+            loader = generator.attach_private_data(data.train_set)
     if isinstance(federation, FederatedRelease):
         federation.check(generator, data.train_set)
     if public is not None:

@@ -6,6 +6,8 @@ training starts and before anything already saved is touched.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,20 @@ class ConfigError(ValueError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{field}: {problem}. Fix: {fix}")
+
+
+@contextlib.contextmanager
+def fields_under(paths: dict[str, str]) -> Iterator[None]:
+    """Re-raise a ConfigError from inside under the name its field has in the config at hand: a field that is, or
+    starts with, a key of ``paths`` (e.g. ``"mechanism"``, raised by a mechanism that does not know where it was
+    configured) gets that key replaced by its value (``"model.mechanism"``)."""
+    try:
+        yield
+    except ConfigError as err:
+        for inner, outer in paths.items():
+            if err.field == inner or err.field.startswith(inner + "."):
+                raise ConfigError(outer + err.field[len(inner):], err.problem, err.fix) from err
+        raise
 
 
 def check_at_least_one(field: str, value: int, fix: str) -> None:

@@ -137,6 +137,11 @@ BAD_CONFIGS = [
     (["--trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
     (["--model.init_args.num_features=20000000000"], "model.num_features"),  # 31 TB of frequencies
     (["--num_synthetic=100000000000"], "num_synthetic"),
+    # an object's own error, named by its path in the config
+    (["--model.init_args.mechanism.init_args.delta=2"], "model.mechanism.delta"),
+    (['--federation={"class_path": "fedgen.federated.FederatedRelease", "init_args": {"num_clients": 2, "partitioner":'
+      ' {"class_path": "fedgen.data.DirichletPartitioner", "init_args": {"alpha": -1}}}}'],
+     "federation.partitioner.alpha"),
 ]
 
 

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedgen.data import IIDPartitioner, Partitioner
-from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.errors import ConfigError, check_at_least_one, fields_under
 from fedgen.federated.clients import make_clients
 from fedgen.mechanisms import (
     GaussianMechanism,
@@ -98,11 +98,8 @@ class FederatedRelease:
             raise ConfigError("federation.dropout", f"must be in [0, 1/3), got {dropout}",
                               "secure aggregation tolerates fewer than a third of the clients dropping")
         if secure_aggregation:  # its settings checked now, under the names this config gives them
-            try:
+            with fields_under({"secure_aggregation": "federation"}):
                 SecureAggregator(clip_norm=1.0, scale=scale, bits=bits, graph=graph)
-            except ConfigError as err:
-                raise ConfigError(err.field.replace("secure_aggregation.", "federation."), err.problem,
-                                  err.fix) from err
         if client_clip_norm is not None and not client_clip_norm > 0:
             raise ConfigError("federation.client_clip_norm", f"must be > 0, got {client_clip_norm}",
                               "set the bound on one client's sum, or null for example-level DP")
@@ -159,11 +156,8 @@ class FederatedRelease:
         if self.secure_aggregation:  # the modular sum's range, from the split's sizes alone
             sizes = [len(client) for client in make_clients(dataset, self.partitioner, self.num_clients)]
             aggregator, mu = self._aggregator(mechanism, max(sizes), generator.noisy_sum.numel())
-            try:
+            with fields_under({"secure_aggregation": "federation"}):
                 aggregator.check_range(self.num_clients, math.sqrt(2 * mu))
-            except ConfigError as err:
-                raise ConfigError(err.field.replace("secure_aggregation.", "federation."), err.problem,
-                                  err.fix) from err
 
     def run(self, generator: ReleasesOneSum, dataset: Dataset, *,
             device: torch.device | str | None = None) -> dict[str, Any]:

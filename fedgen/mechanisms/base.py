@@ -21,6 +21,7 @@ from fedgen.mechanisms.ledger import (
     AccountantName,
     PrivacyEvent,
     PrivacyLedger,
+    check_accountant,
     check_delta,
     check_target_epsilon,
 )
@@ -49,8 +50,9 @@ class Mechanism(Registered):
     def __init__(self, *, target_epsilon: float | None = None, delta: float = 1e-5,
                  accountant: AccountantName = "auto", seed: int | None = None, secure_noise: bool = False,
                  unit: Literal["example", "user"] = "example") -> None:
-        check_target_epsilon(target_epsilon)
-        check_delta(delta)
+        check_target_epsilon(target_epsilon, "mechanism.target_epsilon")
+        check_delta(delta, "mechanism.delta")
+        check_accountant(accountant, "mechanism.accountant")
         if seed is not None and not 0 <= seed < 2**63:
             raise ConfigError("mechanism.seed", f"{seed} is outside [0, 2^63)",
                               "use e.g. 0, or null (drawn from the run's seed)")

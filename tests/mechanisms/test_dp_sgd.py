@@ -487,7 +487,7 @@ def test_bad_config() -> None:
     assert "max_grad_norm" in err.value.field
     with pytest.raises(ConfigError) as err:
         DPSGD(target_epsilon=float("inf"))
-    assert err.value.field == "target_epsilon"
+    assert err.value.field == "mechanism.target_epsilon"
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -294,14 +294,14 @@ def test_needs_noise_or_budget() -> None:
 def test_bad_target_epsilon(value: float) -> None:
     with pytest.raises(ConfigError) as err:
         GaussianMechanism(target_epsilon=value)
-    assert _field(err) == "target_epsilon"
+    assert _field(err) == "mechanism.target_epsilon"
 
 
 @pytest.mark.parametrize("value", [1.0, 2.0, 0.0, -1e-5, float("nan")])
 def test_bad_delta(value: float) -> None:
     with pytest.raises(ConfigError) as err:
         GaussianMechanism(noise_multiplier=1.0, delta=value)
-    assert _field(err) == "delta"
+    assert _field(err) == "mechanism.delta"
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
@@ -327,7 +327,7 @@ def test_unknown_unit_is_named_as_the_config_names_it() -> None:
 def test_unknown_accountant() -> None:
     with pytest.raises(ConfigError) as err:
         GaussianMechanism(noise_multiplier=1.0, accountant="moments")
-    assert _field(err) == "accountant"
+    assert _field(err) == "mechanism.accountant"
 
 
 def test_dataset_size_check() -> None:
