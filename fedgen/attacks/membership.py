@@ -117,7 +117,10 @@ class LiRA:
     model's confidence ``phi`` is scored by ``log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out)`` (online) or
     by ``(phi - mu_out) / s_out`` (offline, OUT shadows only; the paper's ``Phi`` of it ranks the same, but rounds
     to 1 past z = 8.3, tying the most confident examples). With few shadows, one variance over all examples
-    (``global_variance``: the mean of the per-example variances) is more stable, as the paper recommends.
+    (``global_variance``: the mean of the per-example variances) is more stable, as the paper recommends. With
+    every example IN the same number of shadows that mean is the pooled within-example variance, the spread the
+    per-example Gaussian models; the variance of all scores taken together would add how the examples' means
+    differ, widening both Gaussians.
 
     Args:
         train: the user's factory: trains and returns a fresh model on the dataset it is given.
