@@ -117,6 +117,10 @@ def attack_parser() -> ArgumentParser:
     parser.add_argument("--examples", type=list[int], default=list(range(8)),
                         help="Indices (training split) of the attacked examples, batch_size per client update.")
     parser.add_argument("--batch_size", type=int, default=1, help="Examples in each attacked update.")
+    parser.add_argument("--known_labels", type=bool, default=False,
+                        help="Give the attack each batch's true labels (Geiping et al.'s setting for batches); "
+                             "otherwise one image's label is recovered from what was sent and a batch's are "
+                             "optimized (DLG). Inverting Gradients needs them for batches of several images.")
     parser.add_argument("--model_seed", type=int, default=1, help="Seed of the LeNet the client trains.")
     parser.add_argument("--defence", type=Literal["none", "dp_sgd", "dp_merf", "secure_aggregation"], default="none",
                         help="What the attacker sees: the plain gradient; a DP-SGD update; the pipeline's DP-Merf "
@@ -176,6 +180,10 @@ def attack(args: list[str]) -> dict[str, Any]:
     run_dir = resolve_run_dir(config.run_dir, None, f"attack-{attack_name}-{dataset_name(config.data)}")
     config.run_dir = str(run_dir)
     built = instantiate(parser, config)
+    if built.attack.needs_labels and config.batch_size > 1 and not config.known_labels:
+        raise ConfigError("known_labels", f"{type(built.attack).__name__} cannot optimize the labels of a batch of "
+                          f"{config.batch_size} images", "set known_labels: true (the attacker is given them), "
+                          "batch_size: 1 (the label is recovered), or use fedgen.attacks.DLG")
     data: VisionDataModule = built.data
     data.prepare_data()
     data.setup("fit")
@@ -188,7 +196,7 @@ def attack(args: list[str]) -> dict[str, Any]:
         batch = [data.train_set[i] for i in config.examples[start:start + config.batch_size]]
         images = torch.stack([x for x, _ in batch])
         labels = torch.tensor([int(y) for _, y in batch])
-        result = client.attacked_by(built.attack, images, labels)
+        result = client.attacked_by(built.attack, images, labels, labels if config.known_labels else None)
         score = result.score(images)
         updates.append(score | {"examples": config.examples[start:start + config.batch_size],
                                 "labels": labels.tolist(), "recovered_labels": result.labels.tolist()})
@@ -210,6 +218,7 @@ def attack(args: list[str]) -> dict[str, Any]:
         "label_accuracy": sum(a == b for u in updates for a, b in zip(u["labels"], u["recovered_labels"]))
         / len(config.examples),
         "batch_size": config.batch_size,
+        "known_labels": config.known_labels,
         "updates": updates,
         "dataset": getattr(data, "dataset", type(data).__name__),
     }
@@ -253,8 +262,10 @@ class _Client:
                                       f"secure aggregation among {self.config.secure_aggregation_clients} clients",
                 }[self.config.defence]
 
-    def attacked_by(self, attack: GradientInversion, images: torch.Tensor, labels: torch.Tensor) -> InversionResult:
-        """What the client sends for this batch, and the attack's reconstruction from it."""
+    def attacked_by(self, attack: GradientInversion, images: torch.Tensor, labels: torch.Tensor,
+                    known: torch.Tensor | None = None) -> InversionResult:
+        """What the client sends for this batch of ``images`` with their ``labels``, and the attack's
+        reconstruction from it; ``known``: the labels the attacker is given (None: recovered or optimized)."""
         config, shape = self.config, self.data.image_shape
         if config.defence == "none":
             sent = client_gradient(self.model, images, labels)
@@ -262,7 +273,7 @@ class _Client:
             sent = dp_sgd_update(self.model, images, labels, max_grad_norm=config.max_grad_norm,
                                  noise_multiplier=config.noise_multiplier, generator=self.noise)
         if config.defence in ("none", "dp_sgd"):
-            return attack.attack(self.model, sent, input_shape=shape, num_images=len(images))
+            return attack.attack(self.model, sent, input_shape=shape, num_images=len(images), labels=known)
         embedding = self.merf.clipped_contribution_sum(images, labels)
         if config.defence == "dp_merf" and config.noise_multiplier > 0:
             # Each batch stands for a different client's data, released once by its own mechanism and ledger.
@@ -274,8 +285,9 @@ class _Client:
                       for k, (x, y) in enumerate(self.others)}
             result = self.secure.aggregate({0: embedding} | others, keep_transcript=True)
             embedding = torch.from_numpy(self.secure.dequantize(result.transcript.masked_inputs[0])).float()
-        # One example's label is the largest entry of the embedding's class-count block (its last C entries).
-        known = torch.tensor([int(embedding[-self.merf.num_classes:].argmax())]) if len(images) == 1 else None
+        if known is None and len(images) == 1:
+            # One example's label is the largest entry of the embedding's class-count block (its last C entries).
+            known = torch.tensor([int(embedding[-self.merf.num_classes:].argmax())])
         return attack.invert(lambda x, p: [self.merf.contributions(x, p).sum(0)], [embedding], input_shape=shape,
                              num_images=len(images), num_classes=self.merf.num_classes, labels=known)
 

@@ -187,3 +187,16 @@ def test_fedgen_attack_names_bad_defence_options_before_the_run_folder(real_data
     with pytest.raises(ConfigError) as err:
         attack(_attack_args(real_data_root, run, *extra))
     assert err.value.field == field and not run.exists()
+
+
+def test_inverting_gradients_on_batches_is_given_the_labels_or_refused_before_the_run_folder(real_data_root,
+                                                                                             tmp_path) -> None:
+    """Inverting Gradients cannot optimize labels: a batch of two needs known_labels, checked before any work."""
+    ig = ["--attack=fedgen.attacks.InvertingGradients", "--attack.iterations=30", "--batch_size=2"]
+    run = tmp_path / "refused"
+    with pytest.raises(ConfigError) as err:
+        attack(_attack_args(real_data_root, run, *ig))
+    assert err.value.field == "known_labels" and "DLG" in err.value.fix and not run.exists()
+    given = attack(_attack_args(real_data_root, tmp_path / "given", *ig, "--known_labels=true"))
+    assert given["known_labels"] and given["label_accuracy"] == 1.0 and len(given["updates"]) == 1
+    assert given["updates"][0]["recovered_labels"] == given["updates"][0]["labels"]

@@ -28,6 +28,7 @@ sending no gradient at all (the generative-privacy pipeline).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,8 @@ class GradientInversion(Registered):
     """
 
     registry: Registry[GradientInversion] = Registry("gradient inversion attack")
+    #: whether the attack must be given the labels of a batch of several images (it cannot optimize them)
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, *, iterations: int, seed: int = 0) -> None:
         check_at_least_one("attack.iterations", iterations, "use e.g. 300")
@@ -204,6 +207,8 @@ class InvertingGradients(GradientInversion, name="inverting_gradients"):
     """Inverting Gradients (Geiping et al., NeurIPS 2020): cosine distance of the whole observation plus total
     variation, Adam on the signed gradient, learning rate divided by 10 at 3/8, 5/8 and 7/8 of the run, images
     kept in [0, 1]. Labels must be known or recoverable (one image)."""
+
+    needs_labels = True
 
     def __init__(self, *, iterations: int = 2000, lr: float = 0.1, tv_weight: float = 1e-4, seed: int = 0) -> None:
         super().__init__(iterations=iterations, seed=seed)
