@@ -140,10 +140,10 @@ class Mechanism(Registered):
         self.noise.load_state_dict(state["noise"])
 
     def _check_resumable(self, state: dict) -> None:
-        saved = "secure" if state["noise"]["secure"] else "seeded"
-        if saved != self.noise.mode:  # a run's noise is one or the other from its first release to its last
-            raise ConfigError("mechanism.secure_noise", f"the checkpoint's noise is {saved}, the config's "
-                              f"{self.noise.mode}", f"resume with secure_noise: {str(saved == 'secure').lower()}, "
+        saved = bool(state["noise"]["secure"])
+        if saved != self.noise.secure:  # a run's noise is one or the other from its first release to its last
+            raise ConfigError("mechanism.secure_noise", f"the checkpoint's noise is {NoiseSource.mode_of(saved)}, the "
+                              f"config's {self.noise.mode}", f"resume with secure_noise: {str(saved).lower()}, "
                               "as the run began; or start a new run")
         ledger = PrivacyLedger(accountant=self.ledger.accountant, unit=self.ledger.unit)
         ledger.load_state_dict(state["ledger"])

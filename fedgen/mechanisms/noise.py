@@ -55,7 +55,12 @@ class NoiseSource:
     @property
     def mode(self) -> str:
         """``"secure"`` (``os.urandom``) or ``"seeded"`` (reproducible from ``seed``)."""
-        return "secure" if self.secure else "seeded"
+        return self.mode_of(self.secure)
+
+    @staticmethod
+    def mode_of(secure: bool) -> str:
+        """The mode's name for a source that is ``secure`` or not (e.g. one saved in a checkpoint)."""
+        return "secure" if secure else "seeded"
 
     def normal(self, shape: tuple[int, ...] | torch.Size, *, std: float, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
