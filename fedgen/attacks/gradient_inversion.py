@@ -28,8 +28,8 @@ sending no gradient at all (the generative-privacy pipeline).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
