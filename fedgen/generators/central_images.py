@@ -108,7 +108,7 @@ class CentralImages(WarmUpRelease):
     def opens(self, event: PrivacyEvent) -> bool:
         return (getattr(event, "sample_rate", None), event.count) == (self.sample_rate, self.releases)
 
-    def planned_event(self, mechanism: Mechanism) -> PrivacyEvent:
+    def planned_event(self, mechanism: Mechanism) -> SubsampledGaussianEvent:
         sigma = self.noise_multiplier(mechanism, releases=self.releases, sample_rate=self.sample_rate)
         return SubsampledGaussianEvent(sigma, self.sample_rate, self.releases)
 
@@ -131,8 +131,7 @@ class CentralImages(WarmUpRelease):
             raise ConfigError("data", f"labels outside [0, {num_classes})", "check num_classes")
         # the noise and the sampling get streams of their own, apart from DP-SGD's (stream 1 samples its batches):
         # subsampled releases compose as accounted only if their samples are drawn independently
-        gaussian = self.gaussian(mechanism, clip_norm=self.clip_norm, releases=self.releases,
-                                 sample_rate=self.sample_rate, stream=2)
+        gaussian = self.gaussian(mechanism, clip_norm=self.clip_norm, stream=2)
         sampler = torch.Generator().manual_seed(mechanism.noise.derived_seed(3))
         flat = gaussian.clip(images.flatten(1))
         expected_class_size = self.sample_rate * len(flat) / num_classes

@@ -81,7 +81,7 @@ class MerfImages(WarmUpRelease):
     def opens(self, event: PrivacyEvent) -> bool:
         return (getattr(event, "sample_rate", None), event.count) == (1.0, 1)
 
-    def planned_event(self, mechanism: Mechanism) -> PrivacyEvent:
+    def planned_event(self, mechanism: Mechanism) -> SubsampledGaussianEvent:
         return SubsampledGaussianEvent(self.noise_multiplier(mechanism), 1.0, 1)
 
     def describe(self) -> str:

@@ -64,17 +64,16 @@ class WarmUpRelease:
             raise ConfigError(self.field, "the generator's ledger already records releases",
                               "run the warm-up's release before any other private work")
 
-    def gaussian(self, mechanism: Mechanism, *, clip_norm: float, releases: int = 1, sample_rate: float = 1.0,
-                 stream: int) -> GaussianMechanism:
-        """The release's Gaussian mechanism: its noise calibrated so that its ``releases`` at ``sample_rate`` alone
-        spend ``epsilon`` at the generator's delta, whatever the ledger already holds (the ledger then composes them
-        with the earlier warm-ups, which costs less than the sum of the shares); charging the generator's ledger;
-        its noise from a stream of its own (``stream``), apart from DP-SGD's and the other releases'."""
-        accountant = mechanism.ledger.accountant
-        sigma = self.noise_multiplier(mechanism, releases=releases, sample_rate=sample_rate)
-        gaussian = GaussianMechanism(noise_multiplier=sigma, delta=mechanism.delta, clip_norm=clip_norm,
-                                     num_releases=releases, sample_rate=sample_rate, accountant=accountant,
-                                     seed=mechanism.noise.derived_seed(stream), secure_noise=mechanism.noise.secure)
+    def gaussian(self, mechanism: Mechanism, *, clip_norm: float, stream: int) -> GaussianMechanism:
+        """The release's Gaussian mechanism, that of :meth:`planned_event`: its noise calibrated so that its releases
+        alone spend ``epsilon`` at the generator's delta, whatever the ledger already holds (the ledger then composes
+        them with the earlier warm-ups, which costs less than the sum of the shares); charging the generator's
+        ledger; its noise from a stream of its own (``stream``), apart from DP-SGD's and the other releases'."""
+        event = self.planned_event(mechanism)
+        gaussian = GaussianMechanism(noise_multiplier=event.noise_multiplier, delta=mechanism.delta,
+                                     clip_norm=clip_norm, num_releases=event.count, sample_rate=event.sample_rate,
+                                     accountant=mechanism.ledger.accountant, seed=mechanism.noise.derived_seed(stream),
+                                     secure_noise=mechanism.noise.secure)
         gaussian.use_ledger(mechanism.ledger)
         return gaussian
 
@@ -84,7 +83,7 @@ class WarmUpRelease:
         return calibrate_noise_multiplier(target_epsilon=self.epsilon, delta=mechanism.delta, sample_rate=sample_rate,
                                           steps=releases, accountant=mechanism.ledger.accountant)
 
-    def planned_event(self, mechanism: Mechanism) -> PrivacyEvent:
+    def planned_event(self, mechanism: Mechanism) -> SubsampledGaussianEvent:
         """The event the release will record in ``mechanism``'s ledger, known before anything is released: a
         generator checks with it that its DP-SGD keeps a step of the budget after the warm-ups."""
         raise NotImplementedError
