@@ -263,21 +263,21 @@ def fit(args: list[str]) -> dict[str, Any]:
     # Everything that can be checked is checked before the first private release.
     data.prepare_data()
     data.setup("fit")
-    with fields_under(FIT_PATHS):  # the loader's batch size, the mechanism's settings
+    with fields_under(FIT_PATHS):  # the loader's batch size, the mechanism's settings, named as in fit's config
         if isinstance(federation, FederatedDPSGD):  # the clients compute every step
             loader = federation.attach(generator, data.train_set)
         else:
             loader = generator.attach_private_data(data.train_set)
-    if isinstance(federation, FederatedRelease):
-        federation.check(generator, data.train_set)
-    if public is not None:
-        try:
-            public.prepare_data()
-            public.setup("fit")
-        except DataNotFoundError as err:  # its message names data.*: the public dataset's fields are public_data.*
-            raise DataNotFoundError(str(err).replace("data.", "public_data.")) from err
-        generator.check_public_data(public.train_set)
-    generator.check_training(trainer.strategy.root_device)
+        if isinstance(federation, FederatedRelease):
+            federation.check(generator, data.train_set)
+        if public is not None:
+            try:
+                public.prepare_data()
+                public.setup("fit")
+            except DataNotFoundError as err:  # it names data.*: the public dataset's fields are public_data.*
+                raise DataNotFoundError(str(err).replace("data.", "public_data.")) from err
+            generator.check_public_data(public.train_set)
+        generator.check_training(trainer.strategy.root_device)
     if config.fid_samples and min(config.fid_samples, len(data.test_set)) < 2:
         raise ConfigError("fid_samples", f"the test set has {len(data.test_set)} image(s); FID needs 2 or more",
                           "use a larger data.test_subset, or fid_samples: 0")
