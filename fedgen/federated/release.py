@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from fedgen.data import IIDPartitioner, Partitioner
 from fedgen.errors import ConfigError, check_at_least_one, fields_under
-from fedgen.federated.clients import make_clients
+from fedgen.federated.clients import Client, make_clients
 from fedgen.mechanisms import (
     GaussianMechanism,
     SecureAggregator,
@@ -134,9 +134,9 @@ class FederatedRelease:
         """The neighbouring unit this release protects: one example, or one client's whole data (user)."""
         return "example" if self.client_clip_norm is None else "user"
 
-    def check(self, generator: ReleasesOneSum, dataset: Dataset) -> None:
+    def check(self, generator: ReleasesOneSum, dataset: Dataset) -> list[Client]:
         """Refuse settings this release cannot run or account for with ``generator`` on ``dataset``, before any
-        client computes (``run`` checks again)."""
+        client computes (``run`` checks again); return the clients' split of ``dataset``."""
         mechanism, unit = generator.mechanism, self.unit
         if mechanism.ledger.unit != unit:
             raise ConfigError("model.mechanism.unit", f"is {mechanism.ledger.unit!r}, but this federation gives "
@@ -153,18 +153,19 @@ class FederatedRelease:
         if self.num_clients > len(dataset):
             raise ConfigError("federation.num_clients", f"{self.num_clients} clients but only {len(dataset)} "
                               "private examples", f"use num_clients <= {len(dataset)}")
+        clients = make_clients(dataset, self.partitioner, self.num_clients)
         if self.secure_aggregation:  # the modular sum's range, from the split's sizes alone
-            sizes = [len(client) for client in make_clients(dataset, self.partitioner, self.num_clients)]
-            aggregator, mu = self._aggregator(mechanism, max(sizes), generator.noisy_sum.numel())
+            largest = max(len(client) for client in clients)
+            aggregator, mu = self._aggregator(mechanism, largest, generator.noisy_sum.numel())
             with fields_under({"secure_aggregation": "federation"}):
                 aggregator.check_range(self.num_clients, math.sqrt(2 * mu))
+        return clients
 
     def run(self, generator: ReleasesOneSum, dataset: Dataset, *,
             device: torch.device | str | None = None) -> dict[str, Any]:
         """Split ``dataset`` among the clients, aggregate their sums, release once; returns a report."""
-        self.check(generator, dataset)
+        clients = self.check(generator, dataset)
         mechanism, unit = generator.mechanism, self.unit
-        clients = make_clients(dataset, self.partitioner, self.num_clients)
         start = time.perf_counter()
         if device is not None:  # the clients' embedding runs where the generator will train (e.g. the GPU)
             generator.to(device)
@@ -207,7 +208,7 @@ class FederatedRelease:
     def _client_bound(self, mechanism: GaussianMechanism, largest_client: int) -> float:
         """The L2 bound on one client's vector, which secure aggregation checks its range with: the clipped sum of
         its examples, or its own clipped sum (user-level)."""
-        return largest_client * mechanism.clip_norm if self.client_clip_norm is None else self.client_clip_norm
+        return self._bound(mechanism) * (largest_client if self.client_clip_norm is None else 1)
 
     def _aggregator(self, mechanism: GaussianMechanism, largest_client: int, dim: int
                     ) -> tuple[SecureAggregator, float]:
