@@ -44,7 +44,8 @@ def interpreter_gap() -> str | None:
     return None
 
 
-needs_interpreter = pytest.mark.skipif(interpreter_gap() is not None, reason=str(interpreter_gap()))
+INTERPRETER_GAP = interpreter_gap()
+needs_interpreter = pytest.mark.skipif(INTERPRETER_GAP is not None, reason=str(INTERPRETER_GAP))
 
 
 def interpret(script: str, *args: str) -> dict | list:
