@@ -793,7 +793,6 @@ def test_public_data_that_cannot_be_used_is_refused_before_the_run_folder(real_d
     assert not run.exists()
 
 
-
 def test_warm_ups_that_leave_a_fixed_noise_no_step_are_refused_by_their_path_in_fit(real_data_root, tmp_path) -> None:
     """In fedgen fit the refusal names the field as its config does (model.mechanism...), before any release."""
     from fedgen.cli import fit
@@ -804,6 +803,7 @@ def test_warm_ups_that_leave_a_fixed_noise_no_step_are_refused_by_their_path_in_
                       "--model.init_args.mechanism.init_args.noise_multiplier=0.3",
                       "--model.init_args.central_images={epsilon: 9.9, releases: 2, sample_rate: 0.5, steps: 1}"))
     assert err.value.field == "model.mechanism.noise_multiplier" and not run.exists()
+
 
 @pytest.mark.parametrize("public", ["QMNIST", "EMNIST"])
 def test_a_dataset_cut_from_the_private_images_cannot_be_declared_public(real_data_root, tmp_path, public) -> None:
