@@ -356,21 +356,19 @@ def print_profile(step: Callable[[], None], steps: int, rows: int, by_shape: boo
 
 
 def kernel_times(step: Callable[[], None], steps: int) -> dict[str, float]:
-    """Milliseconds per step by kernel name over ``steps`` profiled steps (after warm-up): the device kernels on a
-    GPU (each counted once, not again under the operator that launched it); off a GPU, the operators' own CPU time."""
+    """Milliseconds per step by kernel name over ``steps`` profiled steps (after warm-up): the device kernels where
+    the step launched any (each counted once, not again under the operator that launched it); for a step that ran
+    on the CPU, on a machine with a GPU or without, the operators' own CPU time."""
     from torch.autograd import DeviceType
 
-    prof, gpu = profiled(step, steps), torch.cuda.is_available()
-    times: dict[str, float] = {}
-    for event in prof.events():
-        if gpu and event.device_type == DeviceType.CUDA:
-            us = event.time_range.elapsed_us()
-        elif not gpu and event.device_type == DeviceType.CPU and event.name.startswith("aten::"):
-            us = event.self_cpu_time_total
-        else:
-            continue
-        times[event.name] = times.get(event.name, 0.0) + us / 1000 / steps
-    return times
+    kernels: dict[str, float] = {}
+    operators: dict[str, float] = {}
+    for event in profiled(step, steps).events():
+        if event.device_type == DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000 / steps
+        elif event.device_type == DeviceType.CPU and event.name.startswith("aten::"):
+            operators[event.name] = operators.get(event.name, 0.0) + event.self_cpu_time_total / 1000 / steps
+    return kernels or operators
 
 
 def print_profile_diff(base: Callable[[], None], other: Callable[[], None], steps: int, rows: int = 40) -> None:
