@@ -268,8 +268,9 @@ def fit(args: list[str]) -> dict[str, Any]:
             loader = federation.attach(generator, data.train_set)
         else:
             loader = generator.attach_private_data(data.train_set)
+        clients = None  # the federated release's split, made once here and used by its run
         if isinstance(federation, FederatedRelease):
-            federation.check(generator, data.train_set)
+            clients = federation.check(generator, data.train_set)
         if public is not None:
             try:
                 public.prepare_data()
@@ -323,7 +324,8 @@ def fit(args: list[str]) -> dict[str, Any]:
     if isinstance(federation, FederatedDPSGD):
         pass  # its report is complete after training
     elif federation is not None and config.ckpt_path is None:
-        federation_report = federation.run(generator, data.train_set, device=trainer.strategy.root_device)
+        federation_report = federation.run(generator, data.train_set, clients=clients,
+                                           device=trainer.strategy.root_device)
     elif federation is not None:
         log.info("Resuming: the checkpoint carries the federated release; the clients are not asked again.")
 

@@ -252,11 +252,17 @@ def test_python_dash_m_fedgen_runs_the_command() -> None:
 FEDERATED_EXAMPLE = EXAMPLE.parent / "federated_mnist_dp_merf.yaml"
 
 
-def test_federated_example_runs_end_to_end_with_one_release(real_data_root, tmp_path):
+def test_federated_example_runs_end_to_end_with_one_release(real_data_root, tmp_path, monkeypatch):
+    import fedgen.federated.release as release
+
+    splits = []  # fit checks the federation before any release and runs it on the split that check made
+    original = release.make_clients
+    monkeypatch.setattr(release, "make_clients", lambda *a: splits.append(a) or original(*a))
     run = tmp_path / "run"
     args = tiny_args(real_data_root, run)
     args[1] = str(FEDERATED_EXAMPLE)
     metrics = fit(args)
+    assert len(splits) == 1
     federation = metrics["federation"]
     assert federation["num_clients"] == 10 and sum(federation["client_sizes"]) == 600
     assert federation["secure_aggregation"]["graph"] == "full" and "DirichletPartitioner" in federation["partitioner"]

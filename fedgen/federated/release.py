@@ -134,9 +134,11 @@ class FederatedRelease:
         """The neighbouring unit this release protects: one example, or one client's whole data (user)."""
         return "example" if self.client_clip_norm is None else "user"
 
-    def check(self, generator: ReleasesOneSum, dataset: Dataset) -> list[Client]:
+    def check(self, generator: ReleasesOneSum, dataset: Dataset, clients: list[Client] | None = None
+              ) -> list[Client]:
         """Refuse settings this release cannot run or account for with ``generator`` on ``dataset``, before any
-        client computes (``run`` checks again); return the clients' split of ``dataset``."""
+        client computes (``run`` checks again); return the clients' split of ``dataset``: ``clients`` if given
+        (a split an earlier check returned), else a new one."""
         mechanism, unit = generator.mechanism, self.unit
         if mechanism.ledger.unit != unit:
             raise ConfigError("model.mechanism.unit", f"is {mechanism.ledger.unit!r}, but this federation gives "
@@ -153,7 +155,12 @@ class FederatedRelease:
         if self.num_clients > len(dataset):
             raise ConfigError("federation.num_clients", f"{self.num_clients} clients but only {len(dataset)} "
                               "private examples", f"use num_clients <= {len(dataset)}")
-        clients = make_clients(dataset, self.partitioner, self.num_clients)
+        if clients is None:
+            clients = make_clients(dataset, self.partitioner, self.num_clients)
+        elif len(clients) != self.num_clients or sum(len(client) for client in clients) != len(dataset):
+            raise ValueError(f"clients: {len(clients)} clients holding {sum(len(c) for c in clients)} examples are "
+                             f"not a split of these {len(dataset)} examples among {self.num_clients}; pass the "
+                             "split that check returned for this dataset")
         if self.secure_aggregation:  # the modular sum's range, from the split's sizes alone
             largest = max(len(client) for client in clients)
             aggregator, mu = self._aggregator(mechanism, largest, generator.noisy_sum.numel())
@@ -161,10 +168,11 @@ class FederatedRelease:
                 aggregator.check_range(self.num_clients, math.sqrt(2 * mu))
         return clients
 
-    def run(self, generator: ReleasesOneSum, dataset: Dataset, *,
+    def run(self, generator: ReleasesOneSum, dataset: Dataset, *, clients: list[Client] | None = None,
             device: torch.device | str | None = None) -> dict[str, Any]:
-        """Split ``dataset`` among the clients, aggregate their sums, release once; returns a report."""
-        clients = self.check(generator, dataset)
+        """Split ``dataset`` among the clients (or take ``clients``, the split ``check`` returned), aggregate
+        their sums, release once; returns a report."""
+        clients = self.check(generator, dataset, clients)
         mechanism, unit = generator.mechanism, self.unit
         start = time.perf_counter()
         if device is not None:  # the clients' embedding runs where the generator will train (e.g. the GPU)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import fedgen.federated.release as release
 from fedgen.data import DirichletPartitioner
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.federated import FederatedRelease, make_clients
@@ -78,6 +79,20 @@ def test_user_level_release_clips_each_client_sum_and_records_a_user_level_ledge
     assert seen["sensitivity"] == pytest.approx(2.0 + math.sqrt(expected.numel()) / 2.0**20)
     assert report["unit"] == "user" and merf.mechanism.ledger.unit == "user"
     assert "user-level" in merf.mechanism.ledger.summary(1e-3)
+
+
+def test_run_releases_from_the_split_check_returned_and_refuses_one_of_other_data(monkeypatch):
+    data = blobs(300)
+    federation = FederatedRelease(num_clients=6, partitioner=DirichletPartitioner(alpha=0.5, seed=2))
+    merf = tiny_merf(mechanism=GaussianMechanism(target_epsilon=1.0, delta=1e-4, seed=0))
+    clients = federation.check(merf, data)
+    monkeypatch.setattr(release, "make_clients", lambda *_: pytest.fail("split again"))
+    report = federation.run(merf, data, clients=clients)
+    assert report["client_sizes"] == [len(c) for c in clients] and bool(merf.released)
+    other = tiny_merf(mechanism=GaussianMechanism(target_epsilon=1.0, delta=1e-4, seed=0))
+    with pytest.raises(ValueError, match="not a split of these 299 examples"):
+        federation.run(other, blobs(299), clients=clients)
+    assert len(other.mechanism.ledger) == 0
 
 
 @pytest.mark.parametrize(("unit", "client_clip_norm"), [("example", 5.0), ("user", None)])
