@@ -256,6 +256,7 @@ def fit(args: list[str]) -> dict[str, Any]:
         raise ConfigError("fid_samples", f"{config.fid_samples} is not 0 or between 2 and num_synthetic "
                           f"({config.num_synthetic})", "use e.g. 10000, or 0 for no FID")
     fid_network = InceptionFeatures() if config.fid_samples else None  # it must load before any private work
+    evaluation.check_image_shape(generator.image_shape)
     if config.num_synthetic < generator.num_classes:
         raise ConfigError("num_synthetic", f"{config.num_synthetic} is fewer than one per class",
                           "synthesize at least one example per class")

@@ -129,6 +129,8 @@ BAD_CONFIGS = [
     (["--trainer.max_epochs=-1", "--trainer.max_steps=-1"], "trainer.max_epochs"),
     (["--evaluation.lr=-1"], "evaluation.lr"),
     (["--evaluation.accelerator=tpu"], "evaluation.accelerator"),
+    (["--evaluation.augment_shift=-1"], "evaluation.augment_shift"),
+    (["--evaluation.augment_shift=28"], "evaluation.augment_shift"),  # the 28x28 image moved out of its frame
     *([] if torch.cuda.is_available() else [(["--trainer.accelerator=gpu"], "trainer")]),  # bad only without one
     (["--model.init_args.num_featurez=200"], "num_featurez"),
     (["--seed_everything=-1"], "seed_everything"),

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 from torchmetrics.classification import MulticlassAccuracy
 
+from fedgen.data.augment import flip_randomly, shift_randomly
 from fedgen.errors import ConfigError, check_accelerator, check_at_least_one, check_positive
 from fedgen.evaluation.classifiers import classifiers
 from fedgen.mechanisms import DPSGD, PrivateModule
@@ -36,10 +37,14 @@ class Classifier(PrivateModule):
         mechanism: a :class:`~fedgen.mechanisms.DPSGD` to train privately (then ``private_loader`` is required).
         private_loader: the Poisson loader from ``mechanism.data_loader(...)`` that drives private training.
         epochs: planned epochs, for DP-SGD's noise calibration.
+        augment_shift: each training image moved by its own random offset of up to this many pixels, drawn anew in
+            every batch (zero fill; :func:`~fedgen.data.augment.shift_randomly`); 0 trains on the images as given.
+        augment_flip: each training image mirrored left to right with probability 1/2, drawn anew in every batch.
     """
 
     def __init__(self, *, net: nn.Module, num_classes: int, lr: float = 1e-3, mechanism: DPSGD | None = None,
-                 private_loader: DataLoader | None = None, epochs: int | None = None) -> None:
+                 private_loader: DataLoader | None = None, epochs: int | None = None, augment_shift: int = 0,
+                 augment_flip: bool = False) -> None:
         super().__init__()
         if mechanism is not None:
             mechanism.validate(net, field="evaluation.classifier")
@@ -51,6 +56,8 @@ class Classifier(PrivateModule):
         self.mechanism = mechanism
         self._private_loader = private_loader
         self._epochs = epochs
+        self.augment_shift = augment_shift
+        self.augment_flip = augment_flip
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
@@ -59,6 +66,7 @@ class Classifier(PrivateModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        x = flip_randomly(shift_randomly(x, self.augment_shift)[0], self.augment_flip)[0]
         loss = F.cross_entropy(self.net(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -122,6 +130,10 @@ class TrainOnSynthetic:
         val_fraction: share of the synthetic data held out for model selection.
         accelerator: Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``).
         progress_bar: show progress bars.
+        augment_shift: random shifts of the training images of up to this many pixels, drawn anew in every batch
+            (validation and test images are never moved); 0, the default, trains on the synthetic images as given.
+        augment_flip: random left-right mirrors of the training images (for data without a handedness, such as
+            clothing; not digits).
         repeats: classifiers trained one after another on the same synthetic set, each with its own validation
             split, initialization and batch order; the reported accuracies are their means, which move less
             with the seed than one classifier's.
@@ -129,7 +141,8 @@ class TrainOnSynthetic:
 
     def __init__(self, *, classifier: Literal["convnet", "mlp"] = "convnet", epochs: int = 10,
                  batch_size: int = 256, lr: float = 1e-3, val_fraction: float = 0.1,
-                 accelerator: str = "auto", progress_bar: bool = True, repeats: int = 1) -> None:
+                 accelerator: str = "auto", progress_bar: bool = True, repeats: int = 1, augment_shift: int = 0,
+                 augment_flip: bool = False) -> None:
         classifiers.get(classifier)
         check_at_least_one("evaluation.epochs", epochs, "train for at least one epoch")
         check_at_least_one("evaluation.repeats", repeats, "use 1, or e.g. 3 for a mean over three classifiers")
@@ -138,6 +151,9 @@ class TrainOnSynthetic:
             raise ConfigError("evaluation.val_fraction", f"must be in (0, 1), got {val_fraction}", "use e.g. 0.1")
         check_positive("evaluation.lr", lr, "use e.g. 1e-3")
         check_accelerator("evaluation.accelerator", accelerator)
+        if isinstance(augment_shift, bool) or not isinstance(augment_shift, int) or augment_shift < 0:
+            raise ConfigError("evaluation.augment_shift", f"must be a whole number >= 0, got {augment_shift!r}",
+                              "use 0 (no shifts) or e.g. 2")
         self.classifier = classifier
         self.epochs = epochs
         self.batch_size = batch_size
@@ -146,9 +162,17 @@ class TrainOnSynthetic:
         self.accelerator = accelerator
         self.progress_bar = progress_bar
         self.repeats = repeats
+        self.augment_shift = augment_shift
+        self.augment_flip = augment_flip
 
     def build_net(self, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         return classifiers.get(self.classifier)(image_shape=tuple(image_shape), num_classes=num_classes)
+
+    def check_image_shape(self, image_shape: tuple[int, int, int]) -> None:
+        """Refuse settings that cannot train on images of ``image_shape`` (C, H, W): call before any work."""
+        if self.augment_shift >= min(image_shape[1:]):
+            raise ConfigError("evaluation.augment_shift", f"{self.augment_shift} pixels would move a {image_shape[1]}x"
+                              f"{image_shape[2]} image out of its frame", "use a shift smaller than the image, e.g. 2")
 
     def run(self, synthetic: TensorDataset, real_test: Dataset, *, num_classes: int,
             image_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -178,7 +202,9 @@ class TrainOnSynthetic:
                               "synthesize more examples")
         train, val = random_split(synthetic, [len(synthetic) - n_val, n_val],
                                   generator=torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
-        model = Classifier(net=self.build_net(image_shape, num_classes), num_classes=num_classes, lr=self.lr)
+        self.check_image_shape(image_shape)
+        model = Classifier(net=self.build_net(image_shape, num_classes), num_classes=num_classes, lr=self.lr,
+                           augment_shift=self.augment_shift, augment_flip=self.augment_flip)
         keep_best = _KeepBest()
         trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=self.progress_bar,

@@ -71,6 +71,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
+from fedgen.data.augment import flip_randomly, shift_randomly
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
@@ -232,33 +233,6 @@ class StepClients(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def shift_randomly(images: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image of ``images`` (N, C, H, W) moved by its own random offset (dy, dx) in ``[-shift, shift]^2`` pixels,
-    uniform over the (2 shift + 1)^2 offsets, the uncovered border filled with zeros. Returns the moved images and
-    each one's offset as an index, ``(dy + shift) (2 shift + 1) + (dx + shift)`` (the unmoved image's is
-    ``shift (2 shift + 2)``); for 0, ``images`` itself and zeros."""
-    n, _, height, width = images.shape
-    if shift == 0:
-        return images, torch.zeros(n, dtype=torch.long, device=images.device)
-    padded = F.pad(images, (shift,) * 4)
-    dy, dx = (torch.randint(0, 2 * shift + 1, (2, n, 1), device=images.device)).unbind(0)
-    rows = dy + torch.arange(height, device=images.device)  # (N, H): the padded rows each image keeps
-    cols = dx + torch.arange(width, device=images.device)
-    picked = padded[torch.arange(n, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    # padded row p + r lands on row r: the image moved down by shift - p, whose index (shift - p) + shift is 2 shift - p
-    offsets = ((2 * shift - dy) * (2 * shift + 1) + (2 * shift - dx)).view(n)
-    return picked.permute(0, 3, 1, 2), offsets  # advanced indexing put the channels last
-
-
-def flip_randomly(images: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image of ``images`` (N, C, H, W) mirrored left to right with probability 1/2, on its own coin. Returns
-    the images and whether each was mirrored (1) or not (0); when ``flip`` is false, ``images`` itself and zeros."""
-    if not flip:
-        return images, torch.zeros(len(images), dtype=torch.long, device=images.device)
-    mirrored = torch.rand(len(images), device=images.device) < 0.5
-    return torch.where(mirrored[:, None, None, None], images.flip(-1), images), mirrored.long()
 
 
 class LabelAndViewEmbedding(nn.Module):

@@ -91,6 +91,8 @@ def test_labels_unrelated_to_images_give_chance_accuracy():
     ({"classifier": "resnet9000"}, "classifier"), ({"epochs": 0}, "evaluation.epochs"),
     ({"val_fraction": 1.0}, "evaluation.val_fraction"), ({"batch_size": 0}, "evaluation.batch_size"),
     ({"repeats": 0}, "evaluation.repeats"),
+    ({"augment_shift": -1}, "evaluation.augment_shift"), ({"augment_shift": 1.5}, "evaluation.augment_shift"),
+    ({"augment_shift": True}, "evaluation.augment_shift"),
 ])
 def test_bad_evaluation_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -117,3 +119,54 @@ def test_fit_classifier_returns_the_selected_network_with_its_validation_accurac
     assert evaluate_accuracy(net, val, num_classes=10) == pytest.approx(report["synthetic_val_accuracy"], abs=1e-6)
     real = separable(200, seed=1)
     assert evaluate_accuracy(net, real, num_classes=10) > 0.9
+
+
+class RecordingNet(nn.Module):
+    """An MLP that keeps every batch it is shown, with whether it was training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MLP(image_shape=(1, 28, 28), num_classes=10)
+        self.seen: list[tuple[bool, torch.Tensor]] = []
+
+    def forward(self, x):
+        self.seen.append((self.training, x.detach().clone()))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_augmented_training_sees_moved_views_while_validation_and_test_see_the_images(flip):
+    """With augment_shift = 2 every training batch is its images each moved by its own offset in [-2, 2]^2 (and
+    mirrored when asked), drawn anew in every batch; validation and the real test set are read unmoved."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(200, 1, 28, 28)
+    images[:, :, 6:22, 6:22] = torch.rand(200, 1, 16, 16, generator=gen)  # a zero border wider than the shift
+    synthetic = TensorDataset(images, torch.randint(0, 10, (200,), generator=gen))
+    nets: list[RecordingNet] = []
+
+    class Recorded(TrainOnSynthetic):
+        def build_net(self, image_shape, num_classes):
+            nets.append(RecordingNet())
+            return nets[-1]
+
+    test = TensorDataset(images[:50], synthetic.tensors[1][:50])
+    Recorded(classifier="mlp", epochs=2, batch_size=50, progress_bar=False, accelerator="cpu", augment_shift=2,
+             augment_flip=flip).run(synthetic, test, num_classes=10, image_shape=(1, 28, 28))
+    views = [images.roll((dy, dx), dims=(2, 3)) for dy in range(-2, 3) for dx in range(-2, 3)]
+    views += [v.flip(-1) for v in views] if flip else []
+    originals = {tuple(row.flatten().tolist()): i for i, row in enumerate(images)}
+    moved = mirrored = trained = 0
+    for training, batch in nets[0].seen:
+        for row in batch:
+            key = tuple(row.flatten().tolist())
+            if not training:  # validation or test: an image exactly as given
+                assert key in originals
+                continue
+            trained += 1
+            matches = [k for k, v in enumerate(views) if (v == row).flatten(1).all(1).any()]
+            assert matches, "a training input that is no view of any image"
+            moved += key not in originals
+            mirrored += flip and min(matches) >= 25
+    assert trained == 2 * 180  # two epochs of the 180 training images
+    assert moved > 0.9 * trained  # 24 of the 25 offsets move an image
+    assert not flip or 0.3 * trained < mirrored < 0.7 * trained
