@@ -7,6 +7,7 @@ training starts and before anything already saved is touched.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ def check_at_least_one(field: str, value: int, fix: str) -> None:
     """Refuse a count below 1 with a ConfigError naming ``field``."""
     if value < 1:
         raise ConfigError(field, f"must be >= 1, got {value}", fix)
+
+
+def check_integer(field: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
+    """Refuse a value that is not a whole number >= ``minimum`` (a Python or NumPy integer, not a bool) with a
+    ConfigError naming ``field``; with ``allow_none``, None passes too."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(field, f"must be an integer >= {minimum}{' or null' if allow_none else ''}, got {value!r}",
+                          f"set {field} to an integer >= {minimum}")
 
 
 def check_positive(field: str, value: float, fix: str) -> None:

@@ -6,6 +6,18 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from fedgen.errors import ConfigError, check_integer
+
+
+def check_shift(field: str, shift: int, image_shape: tuple[int, ...]) -> None:
+    """Refuse a ``shift`` for :func:`shift_randomly` that is not a whole number >= 0 or that would move an image of
+    ``image_shape`` (C, H, W) out of its frame, with a ConfigError naming ``field``."""
+    check_integer(field, shift, 0)
+    height, width = image_shape[-2:]
+    if shift >= min(height, width):
+        raise ConfigError(field, f"{shift} pixels would move a {height}x{width} image out of its frame",
+                          "use a shift smaller than the image, e.g. 2, or 0 for no shifts")
+
 
 def shift_randomly(images: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image of ``images`` (N, C, H, W) moved by its own random offset (dy, dx) in ``[-shift, shift]^2`` pixels,

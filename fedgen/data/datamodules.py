@@ -25,7 +25,7 @@ from torchvision.datasets import CIFAR10, MNIST, VisionDataset
 from torchvision.transforms import functional as TF
 
 from fedgen.data.root import DATA_ROOT_ENV, resolve_data_root
-from fedgen.errors import ConfigError, DataNotFoundError
+from fedgen.errors import ConfigError, DataNotFoundError, check_integer
 
 COMMON_DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "CIFAR10", "CIFAR100", "SVHN", "STL10")
 """Image-classification datasets from torchvision that fit in memory; shown when a name is wrong."""
@@ -315,17 +315,6 @@ def dataset_to_tensors(ds: Dataset) -> tuple[Tensor, Tensor]:
 # Lightning datamodules
 
 
-def _check_int(field: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(
-            field,
-            f"must be an integer >= {minimum}{' or null' if allow_none else ''}, got {value!r}",
-            f"set {field} to an integer >= {minimum}",
-        )
-
-
 class VisionDataModule(LightningDataModule):
     """A torchvision image-classification dataset held in memory as ``TensorDataset``s.
 
@@ -351,11 +340,11 @@ class VisionDataModule(LightningDataModule):
         vision_dataset_class(dataset)
         if download is not None and not isinstance(download, bool):
             raise ConfigError("data.download", f"must be true, false or null, got {download!r}", "set true, false or null")
-        _check_int("data.batch_size", batch_size, 1)
-        _check_int("data.num_workers", num_workers, 0)
-        _check_int("data.train_subset", train_subset, 1, allow_none=True)
-        _check_int("data.test_subset", test_subset, 1, allow_none=True)
-        _check_int("data.seed", seed, 0)
+        check_integer("data.batch_size", batch_size, 1)
+        check_integer("data.num_workers", num_workers, 0)
+        check_integer("data.train_subset", train_subset, 1, allow_none=True)
+        check_integer("data.test_subset", test_subset, 1, allow_none=True)
+        check_integer("data.seed", seed, 0)
         if dataset_kwargs is not None and not isinstance(dataset_kwargs, dict):
             raise ConfigError(
                 "data.dataset_kwargs", f"must be a mapping, got {dataset_kwargs!r}", "write it as a mapping or null"

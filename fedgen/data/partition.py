@@ -12,15 +12,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedgen.errors import ConfigError
+from fedgen.errors import ConfigError, check_integer
 from fedgen.registry import Registered, Registry
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(
-            field, f"must be an integer >= {minimum}, got {value!r}", f"set {field} to an integer >= {minimum}"
-        )
 
 
 class Partitioner(Registered):
@@ -44,7 +37,7 @@ class Partitioner(Registered):
             raise ConfigError(
                 "labels", f"must be one label per example (1-D), got shape {labels_np.shape}", "pass a 1-D label array"
             )
-        _check_int("num_clients", num_clients, 1)
+        check_integer("num_clients", num_clients, 1)
         if num_clients > len(labels_np):
             raise ConfigError(
                 "num_clients",
@@ -66,7 +59,7 @@ class IIDPartitioner(Partitioner, name="iid"):
     """Shuffle the examples and cut them into equal-sized parts (sizes differ by at most one)."""
 
     def __init__(self, *, seed: int = 0) -> None:
-        _check_int("partitioner.seed", seed, 0)
+        check_integer("partitioner.seed", seed, 0)
         self.seed = seed
 
     def _partition(self, labels: np.ndarray, num_clients: int) -> list[np.ndarray]:
@@ -88,9 +81,9 @@ class DirichletPartitioner(Partitioner, name="dirichlet"):
                 f"must be a finite number > 0, got {alpha!r}",
                 "set alpha > 0 (e.g. 0.1 for strong skew, 100 for near-IID)",
             )
-        _check_int("partitioner.seed", seed, 0)
-        _check_int("partitioner.min_size", min_size, 0)
-        _check_int("partitioner.max_tries", max_tries, 1)
+        check_integer("partitioner.seed", seed, 0)
+        check_integer("partitioner.min_size", min_size, 0)
+        check_integer("partitioner.max_tries", max_tries, 1)
         self.alpha = float(alpha)
         self.seed = seed
         self.min_size = min_size
@@ -134,8 +127,8 @@ class ShardPartitioner(Partitioner, name="shards"):
     """
 
     def __init__(self, *, shards_per_client: int = 2, seed: int = 0) -> None:
-        _check_int("partitioner.shards_per_client", shards_per_client, 1)
-        _check_int("partitioner.seed", seed, 0)
+        check_integer("partitioner.shards_per_client", shards_per_client, 1)
+        check_integer("partitioner.seed", seed, 0)
         self.shards_per_client = shards_per_client
         self.seed = seed
 

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 from torchmetrics.classification import MulticlassAccuracy
 
-from fedgen.data.augment import flip_randomly, shift_randomly
-from fedgen.errors import ConfigError, check_accelerator, check_at_least_one, check_positive
+from fedgen.data.augment import check_shift, flip_randomly, shift_randomly
+from fedgen.errors import ConfigError, check_accelerator, check_at_least_one, check_integer, check_positive
 from fedgen.evaluation.classifiers import classifiers
 from fedgen.mechanisms import DPSGD, PrivateModule
 
@@ -151,9 +151,7 @@ class TrainOnSynthetic:
             raise ConfigError("evaluation.val_fraction", f"must be in (0, 1), got {val_fraction}", "use e.g. 0.1")
         check_positive("evaluation.lr", lr, "use e.g. 1e-3")
         check_accelerator("evaluation.accelerator", accelerator)
-        if isinstance(augment_shift, bool) or not isinstance(augment_shift, int) or augment_shift < 0:
-            raise ConfigError("evaluation.augment_shift", f"must be a whole number >= 0, got {augment_shift!r}",
-                              "use 0 (no shifts) or e.g. 2")
+        check_integer("evaluation.augment_shift", augment_shift, 0)
         self.classifier = classifier
         self.epochs = epochs
         self.batch_size = batch_size
@@ -170,9 +168,7 @@ class TrainOnSynthetic:
 
     def check_image_shape(self, image_shape: tuple[int, int, int]) -> None:
         """Refuse settings that cannot train on images of ``image_shape`` (C, H, W): call before any work."""
-        if self.augment_shift >= min(image_shape[1:]):
-            raise ConfigError("evaluation.augment_shift", f"{self.augment_shift} pixels would move a {image_shape[1]}x"
-                              f"{image_shape[2]} image out of its frame", "use a shift smaller than the image, e.g. 2")
+        check_shift("evaluation.augment_shift", self.augment_shift, image_shape)
 
     def run(self, synthetic: TensorDataset, real_test: Dataset, *, num_classes: int,
             image_shape: tuple[int, int, int]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
-from fedgen.data.augment import flip_randomly, shift_randomly
+from fedgen.data.augment import check_shift, flip_randomly, shift_randomly
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
@@ -393,9 +393,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("model.timesteps", f"unknown distribution {timesteps!r}", "use uniform or lognormal")
         if not lognormal_std > 0:
             raise ConfigError("model.lognormal_std", f"must be > 0, got {lognormal_std}", "use e.g. 1.2")
-        if not 0 <= augment_shift < min(image_shape[1:]):
-            raise ConfigError("model.augment_shift", f"{augment_shift} is not between 0 and the image size "
-                              f"{tuple(image_shape[1:])} (exclusive)", "use e.g. 2, or 0 for no shifts")
+        check_shift("model.augment_shift", augment_shift, image_shape)
         if augment_conditioning and not (augment_shift or augment_flip):
             raise ConfigError("model.augment_conditioning", "conditions the UNet on the augmented view, but no "
                               "augmentation is set", "set augment_shift (e.g. 2) or augment_flip, or "

@@ -1,8 +1,10 @@
 """Random views: shifts and mirrors, each image on its own draw."""
 
+import pytest
 import torch
 
-from fedgen.data.augment import flip_randomly, shift_randomly
+from fedgen.data.augment import check_shift, flip_randomly, shift_randomly
+from fedgen.errors import ConfigError
 
 
 def test_random_shifts_move_each_image_by_its_own_offset_with_zero_fill() -> None:
@@ -39,3 +41,15 @@ def test_random_flips_mirror_about_half_of_the_images_each_on_its_own_coin() -> 
     assert bool((same ^ mirrored).all())  # one or the other, never a mix (random images have no symmetric one)
     assert torch.equal(flags.bool(), mirrored)
     assert 900 < int(mirrored.sum()) < 1100  # 1000 expected
+
+
+def test_check_shift_refuses_a_shift_that_leaves_the_frame_naming_the_field() -> None:
+    """A shift must be a whole number smaller than the image's shorter side (H or W of C, H, W)."""
+    check_shift("model.augment_shift", 0, (1, 28, 28))
+    check_shift("model.augment_shift", 19, (3, 28, 20))
+    for bad in (20, -1, 1.5, True):
+        with pytest.raises(ConfigError) as err:
+            check_shift("model.augment_shift", bad, (3, 28, 20))
+        assert err.value.field == "model.augment_shift"
+    with pytest.raises(ConfigError, match="28x20 image out of its frame"):
+        check_shift("evaluation.augment_shift", 20, (3, 28, 20))
