@@ -412,7 +412,9 @@ class PrivacyLedger:
             raw = dict(raw)
             kind = raw.pop("type")
             if kind not in EVENT_TYPES:
-                raise ValueError(f"unknown privacy event type {kind!r} in the ledger state")
+                raise ConfigError("privacy_ledger", f"the checkpoint's ledger holds a release of unknown type {kind!r} "
+                                  f"(known: {sorted(EVENT_TYPES)})", "resume with the fedgen version that wrote the "
+                                  "checkpoint, or a later one")
             events.append(EVENT_TYPES[kind](**raw))
         check_accountant_supports(events, self.accountant)
         self._events = events  # the accountant stays the configured one: any valid accountant may read the events

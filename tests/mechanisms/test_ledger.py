@@ -247,6 +247,18 @@ def test_loading_user_level_into_example_level_raises() -> None:
     assert example.events == (SubsampledGaussianEvent(2.0, 0.1, 1),)  # untouched
 
 
+def test_loading_an_unknown_release_type_raises_and_leaves_the_ledger_untouched() -> None:
+    """A ledger written with a release type this fedgen does not know is refused whole: no release of it is read, so
+    epsilon is never computed from part of the history."""
+    state = _ledger(SubsampledGaussianEvent(1.0, 0.5, 4)).state_dict()
+    state["events"].append({"type": "laplace", "scale": 1.0, "count": 3})
+    ledger = _ledger(SubsampledGaussianEvent(2.0, 0.1, 1))
+    with pytest.raises(ConfigError, match="unknown type 'laplace'") as err:
+        ledger.load_state_dict(state)
+    assert err.value.field == "privacy_ledger"
+    assert ledger.events == (SubsampledGaussianEvent(2.0, 0.1, 1),)
+
+
 def test_bad_configuration_names_the_field() -> None:
     with pytest.raises(ConfigError) as err:
         PrivacyLedger(accountant="moments")
