@@ -171,6 +171,37 @@ def test_noise_is_added_with_the_right_std(engine: str) -> None:
         torch.testing.assert_close(p.grad, g + d.view_as(p) / expected_batch, atol=1e-7, rtol=1e-5)
 
 
+def test_a_parameter_no_example_reached_still_gets_its_noise() -> None:
+    """A parameter the batch's forward never used has clipped sum 0, not None: the step still adds its share of the
+    seeded draw N(0, (sigma C)^2), so what is released about it is noise alone, never a skipped coordinate."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    gen = torch.Generator().manual_seed(5)
+    model = TwoHeads().double()
+    x, y = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
+    sigma, clip, expected_batch = 0.7, 1.5, 4
+    mechanism = DPSGD(noise_multiplier=sigma, max_grad_norm=clip, seed=9, engine="fedgen")
+    wrapped, optimizer, _ = _make_private(model, mechanism, n=40, batch_size=expected_batch)
+    _backward(mechanism, F.cross_entropy(wrapped(x), y))
+    optimizer.step()
+    params = list(wrapped.parameters())
+    drawn = NoiseSource(seed=9).normal((sum(p.numel() for p in params),), std=sigma * clip, dtype=torch.float64)
+    noise = dict(zip([n for n, _ in wrapped.named_parameters()], drawn.split([p.numel() for p in params]), strict=True))
+    unused = [(name, p) for name, p in wrapped.named_parameters() if name.startswith("unused.")]
+    assert len(unused) == 2
+    for name, p in unused:
+        torch.testing.assert_close(p.grad, noise[name].view_as(p) / expected_batch)
+        assert p.grad.abs().min() > 0
+    assert mechanism.steps_taken == 1 and len(mechanism.ledger) == 1
+
+
 def test_a_step_computed_by_parties_sums_their_clipped_sums_and_scales_the_noise_to_its_sensitivity() -> None:
     """take_clipped_sums / put_clipped_sum: parties that clip and sum their own examples (one after the other, or
     in one pass with a group per party) give exactly the clipped sum of the whole batch, and a sum installed
