@@ -19,16 +19,18 @@ def check_shift(field: str, shift: int, image_shape: tuple[int, ...]) -> None:
                           "use a shift smaller than the image, e.g. 2, or 0 for no shifts")
 
 
-def shift_randomly(images: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+def shift_randomly(images: torch.Tensor, shift: int, *, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image of ``images`` (N, C, H, W) moved by its own random offset (dy, dx) in ``[-shift, shift]^2`` pixels,
-    uniform over the (2 shift + 1)^2 offsets, the uncovered border filled with zeros. Returns the moved images and
-    each one's offset as an index, ``(dy + shift) (2 shift + 1) + (dx + shift)`` (the unmoved image's is
-    ``shift (2 shift + 2)``); for 0, ``images`` itself and zeros."""
+    uniform over the (2 shift + 1)^2 offsets (drawn from ``generator``, else torch's global one), the uncovered
+    border filled with zeros. Returns the moved images and each one's offset as an index,
+    ``(dy + shift) (2 shift + 1) + (dx + shift)`` (the unmoved image's is ``shift (2 shift + 2)``); for 0,
+    ``images`` itself and zeros."""
     n, _, height, width = images.shape
     if shift == 0:
         return images, torch.zeros(n, dtype=torch.long, device=images.device)
     padded = F.pad(images, (shift,) * 4)
-    dy, dx = (torch.randint(0, 2 * shift + 1, (2, n, 1), device=images.device)).unbind(0)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), device=images.device, generator=generator).unbind(0)
     rows = dy + torch.arange(height, device=images.device)  # (N, H): the padded rows each image keeps
     cols = dx + torch.arange(width, device=images.device)
     picked = padded[torch.arange(n, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]

@@ -332,6 +332,12 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             default): no check. E.g. ``[100, 200, ..., 900]`` for T = 1000.
         label_check_rounds: the most times a sample that fails the check is drawn again; one that still fails is
             kept as last drawn, so the labels' proportions never change.
+        sample_shift: s > 0 releases each drawn image moved by its own random offset in ``[-s, s]^2`` pixels (zero
+            fill; :func:`~fedgen.data.augment.shift_randomly`, the views of ``augment_shift``), after the label
+            check: post-processing, at no privacy cost. A classifier trained on the released set then cannot key on
+            where the generator draws. 0 (the default): the images as drawn. On one draw of the epsilon-1 MNIST
+            example, 2 raised the downstream ConvNet from 94.8% / 94.5% to 95.9% / 96.2% on its first 30,000 images
+            (docs/benchmarks.md, "Random shifts in the classifier's training").
         central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
             CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
         merf_images: a warm-up on a DP-Merf generator's samples (:class:`~fedgen.generators.merf_images.
@@ -347,7 +353,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     """
 
     sampling_fields = ("sampler", "sampling_steps", "sampling_eta", "sampling_churn", "churn_range",
-                       "guidance_scale", "label_check_steps", "label_check_rounds")
+                       "guidance_scale", "label_check_steps", "label_check_rounds", "sample_shift")
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
@@ -364,7 +370,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  ema_power: float = 8.0, label_dropout: float = 0.1, guidance_scale: float = 0.0,
                  sampler: Literal["ddim", "ddpm", "edm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
                  sampling_churn: float = 0.0, churn_range: tuple[float, float] = (0.05, 50.0),
-                 label_check_steps: list[int] | None = None, label_check_rounds: int = 3,
+                 label_check_steps: list[int] | None = None, label_check_rounds: int = 3, sample_shift: int = 0,
                  central_images: CentralImages | None = None, merf_images: MerfImages | None = None,
                  procedural_pretraining: ProceduralPretraining | None = None,
                  private_trainable: list[str] | None = None) -> None:
@@ -394,6 +400,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if not lognormal_std > 0:
             raise ConfigError("model.lognormal_std", f"must be > 0, got {lognormal_std}", "use e.g. 1.2")
         check_shift("model.augment_shift", augment_shift, image_shape)
+        check_shift("model.sample_shift", sample_shift, image_shape)
         if augment_conditioning and not (augment_shift or augment_flip):
             raise ConfigError("model.augment_conditioning", "conditions the UNet on the augmented view, but no "
                               "augmentation is set", "set augment_shift (e.g. 2) or augment_flip, or "
@@ -828,13 +835,19 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                ) -> torch.Tensor:
         """``n`` images of the given ``labels`` (drawn from :meth:`label_distribution` if None). With
         ``label_check_steps``, each image whose own class (:meth:`classify`) is not its label is drawn again, up
-        to ``label_check_rounds`` times; one that still fails is kept as last drawn."""
+        to ``label_check_rounds`` times; one that still fails is kept as last drawn. With ``sample_shift``, each
+        image is then moved by its own random offset."""
         if labels is None:
             labels = torch.multinomial(self.label_distribution(), n, replacement=True)
         labels = labels.to(self.device)
         images = self._draw(labels, generator)
-        if self.hparams.label_check_steps is None:
-            return images
+        if self.hparams.label_check_steps is not None:
+            self._check_labels(images, labels, generator)
+        return shift_randomly(images, self.hparams.sample_shift, generator=generator)[0]
+
+    def _check_labels(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> None:
+        """Draw again, in place, each image of ``images`` whose own class is not its label (see :meth:`sample`)."""
+        n = len(labels)
         pending = torch.arange(n, device=self.device)
         failed = self.classify(images, generator=generator) != labels
         counts = self.label_check_counts
@@ -848,7 +861,6 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             counts["redraws"] += len(pending)
             failed = self.classify(images[pending], generator=generator) != labels[pending]
         counts["kept_failing"] += int(failed.sum())  # none if every sample passed before the last round
-        return images
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, *, steps: list[int] | None = None,
@@ -883,11 +895,15 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         return torch.cat(found)
 
     def sampling_report(self) -> dict[str, Any] | None:
-        """The label check's settings and counts (None without a check)."""
-        if self.hparams.label_check_steps is None:
-            return None
-        return {"label_check_steps": list(self.hparams.label_check_steps),
-                "label_check_rounds": self.hparams.label_check_rounds} | self.label_check_counts
+        """The label check's settings and counts, and the released images' ``sample_shift`` (None without either),
+        so that ``metrics.json`` says what the synthetic set went through after drawing."""
+        report: dict[str, Any] = {}
+        if self.hparams.label_check_steps is not None:
+            report |= {"label_check_steps": list(self.hparams.label_check_steps),
+                       "label_check_rounds": self.hparams.label_check_rounds} | self.label_check_counts
+        if self.hparams.sample_shift:
+            report["sample_shift"] = self.hparams.sample_shift
+        return report or None
 
     @contextlib.contextmanager
     def _sampling_network(self) -> Iterator[nn.Module]:

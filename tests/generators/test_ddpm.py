@@ -183,6 +183,33 @@ def test_sampling_gives_images_of_the_requested_classes_shape() -> None:
     assert ddpm.sample(2).shape == (2, 1, 8, 8)
 
 
+def test_sample_shift_releases_each_drawn_image_moved_by_its_own_offset_after_the_label_check(monkeypatch) -> None:
+    """With sample_shift = s every released image is its drawn image moved by its own offset in [-s, s]^2 (zero
+    fill), the offsets drawn from the generator given (the same seed repeats); the check reads the unmoved draws,
+    and metrics.json's sampling report names the shift."""
+    drawn = torch.zeros(300, 1, 8, 8, dtype=torch.float64)
+    drawn[:, :, 3:5, 3:5] = torch.rand(300, 1, 2, 2, generator=torch.Generator().manual_seed(7)) + 0.1
+    monkeypatch.setattr(DPDiffusion, "_draw", lambda self, labels, generator: drawn[:len(labels)].clone())
+    checked = []
+    monkeypatch.setattr(DPDiffusion, "classify", lambda self, images, **kwargs: checked.append(images.clone())
+                        or torch.zeros(len(images), dtype=torch.long))
+    model = _tiny(sample_shift=2, label_check_steps=[1])
+    labels = torch.zeros(300, dtype=torch.long)
+    released = model.sample(300, labels, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(checked[0], drawn)  # the check saw the images as drawn
+    moves = set()
+    for image, shifted in zip(drawn, released, strict=True):
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(torch.roll(image, (dy, dx), dims=(1, 2)), shifted)]  # the patch never wraps
+        assert len(found) == 1
+        moves.add(found[0])
+    assert len(moves) == 25  # 300 images cover every offset
+    assert torch.equal(model.sample(300, labels, generator=torch.Generator().manual_seed(3)), released)
+    assert model.sampling_report()["sample_shift"] == 2
+    assert torch.equal(_tiny().sample(3, labels[:3]), drawn[:3])  # 0: as drawn
+    assert _tiny().sampling_report() is None
+
+
 def test_sampling_eta_draws_fresh_noise_at_each_ddim_step() -> None:
     """eta 0 is deterministic DDIM: the same start gives the same images. eta 1 draws DDPM's posterior noise at each
     step, from the generator given, so the same seed repeats and the images differ from eta 0's."""
@@ -517,6 +544,8 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"sampling_eta": 1.5}, "model.sampling_eta"),
     ({"augment_shift": -1}, "model.augment_shift"),
     ({"augment_shift": 8}, "model.augment_shift"),  # the tiny model's images are 8x8
+    ({"sample_shift": 8}, "model.sample_shift"),
+    ({"sample_shift": -1}, "model.sample_shift"),
     ({"augment_conditioning": True}, "model.augment_conditioning"),  # no augmentation to condition on
     ({"sampler": "ddpm", "num_train_timesteps": 6, "sampling_steps": 6, "sampling_eta": 1.0}, "model.sampling_eta"),
     ({"sampler": "edm", "sampling_eta": 0.5}, "model.sampling_eta"),  # edm's fresh noise is its churn
@@ -1014,7 +1043,7 @@ def test_augment_shift_reaches_the_loss_with_each_example_s_own_image(monkeypatc
 
     seen = []
     real = ddpm.shift_randomly
-    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s: (seen.append((x.clone(), s)), real(x, s))[-1])
+    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s, **kw: (seen.append((x.clone(), s)), real(x, s, **kw))[-1])
     x, y = _data(5).tensors
     _tiny(noise_draws=3, augment_shift=2).diffusion_loss(x, y)
     _tiny(noise_draws=3).diffusion_loss(x, y)
@@ -1040,7 +1069,7 @@ def test_augment_conditioning_tells_the_unet_each_row_s_view_and_samples_the_una
 
     drawn, inputs = [], []
     real_shift, real_flip = ddpm.shift_randomly, ddpm.flip_randomly
-    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s: drawn.append(real_shift(x, s)) or drawn[-1])
+    monkeypatch.setattr(ddpm, "shift_randomly", lambda x, s, **kw: drawn.append(real_shift(x, s, **kw)) or drawn[-1])
     monkeypatch.setattr(ddpm, "flip_randomly", lambda x, f: drawn.append(real_flip(x, f)) or drawn[-1])
     forward = model.unet.forward
     monkeypatch.setattr(model.unet, "forward", lambda *a, class_labels: inputs.append(class_labels) or
