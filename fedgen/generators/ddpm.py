@@ -71,7 +71,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
-from fedgen.data.augment import check_shift, flip_randomly, shift_randomly
+from fedgen.data.augment import check_shift, check_tilt, flip_randomly, move_randomly, shift_randomly
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
@@ -338,6 +338,10 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             where the generator draws. 0 (the default): the images as drawn. On two draws of the epsilon-1 MNIST
             example's generator, 2 raised the downstream ConvNet from 93.59% / 94.07% to 95.66% / 95.57%
             (docs/benchmarks.md, "The shifted release through the pipeline").
+        sample_rotation: r > 0 turns each released image about its centre by its own random angle in [-r, r]
+            degrees, and ``sample_scale`` f > 0 scales it by its own factor in [1 - f, 1 + f], both before the shift
+            (bilinear, zero fill; :func:`~fedgen.data.augment.move_randomly`): post-processing, at no privacy cost,
+            like the shift. 0 (the defaults): no turn, no scaling.
         central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
             CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
         merf_images: a warm-up on a DP-Merf generator's samples (:class:`~fedgen.generators.merf_images.
@@ -353,7 +357,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
     """
 
     sampling_fields = ("sampler", "sampling_steps", "sampling_eta", "sampling_churn", "churn_range",
-                       "guidance_scale", "label_check_steps", "label_check_rounds", "sample_shift")
+                       "guidance_scale", "label_check_steps", "label_check_rounds", "sample_shift",
+                       "sample_rotation", "sample_scale")
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
@@ -371,6 +376,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                  sampler: Literal["ddim", "ddpm", "edm"] = "ddim", sampling_steps: int = 50, sampling_eta: float = 0.0,
                  sampling_churn: float = 0.0, churn_range: tuple[float, float] = (0.05, 50.0),
                  label_check_steps: list[int] | None = None, label_check_rounds: int = 3, sample_shift: int = 0,
+                 sample_rotation: float = 0.0, sample_scale: float = 0.0,
                  central_images: CentralImages | None = None, merf_images: MerfImages | None = None,
                  procedural_pretraining: ProceduralPretraining | None = None,
                  private_trainable: list[str] | None = None) -> None:
@@ -401,6 +407,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             raise ConfigError("model.lognormal_std", f"must be > 0, got {lognormal_std}", "use e.g. 1.2")
         check_shift("model.augment_shift", augment_shift, image_shape)
         check_shift("model.sample_shift", sample_shift, image_shape)
+        check_tilt("model.sample_rotation", sample_rotation, "model.sample_scale", sample_scale)
         if augment_conditioning and not (augment_shift or augment_flip):
             raise ConfigError("model.augment_conditioning", "conditions the UNet on the augmented view, but no "
                               "augmentation is set", "set augment_shift (e.g. 2) or augment_flip, or "
@@ -835,15 +842,17 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                ) -> torch.Tensor:
         """``n`` images of the given ``labels`` (drawn from :meth:`label_distribution` if None). With
         ``label_check_steps``, each image whose own class (:meth:`classify`) is not its label is drawn again, up
-        to ``label_check_rounds`` times; one that still fails is kept as last drawn. With ``sample_shift``, each
-        image is then moved by its own random offset."""
+        to ``label_check_rounds`` times; one that still fails is kept as last drawn. With ``sample_shift``,
+        ``sample_rotation`` or ``sample_scale``, each image is then moved by its own random offset, angle and
+        scale."""
         if labels is None:
             labels = torch.multinomial(self.label_distribution(), n, replacement=True)
         labels = labels.to(self.device)
         images = self._draw(labels, generator)
         if self.hparams.label_check_steps is not None:
             self._check_labels(images, labels, generator)
-        return shift_randomly(images, self.hparams.sample_shift, generator=generator)[0]
+        return move_randomly(images, self.hparams.sample_shift, self.hparams.sample_rotation,
+                             self.hparams.sample_scale, generator=generator)
 
     def _check_labels(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> None:
         """Draw again, in place, each image of ``images`` whose own class is not its label (see :meth:`sample`)."""
@@ -895,14 +904,15 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         return torch.cat(found)
 
     def sampling_report(self) -> dict[str, Any] | None:
-        """The label check's settings and counts, and the released images' ``sample_shift`` (None without either),
+        """The label check's settings and counts, and the released images' random moves (None without either),
         so that ``metrics.json`` says what the synthetic set went through after drawing."""
         report: dict[str, Any] = {}
         if self.hparams.label_check_steps is not None:
             report |= {"label_check_steps": list(self.hparams.label_check_steps),
                        "label_check_rounds": self.hparams.label_check_rounds} | self.label_check_counts
-        if self.hparams.sample_shift:
-            report["sample_shift"] = self.hparams.sample_shift
+        for field in ("sample_shift", "sample_rotation", "sample_scale"):
+            if self.hparams[field]:
+                report[field] = self.hparams[field]
         return report or None
 
     @contextlib.contextmanager

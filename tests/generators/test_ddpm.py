@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torch import nn
 
+from fedgen.data.augment import move_randomly
 from fedgen.errors import ConfigError
 from fedgen.generators import DPDiffusion, ProceduralPretraining
 from fedgen.mechanisms import DPSGD, SubsampledGaussianEvent, compute_epsilon
@@ -208,6 +209,20 @@ def test_sample_shift_releases_each_drawn_image_moved_by_its_own_offset_after_th
     assert model.sampling_report()["sample_shift"] == 2
     assert torch.equal(_tiny().sample(3, labels[:3]), drawn[:3])  # 0: as drawn
     assert _tiny().sampling_report() is None
+
+
+def test_sample_rotation_and_scale_turn_and_scale_each_released_image_on_its_own_draws(monkeypatch) -> None:
+    """sample_rotation and sample_scale release each drawn image through move_randomly with the sampler's generator
+    (so the same seed repeats), and metrics.json's sampling report names them."""
+    drawn = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    monkeypatch.setattr(DPDiffusion, "_draw", lambda self, labels, generator: drawn[:len(labels)].clone())
+    model = _tiny(sample_shift=1, sample_rotation=15.0, sample_scale=0.1)
+    labels = torch.zeros(20, dtype=torch.long)
+    released = model.sample(20, labels, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(released, move_randomly(drawn, 1, 15.0, 0.1, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(released, drawn)
+    assert model.sampling_report() == {"sample_shift": 1, "sample_rotation": 15.0, "sample_scale": 0.1}
+    assert _tiny(sample_rotation=5.0).sampling_report() == {"sample_rotation": 5.0}
 
 
 def test_sampling_eta_draws_fresh_noise_at_each_ddim_step() -> None:
@@ -546,6 +561,8 @@ def test_attention_heads_are_attention_head_dim_channels_wide_or_one_per_block()
     ({"augment_shift": 8}, "model.augment_shift"),  # the tiny model's images are 8x8
     ({"sample_shift": 8}, "model.sample_shift"),
     ({"sample_shift": -1}, "model.sample_shift"),
+    ({"sample_rotation": -5.0}, "model.sample_rotation"),
+    ({"sample_scale": 1.0}, "model.sample_scale"),
     ({"augment_conditioning": True}, "model.augment_conditioning"),  # no augmentation to condition on
     ({"sampler": "ddpm", "num_train_timesteps": 6, "sampling_steps": 6, "sampling_eta": 1.0}, "model.sampling_eta"),
     ({"sampler": "edm", "sampling_eta": 0.5}, "model.sampling_eta"),  # edm's fresh noise is its churn
