@@ -66,23 +66,33 @@ def _centroid(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([(images.sum((1, 2)) * xs).sum(-1) / mass, (images.sum((1, 3)) * ys).sum(-1) / mass], -1)
 
 
-def test_random_moves_take_content_at_x_to_s_r_x_plus_t_on_each_images_own_draws() -> None:
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="moves images on a GPU: needs a CUDA device"))])
+def test_random_moves_take_content_at_x_to_s_r_x_plus_t_on_each_images_own_draws(device) -> None:
     """move_randomly's documented map, pinned on a smooth blob off centre in a non-square frame: its centre of mass
     lands at s R(a) x + t for the image's own angle a, factor s and whole-pixel offset t (re-drawn here from the
     same seed in the documented order), within interpolation's error; the angles, factors and offsets fill their
-    ranges; values stay in [0, 1]; the same seed repeats."""
+    ranges; values stay in [0, 1]; the same seed repeats. On the images' device with a generator there, as a
+    generator's release draws them."""
     height, width, n = 41, 45, 400
     ys = torch.arange(height, dtype=torch.float64)[:, None] - (height - 1) / 2
     xs = torch.arange(width, dtype=torch.float64)[None, :] - (width - 1) / 2
     blob = torch.exp(-((xs - 7) ** 2 + (ys + 5) ** 2) / (2 * 1.5 ** 2))  # at x = 7, y = -5
-    images = blob.expand(n, 2, height, width).clone()
-    moved = move_randomly(images, 2, 20.0, 0.2, generator=torch.Generator().manual_seed(9))
-    assert torch.equal(moved, move_randomly(images, 2, 20.0, 0.2, generator=torch.Generator().manual_seed(9)))
+    images = blob.expand(n, 2, height, width).clone().to(device)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator(device).manual_seed(9)
+
+    moved = move_randomly(images, 2, 20.0, 0.2, generator=seeded())
+    assert moved.device == images.device
+    assert torch.equal(moved, move_randomly(images, 2, 20.0, 0.2, generator=seeded()))
     assert float(moved.min()) >= 0 and float(moved.max()) <= 1
-    gen = torch.Generator().manual_seed(9)
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(20.0)
-    factor = 1 + (torch.rand(n, generator=gen) * 2 - 1) * 0.2
-    offset = torch.randint(-2, 3, (n, 2), generator=gen).double()
+    gen = seeded()
+    angle = ((torch.rand(n, device=device, generator=gen) * 2 - 1) * math.radians(20.0)).cpu()
+    factor = (1 + (torch.rand(n, device=device, generator=gen) * 2 - 1) * 0.2).cpu()
+    offset = torch.randint(-2, 3, (n, 2), device=device, generator=gen).double().cpu()
+    moved = moved.cpu()
     x, y = 7.0, -5.0
     cos, sin = torch.cos(angle).double(), torch.sin(angle).double()
     expected = factor.double()[:, None] * torch.stack([cos * x - sin * y, sin * x + cos * y], -1) + offset
