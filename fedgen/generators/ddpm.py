@@ -358,9 +358,9 @@ class DPDiffusion(Generator, name="dp_diffusion"):
             what the frozen ones could still learn. ``None``: every parameter.
     """
 
+    release_fields = ("sample_shift", "sample_rotation", "sample_scale")  # the moves applied to each drawn image
     sampling_fields = ("sampler", "sampling_steps", "sampling_eta", "sampling_churn", "churn_range",
-                       "guidance_scale", "label_check_steps", "label_check_rounds", "sample_shift",
-                       "sample_rotation", "sample_scale")
+                       "guidance_scale", "label_check_steps", "label_check_rounds", *release_fields)
 
     def __init__(self, *, mechanism: DPSGD, num_classes: int = 10, image_shape: tuple[int, int, int] = (1, 28, 28),
                  block_channels: tuple[int, ...] = (32, 64, 64), attention: tuple[bool, ...] = (False, True, False),
@@ -912,7 +912,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if self.hparams.label_check_steps is not None:
             report |= {"label_check_steps": list(self.hparams.label_check_steps),
                        "label_check_rounds": self.hparams.label_check_rounds} | self.label_check_counts
-        for field in ("sample_shift", "sample_rotation", "sample_scale"):
+        for field in self.release_fields:
             if self.hparams[field]:
                 report[field] = self.hparams[field]
         return report or None
