@@ -341,9 +341,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         sample_rotation: r > 0 turns each released image about its centre by its own random angle in [-r, r]
             degrees, and ``sample_scale`` f > 0 scales it by its own factor in [1 - f, 1 + f], both before the shift
             (bilinear, zero fill; :func:`~fedgen.data.augment.move_randomly`): post-processing, at no privacy cost,
-            like the shift. 0 (the defaults): no turn, no scaling. On the same two draws with the shift, scale 0.3
-            gave 96.31% / 96.33% and turns of up to 10 degrees 95.53% / 95.87% (docs/benchmarks.md, "Turned and
-            scaled releases"; compared on the test set).
+            like the shift. 0 (the defaults): no turn, no scaling. What each does to accuracy: docs/benchmarks.md,
+            "Turned and scaled releases" and "Run 92".
         central_images: a warm-up on DP central images before DP-SGD (:class:`~fedgen.generators.central_images.
             CentralImages`; part of the budget, on the same ledger): run by :meth:`warm_up`.
         merf_images: a warm-up on a DP-Merf generator's samples (:class:`~fedgen.generators.merf_images.
