@@ -1,6 +1,6 @@
 """The benchmarks' building blocks on the CPU (the timings themselves need a GPU): each method's step trains, CUDA
-graphs are refused without a CUDA device, with a message that says so, and the DP diffusion signal estimate is that
-of per-example gradients."""
+graphs are refused without a CUDA device, with a message that says so, the DP diffusion signal estimate is that
+of per-example gradients, and the training-seed table reads only trainings of one configuration."""
 
 from __future__ import annotations
 
@@ -189,3 +189,100 @@ def test_the_prior_benchmark_paints_its_sources_and_measures_a_loss_per_step():
         model.diffusion_loss(strokes, torch.full((16,), model.null_class)).backward()
         optimizer.step()
     assert sum(PRIOR["loss_on"](model, strokes)) < sum(before)
+
+
+SEEDS = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "training_seeds.py"))
+
+
+def _tiny_merf_extra(root) -> str:
+    """tests/test_cli.py's tiny DP-Merf run as one string of fedgen fit arguments, less its config and run folder."""
+    import shlex
+
+    from tests.test_cli import tiny_args
+
+    args = tiny_args(root, Path("unused"))
+    return shlex.join(a for a in args[2:] if not a.startswith("--run_dir="))
+
+
+def test_training_seeds_trains_once_per_seed_and_reports_the_mean(real_data_root, tmp_path, capsys):
+    """--config: one whole fit per seed, each in its own folder with that seed; the table's mean, smallest and
+    largest are those of the runs' own metrics.json."""
+    import json
+
+    import yaml
+
+    from tests.test_cli import EXAMPLE
+
+    out = tmp_path / "seeds"
+    report = SEEDS["main"](["--config", str(EXAMPLE), "--seeds", "3", "5", "--out", str(out),
+                            "--extra", _tiny_merf_extra(real_data_root)])
+    accuracies = []
+    for seed in (3, 5):
+        folder = out / f"seed{seed}"
+        assert yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"] == seed
+        accuracies.append(json.loads((folder / "metrics.json").read_text())["test_accuracy"])
+        assert f"| {folder} | {seed} |" in report
+    assert report.endswith(f"over 2 training seeds: mean {50 * sum(accuracies):.2f}%, smallest "
+                           f"{100 * min(accuracies):.2f}%, largest {100 * max(accuracies):.2f}%")
+    assert report in capsys.readouterr().out
+
+    # the finished runs are refused as a new --out before anything trains ...
+    def must_not_train(args):
+        raise AssertionError("trained")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("fedgen.cli.fit", must_not_train)
+        with pytest.raises(ValueError, match="already hold finished runs"):
+            SEEDS["main"](["--config", str(EXAMPLE), "--seeds", "3", "4", "--out", str(out)])
+    # ... and read again with --runs, to the same table
+    assert SEEDS["main"](["--runs", str(out / "seed3"), str(out / "seed5")]) == report
+
+
+def _fake_run(folder: Path, seed, accuracy: float, **config) -> Path:
+    import json
+
+    import yaml
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "seed_everything": seed, "run_dir": str(folder), "ckpt_path": None,
+        "trainer": {"default_root_dir": str(folder), "max_epochs": 80},
+        "model": {"init_args": {"noise_draws": 8, "sample_scale": 0.3}}, **config}))
+    (folder / "metrics.json").write_text(json.dumps({
+        "epsilon": 0.99987, "test_accuracy": accuracy,
+        "per_classifier": [{"test_accuracy": accuracy - 0.01}, {"test_accuracy": accuracy + 0.01}]}))
+    return folder
+
+
+def test_training_seeds_reads_finished_runs_of_one_configuration(tmp_path):
+    first = _fake_run(tmp_path / "a", 0, 0.9615)
+    second = _fake_run(tmp_path / "b", 1, 0.9510)
+    report = SEEDS["main"](["--runs", str(first), str(second)])
+    assert f"| {first} | 0 | 0.9999 | 96.15% | 95.15, 97.15 |" in report
+    assert report.endswith("over 2 training seeds: mean 95.62%, smallest 95.10%, largest 96.15%")
+
+
+@pytest.mark.parametrize("second, problem", [
+    ({"seed": 1, "model": {"init_args": {"noise_draws": 4, "sample_scale": 0.3}}},
+     "differ in model.init_args.noise_draws"),
+    ({"seed": 0}, "both trained with seed 0"),
+    ({"seed": 1, "ckpt_path": "other/generator.ckpt"}, "started from the checkpoint other/generator.ckpt"),
+    ({"seed": True}, "without a fixed integer seed"),
+])
+def test_training_seeds_refuses_runs_that_are_not_trainings_of_one_configuration(tmp_path, second, problem):
+    """Different settings, a shared seed (runs 88 and 92 of the benchmarks), a generator trained by another run,
+    or no fixed seed: the spread would not be one configuration's over independent trainings."""
+    first = _fake_run(tmp_path / "a", 0, 0.96)
+    seed = second.pop("seed")
+    other = _fake_run(tmp_path / "b", seed, 0.95, **second)
+    with pytest.raises(ValueError, match=problem):
+        SEEDS["table"]([first, other])
+
+
+def test_training_seeds_refuses_a_folder_given_twice_or_unfinished(tmp_path):
+    first = _fake_run(tmp_path / "a", 0, 0.96)
+    with pytest.raises(ValueError, match="given more than once"):
+        SEEDS["table"]([first, tmp_path / "a" / ".." / "a"])
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match="has no metrics.json: it is not a finished fedgen fit run"):
+        SEEDS["table"]([first, tmp_path / "c"])

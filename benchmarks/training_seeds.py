@@ -1,0 +1,135 @@
+"""Spread over training seeds: one ``fedgen fit`` configuration trained once per seed, the runs side by side.
+
+A run's test accuracy mixes three draws of randomness: the training's (initial weights, Poisson batches, the noise
+of DP-SGD and of any warm-up release), the synthetic draw's, and the classifiers' (``evaluation.repeats`` averages
+the last). Settings tuned on one training seed can look better on it than on the next, so a number meant to stand
+for a configuration needs several trainings. This script runs the whole pipeline of ``fedgen fit`` once per
+``--seed_everything``, or reads finished run folders, checks that their resolved configurations differ in the seed
+and the run folder alone and that no two share a seed, and prints a markdown table: each run's epsilon and test
+accuracy (the mean of its classifiers, then each classifier's), and the mean, smallest and largest over the runs.
+Usage (data root from FEDGEN_DATA_ROOT):
+
+    python benchmarks/training_seeds.py --config examples/mnist_dp_diffusion_eps1.yaml --seeds 0 1 2 --out runs/seeds
+    python benchmarks/training_seeds.py --runs runs/e1s runs/e1s1      # finished runs, side by side: no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedgen.errors import ConfigError
+
+#: resolved-config keys that may differ between runs of one configuration: the seed, where the run was written
+#: (``trainer.default_root_dir`` follows the run folder), and progress bars
+PER_RUN_KEYS = ("seed_everything", "run_dir", "trainer.default_root_dir", "trainer.enable_progress_bar",
+                "evaluation.progress_bar")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; lists and other values are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def load_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A finished run's resolved configuration (flattened) and its ``metrics.json``."""
+    if not (folder / "metrics.json").is_file():
+        raise ConfigError("runs", f"{folder} has no metrics.json: it is not a finished fedgen fit run",
+                          "give run folders whose fit finished, or train them with --config")
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError("runs", f"{folder} has no config.yaml", "give folders written by fedgen fit")
+    config = flatten(yaml.safe_load((folder / "config.yaml").read_text()))
+    if not isinstance(config.get("seed_everything"), int) or isinstance(config["seed_everything"], bool):
+        raise ConfigError("runs", f"{folder} ran without a fixed integer seed (seed_everything: "
+                          f"{config.get('seed_everything')!r})", "train with --seed_everything=N")
+    if config.get("ckpt_path") is not None:
+        raise ConfigError("runs", f"{folder} started from the checkpoint {config['ckpt_path']}: its generator was "
+                          "trained by that checkpoint's run, not under this run's seed",
+                          "give runs that trained their generator from the start")
+    return config, json.loads((folder / "metrics.json").read_text())
+
+
+def check_one_configuration(runs: dict[Path, tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Refuse runs that are not trainings of one configuration under different seeds."""
+    (first, (reference, _)), *others = runs.items()
+    seeds = {first: reference["seed_everything"]}
+    for folder, (config, _) in others:
+        differing = sorted(key for key in reference.keys() | config.keys()
+                           if key not in PER_RUN_KEYS and reference.get(key) != config.get(key))
+        if differing:
+            raise ConfigError("runs", f"{first} and {folder} differ in {', '.join(differing)}, not in the seed alone",
+                              "compare runs of one configuration")
+        same_seed = [f for f, seed in seeds.items() if seed == config["seed_everything"]]
+        if same_seed:
+            raise ConfigError("runs", f"{same_seed[0]} and {folder} both trained with seed "
+                              f"{config['seed_everything']}: they are not independent trainings",
+                              "train again with another --seed_everything")
+        seeds[folder] = config["seed_everything"]
+
+
+def table(folders: list[Path]) -> str:
+    """The markdown table of the runs in ``folders`` and their mean, smallest and largest test accuracy."""
+    if not folders:
+        raise ConfigError("runs", "no run folders given", "give at least one")
+    repeated = {str(f) for f in folders if [g.resolve() for g in folders].count(f.resolve()) > 1}
+    if repeated:
+        raise ConfigError("runs", f"{', '.join(sorted(repeated))} given more than once", "give each run once")
+    runs = {folder: load_run(folder) for folder in folders}
+    check_one_configuration(runs)
+    lines = ["| run | seed | epsilon | test accuracy | each classifier |", "|---|---|---|---|---|"]
+    accuracies = []
+    for folder, (config, metrics) in runs.items():
+        each = ", ".join(f"{100 * c['test_accuracy']:.2f}" for c in metrics.get("per_classifier", []))
+        accuracies.append(metrics["test_accuracy"])
+        lines.append(f"| {folder} | {config['seed_everything']} | {metrics['epsilon']:.4f} | "
+                     f"{100 * metrics['test_accuracy']:.2f}% | {each} |")
+    seeds = f"{len(accuracies)} training seed{'s' if len(accuracies) > 1 else ''}"
+    lines.append(f"\nover {seeds}: mean {100 * statistics.fmean(accuracies):.2f}%, "
+                 f"smallest {100 * min(accuracies):.2f}%, largest {100 * max(accuracies):.2f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a fedgen fit config to train once per seed")
+    source.add_argument("--runs", nargs="+", type=Path, help="finished fedgen fit run folders")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/training-seeds"))
+    parser.add_argument("--extra", default="", help="further fedgen fit arguments in one string")
+    args = parser.parse_args(argv)
+    folders = args.runs
+    if args.config is not None:
+        from fedgen.cli import fit
+
+        if len(set(args.seeds)) != len(args.seeds):
+            raise ConfigError("seeds", f"{args.seeds} repeats a seed", "give each training seed once")
+        folders = [args.out / f"seed{seed}" for seed in args.seeds]
+        finished = [str(f) for f in folders if (f / "metrics.json").exists()]
+        if finished:  # refused before the first training, not after it
+            raise ConfigError("out", f"{', '.join(finished)} already hold finished runs",
+                              "give a new --out, or summarize them with --runs")
+        for seed, folder in zip(args.seeds, folders, strict=True):
+            fit(["--config", args.config, *shlex.split(args.extra), f"--seed_everything={seed}",
+                 f"--run_dir={folder}"])
+    report = table(folders)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as err:
+        raise SystemExit(f"training_seeds.py: error: {err}") from None
