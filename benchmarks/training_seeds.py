@@ -19,6 +19,7 @@ import argparse
 import json
 import shlex
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -63,26 +64,26 @@ def load_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def check_one_configuration(runs: dict[Path, tuple[dict[str, Any], dict[str, Any]]]) -> None:
     """Refuse runs that are not trainings of one configuration under different seeds."""
     (first, (reference, _)), *others = runs.items()
-    seeds = {first: reference["seed_everything"]}
+    folder_of_seed = {reference["seed_everything"]: first}
     for folder, (config, _) in others:
         differing = sorted(key for key in reference.keys() | config.keys()
                            if key not in PER_RUN_KEYS and reference.get(key) != config.get(key))
         if differing:
             raise ConfigError("runs", f"{first} and {folder} differ in {', '.join(differing)}, not in the seed alone",
                               "compare runs of one configuration")
-        same_seed = [f for f, seed in seeds.items() if seed == config["seed_everything"]]
-        if same_seed:
-            raise ConfigError("runs", f"{same_seed[0]} and {folder} both trained with seed "
-                              f"{config['seed_everything']}: they are not independent trainings",
-                              "train again with another --seed_everything")
-        seeds[folder] = config["seed_everything"]
+        seed = config["seed_everything"]
+        if seed in folder_of_seed:
+            raise ConfigError("runs", f"{folder_of_seed[seed]} and {folder} both trained with seed {seed}: they are "
+                              "not independent trainings", "train again with another --seed_everything")
+        folder_of_seed[seed] = folder
 
 
 def table(folders: list[Path]) -> str:
     """The markdown table of the runs in ``folders`` and their mean, smallest and largest test accuracy."""
     if not folders:
         raise ConfigError("runs", "no run folders given", "give at least one")
-    repeated = {str(f) for f in folders if [g.resolve() for g in folders].count(f.resolve()) > 1}
+    times_given = Counter(f.resolve() for f in folders)
+    repeated = {str(f) for f in folders if times_given[f.resolve()] > 1}
     if repeated:
         raise ConfigError("runs", f"{', '.join(sorted(repeated))} given more than once", "give each run once")
     runs = {folder: load_run(folder) for folder in folders}
