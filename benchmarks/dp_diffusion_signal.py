@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from fedgen.cli_sample import check_fit_run, load_fit_run
+from fedgen.cli_sample import load_fit_run
 from fedgen.data import FashionMNISTDataModule, MNISTDataModule
 from fedgen.data.datamodules import dataset_to_tensors
 from fedgen.generators import DPDiffusion
 from fedgen.generators.ddpm import train_only
 from fedgen.mechanisms import DPSGD
+from fedgen.runs import check_fit_run
 
 
 def signal_by_groups(model: DPDiffusion, images: torch.Tensor, labels: torch.Tensor, draws: int,

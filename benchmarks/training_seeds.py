@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from fedgen.errors import ConfigError
+from fedgen.runs import check_fit_run
 
 #: resolved-config keys that may differ between runs of one configuration: the seed, where the run was written
 #: (``trainer.default_root_dir`` follows the run folder), and progress bars
@@ -45,11 +46,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def load_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A finished run's resolved configuration (flattened) and its ``metrics.json``."""
-    if not (folder / "metrics.json").is_file():
-        raise ConfigError("runs", f"{folder} has no metrics.json: it is not a finished fedgen fit run",
-                          "give run folders whose fit finished, or train them with --config")
-    if not (folder / "config.yaml").is_file():
-        raise ConfigError("runs", f"{folder} has no config.yaml", "give folders written by fedgen fit")
+    check_fit_run(str(folder), ("config.yaml", "metrics.json"))
     config = flatten(yaml.safe_load((folder / "config.yaml").read_text()))
     if not isinstance(config.get("seed_everything"), int) or isinstance(config["seed_everything"], bool):
         raise ConfigError("runs", f"{folder} ran without a fixed integer seed (seed_everything: "

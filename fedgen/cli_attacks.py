@@ -26,12 +26,12 @@ from fedgen.attacks.gradient_inversion import (
     dp_sgd_update,
     lenet_for_inversion,
 )
-from fedgen.cli_sample import check_fit_run, load_fit_run
+from fedgen.cli_sample import load_fit_run
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one
 from fedgen.generators import DPMerf
 from fedgen.mechanisms import DPSGD, GaussianMechanism, SecureAggregator, SubsampledGaussianEvent, compute_epsilon
-from fedgen.runs import check_seed, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
+from fedgen.runs import check_fit_run, check_seed, dataset_name, instantiate, parse_args, resolve_run_dir, write_config
 
 log = logging.getLogger("fedgen")
 

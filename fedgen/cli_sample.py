@@ -25,7 +25,7 @@ from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one, load_checkpoint
 from fedgen.generators import Generator
 from fedgen.mechanisms.lightning import CHECKPOINT_KEY
-from fedgen.runs import check_images_fit_in_memory, check_seed, instantiate, parse_args
+from fedgen.runs import check_fit_run, check_images_fit_in_memory, check_seed, instantiate, parse_args
 
 log = logging.getLogger("fedgen")
 
@@ -80,16 +80,6 @@ def save_synthetic(synthetic: torch.utils.data.TensorDataset, path: Path) -> tor
     images = (synthetic.tensors[0] * 255).round().to(torch.uint8)
     torch.save({"images": images, "labels": synthetic.tensors[1]}, path)
     return images
-
-
-def check_fit_run(run: str | None, needs: tuple[str, ...]) -> Path:
-    """``run`` as a path, after checking that it is a ``fedgen fit`` run folder holding the files ``needs``."""
-    folder = Path(run or "")
-    missing = [f for f in needs if not (folder / f).exists()]
-    if not run or missing:
-        raise ConfigError("run", f"{folder} is not a finished `fedgen fit` run folder (missing {missing})",
-                          f"give the folder a `fedgen fit` run wrote (it holds {', '.join(needs)})")
-    return folder
 
 
 def check_out_folder(out: Path) -> None:

@@ -46,6 +46,16 @@ def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Pa
     return folder
 
 
+def check_fit_run(run: str | None, needs: tuple[str, ...]) -> Path:
+    """``run`` as a path, after checking that it is a ``fedgen fit`` run folder holding the files ``needs``."""
+    folder = Path(run or "")
+    missing = [f for f in needs if not (folder / f).is_file()]
+    if not run or missing:
+        raise ConfigError("run", f"{folder} is not a finished `fedgen fit` run folder (missing {missing})",
+                          f"give the folder a `fedgen fit` run wrote (it holds {', '.join(needs)})")
+    return folder
+
+
 def check_seed(seed: int, field: str = "seed_everything") -> None:
     """Seeds are what numpy and torch accept: integers in [0, 2^32)."""
     if not 0 <= seed < 2**32:

@@ -284,5 +284,6 @@ def test_training_seeds_refuses_a_folder_given_twice_or_unfinished(tmp_path):
     with pytest.raises(ValueError, match="given more than once"):
         SEEDS["table"]([first, tmp_path / "a" / ".." / "a"])
     (tmp_path / "c").mkdir()
-    with pytest.raises(ValueError, match="has no metrics.json: it is not a finished fedgen fit run"):
+    unfinished = r"c is not a finished `fedgen fit` run folder \(missing \['config.yaml', 'metrics.json'\]\)"
+    with pytest.raises(ValueError, match=unfinished):
         SEEDS["table"]([first, tmp_path / "c"])
