@@ -6,7 +6,8 @@ the last). Settings tuned on one training seed can look better on it than on the
 for a configuration needs several trainings. This script runs the whole pipeline of ``fedgen fit`` once per
 ``--seed_everything``, or reads finished run folders, checks that their resolved configurations differ in the seed
 and the run folder alone and that no two share a seed, and prints a markdown table: each run's epsilon and test
-accuracy (the mean of its classifiers, then each classifier's), and the mean, smallest and largest over the runs.
+accuracy (the mean of its classifiers, then each classifier's), and over the runs the mean, the standard
+deviation (and the mean's standard error), the smallest and the largest.
 Usage (data root from FEDGEN_DATA_ROOT):
 
     python benchmarks/training_seeds.py --config examples/mnist_dp_diffusion_eps1.yaml --seeds 0 1 2 --out runs/seeds
@@ -76,7 +77,8 @@ def check_one_configuration(runs: dict[Path, tuple[dict[str, Any], dict[str, Any
 
 
 def table(folders: list[Path]) -> str:
-    """The markdown table of the runs in ``folders`` and their mean, smallest and largest test accuracy."""
+    """The markdown table of the runs in ``folders`` and their mean, standard deviation, smallest and largest test
+    accuracy."""
     if not folders:
         raise ConfigError("runs", "no run folders given", "give at least one")
     times_given = Counter(f.resolve() for f in folders)
@@ -93,8 +95,11 @@ def table(folders: list[Path]) -> str:
         lines.append(f"| {folder} | {config['seed_everything']} | {metrics['epsilon']:.4f} | "
                      f"{100 * metrics['test_accuracy']:.2f}% | {each} |")
     seeds = f"{len(accuracies)} training seed{'s' if len(accuracies) > 1 else ''}"
-    lines.append(f"\nover {seeds}: mean {100 * statistics.fmean(accuracies):.2f}%, "
-                 f"smallest {100 * min(accuracies):.2f}%, largest {100 * max(accuracies):.2f}%")
+    summary = f"\nover {seeds}: mean {100 * statistics.fmean(accuracies):.2f}%"
+    if len(accuracies) > 1:  # the sample standard deviation, and the mean's standard error sd / sqrt(n)
+        sd = 100 * statistics.stdev(accuracies)
+        summary += f", standard deviation {sd:.2f} points (standard error {sd / len(accuracies) ** 0.5:.2f})"
+    lines.append(f"{summary}, smallest {100 * min(accuracies):.2f}%, largest {100 * max(accuracies):.2f}%")
     return "\n".join(lines)
 
 

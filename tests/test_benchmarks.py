@@ -222,8 +222,10 @@ def test_training_seeds_trains_once_per_seed_and_reports_the_mean(real_data_root
         assert yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"] == seed
         accuracies.append(json.loads((folder / "metrics.json").read_text())["test_accuracy"])
         assert f"| {folder} | {seed} |" in report
-    assert report.endswith(f"over 2 training seeds: mean {50 * sum(accuracies):.2f}%, smallest "
-                           f"{100 * min(accuracies):.2f}%, largest {100 * max(accuracies):.2f}%")
+    sd = 100 * abs(accuracies[0] - accuracies[1]) / 2 ** 0.5  # two runs: sd = |a - b| / sqrt(2), error = sd / sqrt(2)
+    assert report.endswith(f"over 2 training seeds: mean {50 * sum(accuracies):.2f}%, standard deviation {sd:.2f} "
+                           f"points (standard error {sd / 2 ** 0.5:.2f}), smallest {100 * min(accuracies):.2f}%, "
+                           f"largest {100 * max(accuracies):.2f}%")
     assert report in capsys.readouterr().out
 
     # the finished runs are refused as a new --out before anything trains ...
@@ -259,7 +261,15 @@ def test_training_seeds_reads_finished_runs_of_one_configuration(tmp_path):
     second = _fake_run(tmp_path / "b", 1, 0.9510)
     report = SEEDS["main"](["--runs", str(first), str(second)])
     assert f"| {first} | 0 | 0.9999 | 96.15% | 95.15, 97.15 |" in report
-    assert report.endswith("over 2 training seeds: mean 95.62%, smallest 95.10%, largest 96.15%")
+    assert report.endswith("over 2 training seeds: mean 95.62%, standard deviation 0.74 points (standard error "
+                           "0.53), smallest 95.10%, largest 96.15%")
+    third = _fake_run(tmp_path / "c", 2, 0.9528)
+    report = SEEDS["main"](["--runs", str(first), str(second), str(third)])
+    # the three trainings of the epsilon-1 example (runs 92 to 94): sd = sqrt(sum (a - mean)^2 / 2)
+    assert report.endswith("over 3 training seeds: mean 95.51%, standard deviation 0.56 points (standard error "
+                           "0.32), smallest 95.10%, largest 96.15%")
+    alone = SEEDS["main"](["--runs", str(third)])
+    assert alone.endswith("over 1 training seed: mean 95.28%, smallest 95.28%, largest 95.28%")
 
 
 @pytest.mark.parametrize("second, problem", [
