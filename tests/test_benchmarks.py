@@ -297,3 +297,8 @@ def test_training_seeds_refuses_a_folder_given_twice_or_unfinished(tmp_path):
     unfinished = r"c is not a finished `fedgen fit` run folder \(missing \['config.yaml', 'metrics.json'\]\)"
     with pytest.raises(ValueError, match=unfinished):
         SEEDS["table"]([first, tmp_path / "c"])
+    (tmp_path / "d").mkdir()  # a folder where metrics.json should be a file is no finished run either
+    (tmp_path / "d" / "config.yaml").write_text((first / "config.yaml").read_text())
+    (tmp_path / "d" / "metrics.json").mkdir()
+    with pytest.raises(ValueError, match=r"d is not a finished `fedgen fit` run folder \(missing \['metrics.json'\]"):
+        SEEDS["table"]([first, tmp_path / "d"])
