@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from fedgen.errors import ConfigError
-from fedgen.runs import check_fit_run
+from fedgen.runs import check_fit_run, resolve_run_dir
 
 #: resolved-config keys that may differ between runs of one configuration: the seed, where the run was written
 #: (``trainer.default_root_dir`` follows the run folder), and progress bars
@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> str:
         if finished:  # refused before the first training, not after it
             raise ConfigError("out", f"{', '.join(finished)} already hold finished runs",
                               "give a new --out, or summarize them with --runs")
+        for folder in folders:  # every folder fit would refuse (an unfinished run's, a file's), also before any work
+            try:
+                resolve_run_dir(str(folder), None, "fit")
+            except ConfigError as err:
+                raise ConfigError("out", err.problem, "give a new --out") from err
         for seed, folder in zip(args.seeds, folders, strict=True):
             fit(["--config", args.config, *shlex.split(args.extra), f"--seed_everything={seed}",
                  f"--run_dir={folder}"])

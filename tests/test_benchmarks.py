@@ -236,6 +236,13 @@ def test_training_seeds_trains_once_per_seed_and_reports_the_mean(real_data_root
         patch.setattr("fedgen.cli.fit", must_not_train)
         with pytest.raises(ValueError, match="already hold finished runs"):
             SEEDS["main"](["--config", str(EXAMPLE), "--seeds", "3", "4", "--out", str(out)])
+        # so is a folder holding an unfinished run's checkpoints, though its seed comes after one to train
+        (tmp_path / "more" / "seed4" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "more" / "seed4" / "checkpoints" / "last.ckpt").write_bytes(b"ledger")
+        with pytest.raises(ValueError, match=r"out: .*seed4 holds an unfinished run's checkpoints"):
+            SEEDS["main"](["--config", str(EXAMPLE), "--seeds", "3", "4", "--out", str(tmp_path / "more")])
+        assert (tmp_path / "more" / "seed4" / "checkpoints" / "last.ckpt").read_bytes() == b"ledger"
+        assert not (tmp_path / "more" / "seed3").exists()
     # ... and read again with --runs, to the same table
     assert SEEDS["main"](["--runs", str(out / "seed3"), str(out / "seed5")]) == report
 
