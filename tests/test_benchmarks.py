@@ -275,6 +275,11 @@ def test_training_seeds_reads_finished_runs_of_one_configuration(tmp_path):
     # the three trainings of the epsilon-1 example (runs 92 to 94): sd = sqrt(sum (a - mean)^2 / 2)
     assert report.endswith("over 3 training seeds: mean 95.51%, standard deviation 0.56 points (standard error "
                            "0.32), smallest 95.10%, largest 96.15%")
+    fourth = _fake_run(tmp_path / "d", 3, 0.9624)
+    report = SEEDS["main"](["--runs", str(first), str(second), str(third), str(fourth)])
+    # the four trainings (runs 92 to 95)
+    assert report.endswith("over 4 training seeds: mean 95.69%, standard deviation 0.59 points (standard error "
+                           "0.29), smallest 95.10%, largest 96.24%")
     alone = SEEDS["main"](["--runs", str(third)])
     assert alone.endswith("over 1 training seed: mean 95.28%, smallest 95.28%, largest 95.28%")
 
