@@ -114,8 +114,6 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     folders = args.runs
     if args.config is not None:
-        from fedgen.cli import fit
-
         if len(set(args.seeds)) != len(args.seeds):
             raise ConfigError("seeds", f"{args.seeds} repeats a seed", "give each training seed once")
         folders = [args.out / f"seed{seed}" for seed in args.seeds]
@@ -128,6 +126,8 @@ def main(argv: list[str] | None = None) -> str:
                 resolve_run_dir(str(folder), None, "fit")
             except ConfigError as err:
                 raise ConfigError("out", err.problem, "give a new --out") from err
+        from fedgen.cli import fit  # torch and Lightning load only once the folders pass
+
         for seed, folder in zip(args.seeds, folders, strict=True):
             fit(["--config", args.config, *shlex.split(args.extra), f"--seed_everything={seed}",
                  f"--run_dir={folder}"])
