@@ -47,7 +47,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def load_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A finished run's resolved configuration (flattened) and its ``metrics.json``."""
-    check_fit_run(str(folder), ("config.yaml", "metrics.json"))
+    check_fit_run(str(folder), ("config.yaml", "metrics.json"), field="runs")
     config = flatten(yaml.safe_load((folder / "config.yaml").read_text()))
     if not isinstance(config.get("seed_everything"), int) or isinstance(config["seed_everything"], bool):
         raise ConfigError("runs", f"{folder} ran without a fixed integer seed (seed_everything: "

@@ -46,12 +46,13 @@ def resolve_run_dir(run_dir: str | None, ckpt_path: str | None, name: str) -> Pa
     return folder
 
 
-def check_fit_run(run: str | None, needs: tuple[str, ...]) -> Path:
-    """``run`` as a path, after checking that it is a ``fedgen fit`` run folder holding the files ``needs``."""
+def check_fit_run(run: str | None, needs: tuple[str, ...], field: str = "run") -> Path:
+    """``run`` as a path, after checking that it is a ``fedgen fit`` run folder holding the files ``needs``; the
+    refusal names ``field``, the option that gave the folder."""
     folder = Path(run or "")
     missing = [f for f in needs if not (folder / f).is_file()]
     if not run or missing:
-        raise ConfigError("run", f"{folder} is not a finished `fedgen fit` run folder (missing {missing})",
+        raise ConfigError(field, f"{folder} is not a finished `fedgen fit` run folder (missing {missing})",
                           f"give the folder a `fedgen fit` run wrote (it holds {', '.join(needs)})")
     return folder
 

@@ -306,7 +306,7 @@ def test_training_seeds_refuses_a_folder_given_twice_or_unfinished(tmp_path):
     with pytest.raises(ValueError, match="given more than once"):
         SEEDS["table"]([first, tmp_path / "a" / ".." / "a"])
     (tmp_path / "c").mkdir()
-    unfinished = r"c is not a finished `fedgen fit` run folder \(missing \['config.yaml', 'metrics.json'\]\)"
+    unfinished = r"^runs: .*c is not a finished `fedgen fit` run folder \(missing \['config.yaml', 'metrics.json'\]\)"
     with pytest.raises(ValueError, match=unfinished):
         SEEDS["table"]([first, tmp_path / "c"])
     (tmp_path / "d").mkdir()  # a folder where metrics.json should be a file is no finished run either
