@@ -30,7 +30,7 @@ def float32_products(precision: str) -> Iterator[None]:
     saved = matmul.fp32_precision, conv.fp32_precision
     matmul.fp32_precision = conv.fp32_precision = precision
     try:
-        # entering two autocast contexts takes about half of this function's 28 us (development CPU), and the
+        # entering two autocast contexts takes about half of this function's 28 us (2-core CPU), and the
         # engine's hooks enter it once a layer: only where autocast is on
         if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
             with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
