@@ -1,14 +1,18 @@
 """The ``fedgen sample`` command: draw a labelled synthetic dataset from a finished ``fedgen fit`` run.
 
     fedgen sample --run runs/<a fedgen fit run> --num 60000
+    fedgen sample --run runs/<a fedgen fit run> --num 60000 --seed_everything 1 --evaluate true
 
 Drawing from a trained generator is post-processing of what the run released: it reads the privacy the run
-spent from the checkpoint's ledger and adds none.
+spent from the checkpoint's ledger and adds none. With ``--evaluate`` the drawn images are scored as ``fedgen fit``
+scores its own: classifiers trained on them alone, tested once on the real test set (a fresh draw of the same
+generator, to tell how much of a run's accuracy is its draw).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -19,10 +23,11 @@ import lightning as L
 import torch
 import torchvision
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from fedgen.data import VisionDataModule
 from fedgen.errors import ConfigError, check_at_least_one, load_checkpoint
+from fedgen.evaluation import TrainOnSynthetic
 from fedgen.generators import Generator
 from fedgen.mechanisms.lightning import CHECKPOINT_KEY
 from fedgen.runs import check_fit_run, check_images_fit_in_memory, check_seed, instantiate, parse_args
@@ -108,13 +113,36 @@ def sample_parser() -> ArgumentParser:
                         help="The .pt file to write (default: <run>/samples-<num>-seed<seed>.pt); never overwritten.")
     parser.add_argument("--seed_everything", type=int, default=0, help="Seed of the labels' order and the draws.")
     parser.add_argument("--accelerator", type=Literal["auto", "cpu", "gpu"], default="auto",
-                        help="Where to draw: auto takes a GPU when there is one.")
+                        help="Where to draw (and, with --evaluate, train the classifiers): auto takes a GPU when "
+                             "there is one.")
     parser.add_argument("--batch_size", type=int, default=1000, help="Images drawn at once.")
     parser.add_argument("--sampling", type=dict[str, Any] | None, default=None,
                         help="Sampler settings to draw with instead of the run's, e.g. '{sampling_eta: 0.5, "
                              "sampling_steps: 100}' for a DP diffusion run (only the generator's sampling fields; "
                              "post-processing, no privacy cost).")
+    parser.add_argument("--evaluate", type=bool, default=False,
+                        help="Also train the run's downstream classifiers on the drawn (8-bit) images and test them "
+                             "once on the run's real test set, as `fedgen fit` does; the accuracies go to "
+                             "<out>.json.")
+    parser.add_argument("--evaluation", type=dict[str, Any] | None, default=None,
+                        help="With --evaluate: classifier settings instead of the run's, e.g. '{repeats: 1}' (the "
+                             "fields of `fedgen fit`'s evaluation).")
     return parser
+
+
+def run_evaluation(run: Path, overrides: dict[str, Any] | None, accelerator: str) -> TrainOnSynthetic:
+    """The downstream evaluation of the ``fedgen fit`` run in ``run`` (its ``config.yaml``'s ``evaluation``), with
+    ``overrides`` set anew, each checked as ``fedgen fit`` checks it; it trains where the draw runs unless
+    ``overrides`` names an ``accelerator``."""
+    saved = yaml.safe_load((run / "config.yaml").read_text()).get("evaluation") or {}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TrainOnSynthetic, "evaluation")
+    try:
+        config = parser.parse_object({"evaluation": {**saved, "accelerator": accelerator, **(overrides or {})}})
+    except ArgumentError as err:  # an unknown field, or a value of the wrong type
+        raise ConfigError("evaluation", " ".join(str(err).split()), "give only the fields of `fedgen fit`'s "
+                          "evaluation with values of their types (fedgen fit --help), e.g. '{repeats: 1}'") from err
+    return instantiate(parser, config).evaluation
 
 
 def sample(args: list[str]) -> dict[str, Any]:
@@ -125,6 +153,8 @@ def sample(args: list[str]) -> dict[str, Any]:
     ``synthetic.pt``, and beside it ``<out>.png``, a grid of the first images of each class. The run folder's
     existing files are only read. Sampling is post-processing: the privacy printed is what the run spent. With
     ``sampling`` the generator draws with those sampler settings instead of the run's (e.g. another DDIM eta).
+    With ``evaluate`` the run's downstream classifiers (``evaluation`` changes their settings) are trained on the
+    drawn images and tested on the run's real test set. The report, accuracies included, goes to ``<out>.json``.
     """
     parser = sample_parser()
     config = parse_args(parser, args)
@@ -135,17 +165,25 @@ def sample(args: list[str]) -> dict[str, Any]:
     out = Path(config.out) if config.out else run / f"samples-{config.num}-seed{config.seed_everything}.pt"
     if out.suffix != ".pt":
         raise ConfigError("out", f"{out} does not end in .pt", "name a .pt file, e.g. samples.pt")
-    for path in (out, out.with_suffix(".png")):
+    for path in (out, out.with_suffix(".png"), out.with_suffix(".json")):
         if path.exists():
             raise ConfigError("out", f"{path} exists already", "name a new file; fedgen sample never overwrites")
     check_out_folder(out)
     if config.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("accelerator", "gpu asked, but torch sees no CUDA device", "use auto or cpu")
-    generator, _ = load_fit_run(run, config.sampling)
+    generator, data = load_fit_run(run, config.sampling)
     if config.num < generator.num_classes:
         raise ConfigError("num", f"{config.num} is fewer than one image per class ({generator.num_classes})",
                           f"draw at least {generator.num_classes}")
     check_images_fit_in_memory("num", config.num, generator.image_shape, BYTES_PER_PIXEL)
+    evaluation = None
+    if config.evaluation is not None and not config.evaluate:
+        raise ConfigError("evaluation", "is set, but nothing is evaluated", "add --evaluate true, or drop it")
+    if config.evaluate:  # the classifiers' settings and the real test set are checked before the draw
+        evaluation = run_evaluation(run, config.evaluation, config.accelerator)
+        evaluation.check_image_shape(generator.image_shape)
+        data.prepare_data()
+        data.setup("test")
 
     L.seed_everything(config.seed_everything, verbose=False)
     use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and torch.cuda.is_available())
@@ -161,9 +199,23 @@ def sample(args: list[str]) -> dict[str, Any]:
     mechanism = generator.mechanism
     metrics = {"run": str(run), "out": str(out), "images": config.num, "seed": config.seed_everything,
                "generator": type(generator).__name__, "epsilon": mechanism.epsilon(), "delta": mechanism.delta,
-               "sampling_settings": generator.sampling_settings(), "sampling": generator.sampling_report()}
+               "sampling_settings": generator.sampling_settings(), "sampling": generator.sampling_report(),
+               "evaluation": None}
+    if evaluation is not None:  # on exactly the saved 8-bit images, as `fedgen fit` scores its own draw
+        drawn = torch.utils.data.TensorDataset(images.float() / 255, labels)
+        metrics["evaluation"] = {**evaluation.run(drawn, data.test_set, num_classes=generator.num_classes,
+                                                  image_shape=generator.image_shape),
+                                 "settings": {name: getattr(evaluation, name)
+                                              for name in inspect.signature(TrainOnSynthetic).parameters},
+                                 "test_examples": len(data.test_set)}
+    out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
     log.info("Drew %d images from %s; privacy as the run spent it: %s", config.num, run,
              mechanism.ledger.summary(mechanism.delta))
+    scored = ""
+    if evaluation is not None:
+        mean_of = f", the mean of {evaluation.repeats} classifiers" if evaluation.repeats > 1 else ""
+        scored = (f"; test_accuracy={metrics['evaluation']['test_accuracy']:.4f} ({evaluation.classifier} trained on "
+                  f"the {config.num} images{mean_of})")
     print(f"fedgen: drew {config.num} images from {run} (post-processing: epsilon={metrics['epsilon']:.4f} "
-          f"delta={metrics['delta']:g}, as the run spent); wrote {out}")
+          f"delta={metrics['delta']:g}, as the run spent){scored}; wrote {out}")
     return metrics

@@ -66,7 +66,7 @@ def test_sample_writes_beside_the_run_by_default_and_never_overwrites(fit_run, c
         main(["sample", f"--run={fit_run}", "--num=10", "--seed_everything=7", "--accelerator=cpu"])
     assert exited.value.code == 2
     assert "out: " in capsys.readouterr().err and out.stat().st_mtime_ns == written
-    for f in (out, out.with_suffix(".png")):
+    for f in (out, out.with_suffix(".png"), out.with_suffix(".json")):
         f.unlink()  # the other tests compare the run folder's files
 
 
@@ -79,6 +79,11 @@ def test_sample_writes_beside_the_run_by_default_and_never_overwrites(fit_run, c
     (["--sampling={sampling_eta: 2.0}"], "model.sampling_eta"),  # the generator's own check
     (["--seed_everything=-1"], "seed_everything"),
     (["--num=100000000000"], "num"),  # more images than memory holds
+    (["--evaluation={repeats: 1}"], "evaluation"),  # classifier settings, but no --evaluate
+    (["--evaluate=true", "--evaluation={epoch: 3}"], "evaluation"),  # not a classifier setting
+    (["--evaluate=true", "--evaluation={repeats: x}"], "evaluation"),  # not an integer
+    (["--evaluate=true", "--evaluation={repeats: 0}"], "evaluation.repeats"),
+    (["--evaluate=true", "--evaluation={augment_shift: 40}"], "evaluation.augment_shift"),  # larger than the image
 ])
 def test_sample_refuses_bad_input_before_drawing(fit_run, tmp_path, extra, field) -> None:
     extra = [e.replace("drawn.npy", str(tmp_path / "drawn.npy")) for e in extra]  # a later --out wins
@@ -173,3 +178,27 @@ def test_sample_refuses_an_unreadable_checkpoint_with_exit_2(fit_run, tmp_path, 
     assert exited.value.code == 2
     assert "fedgen: error: run: " in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "generator.ckpt", "run"]
+
+
+def test_sample_evaluates_the_draw_as_fit_scores_its_own(fit_run, tmp_path, capsys) -> None:
+    """--evaluate trains the run's classifiers (its config's evaluation, with --evaluation's changes) on the drawn
+    8-bit images and tests them on the run's real test set; the report goes beside the images, the run folder is
+    only read, and the same seed gives the same accuracies."""
+    before = _files(fit_run)
+    args = ["--num=40", "--seed_everything=5", "--accelerator=cpu", "--evaluate=true", "--evaluation={repeats: 2}"]
+    first = sample([f"--run={fit_run}", f"--out={tmp_path / 'a.pt'}", *args])
+    scored = first["evaluation"]
+    assert scored["settings"]["classifier"] == "mlp" and scored["settings"]["epochs"] == 1  # the run's settings
+    assert scored["settings"]["repeats"] == 2 and len(scored["per_classifier"]) == 2  # and the change
+    assert scored["settings"]["accelerator"] == "cpu"  # where the draw ran
+    assert scored["test_examples"] == 50  # the run's test subset
+    assert 0.0 <= scored["test_accuracy"] <= 1.0
+    assert scored["test_accuracy"] == pytest.approx(sum(c["test_accuracy"] for c in scored["per_classifier"]) / 2)
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads(json.dumps(first))
+    assert f"test_accuracy={scored['test_accuracy']:.4f} (mlp trained on the 40 images, the mean of 2" in (
+        capsys.readouterr().out)
+    again = sample([f"--run={fit_run}", f"--out={tmp_path / 'b.pt'}", *args])
+    assert again["evaluation"]["per_classifier"] == scored["per_classifier"]
+    plain = sample([f"--run={fit_run}", f"--out={tmp_path / 'c.pt'}", "--num=12", "--accelerator=cpu"])
+    assert plain["evaluation"] is None and json.loads((tmp_path / "c.json").read_text())["evaluation"] is None
+    assert _files(fit_run) == before
