@@ -52,8 +52,8 @@ USAGE = """usage: fedgen <command> [options]
 commands:
   fit       train a private generator, synthesize data, train and test a classifier on it
             (fedgen fit --config examples/mnist_dp_merf.yaml; fedgen fit --help for all options)
-  sample    draw a labelled synthetic dataset from a finished fit run's generator (post-processing)
-            (fedgen sample --run runs/<fit run> --num 60000)
+  sample    draw a labelled synthetic dataset from a finished fit run's generator (post-processing); with
+            --evaluate true, score it as fit scores its own   (fedgen sample --run runs/<fit run> --num 60000)
   federate  train a classifier directly across clients (FedAvg, FedProx, DP-FedAvg), test it on real data
             (fedgen federate --config examples/federated_mnist_dp_fedavg.yaml)
   audit     audit DP-SGD in one run with canaries: an empirical lower bound on epsilon beside the claim
