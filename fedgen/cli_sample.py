@@ -161,6 +161,8 @@ def sample(args: list[str]) -> dict[str, Any]:
     check_seed(config.seed_everything)
     check_at_least_one("num", config.num, "use e.g. 10000")
     check_at_least_one("batch_size", config.batch_size, "use e.g. 1000")
+    if config.evaluation is not None and not config.evaluate:
+        raise ConfigError("evaluation", "is set, but nothing is evaluated", "add --evaluate true, or drop it")
     run = check_fit_run(config.run, ("config.yaml", "generator.ckpt"))
     out = Path(config.out) if config.out else run / f"samples-{config.num}-seed{config.seed_everything}.pt"
     if out.suffix != ".pt":
@@ -177,13 +179,11 @@ def sample(args: list[str]) -> dict[str, Any]:
                           f"draw at least {generator.num_classes}")
     check_images_fit_in_memory("num", config.num, generator.image_shape, BYTES_PER_PIXEL)
     evaluation = None
-    if config.evaluation is not None and not config.evaluate:
-        raise ConfigError("evaluation", "is set, but nothing is evaluated", "add --evaluate true, or drop it")
     if config.evaluate:  # the classifiers' settings and the real test set are checked before the draw
         evaluation = run_evaluation(run, config.evaluation, config.accelerator)
         evaluation.check_image_shape(generator.image_shape)
         data.prepare_data()
-        data.setup("test")
+        data.setup()  # both splits, as the data module loads them; only the test split is used
 
     L.seed_everything(config.seed_everything, verbose=False)
     use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and torch.cuda.is_available())
