@@ -86,12 +86,25 @@ def machine_memory() -> int | None:
         return None
 
 
-def check_fits_in_memory(field: str, needed: int, what: str, fix: str) -> None:
-    """Refuse a setting whose ``what`` needs ``needed`` bytes, more than this machine's memory (no check where the
-    OS does not report it)."""
-    total = machine_memory()
+def device_memory(device: Any = None) -> int | None:
+    """The memory in bytes of ``device`` (a ``torch.device``): a CUDA device's own, else (the CPU, or None) this
+    machine's; None where it is not reported."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else None
+    if device is None or device.type == "cpu":
+        return machine_memory()
+    return None
+
+
+def check_fits_in_memory(field: str, needed: int, what: str, fix: str, device: Any = None) -> None:
+    """Refuse a setting whose ``what`` needs ``needed`` bytes, more than the memory of ``device`` (default: this
+    machine's; no check where it is not reported)."""
+    total = device_memory(device)
     if total is not None and needed > total:
-        raise ConfigError(field, f"{what} needs about {needed / 2**30:.3g} GiB of memory, more than this machine's "
+        where = f"{device}'s" if device is not None and device.type == "cuda" else "this machine's"
+        raise ConfigError(field, f"{what} needs about {needed / 2**30:.3g} GiB of memory, more than {where} "
                           f"{total / 2**30:.3g} GiB", fix)
 
 

@@ -72,7 +72,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
 from fedgen.data.augment import check_shift, check_tilt, flip_randomly, move_randomly, shift_randomly
-from fedgen.errors import ConfigError, check_at_least_one
+from fedgen.errors import ConfigError, check_at_least_one, check_fits_in_memory, device_memory
 from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
 from fedgen.generators.merf_images import MerfImages
@@ -725,14 +725,54 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if self.clients is not None and self.hparams.private_trainable is not None:
             raise ConfigError("model.private_trainable", "is not supported in a federation: its clients compute "
                               "steps over the whole UNet", "set private_trainable: null, or train centrally")
-        if not self.hparams.cuda_graphs:
-            return
-        if device.type != "cuda":
+        if self.hparams.cuda_graphs and device.type != "cuda":
             raise ConfigError("model.cuda_graphs", f"CUDA graphs need a CUDA device; training runs on {device}",
                               "set cuda_graphs: false, or train on a GPU (trainer.accelerator: gpu)")
-        if self.clients is not None:
+        if self.hparams.cuda_graphs and self.clients is not None:
             raise ConfigError("model.cuda_graphs", "a federated step keeps one clipped sum per client, which a "
                               "captured pass cannot split", "set cuda_graphs: false with a federation")
+        self.check_micro_batch_fits(device)
+
+    def check_micro_batch_fits(self, device: torch.device) -> None:
+        """Refuse a micro-batch (the expected batch, or ``max_physical_examples`` if fewer) whose saved activations
+        alone need more than ``device``'s memory, before any private work: on the CPU the operating system would
+        end the run at its first step without a word, and on a GPU the step's out-of-memory error would come after
+        the warm-ups. The activations are a lower bound on a step's peak (the per-example gradients and the
+        allocator's slack come on top), so a setting that fits is never refused."""
+        size = min(self.hparams.max_physical_examples or self.hparams.batch_size, self.hparams.batch_size)
+        per_example = self.activation_bytes_per_example()
+        total = device_memory(device)
+        most = max(1, total // (2 * per_example)) if total else 1
+        check_fits_in_memory("model.max_physical_examples", size * per_example,
+                             f"a micro-batch of {size} examples x {self.hparams.noise_draws} noise draws (its saved "
+                             "activations alone)",
+                             f"set model.init_args.max_physical_examples to {most} or lower: the logical batch, "
+                             "the noise and the privacy accounting stay the same", device)
+
+    def activation_bytes_per_example(self) -> int:
+        """The bytes that autograd keeps for the backward pass per example of a training micro-batch (its
+        ``noise_draws`` rows): the unique storages saved by a forward pass of two examples less those of one, so
+        that the weights and other constants cancel. The forward runs on copies of the random state, so a run's
+        draws are the same with or without this measurement."""
+        weight = next(self.unet.parameters())
+        device = weight.device
+
+        def saved_bytes(n: int) -> int:
+            storages: dict[int, int] = {}
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            images = torch.zeros(n, *self.image_shape, device=device, dtype=weight.dtype)
+            labels = torch.zeros(n, dtype=torch.long, device=device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+                self.diffusion_loss(images, labels)
+            return sum(storages.values())
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return max(1, saved_bytes(2) - saved_bytes(1))
 
     def check_warm_ups_leave_a_step(self) -> None:
         """Refuse, before anything is released, warm-ups after which DP-SGD at its configured ``noise_multiplier``
