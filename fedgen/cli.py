@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import sys
 import time
 import warnings
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torchvision
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
@@ -145,6 +147,28 @@ class EpochLog(Callback):
                  pl_module.training_seconds)
 
 
+class TrainingRandomness(Callback):
+    """Carries the global random state (torch's, each CUDA device's, NumPy's and Python's) in every checkpoint
+    and sets it again on resume, so that the training draws a resumed run makes (diffusion steps and noise, label
+    dropout, augmentation) are those the run would have made without stopping, not the seed's first draws over
+    again. The privacy noise and the Poisson sampler have their own generators, which the mechanism's state
+    carries. A resume on another number of GPUs keeps the CUDA states the seed gave."""
+
+    def state_dict(self) -> dict[str, Any]:  # tensors, lists and numbers: a weights-only load reads it
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+                "python": random.getstate()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if len(state_dict["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        kind, keys, position, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate(state_dict["python"])
+
+
 DATA_KEY = "fedgen_data"
 
 
@@ -213,7 +237,8 @@ def build_fit_cli(args: list[str]) -> FedgenCLI:
                          run=False, args=args, save_config_callback=None, seed_everything_default=0,
                          auto_configure_optimizers=False,
                          trainer_defaults={"logger": False, "max_epochs": 5,
-                                           "callbacks": [epoch_checkpoint(), EpochLog()]},
+                                           "callbacks": [epoch_checkpoint(), EpochLog(),
+                                                         TrainingRandomness()]},
                          parser_kwargs={"prog": "fedgen fit", "exit_on_error": False})
     except ArgumentError as err:  # the parser refused an option: name it, as fedgen's other commands do
         raise ConfigError("config", str(err).strip(), "see fedgen fit --help") from err

@@ -367,10 +367,11 @@ class DPSGD(Mechanism, name="dp_sgd"):
 
         The accountant takes every step's sample to be drawn independently of the others. A resumed run whose
         sampler started again from its seed would draw the first steps' batches again, and its epsilon would be
-        too low. So a seeded run's checkpoint carries the sampler's state (:meth:`state_dict`), and a resumed run
-        draws the batches the uninterrupted run would have drawn. A secure run's sampler is seeded from the OS
-        afresh, in every segment; its state is not saved, so a checkpoint does not tell which examples the past
-        steps used."""
+        too low. So a seeded run's checkpoint carries the sampler's state (:meth:`state_dict`), and a run resumed
+        from an epoch's end draws the batches the uninterrupted run would have drawn (from inside an epoch, where
+        the loader had drawn ahead, it goes on with fresh draws, none repeated). A secure run's sampler is seeded
+        from the OS afresh, in every segment; its state is not saved, so a checkpoint does not tell which examples
+        the past steps used."""
         if self._sampler is None:
             self._sampler = torch.Generator().manual_seed(self.noise.sampling_seed())
         return self._sampler

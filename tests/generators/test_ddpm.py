@@ -735,6 +735,28 @@ def test_a_resumed_run_continues_the_same_ledger(real_data_root, tmp_path) -> No
     assert resumed["epsilon"] == pytest.approx(expected)
 
 
+def test_a_run_resumed_from_an_epoch_s_checkpoint_trains_the_weights_of_the_uninterrupted_run(
+        real_data_root, tmp_path) -> None:
+    """The checkpoint carries the global random state too (the diffusion steps and noise, label dropout), beside
+    the sampler's and the privacy noise's: a run stopped after its first epoch and resumed ends where the run
+    that never stopped ends, bit for bit on the CPU."""
+    from fedgen.cli import fit
+
+    def epochs(n: int) -> list[str]:
+        return ["--trainer.max_steps=-1", f"--trainer.max_epochs={n}"]
+
+    fit(_tiny_cli(real_data_root, 1, f"--run_dir={tmp_path / 'whole'}", *epochs(2)))
+    run = tmp_path / "stopped"
+    fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", *epochs(1)))
+    (run / "metrics.json").unlink()  # as if the run had stopped after its first epoch
+    fit(_tiny_cli(real_data_root, 1, f"--run_dir={run}", *epochs(2),
+                  f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    whole, resumed = (torch.load(path / "generator.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+                      for path in (tmp_path / "whole", run))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
 def test_a_run_resumed_with_a_raised_budget_can_still_be_sampled(real_data_root, tmp_path) -> None:
     """Sampling reads what a run spent; only a resume checks the config's budget against it. The run folder's
     first config.yaml keeps the first budget, below what the resumed run spent."""
