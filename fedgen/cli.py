@@ -152,18 +152,20 @@ class TrainingRandomness(Callback):
     and sets it again on resume, so that the training draws a resumed run makes (diffusion steps and noise, label
     dropout, augmentation) are those the run would have made without stopping, not the seed's first draws over
     again. The privacy noise and the Poisson sampler have their own generators, which the mechanism's state
-    carries. A resume on another number of GPUs keeps the CUDA states the seed gave."""
+    carries. Of CUDA it keeps the current device's state once CUDA is in use; in a run on several GPUs every
+    process resumes from the checkpointing process's, as every process started from the same seed."""
 
     def state_dict(self) -> dict[str, Any]:  # tensors, lists and numbers: a weights-only load reads it
         kind, keys, position, has_gauss, gauss = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(),
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
                 "python": random.getstate()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch"])
-        if len(state_dict["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        if state_dict["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"])
         kind, keys, position, has_gauss, gauss = state_dict["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         random.setstate(state_dict["python"])
