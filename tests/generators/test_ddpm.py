@@ -697,7 +697,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident)
 def test_the_activation_estimate_is_a_lower_bound_of_a_micro_batchs_memory() -> None:
     """A fresh process grows by at least the estimate over a forward and backward pass of 64 examples of the
     epsilon-1 example's UNet (8 noise draws each), and by less than twice it, so the estimate refuses no setting
-    that fits and misses little (on the 2-core CPU: 809 MB estimated, 1,127 MB measured)."""
+    that fits and misses little (on a 2-core CPU: 809 MB estimated, 1,127 MB measured)."""
     import subprocess
     from pathlib import Path
 
