@@ -369,10 +369,8 @@ def fit(args: list[str]) -> dict[str, Any]:
 
     synthetic = generator.synthesize(config.num_synthetic)
     sampling_report = generator.sampling_report()  # of the saved set, before the grid's samples
-    images_u8 = save_synthetic(synthetic, run_dir / "synthetic.pt")
+    synthetic = save_synthetic(synthetic, run_dir / "synthetic.pt")  # the classifier trains on exactly what was saved
     save_samples(generator, run_dir / "samples.png")
-    # The classifier is trained on exactly what was saved (8-bit images).
-    synthetic = torch.utils.data.TensorDataset(images_u8.float() / 255, synthetic.tensors[1])
 
     fid = None
     if config.fid_samples:

@@ -79,12 +79,13 @@ def _with_sampling(model: dict[str, Any], sampling: dict[str, Any]) -> dict[str,
     return {**model, "init_args": {**model.get("init_args", {}), **sampling}}
 
 
-def save_synthetic(synthetic: torch.utils.data.TensorDataset, path: Path) -> torch.Tensor:
+def save_synthetic(synthetic: torch.utils.data.TensorDataset, path: Path) -> torch.utils.data.TensorDataset:
     """Save a synthetic set as 8-bit images with their labels, ``{"images": uint8 (N, C, H, W), "labels": int64
-    (N,)}`` (the layout of a run's ``synthetic.pt``); returns the 8-bit images."""
+    (N,)}`` (the layout of a run's ``synthetic.pt``); returns the set as saved, the 8-bit values back in [0, 1],
+    which is what classifiers train on."""
     images = (synthetic.tensors[0] * 255).round().to(torch.uint8)
     torch.save({"images": images, "labels": synthetic.tensors[1]}, path)
-    return images
+    return torch.utils.data.TensorDataset(images.float().div_(255), synthetic.tensors[1])  # no second float copy
 
 
 def check_out_folder(out: Path) -> None:
@@ -190,11 +191,12 @@ def sample(args: list[str]) -> dict[str, Any]:
     generator.to("cuda" if use_gpu else "cpu")
     synthetic = generator.synthesize(config.num, batch_size=config.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    images, labels = save_synthetic(synthetic, out), synthetic.tensors[1]
+    saved = save_synthetic(synthetic, out)
+    images, labels = saved.tensors
     per_class = 10  # a row a class; a class with fewer images in the file leaves its row's end blank
     rows = [images[labels == c][:per_class] for c in range(generator.num_classes)]
     grid = torch.cat([torch.cat([row, row.new_zeros((per_class - len(row), *row.shape[1:]))]) for row in rows])
-    torchvision.utils.save_image(grid.float() / 255, out.with_suffix(".png"), nrow=per_class, padding=2)
+    torchvision.utils.save_image(grid, out.with_suffix(".png"), nrow=per_class, padding=2)
 
     mechanism = generator.mechanism
     metrics = {"run": str(run), "out": str(out), "images": config.num, "seed": config.seed_everything,
@@ -202,8 +204,7 @@ def sample(args: list[str]) -> dict[str, Any]:
                "sampling_settings": generator.sampling_settings(), "sampling": generator.sampling_report(),
                "evaluation": None}
     if evaluation is not None:  # on exactly the saved 8-bit images, as `fedgen fit` scores its own draw
-        drawn = torch.utils.data.TensorDataset(images.float() / 255, labels)
-        metrics["evaluation"] = {**evaluation.run(drawn, data.test_set, num_classes=generator.num_classes,
+        metrics["evaluation"] = {**evaluation.run(saved, data.test_set, num_classes=generator.num_classes,
                                                   image_shape=generator.image_shape),
                                  "settings": {name: getattr(evaluation, name)
                                               for name in inspect.signature(TrainOnSynthetic).parameters},
