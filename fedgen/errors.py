@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +98,16 @@ def device_memory(device: Any = None) -> int | None:
     return None
 
 
-def check_fits_in_memory(field: str, needed: int, what: str, fix: str, device: Any = None) -> None:
+def check_fits_in_memory(field: str, needed: int, what: str, fix: str | Callable[[int], str],
+                         device: Any = None) -> None:
     """Refuse a setting whose ``what`` needs ``needed`` bytes, more than the memory of ``device`` (default: this
-    machine's; no check where it is not reported)."""
+    machine's; no check where it is not reported). ``fix`` is the error's fix, or a function of the memory in bytes
+    that gives it (e.g. the largest setting that fits)."""
     total = device_memory(device)
     if total is not None and needed > total:
         where = f"{device}'s" if device is not None and device.type == "cuda" else "this machine's"
         raise ConfigError(field, f"{what} needs about {needed / 2**30:.3g} GiB of memory, more than {where} "
-                          f"{total / 2**30:.3g} GiB", fix)
+                          f"{total / 2**30:.3g} GiB", fix(total) if callable(fix) else fix)
 
 
 def load_checkpoint(field: str, path: str | Path, fix: str) -> Any:

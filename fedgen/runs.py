@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedgen.errors import ConfigError, check_fits_in_memory, machine_memory
+from fedgen.errors import ConfigError, check_fits_in_memory
 
 log = logging.getLogger("fedgen")
 
@@ -125,7 +125,5 @@ def check_images_fit_in_memory(field: str, num: int, image_shape: tuple[int, ...
     """Refuse ``num`` images of ``image_shape`` that would not fit in this machine's memory, at ``bytes_per_pixel``
     bytes a pixel at the command's peak."""
     per_image = bytes_per_pixel * math.prod(image_shape)
-    total = machine_memory()
-    most = f"at most {total // per_image}" if total else "fewer"
     check_fits_in_memory(field, num * per_image, f"{num} images of shape {list(image_shape)}",
-                         f"use {most} images (e.g. 60000)")
+                         lambda memory: f"use at most {memory // per_image} images (e.g. 60000)")

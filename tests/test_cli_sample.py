@@ -93,6 +93,15 @@ def test_sample_refuses_bad_input_before_drawing(fit_run, tmp_path, extra, field
     assert list(tmp_path.iterdir()) == []
 
 
+def test_too_many_images_for_the_memory_are_refused_with_the_most_that_fit(fit_run, tmp_path) -> None:
+    from fedgen.cli_sample import BYTES_PER_PIXEL
+    from fedgen.errors import machine_memory
+
+    with pytest.raises(ConfigError, match="100000000000 images of shape \\[1, 28, 28\\] needs about") as err:
+        sample([f"--run={fit_run}", f"--out={tmp_path / 'x.pt'}", "--accelerator=cpu", "--num=100000000000"])
+    assert err.value.fix == f"use at most {machine_memory() // (BYTES_PER_PIXEL * 28 * 28)} images (e.g. 60000)"
+
+
 def test_sample_draws_with_other_sampler_settings_than_the_run(fit_run, tmp_path) -> None:
     """--sampling changes how the same trained weights draw: the same seed gives the same labels and other images,
     and the report names the settings used; the run folder and its privacy stay as they were."""

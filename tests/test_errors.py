@@ -36,3 +36,11 @@ def test_a_setting_that_needs_more_than_the_memory_names_it_and_the_fix() -> Non
     with pytest.raises(ConfigError, match=r"the x needs about .* GiB of memory, more than this machine's") as err:
         check_fits_in_memory("model.x", total + 1, "the x", "lower x")
     assert err.value.field == "model.x" and err.value.fix == "lower x"
+
+
+def test_a_fix_given_as_a_function_gets_the_memory_it_was_checked_against() -> None:
+    total = machine_memory()
+    check_fits_in_memory("model.x", total, "the x", lambda memory: 1 / 0)  # all of it fits: the fix is not asked for
+    with pytest.raises(ConfigError) as err:
+        check_fits_in_memory("model.x", 2 * total, "the x", lambda memory: f"use x <= {memory // 8}")
+    assert err.value.fix == f"use x <= {total // 8}"

@@ -72,7 +72,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
 from fedgen.data.augment import check_shift, check_tilt, flip_randomly, move_randomly, shift_randomly
-from fedgen.errors import ConfigError, check_at_least_one, check_fits_in_memory, device_memory
+from fedgen.errors import ConfigError, check_at_least_one, check_fits_in_memory
 from fedgen.generators.base import Generator
 from fedgen.generators.central_images import CentralImages
 from fedgen.generators.merf_images import MerfImages
@@ -741,13 +741,14 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         allocator's slack come on top), so a setting that fits is never refused."""
         size = min(self.hparams.max_physical_examples or self.hparams.batch_size, self.hparams.batch_size)
         per_example = self.activation_bytes_per_example()
-        total = device_memory(device)
-        most = max(1, total // (2 * per_example)) if total else 1
+
+        def fix(memory: int) -> str:  # half the memory for the activations leaves room for the rest of the step
+            return (f"set model.init_args.max_physical_examples to {max(1, memory // (2 * per_example))} or lower: "
+                    "the logical batch, the noise and the privacy accounting stay the same")
+
         check_fits_in_memory("model.max_physical_examples", size * per_example,
                              f"a micro-batch of {size} examples x {self.hparams.noise_draws} noise draws (its saved "
-                             "activations alone)",
-                             f"set model.init_args.max_physical_examples to {most} or lower: the logical batch, "
-                             "the noise and the privacy accounting stay the same", device)
+                             "activations alone)", fix, device)
 
     def activation_bytes_per_example(self) -> int:
         """The bytes that autograd keeps for the backward pass per example of a training micro-batch (its
