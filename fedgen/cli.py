@@ -411,10 +411,8 @@ def fit(args: list[str]) -> dict[str, Any]:
         "classifier_seconds": time.perf_counter() - start,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    mean_of = f", the mean of {evaluation.repeats} classifiers" if evaluation.repeats > 1 else ""
     print(f"fedgen: epsilon={epsilon:.4f} delta={metrics['delta']:g} ({metrics['neighbouring']}), "
-          f"test_accuracy={metrics['test_accuracy']:.4f} ({metrics['classifier']} trained on "
-          f"{config.num_synthetic} synthetic examples{mean_of}); run folder: {run_dir}")
+          f"{evaluation.summary(metrics['test_accuracy'], config.num_synthetic)}; run folder: {run_dir}")
     return metrics
 
 

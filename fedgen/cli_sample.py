@@ -214,9 +214,7 @@ def sample(args: list[str]) -> dict[str, Any]:
              mechanism.ledger.summary(mechanism.delta))
     scored = ""
     if evaluation is not None:
-        mean_of = f", the mean of {evaluation.repeats} classifiers" if evaluation.repeats > 1 else ""
-        scored = (f"; test_accuracy={metrics['evaluation']['test_accuracy']:.4f} ({evaluation.classifier} trained on "
-                  f"the {config.num} images{mean_of})")
+        scored = f"; {evaluation.summary(metrics['evaluation']['test_accuracy'], config.num)}"
     print(f"fedgen: drew {config.num} images from {run} (post-processing: epsilon={metrics['epsilon']:.4f} "
           f"delta={metrics['delta']:g}, as the run spent){scored}; wrote {out}")
     return metrics

@@ -204,7 +204,7 @@ def test_sample_evaluates_the_draw_as_fit_scores_its_own(fit_run, tmp_path, caps
     assert 0.0 <= scored["test_accuracy"] <= 1.0
     assert scored["test_accuracy"] == pytest.approx(sum(c["test_accuracy"] for c in scored["per_classifier"]) / 2)
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads(json.dumps(first))
-    assert f"test_accuracy={scored['test_accuracy']:.4f} (mlp trained on the 40 images, the mean of 2" in (
+    assert f"test_accuracy={scored['test_accuracy']:.4f} (mlp trained on 40 synthetic examples, the mean of 2" in (
         capsys.readouterr().out)
     again = sample([f"--run={fit_run}", f"--out={tmp_path / 'b.pt'}", *args])
     assert again["evaluation"]["per_classifier"] == scored["per_classifier"]

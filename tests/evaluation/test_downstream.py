@@ -81,6 +81,13 @@ def test_repeats_train_that_many_classifiers_and_report_their_means():
     assert result["selected_epoch"] == each[0]["selected_epoch"]
 
 
+def test_the_printed_summary_names_the_classifier_the_set_and_a_mean_only_over_several():
+    assert (TrainOnSynthetic(repeats=3).summary(0.96353, 60000)
+            == "test_accuracy=0.9635 (convnet trained on 60000 synthetic examples, the mean of 3 classifiers)")
+    assert (TrainOnSynthetic(classifier="mlp").summary(0.5, 40)
+            == "test_accuracy=0.5000 (mlp trained on 40 synthetic examples)")
+
+
 def test_labels_unrelated_to_images_give_chance_accuracy():
     result = TrainOnSynthetic(classifier="mlp", epochs=2, progress_bar=False, accelerator="cpu").run(
         separable(1000, seed=0, shuffle_labels=True), separable(500, seed=1), num_classes=10, image_shape=(1, 28, 28))
