@@ -22,7 +22,6 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchvision
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from fedgen.data import VisionDataModule
@@ -30,7 +29,8 @@ from fedgen.errors import ConfigError, check_at_least_one, load_checkpoint
 from fedgen.evaluation import TrainOnSynthetic
 from fedgen.generators import Generator
 from fedgen.mechanisms.lightning import CHECKPOINT_KEY
-from fedgen.runs import check_fit_run, check_images_fit_in_memory, check_seed, instantiate, parse_args
+from fedgen.runs import (check_fit_run, check_images_fit_in_memory, check_seed, instantiate, parse_args,
+                         read_fit_config)
 
 log = logging.getLogger("fedgen")
 
@@ -42,7 +42,7 @@ def load_fit_run(run: Path, sampling: dict[str, Any] | None = None) -> tuple[Gen
     ``sampling`` sets some of the generator's :attr:`~fedgen.generators.Generator.sampling_fields` anew (how it
     draws: post-processing of the trained weights); any other field is refused, since it would change the trained
     generator the checkpoint holds."""
-    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved = read_fit_config(run)
     if sampling:
         saved["model"] = _with_sampling(saved["model"], sampling)
     parser = ArgumentParser(exit_on_error=False)
@@ -135,7 +135,7 @@ def run_evaluation(run: Path, overrides: dict[str, Any] | None, accelerator: str
     """The downstream evaluation of the ``fedgen fit`` run in ``run`` (its ``config.yaml``'s ``evaluation``), with
     ``overrides`` set anew, each checked as ``fedgen fit`` checks it; it trains where the draw runs unless
     ``overrides`` names an ``accelerator``."""
-    saved = yaml.safe_load((run / "config.yaml").read_text()).get("evaluation") or {}
+    saved = read_fit_config(run).get("evaluation") or {}
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(TrainOnSynthetic, "evaluation")
     try:

@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedgen.errors import ConfigError, check_fits_in_memory
 
 log = logging.getLogger("fedgen")
@@ -55,6 +57,20 @@ def check_fit_run(run: str | None, needs: tuple[str, ...], field: str = "run") -
         raise ConfigError(field, f"{folder} is not a finished `fedgen fit` run folder (missing {missing})",
                           f"give the folder a `fedgen fit` run wrote (it holds {', '.join(needs)})")
     return folder
+
+
+def read_fit_config(run: Path, field: str = "run") -> dict[str, Any]:
+    """The configuration a ``fedgen fit`` run folder saved in its ``config.yaml``; the refusal of a file that is not
+    such a configuration (not YAML, or without ``model`` and ``data``) names ``field``."""
+    path = run / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None  # refused below
+    if not isinstance(saved, dict) or not {"model", "data"} <= set(saved):
+        raise ConfigError(field, f"{path} is not the configuration `fedgen fit` saves (it needs model and data)",
+                          "give a run folder whose config.yaml `fedgen fit` wrote")
+    return saved
 
 
 def check_seed(seed: int, field: str = "seed_everything") -> None:

@@ -189,6 +189,18 @@ def test_sample_refuses_an_unreadable_checkpoint_with_exit_2(fit_run, tmp_path, 
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "generator.ckpt", "run"]
 
 
+@pytest.mark.parametrize("config", ["model: [unclosed", "a text file", "\xff\xfe", "evaluation: {repeats: 1}"])
+def test_sample_refuses_a_config_yaml_that_fit_did_not_write(fit_run, tmp_path, config) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(config.encode("latin-1"))
+    (run / "generator.ckpt").write_bytes((fit_run / "generator.ckpt").read_bytes())
+    with pytest.raises(ConfigError, match="config.yaml is not the configuration `fedgen fit` saves") as err:
+        sample([f"--run={run}", "--num=10", f"--out={tmp_path / 'x.pt'}", "--accelerator=cpu"])
+    assert err.value.field == "run"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "generator.ckpt", "run"]
+
+
 def test_sample_evaluates_the_draw_as_fit_scores_its_own(fit_run, tmp_path, capsys) -> None:
     """--evaluate trains the run's classifiers (its config's evaluation, with --evaluation's changes) on the drawn
     8-bit images and tests them on the run's real test set; the report goes beside the images, the run folder is
