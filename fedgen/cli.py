@@ -148,12 +148,12 @@ class EpochLog(Callback):
 
 
 class TrainingRandomness(Callback):
-    """Carries the global random state (torch's, each CUDA device's, NumPy's and Python's) in every checkpoint
+    """Carries the global random state (torch's, the current CUDA device's, NumPy's and Python's) in every checkpoint
     and sets it again on resume, so that the training draws a resumed run makes (diffusion steps and noise, label
-    dropout, augmentation) are those the run would have made without stopping, not the seed's first draws over
-    again. The privacy noise and the Poisson sampler have their own generators, which the mechanism's state
-    carries. Of CUDA it keeps the current device's state once CUDA is in use; in a run on several GPUs every
-    process resumes from the checkpointing process's, as every process started from the same seed."""
+    dropout, augmentation) are those the run would have made without stopping, not the seed's first draws over again.
+    The privacy noise and the Poisson sampler have their own generators, which the mechanism's state carries. Of CUDA
+    it keeps the current device's state once CUDA is in use; in a run on several GPUs every process resumes from the
+    checkpointing process's, as every process started from the same seed."""
 
     def state_dict(self) -> dict[str, Any]:  # tensors, lists and numbers: a weights-only load reads it
         kind, keys, position, has_gauss, gauss = np.random.get_state()
