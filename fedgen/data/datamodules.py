@@ -13,7 +13,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -453,61 +453,42 @@ class VisionDataModule(LightningDataModule):
         )
 
 
-class MNISTDataModule(VisionDataModule):
+class _NamedVisionDataModule(VisionDataModule):
+    """A :class:`VisionDataModule` whose dataset is fixed by the subclass (``dataset_name``), so a config names the
+    class alone; its other settings are :class:`VisionDataModule`'s."""
+
+    dataset_name: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        root: str | None = None,
+        download: bool | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            dataset=self.dataset_name, root=root, download=download, batch_size=batch_size, num_workers=num_workers,
+            train_subset=train_subset, test_subset=test_subset, seed=seed,
+        )
+
+
+class MNISTDataModule(_NamedVisionDataModule):
     """:class:`VisionDataModule` for MNIST (1 x 28 x 28, 10 classes)."""
 
-    def __init__(
-        self,
-        *,
-        root: str | None = None,
-        download: bool | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        train_subset: int | None = None,
-        test_subset: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            dataset="MNIST", root=root, download=download, batch_size=batch_size, num_workers=num_workers,
-            train_subset=train_subset, test_subset=test_subset, seed=seed,
-        )
+    dataset_name = "MNIST"
 
 
-class FashionMNISTDataModule(VisionDataModule):
+class FashionMNISTDataModule(_NamedVisionDataModule):
     """:class:`VisionDataModule` for Fashion-MNIST (1 x 28 x 28, 10 classes)."""
 
-    def __init__(
-        self,
-        *,
-        root: str | None = None,
-        download: bool | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        train_subset: int | None = None,
-        test_subset: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            dataset="FashionMNIST", root=root, download=download, batch_size=batch_size, num_workers=num_workers,
-            train_subset=train_subset, test_subset=test_subset, seed=seed,
-        )
+    dataset_name = "FashionMNIST"
 
 
-class CIFAR10DataModule(VisionDataModule):
+class CIFAR10DataModule(_NamedVisionDataModule):
     """:class:`VisionDataModule` for CIFAR-10 (3 x 32 x 32, 10 classes)."""
 
-    def __init__(
-        self,
-        *,
-        root: str | None = None,
-        download: bool | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        train_subset: int | None = None,
-        test_subset: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            dataset="CIFAR10", root=root, download=download, batch_size=batch_size, num_workers=num_workers,
-            train_subset=train_subset, test_subset=test_subset, seed=seed,
-        )
+    dataset_name = "CIFAR10"
