@@ -35,14 +35,16 @@ from fedgen.runs import (check_fit_run, check_images_fit_in_memory, check_seed, 
 log = logging.getLogger("fedgen")
 
 
-def load_fit_run(run: Path, sampling: dict[str, Any] | None = None) -> tuple[Generator, VisionDataModule]:
-    """The generator of a ``fedgen fit`` run folder, built from the run's own ``config.yaml`` with the weights
-    and privacy ledger of its ``generator.ckpt``, and the run's data module (built, nothing loaded).
+def load_fit_run(run: Path, sampling: dict[str, Any] | None = None, *,
+                 saved: dict[str, Any] | None = None) -> tuple[Generator, VisionDataModule]:
+    """The generator of a ``fedgen fit`` run folder, built from the run's own ``config.yaml`` (``saved``, that
+    file as :func:`~fedgen.runs.read_fit_config` read it; read here when not given) with the weights and privacy
+    ledger of its ``generator.ckpt``, and the run's data module (built, nothing loaded).
 
     ``sampling`` sets some of the generator's :attr:`~fedgen.generators.Generator.sampling_fields` anew (how it
     draws: post-processing of the trained weights); any other field is refused, since it would change the trained
     generator the checkpoint holds."""
-    saved = read_fit_config(run)
+    saved = read_fit_config(run) if saved is None else saved
     if sampling:
         saved["model"] = _with_sampling(saved["model"], sampling)
     parser = ArgumentParser(exit_on_error=False)
@@ -131,15 +133,16 @@ def sample_parser() -> ArgumentParser:
     return parser
 
 
-def run_evaluation(run: Path, overrides: dict[str, Any] | None, accelerator: str) -> TrainOnSynthetic:
-    """The downstream evaluation of the ``fedgen fit`` run in ``run`` (its ``config.yaml``'s ``evaluation``), with
-    ``overrides`` set anew, each checked as ``fedgen fit`` checks it; it trains where the draw runs unless
-    ``overrides`` names an ``accelerator``."""
-    saved = read_fit_config(run).get("evaluation") or {}
+def run_evaluation(saved: dict[str, Any], overrides: dict[str, Any] | None, accelerator: str) -> TrainOnSynthetic:
+    """The downstream evaluation of a ``fedgen fit`` run whose ``config.yaml`` reads ``saved`` (its
+    ``evaluation``), with ``overrides`` set anew, each checked as ``fedgen fit`` checks it; it trains where the
+    draw runs unless ``overrides`` names an ``accelerator``."""
+    run_settings = saved.get("evaluation") or {}
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(TrainOnSynthetic, "evaluation")
     try:
-        config = parser.parse_object({"evaluation": {**saved, "accelerator": accelerator, **(overrides or {})}})
+        config = parser.parse_object({"evaluation": {**run_settings, "accelerator": accelerator,
+                                                     **(overrides or {})}})
     except ArgumentError as err:  # an unknown field, or a value of the wrong type
         raise ConfigError("evaluation", " ".join(str(err).split()), "give only the fields of `fedgen fit`'s "
                           "evaluation with values of their types (fedgen fit --help), e.g. '{repeats: 1}'") from err
@@ -174,17 +177,18 @@ def sample(args: list[str]) -> dict[str, Any]:
     check_out_folder(out)
     if config.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("accelerator", "gpu asked, but torch sees no CUDA device", "use auto or cpu")
-    generator, data = load_fit_run(run, config.sampling)
+    saved_config = read_fit_config(run)
+    generator, data = load_fit_run(run, config.sampling, saved=saved_config)
     if config.num < generator.num_classes:
         raise ConfigError("num", f"{config.num} is fewer than one image per class ({generator.num_classes})",
                           f"draw at least {generator.num_classes}")
     check_images_fit_in_memory("num", config.num, generator.image_shape, BYTES_PER_PIXEL)
     evaluation = None
     if config.evaluate:  # the classifiers' settings and the real test set are checked before the draw
-        evaluation = run_evaluation(run, config.evaluation, config.accelerator)
+        evaluation = run_evaluation(saved_config, config.evaluation, config.accelerator)
         evaluation.check_image_shape(generator.image_shape)
         data.prepare_data()
-        data.setup()  # both splits, as the data module loads them; only the test split is used
+        data.setup("test")
 
     L.seed_everything(config.seed_everything, verbose=False)
     use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and torch.cuda.is_available())

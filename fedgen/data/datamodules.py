@@ -392,8 +392,9 @@ class VisionDataModule(LightningDataModule):
         return TensorDataset(images, labels), ds
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the train and test splits into memory (once)."""
-        if self.train_set is None:
+        """Load splits into memory (once): the test split alone for ``stage="test"``, both splits for any other
+        stage (a ``fedgen fit`` run trains on one and scores on the other)."""
+        if self.train_set is None and stage != "test":
             self.train_set, raw = self._tensor_split(train=True)
             classes = getattr(raw, "classes", None)
             labels = self.train_set.tensors[1]

@@ -22,6 +22,15 @@ from fedgen.errors import ConfigError, DataNotFoundError
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+def test_setup_for_test_loads_the_test_split_alone(tmp_path: Path, fake_mnist, network_attempts) -> None:
+    fake_mnist(tmp_path, n_train=50, n_test=20)
+    dm = MNISTDataModule(root=str(tmp_path), test_subset=10)
+    dm.setup("test")
+    assert dm.train_set is None and len(dm.test_set) == 10
+    assert dm.num_classes == 10 and dm.num_train == 50  # what needs the train split loads it then
+    assert network_attempts == []
+
+
 def test_load_fake_mnist_gives_right_tensors(tmp_path: Path, fake_mnist, network_attempts) -> None:
     arrays = fake_mnist(tmp_path, n_train=50, n_test=20)
     for train, key in ((True, "train"), (False, "test")):
