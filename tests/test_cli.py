@@ -88,7 +88,7 @@ def test_fit_logs_each_epoch_with_its_steps_metrics_and_epsilon_spent(real_data_
 def test_the_epoch_log_logs_between_first_and_last_only_after_its_interval(caplog):
     from types import SimpleNamespace
 
-    from fedgen.cli import EpochLog
+    from fedgen.cli_fit import EpochLog
 
     caplog.set_level(logging.INFO, logger="fedgen")
     module = SimpleNamespace(mechanism=None, training_seconds=1.0)
@@ -251,6 +251,28 @@ def test_python_dash_m_fedgen_runs_the_command() -> None:
     assert all(command in done.stdout for command in ("fit", "federate", "audit", "attack"))
 
 
+def test_help_and_an_unknown_command_load_no_command() -> None:
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom fedgen.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    print('exit', e.code)\nprint('loaded', sorted(m for m in ('torch', 'lightning', 'fedgen.cli_fit') "
+              "if m in sys.modules))")
+    for args, code in ((["--help"], 0), (["trian"], 2)):
+        done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+        assert f"exit {code}\nloaded []" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_command_is_an_attribute_of_fedgen_cli() -> None:
+    import fedgen.cli
+    from fedgen.cli_attacks import membership
+    from fedgen.cli_federate import federate
+
+    assert fedgen.cli.fit is fit and fedgen.cli.federate is federate and fedgen.cli.membership is membership
+    with pytest.raises(AttributeError, match="no attribute 'train'"):
+        fedgen.cli.train  # noqa: B018
+
+
 FEDERATED_EXAMPLE = EXAMPLE.parent / "federated_mnist_dp_merf.yaml"
 
 
@@ -310,7 +332,7 @@ def test_every_fit_example_builds_as_written(name, tmp_path):
     states (nothing is trained or loaded): an example edited into an invalid setting fails here, not on a GPU."""
     import yaml
 
-    from fedgen.cli import build_fit_cli
+    from fedgen.cli_fit import build_fit_cli
 
     example = EXAMPLE.parent / f"{name}.yaml"
     cli = build_fit_cli(["--config", str(example), f"--run_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu"])
@@ -330,7 +352,7 @@ def test_every_fit_example_builds_as_written(name, tmp_path):
 
 def test_a_second_config_replaces_the_budget_by_a_fixed_noise(tmp_path):
     """docs/cli.md's way to train an example at a fixed noise multiplier with no budget."""
-    from fedgen.cli import build_fit_cli
+    from fedgen.cli_fit import build_fit_cli
 
     fixed = tmp_path / "fixed_noise.yaml"
     fixed.write_text("model:\n  init_args:\n    mechanism:\n      class_path: fedgen.mechanisms.DPSGD\n"
