@@ -45,12 +45,11 @@ def load_fit_run(run: Path, sampling: dict[str, Any] | None = None, *,
     draws: post-processing of the trained weights); any other field is refused, since it would change the trained
     generator the checkpoint holds."""
     saved = read_fit_config(run) if saved is None else saved
-    if sampling:
-        saved["model"] = _with_sampling(saved["model"], sampling)
+    model = _with_sampling(saved["model"], sampling) if sampling else saved["model"]  # the caller's dict untouched
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=Generator)
     parser.add_argument("--data", type=VisionDataModule)
-    built = instantiate(parser, parse_args(parser, ["--model", json.dumps(saved["model"]),
+    built = instantiate(parser, parse_args(parser, ["--model", json.dumps(model),
                                                     "--data", json.dumps(saved["data"])]))
     path = run / "generator.ckpt"
     checkpoint = load_checkpoint("run", path, "give a run folder whose generator.ckpt `fedgen fit` wrote in full")

@@ -403,9 +403,9 @@ class VisionDataModule(LightningDataModule):
         if self.test_set is None:
             self.test_set, _ = self._tensor_split(train=False)
 
-    def _ensure_setup(self) -> None:
-        if self.train_set is None or self.test_set is None:
-            self.setup()
+    def _ensure_setup(self, stage: str | None = None) -> None:
+        if self.test_set is None or (stage != "test" and self.train_set is None):
+            self.setup(stage)
 
     @property
     def num_classes(self) -> int:
@@ -444,7 +444,7 @@ class VisionDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in dataset order."""
-        self._ensure_setup()
+        self._ensure_setup("test")
         return DataLoader(
             self.test_set,
             batch_size=self.batch_size,
