@@ -184,6 +184,24 @@ def test_group_norm_on_non_contiguous_inputs_equals_ground_truth(n: int) -> None
                                    msg=lambda m, k=name: f"{k}: {m}")
 
 
+def test_group_norm_hands_pytorch_a_contiguous_output_gradient(monkeypatch) -> None:
+    """PyTorch's ``native_group_norm_backward`` in some versions (2.11 among them) reads a strided output gradient
+    as if it were contiguous and returns wrong sums; the rule must hand it a contiguous one, also for the one-row
+    transposed input, where the reshape of the gradient stays a strided view."""
+    op, contiguous = torch.ops.aten.native_group_norm_backward, []
+
+    def spy(g: torch.Tensor, *args: object) -> object:
+        contiguous.append(g.is_contiguous())
+        return op(g, *args)
+
+    monkeypatch.setattr(torch.ops.aten, "native_group_norm_backward", spy)
+    gen = torch.Generator().manual_seed(1)
+    model = StridedNormNet().double()
+    x, y = _data("image", 1, gen)
+    PerExampleClipping(model, 1e6).backward(_loss(model, x, y))
+    assert contiguous == [True, True]  # the rule's two calls (norm_tokens, norm_image); autograd's are not seen
+
+
 def test_group_norm_reads_the_statistics_the_forward_pass_saved(monkeypatch) -> None:
     """The GroupNorm rule takes the group means and inverse deviations from the layer output's autograd node
     (what PyTorch saved for its own backward) instead of computing them again, and gets the same per-example
