@@ -493,7 +493,7 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
         var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
         stats = mean, (var + layer.eps).rsqrt()
     mean, rstd = stats
-    # contiguous too: PyTorch's native_group_norm_backward (2.11 among others; pytorch/pytorch#186414) reads a
+    # contiguous too: PyTorch's native_group_norm_backward (seen with 2.11; pytorch/pytorch#186414) can read a
     # strided output gradient, which a one-row transposed input hands it, as if it were contiguous
     g = g.reshape(1, rows * channels, positions).contiguous()
     if fused_norms.row_sums_apply(a, g):  # sum g x_hat and sum g per row and channel in one read of each

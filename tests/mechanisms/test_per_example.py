@@ -185,9 +185,9 @@ def test_group_norm_on_non_contiguous_inputs_equals_ground_truth(n: int) -> None
 
 
 def test_group_norm_hands_pytorch_a_contiguous_output_gradient(monkeypatch) -> None:
-    """PyTorch's ``native_group_norm_backward`` in some versions (2.11 among them) reads a strided output gradient
-    as if it were contiguous and returns wrong sums; the rule must hand it a contiguous one, also for the one-row
-    transposed input, where the reshape of the gradient stays a strided view."""
+    """PyTorch's ``native_group_norm_backward`` can read a strided output gradient as if it were contiguous (seen
+    with 2.11, where the test above then fails) and return wrong sums; the rule must hand it a contiguous one, also
+    for the one-row transposed input, where the reshape of the gradient stays a strided view."""
     op, contiguous = torch.ops.aten.native_group_norm_backward, []
 
     def spy(g: torch.Tensor, *args: object) -> object:
