@@ -493,17 +493,17 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
         var, mean = torch.var_mean(a.view(rows * groups, -1), dim=1, unbiased=False)
         stats = mean, (var + layer.eps).rsqrt()
     mean, rstd = stats
-    # contiguous too: PyTorch's native_group_norm_backward (seen with 2.11; pytorch/pytorch#186414) can read a
-    # strided output gradient, which a one-row transposed input hands it, as if it were contiguous
-    g = g.reshape(1, rows * channels, positions).contiguous()
+    g = g.reshape(1, rows * channels, positions)
     if fused_norms.row_sums_apply(a, g):  # sum g x_hat and sum g per row and channel in one read of each
         weight, bias = fused_norms.row_sums(a[0], g[0], mean, rstd, channels // groups)
         if ours:
             node.row_sums = weight, bias
     else:
         mask = [False, layer.weight is not None, layer.bias is not None]
+        # g contiguous: PyTorch's native_group_norm_backward (seen with 2.11; pytorch/pytorch#186414) can read a
+        # strided output gradient, which a one-row transposed input hands it, as if it were contiguous
         _, weight, bias = torch.ops.aten.native_group_norm_backward(
-            g, a, mean.unsqueeze(0), rstd.unsqueeze(0), _ones(rows * channels, a), 1, rows * channels, positions,
+            g.contiguous(), a, mean.unsqueeze(0), rstd.unsqueeze(0), _ones(rows * channels, a), 1, rows * channels, positions,
             rows * groups, mask)  # its scale only enters dX
     grads = {}
     if layer.weight is not None:
