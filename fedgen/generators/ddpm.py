@@ -808,7 +808,7 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         It must run before private training; the EMA restarts from the pretrained weights."""
         check_at_least_one("public_steps", steps, "use e.g. 1000")
         self.check_public_data(dataset)
-        self._train_without_noise(dataset, steps, labelled=False)
+        self._train_without_noise(dataset, steps, labelled=False, what="public pretraining")
         log.info("DPDiffusion: %d non-private pretraining steps on %d public examples", steps, len(dataset))
 
     def pretrain_on_procedural_images(self) -> dict:
@@ -820,7 +820,8 @@ class DPDiffusion(Generator, name="dp_diffusion"):
         if settings is None:
             raise ConfigError("model.procedural_pretraining", "is not set", "set it, e.g. {steps: 200}")
         painted = settings.dataset(self.image_shape, device=self.device)
-        self._train_without_noise(painted, settings.steps, labelled=False, batch_size=settings.batch_size)
+        self._train_without_noise(painted, settings.steps, labelled=False, batch_size=settings.batch_size,
+                                  what="procedural pretraining")
         log.info("DPDiffusion: %d pretraining steps on %d %s images painted by code (no data, no privacy cost)",
                  settings.steps, len(painted), settings.kind)
         return settings.report()
@@ -843,23 +844,27 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 earlier=self.warm_up_releases[:i])
             started = time.perf_counter()
             self._train_without_noise(released, release.steps, labelled=True, batch_size=release.batch_size,
-                                      augment=release.augment)
+                                      augment=release.augment, what=f"warm-up on the {release.name}")
             log.info("DPDiffusion: %d warm-up steps on the %s in %.0f s", release.steps, release.name,
                      time.perf_counter() - started)
         return reports
 
     def _train_without_noise(self, dataset: Dataset, steps: int, *, labelled: bool, batch_size: int | None = None,
-                             augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                             augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                             what: str = "training without noise", log_every_seconds: float = 30.0) -> None:
         """``steps`` plain Adam steps of the diffusion loss on ``dataset``: with its labels (under label dropout),
         or with every label set to the null class; ``batch_size`` examples a step (None: the generator's), each
-        batch's images through ``augment`` first if given. Then the EMA restarts from these weights."""
+        batch's images through ``augment`` first if given. Then the EMA restarts from these weights. A log line
+        names ``what`` runs, with the step and the loss, at least ``log_every_seconds`` apart (these steps run
+        before Lightning's loop, so no progress bar shows them)."""
         if self.mechanism.owns_backward:
             raise RuntimeError("training without noise must run before private training starts")
         batch_size = self.hparams.batch_size if batch_size is None else batch_size
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True)
         optimizer = torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
         self.train()  # label dropout applies
-        done = 0
+        done, started = 0, time.perf_counter()
+        last_line = started
         while done < steps:
             for images, labels in loader:
                 if augment is not None:
@@ -868,9 +873,14 @@ class DPDiffusion(Generator, name="dp_diffusion"):
                 labels = labels.to(self.device) if labelled else torch.full((len(images),), self.null_class,
                                                                              device=self.device)
                 optimizer.zero_grad(set_to_none=True)
-                self.diffusion_loss(images, labels).backward()
+                loss = self.diffusion_loss(images, labels)
+                loss.backward()
                 optimizer.step()
                 done += 1
+                if time.perf_counter() - last_line >= log_every_seconds and done < steps:
+                    last_line = time.perf_counter()
+                    log.info("DPDiffusion: %s, step %d/%d, loss %.4g, %.0f s", what, done, steps, float(loss),
+                             last_line - started)
                 if done == steps:
                     break
         self.unet.zero_grad(set_to_none=True)

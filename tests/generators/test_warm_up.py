@@ -231,3 +231,19 @@ def test_trainer_settings_dp_sgd_cannot_take_are_refused_before_the_warm_up_rele
     with pytest.raises(ConfigError) as err:
         fit(_tiny_cli(real_data_root, 2, f"--run_dir={tmp_path / 'run'}", warm_up, extra, fixed_noise=False))
     assert err.value.field == field and not (tmp_path / "run").exists()
+
+
+def test_steps_before_dp_sgd_log_their_progress(caplog) -> None:
+    """The warm-up's steps run before Lightning's loop, which shows no progress for them: a log line names what runs,
+    with the step and the loss, at most every ``log_every_seconds`` (every step at 0), and none after the last."""
+    model = _tiny(mechanism=DPSGD(target_epsilon=10.0, delta=1e-3, seed=0, accountant="rdp"))
+    with caplog.at_level("INFO", logger="fedgen"):
+        model._train_without_noise(_data(20), 4, labelled=True, batch_size=5, what="warm-up on the test images",
+                                   log_every_seconds=0.0)
+    lines = [r.getMessage() for r in caplog.records if "warm-up on the test images" in r.getMessage()]
+    assert [line.split(", ")[1] for line in lines] == ["step 1/4", "step 2/4", "step 3/4"]
+    assert all(float(line.split("loss ")[1].split(",")[0]) > 0 for line in lines)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fedgen"):
+        model._train_without_noise(_data(20), 4, labelled=True, batch_size=5, what="quiet")
+    assert not any("quiet" in r.getMessage() for r in caplog.records)  # 4 steps take well under 30 s
