@@ -3,7 +3,8 @@
 Privacy noise is drawn from its own generator, separate from the randomness of training, so that
 seeding a run (reproducibility) and protecting the noise are separate decisions:
 
-- seeded (default): a ``torch.Generator`` seeded from the mechanism's ``seed``; if no seed is given, it is
+- seeded (default): a ``torch.Generator`` seeded from the mechanism's ``seed`` (through a hash, so that it never
+  draws the stream ``torch.manual_seed(seed)`` gives the training's own randomness); if no seed is given, it is
   drawn from torch's global generator, so ``seed_everything`` makes a whole run reproducible.
 - ``secure=True``: every draw uses the operating system's cryptographically secure generator
   (``os.urandom``); standard normals come from uniforms by the Box-Muller transform in float64.
@@ -18,6 +19,7 @@ run to run but, within a call, come from PCG64, not from a cryptographic generat
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
@@ -46,7 +48,7 @@ class NoiseSource:
         if gen is None or gen.device != device:
             moved = torch.Generator(device=device)
             if gen is None:
-                moved.manual_seed(self.seed)
+                moved.manual_seed(stream_seed(self.seed, 0))
             else:
                 moved.set_state(gen.get_state())
             self._generators[device.type] = gen = moved
@@ -98,14 +100,14 @@ class NoiseSource:
         return self.derived_seed(1)
 
     def derived_seed(self, stream: int) -> int:
-        """The seed of independent stream number ``stream`` (>= 1) derived from this source's seed, so that two
-        uses of randomness (the noise and the sampling of different releases) never share a stream; from the
-        OS's secure generator when ``secure``."""
+        """The seed of independent stream number ``stream`` (>= 1; 0 is this source's own Gaussian noise) derived
+        from this source's seed, so that two uses of randomness (the noise and the sampling of different releases)
+        never share a stream; from the OS's secure generator when ``secure``."""
         if stream < 1:
             raise ValueError(f"streams are numbered from 1, got {stream}")
         if self.secure:
             return int.from_bytes(os.urandom(8), "little") >> 1
-        return (self.seed * 0x9E3779B97F4A7C15 + stream) % 2**63
+        return stream_seed(self.seed, stream)
 
     def state_dict(self) -> dict:
         state = {"seed": self.seed, "secure": self.secure,
@@ -131,6 +133,14 @@ class NoiseSource:
             if kind == "cuda" and not torch.cuda.is_available():
                 continue  # drawn on the CPU from here on: another generator, whose stream this run has not used
             self._generator(torch.device(kind)).set_state(rng_state)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The 63-bit seed of stream ``stream`` of ``seed``: the first 8 bytes of BLAKE2b over both. No stream is then
+    the one ``torch.manual_seed(seed)`` starts (the training's own randomness under ``seed_everything(seed)``, which
+    a privacy noise equal to it would not be independent of), nor an affine function of another stream's seed."""
+    digest = hashlib.blake2b(f"fedgen noise stream {stream} of seed {seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _philox_offset(state: torch.Tensor) -> int:

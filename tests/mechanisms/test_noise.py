@@ -19,6 +19,20 @@ def test_each_stream_has_its_own_seed_and_the_sampler_is_stream_one() -> None:
         source.derived_seed(0)
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_seeded_noise_is_not_the_stream_torch_manual_seed_gives_the_training(seed: int) -> None:
+    """A mechanism seeded with the run's own seed (``seed: 0`` beside ``seed_everything: 0``) must not add, as its
+    privacy noise, the very draws the training takes for its own randomness (diffusion noise, label dropout), which
+    the gradients depend on; nor may the sampler's stream be the training's."""
+    source = NoiseSource(seed=seed)
+    noise = source.normal((1000,), std=1.0)
+    training = torch.normal(0.0, 1.0, size=(1000,), generator=torch.Generator().manual_seed(seed))
+    assert not torch.equal(noise, training)
+    assert (noise - training).abs().max() > 1.0  # not a shifted or rounded copy either
+    assert torch.equal(noise, NoiseSource(seed=seed).normal((1000,), std=1.0))  # still reproducible from the seed
+    assert seed not in {source.derived_seed(k) for k in (1, 2, 3)}
+
+
 def test_a_restored_source_continues_its_stream_and_never_draws_the_first_noise_again() -> None:
     first = NoiseSource(seed=7)
     used = first.normal((1000,), std=1.0)
