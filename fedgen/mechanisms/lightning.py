@@ -22,6 +22,7 @@ class PrivateModule(L.LightningModule):
       one restores it: a resumed run continues the same budget, never a fresh one.
     - Training stops cleanly before the first step the budget does not allow: ``trainer.should_stop`` is
       set and the epoch ends, so checkpoint callbacks save the final state with its ledger.
+    - Training in several processes (DDP) is refused: the mechanism's draws are not shared between processes.
     - Under a mechanism whose steps are one sampled batch each (DP-SGD), ``accumulate_grad_batches`` other than 1
       is refused before the first step: several Poisson batches summed into one noisy step would let an example
       drawn in more than one of them add more than the clip norm, in a step the ledger counts once.
@@ -35,9 +36,20 @@ class PrivateModule(L.LightningModule):
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Refuse trainer settings the mechanism cannot account for (also callable before ``fit``, e.g. before a
-        generator's warm-up releases): under DP-SGD, accumulated batches (each step must be one Poisson batch)
-        and weights in 16 bits (the clipped sum would be rounded before the noise)."""
-        if self.mechanism is None or not self.mechanism.one_sample_per_step:
+        generator's warm-up releases): under any mechanism, training in several processes (each would draw its own
+        samples, noise and releases, which the ledger would count once); under DP-SGD, accumulated batches (each
+        step must be one Poisson batch) and weights in 16 bits (the clipped sum would be rounded before the
+        noise)."""
+        if self.mechanism is None:
+            return
+        processes = getattr(trainer, "world_size", 1)
+        if processes > 1:
+            raise ConfigError("trainer.devices", f"trains in {processes} processes (devices x num_nodes), but "
+                              f"{type(self.mechanism).__name__} draws its samples, noise and releases in one "
+                              "process: each process would draw its own, and the ledger would count one",
+                              "set trainer.devices: 1 and trainer.num_nodes: 1 (a larger batch fills one GPU; "
+                              "the federated loop, `fedgen federate`, runs its clients on several)")
+        if not self.mechanism.one_sample_per_step:
             return
         name = type(self.mechanism).__name__
         accumulate = getattr(trainer, "accumulate_grad_batches", 1)
