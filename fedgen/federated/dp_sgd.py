@@ -145,14 +145,17 @@ class FederatedDPSGD:
         return loader
 
     def secure_sum(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """The total of the clients' clipped sums (one per client, in client order) and its L2 sensitivity to
-        one unit: ``C + sqrt(m) / scale`` through secure aggregation, ``C`` for a plain sum. Client-level: each
-        client first clips its sum to ``C`` as a whole (in float64, which secure aggregation encodes)."""
+        """The total of the clients' clipped sums (one per client, in client order) in float64 and its L2
+        sensitivity to one unit: ``C + sqrt(m) / scale`` through secure aggregation, ``C`` for a plain sum.
+        Client-level: each client first clips its sum to ``C`` as a whole (in float64, which secure aggregation
+        encodes). The step adds its noise to this float64 total and rounds only the noisy gradient to the
+        parameters' dtype (rounding the total first could move neighbours' sums past the sensitivity)."""
         if len(parts) != self.num_clients:
             raise ValueError(f"{len(parts)} sums for {self.num_clients} clients")
-        device, dtype = parts[0].device, parts[0].dtype
+        device = parts[0].device
+        parts = [part.double() for part in parts]
         if self.unit == "client":
-            parts = list(clip_rows(torch.stack(parts).double(), self._clip_norm))
+            parts = list(clip_rows(torch.stack(parts), self._clip_norm))
         if self._aggregator is None:
             return torch.stack(parts).sum(0), self._clip_norm
         start = time.perf_counter()
@@ -164,7 +167,7 @@ class FederatedDPSGD:
         stats["wall_seconds"] = stats.get("wall_seconds", 0.0) + time.perf_counter() - start
         stats["max_quantization_error"] = max(stats["max_quantization_error"], result.max_quantization_error)
         stats["bytes_sent_per_client"] = max(result.bytes_sent_per_client.values())
-        total = torch.as_tensor(result.total).to(device=device, dtype=dtype)
+        total = torch.as_tensor(result.total, dtype=torch.float64).to(device)
         return total, self._clip_norm + math.sqrt(total.numel()) / self.scale
 
     def state_dict(self) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class _LedgerDPOptimizer(DPOptimizer):
             noise = noise_source.normal((sum(sizes),), std=std, device=device, dtype=dtype).split(sizes)
             noisy = torch._foreach_add(summed, [n.view_as(s) for n, s in zip(noise, summed, strict=True)])
             for p, grad in zip(params, noisy, strict=True):
-                p.grad = grad.view_as(p)
+                p.grad = grad.view_as(p).to(p.dtype)  # a float64 sum (put_clipped_sum) rounded after its noise
                 _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
@@ -503,14 +503,17 @@ class DPSGD(Mechanism, name="dp_sgd"):
         parties' :meth:`take_clipped_sums`) for the next ``optimizer.step()``. ``sensitivity`` is that sum's L2
         sensitivity to one unit of the ledger, an example or a user (at least ``max_grad_norm``; larger where
         quantization can move it further):
-        the step's noise is ``N(0, (sigma * sensitivity)^2)``, so the recorded noise multiplier stays exact."""
+        the step's noise is ``N(0, (sigma * sensitivity)^2)``, so the recorded noise multiplier stays exact. A
+        float64 ``total`` stays float64 until the noise is added; the noisy gradient is then rounded to the
+        parameters' dtype (post-processing)."""
         if sensitivity < self.max_grad_norm:
             raise ValueError(f"sensitivity {sensitivity} is below max_grad_norm {self.max_grad_norm}")
         sizes = [p.numel() for p in self._private_params]
         if total.numel() != sum(sizes):
             raise ValueError(f"the sum has {total.numel()} entries, the private parameters {sum(sizes)}")
-        for p, chunk in zip(self._private_params, total.to(self._private_params[0]).split(sizes), strict=True):
-            p.summed_grad = chunk.view_as(p).to(p)
+        wide = torch.float64 if total.dtype == torch.float64 else None
+        for p, chunk in zip(self._private_params, total.split(sizes), strict=True):
+            p.summed_grad = chunk.view_as(p).to(device=p.device, dtype=wide or p.dtype)
         self._step_sensitivity = float(sensitivity)
 
     def pop_step_sensitivity(self) -> float:

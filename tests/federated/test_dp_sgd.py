@@ -39,6 +39,8 @@ def test_each_client_is_clipped_as_a_whole_before_the_sum(secure_aggregation: bo
     total, sensitivity = federation.secure_sum([big, small, torch.zeros(m, dtype=torch.float64)])
     expected = big * clip / big.norm() + small  # the large client shrinks to norm C, the small one is kept
     torch.testing.assert_close(total.double(), expected, atol=1e-5, rtol=0)
+    assert total.dtype == torch.float64  # the step adds its noise to the float64 total
+    assert federation.secure_sum([big.float(), small.float(), torch.zeros(m)])[0].dtype == torch.float64
     assert sensitivity == (clip + math.sqrt(m) / federation.scale if secure_aggregation else clip)
     assert federation.summary()["unit"] == "client" and federation.summary()["client_rate"] == 0.5
 

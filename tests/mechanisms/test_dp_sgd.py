@@ -239,6 +239,30 @@ def test_a_step_computed_by_parties_sums_their_clipped_sums_and_scales_the_noise
         mechanism.put_clipped_sum(total, sensitivity=clip / 2)
 
 
+def test_a_float64_sum_of_parties_gets_its_noise_in_float64_before_the_float32_gradient(monkeypatch) -> None:
+    """A total installed in float64 (secure aggregation's exact sum) is not rounded to the parameters' float32 before
+    the noise: rounding it first could move two neighbours' sums apart by more than the sensitivity (by up to 2^-24
+    of the sum's norm each). The noise is drawn in float64; the noisy gradient is float32."""
+    torch.manual_seed(0)
+    model = nn.Linear(50, 3)
+    mechanism = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=7, engine="fedgen")
+    wrapped, optimizer, _ = _make_private(model, mechanism, n=80, batch_size=8)
+    drawn = []
+    normal = NoiseSource.normal
+    monkeypatch.setattr(NoiseSource, "normal", lambda self, shape, **kw: drawn.append(kw["dtype"]) or
+                        normal(self, shape, **kw))
+    m = sum(p.numel() for p in wrapped.parameters())
+    total = torch.full((m,), 1.0 + 2.0**-40, dtype=torch.float64)  # a value float32 cannot hold
+    mechanism.put_clipped_sum(total, sensitivity=1.0)
+    assert all(p.summed_grad.dtype == torch.float64 for p in wrapped.parameters())
+    optimizer.step()
+    assert drawn == [torch.float64]
+    assert all(p.grad.dtype == torch.float32 and p.dtype == torch.float32 for p in wrapped.parameters())
+    mechanism.put_clipped_sum(total.float(), sensitivity=1.0)  # a float32 sum stays in the parameters' dtype
+    optimizer.step()
+    assert drawn == [torch.float64, torch.float32]
+
+
 # ------------------------------------------------------------------------------------- Poisson sampling
 def test_poisson_loader() -> None:
     torch.manual_seed(3)
