@@ -14,7 +14,10 @@ protects the released statistic (and everything trained from it) against everyon
 protects each client's sum against the server. With distributed noise (``noise: distributed``, the Skellam
 mechanism of Agarwal, Kairouz, Liu, NeurIPS 2021) each client adds its share of integer Skellam noise to its
 quantized vector before masking, so no one, the server included, ever sees a noiseless sum, provided the
-clients are honest and add their share (see :meth:`FederatedRelease.skellam_sensitivities`).
+clients are honest and add their share (see :meth:`FederatedRelease.skellam_sensitivities`), and the shares are
+drawn in secure mode (``secure_noise: true``): in the default seeded mode every share follows from the seed, which
+whoever holds the config (the server, in this simulation) can use to subtract them, so seeded distributed noise
+protects the release from others but not from the server.
 
 Quantization: secure aggregation sums fixed-point vectors (``round(x * scale)``). Rounding can move a
 client's vector by up to ``sqrt(m) / scale`` more than its input moved, so the sum's L2 sensitivity to one
@@ -29,6 +32,7 @@ import math
 import time
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -99,7 +103,17 @@ class FederatedRelease:
                               "secure aggregation tolerates fewer than a third of the clients dropping")
         if secure_aggregation:  # its settings checked now, under the names this config gives them
             with fields_under({"secure_aggregation": "federation"}):
-                SecureAggregator(clip_norm=1.0, scale=scale, bits=bits, graph=graph)
+                aggregator = SecureAggregator(clip_norm=1.0, scale=scale, bits=bits, graph=graph)
+                holders, threshold = aggregator.degree_for(num_clients) + 1, aggregator.threshold_for(num_clients)
+            # a dropped client's secrets need `threshold` of its `holders` (it and its neighbours) to answer: with
+            # at most holders - threshold dropped, every pattern of dropouts can be recovered
+            tolerated = holders - threshold
+            if int(dropout * num_clients) > tolerated:
+                raise ConfigError("federation.dropout", f"{dropout:g} drops {int(dropout * num_clients)} of "
+                                  f"{num_clients} clients, but the {graph} graph (neighbourhoods of {holders}, "
+                                  f"{threshold} shares needed) recovers from at most {tolerated} in every pattern",
+                                  f"use dropout <= {tolerated / num_clients:.3g}" + (
+                                      ", or graph: full" if graph != "full" else ""))
         if client_clip_norm is not None and not client_clip_norm > 0:
             raise ConfigError("federation.client_clip_norm", f"must be > 0, got {client_clip_norm}",
                               "set the bound on one client's sum, or null for example-level DP")
@@ -157,7 +171,9 @@ class FederatedRelease:
                               "private examples", f"use num_clients <= {len(dataset)}")
         if clients is None:
             clients = make_clients(dataset, self.partitioner, self.num_clients)
-        elif len(clients) != self.num_clients or sum(len(client) for client in clients) != len(dataset):
+        elif (len(clients) != self.num_clients or sum(len(client) for client in clients) != len(dataset)
+              or not np.array_equal(np.sort(np.concatenate([c.indices for c in clients])), np.arange(len(dataset)))):
+            # each example in exactly one client: one in two would move the total by 2 C, not the C accounted
             raise ValueError(f"clients: {len(clients)} clients holding {sum(len(c) for c in clients)} examples are "
                              f"not a split of these {len(dataset)} examples among {self.num_clients}; pass the "
                              "split that check returned for this dataset")
@@ -207,8 +223,10 @@ class FederatedRelease:
             total = torch.stack(list(local.values())).sum(0)
             sensitivity = bound
         report["sensitivity"] = sensitivity
-        noisy = mechanism.release(total.to(torch.float32), sensitivity=sensitivity)
-        generator.store_release(noisy, len(dataset))
+        # noise on the float64 total: rounding it to float32 first could move neighbours' sums apart by more than
+        # the sensitivity (by up to 2^-24 of the total's norm each); rounding the noisy sum is post-processing
+        noisy = mechanism.release(total, sensitivity=sensitivity)
+        generator.store_release(noisy.to(torch.float32), len(dataset))
         log.info("Federated release from %d clients (%s, secure aggregation %s, central noise, sensitivity %.6g)",
                  self.num_clients, report["partitioner"], "on" if self.secure_aggregation else "off", sensitivity)
         return report
@@ -266,6 +284,11 @@ class FederatedRelease:
         :class:`SkellamEvent` before any masked vector is sent.
         """
         mechanism = generator.mechanism
+        if not mechanism.noise.secure:
+            log.warning("Distributed noise in seeded mode: every client's Skellam share follows from the seed, so "
+                        "whoever holds it can subtract the shares and see the noiseless sum; the epsilon holds "
+                        "against others, not against the server. Set secure_noise: true on the mechanism for "
+                        "shares no one can reproduce.")
         dim = next(iter(local.values())).numel()
         l2, l1 = self.skellam_sensitivities(bound, dim)
         aggregator, mu = self._aggregator(mechanism, largest_client, dim)

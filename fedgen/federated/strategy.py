@@ -2,9 +2,10 @@
 
 Models travel as flat parameter vectors. A round: the server sends the global vector ``w``; each sampled
 client trains locally from ``w`` and sends ``contribution(delta_i, n_i)`` for its update
-``delta_i = w_i - w`` and size ``n_i``; the contributions are *summed* (in one process, across Fabric
-processes with an all-reduce, or by secure aggregation), and ``finalize`` turns the sum into one ``delta``;
-the server steps ``w <- w + server_lr * delta``. Only sums cross the network.
+``delta_i = w_i - w`` and size ``n_i``; the contributions are *summed* (in one process, or across Fabric
+processes with an all-reduce), and ``finalize`` turns the sum into one ``delta``; the server steps
+``w <- w + server_lr * delta``. The sum is in the clear (a trusted server sees each contribution); secure
+aggregation serves the generative pipeline (:mod:`fedgen.federated.release`, :mod:`fedgen.federated.dp_sgd`).
 
 - :class:`FedAvg` (McMahan et al., AISTATS 2017): local SGD, size-weighted mean of the updates.
 - :class:`FedProx` (Li et al., MLSys 2020): local objective plus ``mu / 2 ||w_i - w||^2``.

@@ -13,6 +13,7 @@ import fedgen.federated.release as release
 from fedgen.data import DirichletPartitioner
 from fedgen.errors import ConfigError, PrivacyBudgetExceeded
 from fedgen.federated import FederatedRelease, make_clients
+from fedgen.federated.clients import Client
 from fedgen.mechanisms import GaussianMechanism, SkellamEvent, clip_rows
 from tests.generators.test_dp_merf import blobs, tiny_merf
 
@@ -40,6 +41,7 @@ def test_federated_sum_equals_the_central_sum(monkeypatch, secure, dropout):
     central = merf.embedding_sum(data)
     # 8 clients, each rounded to 1/scale: at most 8 * 0.5 / 2^20 per coordinate (plus float32 rounding).
     assert (seen["sum"] - central).abs().max() < 1e-4
+    assert seen["sum"].dtype == torch.float64  # the noise goes on the float64 total, not a float32 rounding of it
     expected = 1.0 + math.sqrt(central.numel()) / 2.0**20 if secure else 1.0
     assert seen["sensitivity"] == pytest.approx(expected)
     assert [e.count for e in merf.mechanism.ledger.events] == [1] and merf.mechanism.epsilon() <= 1.0
@@ -92,6 +94,13 @@ def test_run_releases_from_the_split_check_returned_and_refuses_one_of_other_dat
     other = tiny_merf(mechanism=GaussianMechanism(target_epsilon=1.0, delta=1e-4, seed=0))
     with pytest.raises(ValueError, match="not a split of these 299 examples"):
         federation.run(other, blobs(299), clients=clients)
+    assert len(other.mechanism.ledger) == 0
+    # as many examples, but example 0 held twice and the last by no one: its sum could move by 2 C
+    overlapping = [Client(c.id, c.indices.copy()) for c in clients]
+    holder = next(c for c in overlapping if len(c) and len(data) - 1 in c.indices)
+    holder.indices[holder.indices == len(data) - 1] = 0
+    with pytest.raises(ValueError, match="not a split of these 300 examples"):
+        federation.run(other, data, clients=overlapping)
     assert len(other.mechanism.ledger) == 0
 
 
@@ -150,14 +159,23 @@ def test_distributed_noise_has_the_skellam_spread():
     assert abs(residual.std().item() / 2.0 - 1) > 0.5
 
 
-def test_distributed_release_is_reproducible_with_a_seed():
+def test_distributed_release_is_reproducible_with_a_seed_and_says_so_against_the_server(caplog):
+    """Seeded shares follow from the seed, which is what makes the release reproducible, and also what lets whoever
+    holds the seed subtract them: the release warns that it does not protect the sum from the server then."""
     data = blobs(200)
     sums = []
     for seed in (7, 7, 8):
         merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=1e-4, seed=seed))
-        FederatedRelease(num_clients=4, noise="distributed").run(merf, data)
+        with caplog.at_level("WARNING", logger="fedgen"):
+            FederatedRelease(num_clients=4, noise="distributed").run(merf, data)
         sums.append(merf.noisy_sum.clone())
     assert torch.equal(sums[0], sums[1]) and not torch.equal(sums[0], sums[2])
+    assert sum("not against the server" in r.getMessage() for r in caplog.records) == 3  # once a release
+    caplog.clear()
+    merf = tiny_merf(mechanism=GaussianMechanism(noise_multiplier=1.0, delta=1e-4, secure_noise=True))
+    with caplog.at_level("WARNING", logger="fedgen"):
+        FederatedRelease(num_clients=4, noise="distributed").run(merf, data)
+    assert not any("seeded mode" in r.getMessage() for r in caplog.records)
 
 
 def test_user_level_distributed_release():
@@ -224,3 +242,23 @@ def test_a_modular_range_too_small_for_the_sum_is_refused_by_check_before_any_cl
     assert err.value.field == "federation.bits" and "use bits >=" in err.value.fix
     assert len(merf.mechanism.ledger) == 0
     FederatedRelease(num_clients=4, noise=noise, bits=64, scale=2.0**20).check(merf, blobs(100))
+
+
+@pytest.mark.parametrize("noise", ["central", "distributed"])
+def test_a_dropout_the_graph_cannot_always_recover_from_is_refused_when_the_federation_is_built(noise):
+    """On the k-regular graph a dropped client's secrets are held by its few neighbours only: 30% of 30 clients
+    dropping failed in every draw of the graph, after the distributed release had charged the ledger. The
+    federation now refuses more dropouts than every pattern can recover from, and that many always work."""
+    with pytest.raises(ConfigError) as err:
+        FederatedRelease(num_clients=30, graph="k_regular", dropout=0.3, noise=noise)
+    assert err.value.field == "federation.dropout" and "graph: full" in err.value.fix
+    tolerated = float(err.value.fix.split("<= ")[1].split(",")[0])
+    assert 0 < tolerated < 0.3
+    FederatedRelease(num_clients=30, graph="full", dropout=0.3, noise=noise)  # the full graph recovers from 9
+    for seed in range(3):
+        mechanism = GaussianMechanism(target_epsilon=1.0, delta=1e-4, seed=seed, accountant="rdp")
+        merf = tiny_merf(mechanism=mechanism)
+        report = FederatedRelease(num_clients=30, graph="k_regular", dropout=tolerated, noise=noise,
+                                  partitioner=DirichletPartitioner(alpha=1.0, seed=seed)).run(merf, blobs(300))
+        assert len(report["secure_aggregation"]["dropped_after_masking"]) == int(tolerated * 30) > 0
+        assert len(mechanism.ledger) == 1
