@@ -97,9 +97,11 @@ class InversionResult:
     loss: float
 
     def score(self, truth: torch.Tensor) -> dict[str, float]:
-        """PSNR (dB) and SSIM of the reconstruction against the true images (both in [0, 1])."""
+        """PSNR (dB) and SSIM of the reconstruction against the true images (both in [0, 1]), each the mean over the
+        images of its per-image value, as Inverting Gradients reports them (a PSNR of the batch's pooled error
+        would read one failed image in a batch as a failure of all)."""
         recon = self.images.clamp(0, 1).to(truth)
-        return {"psnr": float(peak_signal_noise_ratio(recon, truth, data_range=1.0)),
+        return {"psnr": float(peak_signal_noise_ratio(recon, truth, data_range=1.0, dim=tuple(range(1, truth.dim())))),
                 "ssim": float(structural_similarity_index_measure(recon, truth, data_range=1.0))}
 
 

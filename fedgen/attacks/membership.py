@@ -88,6 +88,11 @@ def evaluate_membership(member_scores: torch.Tensor, non_member_scores: torch.Te
     passes scores outside [0, 1] through a sigmoid, which in float64 merges every score above about 37."""
     if min(len(member_scores), len(non_member_scores)) < 1:
         raise ConfigError("scores", "needs at least one member and one non-member", "give both sets of examples")
+    nan_members, nan_others = int(member_scores.isnan().sum()), int(non_member_scores.isnan().sum())
+    if nan_members or nan_others:  # NaNs would take arbitrary ranks: an all-NaN attack could read AUC 1.0
+        raise ConfigError("scores", f"{nan_members} member and {nan_others} non-member scores are NaN",
+                          "check that the attacked model (and any shadow model) has finite weights and outputs; "
+                          "a diverged model gives no membership signal to measure")
     distinct, rank = torch.unique(torch.cat([member_scores, non_member_scores]).double(), return_inverse=True)
     scores = rank.double() / max(1, len(distinct) - 1)
     truth = torch.cat([torch.ones(len(member_scores)), torch.zeros(len(non_member_scores))]).long()

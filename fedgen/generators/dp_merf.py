@@ -6,7 +6,8 @@ exactly. Each private example ``(x, y)`` contributes
 
     e(x, y) = [ a phi(x) (x) onehot(y) ,  b onehot(y) ],   a^2 + b^2 = 1,
 
-a vector of norm exactly 1 (``b = count_weight`` carries the class counts in the same release). The
+a vector of norm 1 up to float32 rounding (measured at most 1 + 7e-7; each is clipped to ``clip_norm`` too, which
+rounds alike), where ``b = count_weight`` carries the class counts in the same release. The
 sum over the data is released *once* through the :class:`~fedgen.mechanisms.GaussianMechanism`
 (sensitivity 1 under add/remove-one-example). The generator is then trained, with no further access to
 the private data, to minimise the squared distance between its own class-conditional mean embedding and

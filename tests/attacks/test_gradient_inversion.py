@@ -8,6 +8,7 @@ import torch
 from torchvision.datasets import MNIST
 
 from fedgen.attacks import DLG, GradientInversion, InvertingGradients, client_gradient, lenet_for_inversion, recover_label
+from fedgen.attacks.gradient_inversion import InversionResult
 from fedgen.errors import ConfigError
 from fedgen.generators import DPMerf
 from fedgen.mechanisms import GaussianMechanism
@@ -85,3 +86,16 @@ def test_bad_inputs_are_refused(digit) -> None:
     with pytest.raises(ConfigError):
         DLG(iterations=0)
     assert GradientInversion.registry.get("dlg") is DLG
+
+
+def test_the_score_is_the_mean_of_per_image_psnr() -> None:
+    """One failed image among three exact-to-1e-3 ones: the mean of the per-image PSNRs (Inverting Gradients'
+    convention), not the PSNR of the pooled error, which the failed image alone would drag to its level."""
+    truth = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    recon = truth.clone()
+    recon[:3] += 1e-3
+    recon[3] = 1 - truth[3]
+    per_image = [float(-10 * torch.log10((recon[i].clamp(0, 1) - truth[i]).square().mean())) for i in range(4)]
+    score = InversionResult(recon, torch.zeros(4, dtype=torch.long), 0.0).score(truth)
+    assert score["psnr"] == pytest.approx(sum(per_image) / 4, rel=1e-5)
+    assert score["psnr"] > 40  # three images at 60 dB

@@ -45,6 +45,22 @@ def test_loss_scores_do_not_tie_at_zero_for_confident_examples() -> None:
     assert scores.dtype == torch.float64 and scores[0] < scores[1] < scores[2] < 0
 
 
+def test_nan_scores_are_refused_not_ranked() -> None:
+    """A diverged model (NaN weights) scores every example NaN; ranked, the NaNs read as a perfect attack (AUC 1.0,
+    TPR 1.0 at 0.1% FPR, seen before the check). They are refused, naming how many of each set are NaN."""
+    net = nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.fill_(float("nan"))
+    members = TensorDataset(torch.randn(50, 2), torch.randint(0, 2, (50,)))
+    others = TensorDataset(torch.randn(50, 2), torch.randint(0, 2, (50,)))
+    with pytest.raises(ConfigError, match="50 member and 50 non-member scores are NaN") as err:
+        evaluate_membership(loss_scores(net, members), loss_scores(net, others))
+    assert "finite weights" in err.value.fix
+    with pytest.raises(ConfigError, match="1 member and 0 non-member"):
+        evaluate_membership(torch.tensor([1.0, float("nan")]), torch.tensor([0.0, 2.0]))
+    evaluate_membership(torch.tensor([1.0, float("inf")]), torch.tensor([0.0, -float("inf")]))  # ordered: kept
+
+
 def test_the_roc_curve_is_written_as_a_png(tmp_path) -> None:
     from PIL import Image
 
