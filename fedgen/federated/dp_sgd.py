@@ -159,7 +159,7 @@ class FederatedDPSGD:
         if self._aggregator is None:
             return torch.stack(parts).sum(0), self._clip_norm
         start = time.perf_counter()
-        result = self._aggregator.aggregate({k: part.double().cpu().numpy() for k, part in enumerate(parts)})
+        result = self._aggregator.aggregate({k: part.cpu().numpy() for k, part in enumerate(parts)})
         stats = self._stats
         stats["steps"] += 1
         stats["server_seconds"] += result.server_seconds

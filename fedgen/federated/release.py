@@ -104,14 +104,12 @@ class FederatedRelease:
         if secure_aggregation:  # its settings checked now, under the names this config gives them
             with fields_under({"secure_aggregation": "federation"}):
                 aggregator = SecureAggregator(clip_norm=1.0, scale=scale, bits=bits, graph=graph)
-                holders, threshold = aggregator.degree_for(num_clients) + 1, aggregator.threshold_for(num_clients)
-            # a dropped client's secrets need `threshold` of its `holders` (it and its neighbours) to answer: with
-            # at most holders - threshold dropped, every pattern of dropouts can be recovered
-            tolerated = holders - threshold
+                tolerated = aggregator.max_dropouts(num_clients)
             if int(dropout * num_clients) > tolerated:
                 raise ConfigError("federation.dropout", f"{dropout:g} drops {int(dropout * num_clients)} of "
-                                  f"{num_clients} clients, but the {graph} graph (neighbourhoods of {holders}, "
-                                  f"{threshold} shares needed) recovers from at most {tolerated} in every pattern",
+                                  f"{num_clients} clients, but the {graph} graph (neighbourhoods of "
+                                  f"{aggregator.degree_for(num_clients) + 1}, {aggregator.threshold_for(num_clients)} "
+                                  f"shares needed) recovers from at most {tolerated} in every pattern",
                                   f"use dropout <= {tolerated / num_clients:.3g}" + (
                                       ", or graph: full" if graph != "full" else ""))
         if client_clip_norm is not None and not client_clip_norm > 0:
@@ -171,8 +169,8 @@ class FederatedRelease:
                               "private examples", f"use num_clients <= {len(dataset)}")
         if clients is None:
             clients = make_clients(dataset, self.partitioner, self.num_clients)
-        elif (len(clients) != self.num_clients or sum(len(client) for client in clients) != len(dataset)
-              or not np.array_equal(np.sort(np.concatenate([c.indices for c in clients])), np.arange(len(dataset)))):
+        elif len(clients) != self.num_clients or not np.array_equal(
+                np.sort(np.concatenate([c.indices for c in clients])), np.arange(len(dataset))):
             # each example in exactly one client: one in two would move the total by 2 C, not the C accounted
             raise ValueError(f"clients: {len(clients)} clients holding {sum(len(c) for c in clients)} examples are "
                              f"not a split of these {len(dataset)} examples among {self.num_clients}; pass the "

@@ -511,9 +511,9 @@ class DPSGD(Mechanism, name="dp_sgd"):
         sizes = [p.numel() for p in self._private_params]
         if total.numel() != sum(sizes):
             raise ValueError(f"the sum has {total.numel()} entries, the private parameters {sum(sizes)}")
-        wide = torch.float64 if total.dtype == torch.float64 else None
         for p, chunk in zip(self._private_params, total.split(sizes), strict=True):
-            p.summed_grad = chunk.view_as(p).to(device=p.device, dtype=wide or p.dtype)
+            dtype = torch.float64 if total.dtype == torch.float64 else p.dtype
+            p.summed_grad = chunk.view_as(p).to(device=p.device, dtype=dtype)
         self._step_sensitivity = float(sensitivity)
 
     def pop_step_sensitivity(self) -> float:

@@ -503,8 +503,8 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, batch: in
         # g contiguous: PyTorch's native_group_norm_backward (seen with 2.11; pytorch/pytorch#186414) can read a
         # strided output gradient, which a one-row transposed input hands it, as if it were contiguous
         _, weight, bias = torch.ops.aten.native_group_norm_backward(
-            g.contiguous(), a, mean.unsqueeze(0), rstd.unsqueeze(0), _ones(rows * channels, a), 1, rows * channels, positions,
-            rows * groups, mask)  # its scale only enters dX
+            g.contiguous(), a, mean.unsqueeze(0), rstd.unsqueeze(0), _ones(rows * channels, a), 1, rows * channels,
+            positions, rows * groups, mask)  # its scale only enters dX
     grads = {}
     if layer.weight is not None:
         grads["weight"] = _sum_dim1(weight.reshape(batch, -1, channels))

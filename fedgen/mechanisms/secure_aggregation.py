@@ -547,6 +547,12 @@ class SecureAggregator:
                               f"use a threshold between {holders // 2 + 1} and {holders}, or raise the degree")
         return t
 
+    def max_dropouts(self, num_clients: int) -> int:
+        """The most clients that may drop out of ``num_clients`` in any pattern and still be recovered: a dropped
+        client's secrets need ``t`` answers from the ``d + 1`` holders of its neighbourhood (itself among them), so
+        ``d + 1 - t`` dropped anywhere leave every neighbourhood ``t``."""
+        return self.degree_for(num_clients) + 1 - self.threshold_for(num_clients)
+
     def check_range(self, num_clients: int, noise_std: float = 0.0) -> None:
         """Raise ``ConfigError`` unless a sum of ``num_clients`` quantized inputs, plus integer noise of total
         standard deviation ``noise_std`` per coordinate (up to ``NOISE_TAIL_STDS`` of it), fits in ``bits`` bits."""
